@@ -1,0 +1,12 @@
+"""llm-jax: a JAX/Flax NNX training stack for language models."""
+
+from llm_jax.errors import UserError
+
+__all__ = ["UserError", "load"]
+
+
+def load(path, **kwargs):
+    """Load a run directory; see `llm_jax.api.load`."""
+    from llm_jax.api import load as _load
+
+    return _load(path, **kwargs)

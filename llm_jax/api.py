@@ -1,0 +1,178 @@
+"""The Python API: `llm_jax.load(run_dir)` gives a handle with `.logits()` and `.generate()`.
+
+Inference runs on one device: the newest complete checkpoint's parameters are restored straight
+onto a 1-device mesh (Orbax reshards whatever mesh the run trained on).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import yaml
+from flax import nnx
+from jax.sharding import AxisType
+
+from llm_jax.config import Config, validate
+from llm_jax.errors import UserError
+from llm_jax.generate import BOUNDED_POSITIONS, generate
+from llm_jax.models.registry import model_vocab_size
+from llm_jax.parallel.rules import MESH_AXES
+from llm_jax.train.state import ModelDef, model_def, param_shardings
+
+Prompt = str | Sequence[int]
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _forward(graphdef: Any, params: Any, tokens_BT: jax.Array) -> jax.Array:
+    logits_BTV, _ = nnx.merge(graphdef, params)(tokens_BT)
+    return logits_BTV
+
+
+class Model:
+    """A trained (or freshly built) model with its config and tokenizer, ready for inference."""
+
+    def __init__(self, cfg: Config, mdef: ModelDef, params: Any, tokenizer: Any | None = None,
+                 *, step: int | None = None, run_dir: Path | None = None):
+        self._cfg = cfg
+        self._mdef = mdef
+        self._params = params
+        self._tokenizer = tokenizer
+        self.step = step
+        self.run_dir = run_dir
+
+    @classmethod
+    def from_params(cls, cfg: Config, params: Any, tokenizer: Any | None = None) -> Model:
+        """Wrap in-memory parameters (a pure dict as made by `train.state.init_params`)."""
+        vocab = params["embed"]["embedding"].shape[0]
+        mdef = model_def(cfg, vocab)
+        want = jax.tree.map(lambda s: s.shape, mdef.shapes)
+        got = jax.tree.map(lambda a: tuple(a.shape), params)
+        if want != got:
+            raise ValueError("params do not match the model the config describes")
+        return cls(cfg, mdef, params, tokenizer)
+
+    @property
+    def config(self) -> Config:
+        return self._cfg
+
+    @property
+    def tokenizer(self) -> Any | None:
+        return self._tokenizer
+
+    @property
+    def params(self) -> Any:
+        return self._params
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's token table (the tokenizer's vocabulary plus padding)."""
+        return self._params["embed"]["embedding"].shape[0]
+
+    def logits(self, input_ids: Any, decoder_input_ids: Any = None) -> np.ndarray:
+        """float32 logits [B, T, V] over the model's (padded) vocabulary; [T] input is one row."""
+        if decoder_input_ids is not None:
+            raise UserError(f"decoder_input_ids is for encoder-decoder models; this "
+                            f"{self._cfg.model.arch} model is decoder-only")
+        tokens_BT = np.asarray(input_ids)
+        if tokens_BT.ndim == 1:
+            tokens_BT = tokens_BT[None, :]
+        if tokens_BT.ndim != 2 or tokens_BT.shape[1] == 0:
+            raise UserError(f"input_ids must be token ids of shape [B, T] or [T], got shape {tokens_BT.shape}")
+        if not np.issubdtype(tokens_BT.dtype, np.integer):
+            raise UserError(f"input_ids must be integer token ids, got dtype {tokens_BT.dtype}")
+        if tokens_BT.min() < 0 or tokens_BT.max() >= self.vocab_size:
+            raise UserError(f"input_ids must lie in [0, {self.vocab_size})")
+        T = tokens_BT.shape[1]
+        if self._cfg.model.position in BOUNDED_POSITIONS and T > self._cfg.max_seq_len:
+            raise UserError(f"input of {T} tokens is longer than the model's max_seq_len={self._cfg.max_seq_len}")
+        return np.asarray(_forward(self._mdef.graphdef, self._params, tokens_BT.astype(np.int32)))
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 128, *,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0) -> Any:
+        """Continue prompts: text in gives text out, token ids in give token ids out.
+
+        `prompts` is a string, a list of strings, a list of token ids (one prompt) or a list of
+        such lists. Only the continuation is returned, stopped at the tokenizer's EOS.
+        """
+        single, kind, rows = self._normalise(prompts)
+        tok = self._tokenizer
+        ids = [tok.encode(p) for p in rows] if kind == "text" else rows
+        out = generate((self._mdef, self._params), self._cfg, ids, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                       eos_id=tok.eos_id if tok is not None else None,
+                       vocab_limit=tok.vocab_size if tok is not None else None)
+        if kind == "text":
+            out = [tok.decode(o) for o in out]
+        return out[0] if single else out
+
+    def _normalise(self, prompts: Any) -> tuple[bool, str, list]:
+        """(was one prompt, "text" or "ids", list of prompts)."""
+        if isinstance(prompts, np.ndarray):
+            prompts = prompts.tolist()
+        if isinstance(prompts, str):
+            single, rows = True, [prompts]
+        elif isinstance(prompts, Sequence) and prompts and all(isinstance(p, (int, np.integer)) for p in prompts):
+            single, rows = True, [list(prompts)]
+        elif isinstance(prompts, Sequence):
+            single, rows = False, [p.tolist() if isinstance(p, np.ndarray) else p for p in prompts]
+        else:
+            raise UserError(f"prompts must be text or token ids, got {type(prompts).__name__}")
+        if all(isinstance(p, str) for p in rows):
+            if self._tokenizer is None and rows:
+                raise UserError("this model has no tokenizer; pass token ids instead of text")
+            return single, "text", rows
+        if all(isinstance(p, Sequence) and not isinstance(p, str) for p in rows):
+            return single, "ids", [list(p) for p in rows]
+        raise UserError("prompts must all be strings or all be lists of token ids")
+
+
+def _read_config(run_dir: Path) -> Config:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory: it has no config.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"cannot parse {path}: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of config keys")
+    return validate(data)
+
+
+def single_device_mesh() -> jax.sharding.Mesh:
+    return jax.make_mesh((1,) * len(MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=jax.devices()[:1])
+
+
+def load(path: str | Path, *, step: int | None = None) -> Model:
+    """Load a run directory's config, tokenizer and newest complete checkpoint (or `step`)."""
+    from llm_jax.checkpoint import Checkpointer, checkpoint_dir  # Orbax is slow to import
+    from llm_jax.data import load_tokenizer  # the data stack is only needed for a real run
+
+    run_dir = Path(path).expanduser()
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}")
+    cfg = _read_config(run_dir)
+    if not checkpoint_dir(run_dir).is_dir():
+        raise UserError(f"{run_dir} has no checkpoints; train it first")
+    ckpt = Checkpointer(run_dir, cfg, read_only=True)
+    steps = ckpt.manager.all_steps()
+    if step is None:
+        step = ckpt.latest_step()
+        if step is None:
+            raise UserError(f"{run_dir} has no complete checkpoint; train it first")
+    elif step not in steps:
+        raise UserError(f"{run_dir} has no checkpoint at step {step} (have: {sorted(steps)})")
+
+    tokenizer = load_tokenizer(cfg, run_dir)
+    mdef = model_def(cfg, model_vocab_size(cfg, tokenizer.vocab_size))
+    shardings = param_shardings(mdef, single_device_mesh())
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            mdef.shapes, shardings)
+    params = ckpt.restore_params(step, abstract)
+    return Model(cfg, mdef, params, tokenizer, step=step, run_dir=run_dir)

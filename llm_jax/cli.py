@@ -1,0 +1,126 @@
+"""The `llm-jax` command: parse arguments, then call the library. User errors exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from llm_jax.errors import UserError
+
+USAGE_EXAMPLES = """examples:
+  llm-jax train gpt_small                      # the default model on the stdlib corpus
+  llm-jax train gpt_tiny train.steps=50 run.dir=runs/try
+  llm-jax generate runs/try --prompt "def " --max-new-tokens 100
+  llm-jax bench gpt_small train.batch_size=8
+  llm-jax keys                                 # every config key with its default
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other user error
+        raise UserError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="llm-jax", description="Train, sample and benchmark language models in JAX.",
+                epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train (or resume) a model")
+    t.add_argument("config", help="preset name (configs/NAME.yaml) or a YAML path")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+
+    b = sub.add_parser("bench", help="time the train step on synthetic tokens")
+    b.add_argument("config")
+    b.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    g = sub.add_parser("generate", help="sample text from a trained run")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    g.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("keys", help="list every config key, its default and meaning")
+    return p
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import logging
+
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def _cmd_train(args) -> None:
+    from llm_jax.config import load_config
+    from llm_jax.train.loop import print_sample, train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    if "eval_loss" in result:
+        print(f"final: step {cfg.train.steps}, eval loss {result['eval_loss']:.4f}, "
+              f"{result['eval_bpb']:.3f} bits per byte")
+    print_sample(cfg, result)
+
+
+def _cmd_bench(args) -> None:
+    from llm_jax.bench import bench
+    from llm_jax.config import load_config
+
+    result = bench(load_config(args.config, args.overrides))
+    if args.json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        print(f"{key:>16}: {value:.4g}" if isinstance(value, float) else f"{key:>16}: {value}")
+
+
+def _cmd_generate(args) -> None:
+    from llm_jax.api import load
+
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    model = load(args.run_dir)
+    texts = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for prompt, text in zip(args.prompt, texts):
+        print(prompt + text)
+        if len(args.prompt) > 1:
+            print("---")
+
+
+def _cmd_keys(_args) -> None:
+    from llm_jax.config import key_docs
+
+    for key, default, doc in key_docs():
+        print(f"{key:<26} {default:<16} {doc}")
+
+
+COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "generate": _cmd_generate, "keys": _cmd_keys}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        _quiet_libraries()
+        COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""The typed config tree: YAML presets plus dotted KEY=VALUE overrides, validated by pydantic.
+
+Every field has a docstring (pydantic turns it into the field description, which `llm-jax
+keys` prints and README.md lists). Unknown keys are rejected with a suggestion; values are
+checked here where the config alone decides, and in `parallel.mesh` where devices decide.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from llm_jax.errors import UserError
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class RunConfig(_Section):
+    dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, TensorBoard events, checkpoints, tokenizer."""
+    name: str = "default"
+    """A label for the run, shown in logs."""
+
+
+class ModelConfig(_Section):
+    arch: Literal["gpt"] = "gpt"
+    """Model family. `gpt`: decoder-only causal LM."""
+    num_layers: int = pydantic.Field(4, ge=1)
+    """Number of transformer blocks."""
+    d_model: int = pydantic.Field(128, ge=1)
+    """Residual stream width."""
+    num_heads: int = pydantic.Field(4, ge=1)
+    """Attention (query) heads; must divide d_model."""
+    num_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; default num_heads (multi-head)."""
+    d_ff: int | None = None
+    """MLP hidden width; default 4*d_model (8/3*d_model rounded up to 64 for swiglu)."""
+    vocab_size: int | None = None
+    """Embedding rows; default the tokenizer's vocabulary padded up to vocab_multiple."""
+    vocab_multiple: int = pydantic.Field(128, ge=1)
+    """Pad the default vocab_size up to a multiple of this (matmul-friendly shapes)."""
+    max_seq_len: int | None = None
+    """Longest sequence the model supports (learned position table size); default train.seq_len."""
+    position: Literal["learned", "sinusoidal", "rope"] = "learned"
+    """Position encoding: learned table, fixed sinusoids added to the input, or rotary (RoPE)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalisation in the pre-norm blocks and before the output layer."""
+    norm_eps: float = 1e-5
+    """Epsilon of the norms."""
+    mlp: Literal["gelu", "relu", "swiglu"] = "gelu"
+    """MLP activation; swiglu uses a gated MLP with three matrices."""
+    use_bias: bool = True
+    """Biases in the dense layers and norms."""
+    dropout: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
+    """Dropout rate on embeddings, attention output and MLP output (training only)."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output layer."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialiser; residual projections are scaled by 1/sqrt(2L)."""
+    scan_layers: bool = False
+    """Run the blocks with lax.scan (compile time flat in depth) instead of an unrolled loop."""
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    """Rematerialisation policy per block: none, full (save only block inputs), dots (save matmuls)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU. Parameters stay float32."""
+    attention: Literal["auto", "xla", "cudnn", "blockwise"] = "auto"
+    """Attention kernel: auto (cudnn on GPU, blockwise causal on CPU, xla elsewhere), or force one."""
+    attention_block: int = pydantic.Field(64, ge=8)
+    """Query/key block length of the blockwise causal attention (CPU path)."""
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}"
+            )
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(
+                f"model.num_kv_heads={kv} does not divide model.num_heads={self.num_heads}"
+            )
+        if self.position == "rope" and (self.d_model // self.num_heads) % 2:
+            raise ValueError("model.position=rope needs an even head dimension (d_model/num_heads)")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return -(-(8 * self.d_model // 3) // 64) * 64
+        return 4 * self.d_model
+
+
+class TrainConfig(_Section):
+    steps: int = pydantic.Field(1000, ge=1)
+    """Optimiser steps to train for (the run ends at this step; raise it to train further)."""
+    batch_size: int = pydantic.Field(32, ge=1)
+    """Global batch size in sequences, over all devices and processes."""
+    seq_len: int = pydantic.Field(256, ge=2)
+    """Tokens per training sequence (windows of seq_len+1 give inputs and shifted targets)."""
+    grad_accum: int = pydantic.Field(1, ge=1)
+    """Microbatches per step: the global batch is split and gradients are averaged."""
+    log_every: int = pydantic.Field(50, ge=1)
+    """Log loss, lr, grad norm, tokens/s and MFU every this many steps."""
+    eval_every: int = pydantic.Field(500, ge=0)
+    """Evaluate held-out loss and bits per byte every this many steps (0: only at the end)."""
+    eval_batches: int = pydantic.Field(20, ge=1)
+    """Held-out batches per evaluation (the same batches every time)."""
+    sample_tokens: int = pydantic.Field(200, ge=0)
+    """Tokens to sample and print at the end of training (0: no sample)."""
+    sample_prompt: str = "\n"
+    """Prompt of the end-of-training sample."""
+    progress: bool = True
+    """Show a progress bar with ETA (process 0, interactive or not)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to <run.dir>/tb."""
+
+    @model_validator(mode="after")
+    def _check_accum(self) -> TrainConfig:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}"
+            )
+        return self
+
+
+class OptimConfig(_Section):
+    lr: float = pydantic.Field(1e-3, gt=0)
+    """Peak learning rate."""
+    min_lr: float = pydantic.Field(1e-4, ge=0)
+    """Learning rate at the end of the decay."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear to min_lr over the remaining steps, or constant."""
+    warmup_steps: int = pydantic.Field(100, ge=0)
+    """Linear warmup from 0 to lr."""
+    decay_steps: int | None = None
+    """Step at which the decay reaches min_lr; default train.steps."""
+    b1: float = 0.9
+    """AdamW beta1."""
+    b2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = pydantic.Field(0.1, ge=0)
+    """Decoupled weight decay; never applied to norms and biases."""
+    decay_embeddings: bool = False
+    """Also decay the token and position embeddings."""
+    clip_norm: float = pydantic.Field(1.0, ge=0)
+    """Clip gradients to this global norm (0: no clipping)."""
+
+
+class CheckpointConfig(_Section):
+    every: int = pydantic.Field(500, ge=0)
+    """Save every this many steps (0: only at the end)."""
+    keep: int = pydantic.Field(2, ge=1)
+    """Keep the newest this many checkpoints."""
+    async_save: bool = True
+    """Write checkpoints in the background while training goes on."""
+
+
+class MeshConfig(_Section):
+    data: int = -1
+    """Data-parallel axis size; -1 fills with the devices left over."""
+    fsdp: int = 1
+    """Fully-sharded data-parallel axis: batch and parameters are both split over it."""
+    tensor: int = 1
+    """Tensor-parallel axis: heads and MLP width are split over it."""
+    expert: int = 1
+    """Expert-parallel axis (for MoE models; batch is split over it for dense models)."""
+
+
+class DataConfig(_Section):
+    source: str = "stdlib"
+    """stdlib | text:PATH (file, directory or glob) | jsonl:PATH | tfds:NAME."""
+    tokenizer: str = "byte"
+    """byte | sentencepiece | hf:PATH/tokenizer.json."""
+    sp_vocab_size: int = pydantic.Field(4096, ge=64)
+    """Vocabulary size of the sentencepiece BPE model trained on the training split."""
+    text_field: str = "text"
+    """Field holding the text in JSONL records and TFDS examples."""
+    val_fraction: float = pydantic.Field(0.05, gt=0, lt=1)
+    """Held-out fraction of documents (by hash of their name/index: stable as corpora grow)."""
+    max_bytes: int = pydantic.Field(0, ge=0)
+    """Use at most this many bytes of text per split (0: all); keeps first runs quick."""
+    cache_dir: str = ""
+    """Where tokenised arrays are cached; default ~/.cache/llm_jax (or $LLM_JAX_CACHE)."""
+    tfds_data_dir: str = ""
+    """data_dir for tfds sources (default TFDS's own)."""
+    prefetch: int = pydantic.Field(2, ge=0)
+    """Batches prepared ahead of the training step."""
+
+
+class BenchConfig(_Section):
+    steps: int = pydantic.Field(20, ge=1)
+    """Timed steps of `llm-jax bench`."""
+    warmup: int = pydantic.Field(3, ge=0)
+    """Untimed steps after compilation."""
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    """Where the run lives."""
+    seed: int = 0
+    """Seed of initialisation, data order and dropout."""
+    model: ModelConfig = ModelConfig()
+    """The network."""
+    train: TrainConfig = TrainConfig()
+    """The training loop."""
+    optim: OptimConfig = OptimConfig()
+    """The optimiser and its schedule."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Checkpointing."""
+    mesh: MeshConfig = MeshConfig()
+    """The device mesh."""
+    data: DataConfig = DataConfig()
+    """Corpus and tokenizer."""
+    bench: BenchConfig = BenchConfig()
+    """`llm-jax bench` settings."""
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> Config:
+        if self.model.max_seq_len is not None and self.model.max_seq_len < self.train.seq_len:
+            raise ValueError(
+                f"model.max_seq_len={self.model.max_seq_len} is shorter than train.seq_len={self.train.seq_len}"
+            )
+        return self
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.max_seq_len or self.train.seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# Keys that fix the meaning of a run directory's checkpoints; a different value means a
+# different run, so resuming with it is refused rather than silently mixing the two.
+RUN_IDENTITY_KEYS = ("seed", "model", "train.batch_size", "train.seq_len", "data.source",
+                     "data.tokenizer", "data.sp_vocab_size", "data.val_fraction", "data.max_bytes",
+                     "data.text_field")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def _read_yaml(spec: str) -> dict[str, Any]:
+    path = Path(spec)
+    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+        path = CONFIGS_DIR / f"{spec}.yaml"
+        if not path.exists():
+            hint = difflib.get_close_matches(spec, preset_names(), n=1)
+            extra = f"; did you mean '{hint[0]}'?" if hint else f"; presets: {', '.join(preset_names())}"
+            raise UserError(f"no config preset or YAML file named '{spec}'{extra}")
+    if not path.exists():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"cannot parse YAML in {path}: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of config keys")
+    return data
+
+
+def _section_fields(model: type[BaseModel], dotted: list[str]) -> dict[str, Any]:
+    """Walk `dotted` through the config classes; return the fields at that level."""
+    fields = model.model_fields
+    for depth, part in enumerate(dotted):
+        ann = fields[part].annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            raise UserError(f"config key '{'.'.join(dotted[: depth + 1])}' is a value, not a section")
+        fields = ann.model_fields
+    return fields
+
+
+def _check_known(data: dict[str, Any], model: type[BaseModel] = None, prefix: str = "") -> None:
+    """Reject unknown keys anywhere in `data`, suggesting the closest known key."""
+    model = model or Config
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        fields = model.model_fields
+        if key not in fields:
+            candidates = [f"{prefix}{k}" for k in fields] + all_keys()
+            hint = difflib.get_close_matches(full, candidates, n=1, cutoff=0.6)
+            raise UserError(f"unknown config key '{full}'" + (f"; did you mean '{hint[0]}'?" if hint else ""))
+        ann = fields[key].annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{full}' is a section; give it a mapping, not {value!r}")
+            _check_known(value, ann, f"{full}.")
+
+
+def all_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config tree."""
+    model = model or Config
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += all_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def key_docs() -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf key, for docs and `llm-jax keys`."""
+    out = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+            else:
+                out.append((f"{prefix}{name}", repr(field.default), field.description or ""))
+
+    walk(Config, "")
+    return out
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"override '{item}' is not KEY=VALUE (for example train.steps=100)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if key not in all_keys():
+        hint = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+        raise UserError(f"unknown config key '{key}'" + (f"; did you mean '{hint[0]}'?" if hint else ""))
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # Strings stay strings: '1e-3' is a float, 'abc' stays 'abc' for pydantic to judge.
+    return key.split("."), value
+
+
+def _format_validation(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        if loc and not isinstance(got, dict):
+            parts.append(f"{loc}: {msg} (got {got!r})")
+        else:
+            parts.append(msg if not loc else f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def validate(data: dict[str, Any]) -> Config:
+    _check_known(data)
+    try:
+        return Config.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise UserError(f"invalid config: {_format_validation(exc)}") from None
+
+
+def load_config(spec: str | None, overrides: list[str] = ()) -> Config:
+    """Read a preset name or YAML path (or nothing: all defaults) and apply dotted overrides."""
+    data = _read_yaml(spec) if spec else {}
+    _check_known(data)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return validate(data)
+
+
+def identity(cfg: Config) -> dict[str, Any]:
+    """The values of RUN_IDENTITY_KEYS, flattened to dotted keys."""
+    flat = _flatten(cfg.to_dict())
+    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in RUN_IDENTITY_KEYS)}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_compatible(saved: Config, new: Config, run_dir: str) -> None:
+    """Refuse to resume `run_dir` (made with `saved`) under a config that changes the run."""
+    a, b = identity(saved), identity(new)
+    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diffs:
+        raise UserError(
+            f"run directory {run_dir} was made with a different config ({'; '.join(diffs[:4])}); "
+            "use a new run.dir or the original values"
+        )
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,14 @@
+"""Data: corpus sources, tokenizers, the token cache and the Grain pipeline.
+
+    bundle = build_data(cfg, run_dir)            # tokenizer + cached token streams
+    ds = train_dataset(bundle.train_tokens, ...)  # ds[step] -> this process's rows of the batch
+    it = BatchIterator(ds, start, end, prefetch, to_global)
+"""
+
+from llm_jax.data.build import DataBundle, build_data, load_tokenizer
+from llm_jax.data.iterator import BatchIterator
+from llm_jax.data.pipeline import eval_batches, train_dataset
+from llm_jax.data.tokenizer import Tokenizer
+
+__all__ = ["BatchIterator", "DataBundle", "Tokenizer", "build_data", "eval_batches",
+           "load_tokenizer", "train_dataset"]

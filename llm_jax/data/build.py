@@ -1,0 +1,166 @@
+"""From config to token arrays: read the source, build or load the tokenizer, tokenise once.
+
+Tokenised splits are cached as `.npy` (uint16 when the vocabulary fits, else int32) plus a
+JSON with counts, keyed by everything that determines their content; a second run with the
+same data and tokenizer memory-maps them instead of tokenising again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llm_jax.config import Config, DataConfig
+from llm_jax.data.cache import (CACHE_FORMAT_VERSION, cache_root, content_key, file_lock, log,
+                                save_npy_atomic, write_bytes_atomic, write_json_atomic)
+from llm_jax.data.sources import Corpus, open_corpus
+from llm_jax.data.splits import cap_bytes
+from llm_jax.data.tokenizer import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer,
+                                    encode_documents, identity_of, train_sentencepiece)
+from llm_jax.errors import UserError
+
+SP_MODEL = "sp.model"
+HF_FILE = "tokenizer.json"
+# Documents are encoded in groups of about this many characters: large enough for the
+# batched encoders to pay off, small enough that Python-level id lists stay modest.
+_ENCODE_GROUP_CHARS = 8_000_000
+
+
+@dataclass
+class DataBundle:
+    tokenizer: Tokenizer
+    train_tokens: np.ndarray
+    """1-D token stream of the training split (docs joined, EOS after each). Read-only memmap,
+    uint16 when the vocabulary fits (windows are widened to int32 when read), else int32."""
+    val_tokens: np.ndarray
+    """The same for the held-out split."""
+    val_bytes_per_token: float
+    """UTF-8 bytes of the validation text / validation tokens (EOS included): bits per byte =
+    loss per token / ln 2 / bytes per token."""
+
+
+def build_data(cfg: Config, run_dir: Path) -> DataBundle:
+    data = cfg.data
+    root = cache_root(data.cache_dir)
+    corpus = open_corpus(data, root)
+    tokenizer = _build_tokenizer(data, Path(run_dir), corpus, root)
+    train, _ = _split_tokens(corpus, tokenizer, "train", data, root)
+    val, val_meta = _split_tokens(corpus, tokenizer, "validation", data, root)
+    for split, tokens in (("train", train), ("validation", val)):
+        if len(tokens) < cfg.train.seq_len + 1:
+            raise UserError(
+                f"the {split} split of data.source '{data.source}' has {len(tokens)} tokens, fewer "
+                f"than train.seq_len+1={cfg.train.seq_len + 1}; use more data (data.max_bytes?) "
+                "or a shorter train.seq_len"
+            )
+    return DataBundle(tokenizer, train, val, val_meta["n_bytes"] / val_meta["n_tokens"])
+
+
+def load_tokenizer(cfg: Config, run_dir: Path) -> Tokenizer:
+    """The tokenizer of an existing run directory, without reading the corpus."""
+    return _load_saved(cfg.data.tokenizer, Path(run_dir) / "tokenizer")
+
+
+def _load_saved(spec: str, saved: Path) -> Tokenizer:
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec == "sentencepiece":
+        if not (saved / SP_MODEL).is_file():
+            raise UserError(f"no sentencepiece model at {saved / SP_MODEL}; train a run there first")
+        return SentencePieceTokenizer(saved / SP_MODEL)
+    if spec.startswith("hf:") and len(spec) > 3:
+        path = saved / HF_FILE
+        if not path.is_file():  # a run made before the copy existed: use the original file
+            path = Path(spec[3:]).expanduser()
+            if not path.is_file():
+                raise UserError(f"tokenizer file not found: {path} (data.tokenizer '{spec}')")
+        return HFTokenizer(path)
+    raise UserError(f"unknown data.tokenizer '{spec}'; use byte, sentencepiece or hf:PATH/tokenizer.json")
+
+
+def _build_tokenizer(data: DataConfig, run_dir: Path, corpus: Corpus, root: Path) -> Tokenizer:
+    """Put the tokenizer's files into run_dir/tokenizer (training or copying), then load it."""
+    spec = data.tokenizer
+    saved = run_dir / "tokenizer"
+    # An existing file in the run is kept: a resumed run must use the tokenizer it started with.
+    if spec == "sentencepiece" and not (saved / SP_MODEL).is_file():
+        write_bytes_atomic(saved / SP_MODEL, _trained_sp_model(data, corpus, root).read_bytes())
+    if spec.startswith("hf:") and len(spec) > 3 and not (saved / HF_FILE).is_file():
+        source = Path(spec[3:]).expanduser()
+        if not source.is_file():
+            raise UserError(f"tokenizer file not found: {source} (data.tokenizer '{spec}')")
+        HFTokenizer(source)  # refuse a broken file before it is copied into the run
+        write_bytes_atomic(saved / HF_FILE, source.read_bytes())
+    return _load_saved(spec, saved)
+
+
+def _trained_sp_model(data: DataConfig, corpus: Corpus, root: Path) -> Path:
+    """A sentencepiece model trained on this corpus's training split, cached by content, so a
+    new run directory on the same data does not retrain."""
+    key = content_key({"corpus": corpus.fingerprint, "vocab": data.sp_vocab_size,
+                       "val_fraction": data.val_fraction, "max_bytes": data.max_bytes,
+                       "text_field": data.text_field, "format": CACHE_FORMAT_VERSION})
+    path = root / "sentencepiece" / f"{key}.model"
+    if path.is_file():
+        return path
+    with file_lock(root / "sentencepiece" / f".{key}.lock"):
+        if not path.is_file():
+            log(f"training a sentencepiece BPE tokenizer (vocab {data.sp_vocab_size}) on the "
+                f"{corpus.label} train split...")
+            start = time.perf_counter()
+            train_sentencepiece(cap_bytes(corpus.documents("train"), data.max_bytes),
+                                data.sp_vocab_size, path)
+            log(f"trained the tokenizer in {time.perf_counter() - start:.1f} s")
+    return path
+
+
+def _split_tokens(corpus: Corpus, tokenizer: Tokenizer, split: str, data: DataConfig,
+                  root: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """The split's token stream (memory-mapped from the cache, tokenising first if needed)."""
+    key = content_key({"corpus": corpus.fingerprint, "tokenizer": identity_of(tokenizer),
+                       "split": split, "val_fraction": data.val_fraction,
+                       "max_bytes": data.max_bytes, "text_field": data.text_field,
+                       "format": CACHE_FORMAT_VERSION})
+    folder = root / "tokens"
+    npy, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
+    if not meta_path.is_file():
+        with file_lock(folder / f".{key}.lock"):
+            # Another process may have finished it while this one waited for the lock.
+            if not meta_path.is_file():
+                tokens, meta = _tokenise(corpus, tokenizer, split, data.max_bytes)
+                meta.update(source=corpus.label, split=split, tokenizer=tokenizer.name)
+                # The .npy lands first: a .json always vouches for a complete .npy beside it.
+                save_npy_atomic(npy, tokens)
+                write_json_atomic(meta_path, meta)
+    meta = json.loads(meta_path.read_text())
+    return np.load(npy, mmap_mode="r"), meta
+
+
+def _tokenise(corpus: Corpus, tokenizer: Tokenizer, split: str,
+              max_bytes: int) -> tuple[np.ndarray, dict[str, Any]]:
+    log(f"tokenising the {corpus.label} {split} split with the {tokenizer.name} tokenizer...")
+    start = time.perf_counter()
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
+    parts: list[np.ndarray] = []
+    group: list[str] = []
+    group_chars = n_bytes = n_docs = 0
+    for doc in cap_bytes(corpus.documents(split), max_bytes):
+        group.append(doc)
+        group_chars += len(doc)
+        n_bytes += len(doc.encode("utf-8"))
+        n_docs += 1
+        if group_chars >= _ENCODE_GROUP_CHARS:
+            parts.append(encode_documents(tokenizer, group).astype(dtype))
+            group, group_chars = [], 0
+    if group:
+        parts.append(encode_documents(tokenizer, group).astype(dtype))
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype)
+    seconds = time.perf_counter() - start
+    log(f"{split}: {n_docs} documents, {n_bytes / 1e6:.1f} MB -> {len(tokens) / 1e6:.2f} M tokens "
+        f"in {seconds:.1f} s")
+    return tokens, {"n_tokens": int(len(tokens)), "n_bytes": int(n_bytes), "n_docs": n_docs}

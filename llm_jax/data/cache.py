@@ -1,0 +1,109 @@
+"""On-disk cache: where it lives, content keys, atomic writes and a cross-process lock.
+
+Everything written here goes through a temporary file and `os.replace`, so a process killed
+mid-write leaves at worst a stray `*.tmp*` file, never a truncated file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Bump when the meaning of cached token arrays changes (document order, EOS placement, ...),
+# so old caches are ignored instead of silently reused.
+CACHE_FORMAT_VERSION = 1
+
+
+def cache_root(cache_dir: str) -> Path:
+    """`data.cache_dir`, else $LLM_JAX_CACHE, else ~/.cache/llm_jax."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("LLM_JAX_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "llm_jax"
+
+
+def content_key(parts: dict[str, Any]) -> str:
+    """A short stable hex key of a JSON-able description (sorted keys: dict order is irrelevant)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _temp_path(final: Path, suffix: str) -> Path:
+    # Same directory as the target, so os.replace is a rename within one filesystem.
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path, "")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # np.save appends ".npy" to names without it, so the temp name must already end in it.
+    tmp = _temp_path(path, ".npy")
+    try:
+        np.save(tmp, array, allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock, so processes on one host (or on a shared filesystem with working
+    flock) build a cache entry once while the others wait and then reuse it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_main_process() -> bool:
+    """Process 0 of a multi-process run, or a single process.
+
+    Asks jax.process_index() only once jax.distributed is up: before that, the call would
+    initialise the backends and make a later jax.distributed.initialize() fail."""
+    import jax
+
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def log(message: str) -> None:
+    """A progress line on stderr, from process 0 only (every process runs the data code)."""
+    if is_main_process():
+        print(f"data: {message}", file=sys.stderr, flush=True)

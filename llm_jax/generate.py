@@ -1,0 +1,209 @@
+"""Autoregressive sampling with a KV cache: one jitted prefill plus a jitted decode loop.
+
+Prompts of different lengths are left-padded to a common (bucketed) length so that every row's
+next token lands in the same cache slot; each row's positions start at 0 at its first real
+token and the attention mask hides the pad slots, so a padded row computes exactly what it
+would alone. The whole generation (prefill, then a `lax.while_loop` over new tokens that stops
+once every row has produced EOS) is a single compiled call: no Python dispatch per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llm_jax.config import Config
+from llm_jax.errors import UserError
+from llm_jax.models.registry import compute_dtype
+from llm_jax.train.state import ModelDef
+
+# Prompt lengths are rounded up to a multiple of this (extra left padding is free: it is masked
+# and shifts no positions), so prompts of similar length share one compiled program.
+PROMPT_BUCKET = 16
+# Sinusoidal tables are computed for max_seq_len rows too; only RoPE extrapolates past it.
+BOUNDED_POSITIONS = ("learned", "sinusoidal")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The compile-time half of the sampling settings (temperature and top_p values are traced)."""
+
+    greedy: bool
+    top_k: int  # 0: off
+    use_top_p: bool
+    vocab_limit: int | None  # ids >= this (the model's vocabulary padding) are never sampled
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+
+
+def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
+                  sampling: Sampling) -> jax.Array:
+    """Next-token ids [B] (int32): argmax, or a draw after temperature, top-k and top-p filtering."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    V = logits_BV.shape[-1]
+    if sampling.vocab_limit is not None and sampling.vocab_limit < V:
+        logits_BV = jnp.where(jnp.arange(V) < sampling.vocab_limit, logits_BV, -jnp.inf)
+    if sampling.greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / temperature
+    if sampling.top_k > 0:
+        kth_B1 = jax.lax.top_k(logits_BV, min(sampling.top_k, V))[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if sampling.use_top_p:
+        # Nucleus: keep the smallest set of most likely tokens whose mass reaches top_p; a token
+        # is kept when the mass strictly before it is < top_p, so the most likely always is.
+        sorted_BV = jnp.flip(jnp.sort(logits_BV, axis=-1), axis=-1)
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+        cutoff_B1 = jnp.where(before_BV < top_p, sorted_BV, jnp.inf).min(axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "cache_spec"))
+def _generate_jit(graphdef: Any, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array,
+                  key: jax.Array, temperature: jax.Array, top_p: jax.Array, eos_id: jax.Array, *,
+                  max_new_tokens: int, sampling: Sampling, cache_spec: CacheSpec) -> jax.Array:
+    """New tokens [B, N] for left-padded prompts; slots after a row's EOS hold EOS (or 0)."""
+    model = nnx.merge(graphdef, params)
+    B, P = tokens_BP.shape
+    N = max_new_tokens
+    S = P + N  # cache slots: the prompt, then one per fed-back token
+    c = cache_spec
+    cache = {name: jnp.zeros((c.layers, B, S, c.kv_heads, c.head_dim), c.dtype) for name in ("k", "v")}
+
+    pad_B = P - lengths_B
+    slot_S = jnp.arange(S)
+    real_BS = slot_S[None, :] >= pad_B[:, None]  # pad slots are never attended to
+    step_P = jnp.arange(P)
+    positions_BP = jnp.maximum(step_P[None, :] - pad_B[:, None], 0)
+    mask_BPS = real_BS[:, None, :] & (slot_S[None, None, :] <= step_P[None, :, None])
+    logits_BPV, cache = model(tokens_BP, positions_BT=positions_BP, mask_BTS=mask_BPS,
+                              cache=cache, cache_index=jnp.int32(0))
+    first_B = sample_logits(logits_BPV[:, -1], jax.random.fold_in(key, 0), temperature, top_p, sampling)
+
+    stop = eos_id >= 0  # eos_id < 0: no EOS, always run all N steps
+    fill = jnp.where(stop, eos_id, 0).astype(jnp.int32)
+    out_BN = jnp.full((B, N), fill, jnp.int32).at[:, 0].set(first_B)
+    done_B = stop & (first_B == eos_id)
+
+    def cond(carry):
+        i, _, _, done_B = carry
+        return (i < N) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, cache, out_BN, done_B = carry
+        # Feed token i-1 into slot P+i-1 at its row's own position; it sees its real prefix.
+        slot = P + i - 1
+        tok_B1 = jax.lax.dynamic_slice_in_dim(out_BN, i - 1, 1, axis=1)
+        positions_B1 = (lengths_B + i - 1)[:, None]
+        mask_B1S = (real_BS & (slot_S[None, :] <= slot))[:, None, :]
+        logits_B1V, cache = model(tok_B1, positions_BT=positions_B1, mask_BTS=mask_B1S,
+                                  cache=cache, cache_index=slot)
+        next_B = sample_logits(logits_B1V[:, 0], jax.random.fold_in(key, i), temperature, top_p, sampling)
+        next_B = jnp.where(done_B, fill, next_B)
+        out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, next_B[:, None], i, axis=1)
+        return i + 1, cache, out_BN, done_B | (stop & (next_B == eos_id))
+
+    _, _, out_BN, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out_BN, done_B))
+    return out_BN
+
+
+def split_model(model: nnx.Module | tuple[ModelDef, Any]) -> tuple[Any, Any]:
+    """(graphdef, params) of a live NNX model or of a (ModelDef, params) pair."""
+    if isinstance(model, tuple):
+        mdef, params = model
+        return mdef.graphdef, params
+    graphdef, state = nnx.split(model)
+    return graphdef, state.to_pure_dict()
+
+
+def _check_args(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if temperature < 0:
+        raise UserError(f"temperature={temperature} must be >= 0 (0: greedy)")
+    if top_k < 0:
+        raise UserError(f"top_k={top_k} must be >= 0 (0: off)")
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p={top_p} must be in (0, 1] (1: off)")
+
+
+def _prepare_prompts(prompts: Sequence[Sequence[int]], vocab: int,
+                     eos_id: int | None) -> list[list[int]]:
+    rows = []
+    for r, prompt in enumerate(prompts):
+        ids = [int(t) for t in prompt]
+        if not ids:
+            # A model trained on EOS-separated documents reads EOS as "a new document starts".
+            if eos_id is None:
+                raise UserError(f"prompt {r} is empty; give at least one token (or an eos_id)")
+            ids = [eos_id]
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise UserError(f"prompt {r} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+        rows.append(ids)
+    return rows
+
+
+def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Sequence[Sequence[int]],
+             *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0, eos_id: int | None = None,
+             vocab_limit: int | None = None) -> list[list[int]]:
+    """Continue each prompt (a list of token ids); returns only the new tokens of each row.
+
+    temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off. A row stops at its
+    first `eos_id` (not included). `vocab_limit` (the tokenizer's vocabulary size) keeps the
+    model's padding rows from ever being sampled. The same seed gives the same output.
+    """
+    _check_args(max_new_tokens, temperature, top_k, top_p)
+    if not prompts:
+        return []
+    graphdef, params = split_model(model)
+    vocab = params["embed"]["embedding"].shape[0]  # rows of the token table = model vocabulary
+    rows = _prepare_prompts(prompts, vocab, eos_id)
+    if max_new_tokens == 0:
+        return [[] for _ in rows]
+    longest = max(len(r) for r in rows)
+    if cfg.model.position in BOUNDED_POSITIONS and longest + max_new_tokens > cfg.max_seq_len:
+        raise UserError(
+            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"max_seq_len={cfg.max_seq_len} ({cfg.model.position} positions); shorten the prompt "
+            "or ask for fewer tokens"
+        )
+
+    P = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+    tokens_BP = np.zeros((len(rows), P), np.int32)  # pad id 0: any valid id, it is masked out
+    for b, ids in enumerate(rows):
+        tokens_BP[b, P - len(ids):] = ids
+    lengths_B = np.array([len(r) for r in rows], np.int32)
+
+    m = cfg.model
+    dtype = getattr(model, "compute_dtype", None) or compute_dtype(cfg)
+    out_BN = _generate_jit(
+        graphdef, params, tokens_BP, lengths_B, jax.random.key(seed),
+        np.float32(max(temperature, 1e-6)), np.float32(top_p),
+        np.int32(-1 if eos_id is None else eos_id),
+        max_new_tokens=max_new_tokens,
+        sampling=Sampling(temperature == 0, top_k, top_p < 1.0, vocab_limit),
+        cache_spec=CacheSpec(m.num_layers, m.kv_heads, m.head_dim, str(dtype)),
+    )
+    return [_cut_at_eos(row, eos_id) for row in np.asarray(out_BN).tolist()]
+
+
+def _cut_at_eos(row: list[int], eos_id: int | None) -> list[int]:
+    if eos_id is not None and eos_id in row:
+        return row[: row.index(eos_id)]
+    return row

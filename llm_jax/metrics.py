@@ -1,0 +1,160 @@
+"""Metrics out of jit: FLOPs per token, MFU, and the JSONL / TensorBoard / progress-bar writer.
+
+FLOPs per token (training = forward + backward) follow Kaplan et al. and PaLM:
+    6 * N + 12 * L * H * Q * T, with the attention term halved for causal attention,
+where N counts the parameters that take part in matmuls (every parameter except the position
+table and, when the output layer is untied, the input embedding, which is a gather),
+L = layers, H = query heads, Q = head dim, T = sequence length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from llm_jax.config import Config
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
+PEAK_FLOPS = {
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,  # v5e reports itself as "TPU v5 lite"
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,  # v6e (Trillium)
+    "tpu v6e": 918e12,
+    "a100": 312e12,
+    "h100": 989e12,
+    "h200": 989e12,
+}
+
+
+def matmul_params(cfg: Config, shapes: dict) -> int:
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    if "pos_embed" in shapes:
+        total -= int(np.prod(shapes["pos_embed"]["embedding"].shape))
+    if not cfg.model.tie_embeddings:
+        total -= int(np.prod(shapes["embed"]["embedding"].shape))
+    return total
+
+
+def flops_per_token(cfg: Config, n_matmul_params: int, seq_len: int | None = None) -> float:
+    """Training FLOPs per token: 6N + 12*L*H*Q*T, the attention term halved (causal)."""
+    m = cfg.model
+    t = seq_len or cfg.train.seq_len
+    attention = 12 * m.num_layers * m.num_heads * m.head_dim * t / 2
+    return 6 * n_matmul_params + attention
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LLM_JAX_CACHE", Path.home() / ".cache" / "llm_jax"))
+
+
+def measure_cpu_peak(size: int = 1024, repeats: int = 10) -> float:
+    """FLOP/s of a jitted fp32 matmul on one CPU device: the practical peak of this machine."""
+    a = jax.device_put(np.random.default_rng(0).standard_normal((size, size), np.float32), jax.devices("cpu")[0])
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def cpu_peak_flops() -> float:
+    """Measured once per machine, JAX version and core count, then read from the cache."""
+    key = f"{platform.processor() or platform.machine()}-{os.cpu_count()}-jax{jax.__version__}"
+    path = _cache_dir() / "cpu_peak.json"
+    try:
+        cached = json.loads(path.read_text())
+        if key in cached:
+            return float(cached[key])
+    except (OSError, ValueError):
+        cached = {}
+    peak = measure_cpu_peak()
+    cached[key] = peak
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cached))
+        tmp.replace(path)
+    except OSError:
+        pass
+    return peak
+
+
+def peak_flops_total() -> tuple[float, str]:
+    """Peak FLOP/s of all devices of this job and where the number comes from."""
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        # Forced host devices share the same cores: the measured peak is the whole machine's.
+        return cpu_peak_flops() * jax.process_count(), "measured cpu matmul"
+    kind = dev.device_kind.lower()
+    for name, flops in PEAK_FLOPS.items():
+        if name in kind:
+            return flops * jax.device_count(), f"{dev.device_kind} table"
+    return float("nan"), f"unknown device {dev.device_kind}"
+
+
+class MetricsWriter:
+    """JSONL always; TensorBoard and a progress bar when enabled; everything on process 0 only."""
+
+    def __init__(self, run_dir: Path, cfg: Config, start_step: int, total_steps: int):
+        self.active = jax.process_index() == 0
+        self.jsonl = None
+        self.tb = None
+        self.bar = None
+        if not self.active:
+            return
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if cfg.train.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        if cfg.train.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr, mininterval=1.0, smoothing=0.1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+        if self.bar is not None and "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def log(self, text: str) -> None:
+        """A line for the user, kept clear of the progress bar."""
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

@@ -1,0 +1,1 @@
+"""Model families; `registry.build_model` picks one by `model.arch`."""

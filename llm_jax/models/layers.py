@@ -1,0 +1,139 @@
+"""Shared building blocks: dense, embedding, norms, MLP, positions, dropout.
+
+Parameters are float32 and carry logical axis names (`sharding_names`); compute happens in the
+dtype passed at call time, with float32 statistics in the norms.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Variables get logical names only; `parallel.rules` places them. Eager sharding would need a
+# mesh at construction time, which abstract (eval_shape) initialisation does not have.
+nnx.use_eager_sharding(False)
+
+Axes = Sequence[str | None]
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Axes) -> nnx.Param:
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), sharding_names=tuple(names))
+
+
+class Dense(nnx.Module):
+    """y = x @ W (+ b), contracting the last `len(in_shape)` dims of x.
+
+    Kernel shape is in_shape + out_shape so heads stay a named axis ([D, H, K] for a query).
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], names: Axes, *,
+                 rngs: nnx.Rngs, std: float, use_bias: bool):
+        self.in_rank = len(in_shape)
+        self.kernel = param(rngs, nnx.initializers.normal(std), (*in_shape, *out_shape), names)
+        self.bias = (param(rngs, nnx.initializers.zeros, out_shape, names[len(in_shape):])
+                     if use_bias else None)
+
+    def __call__(self, x: jax.Array, dtype) -> jax.Array:
+        w = self.kernel[...].astype(dtype)
+        n = self.in_rank
+        dims = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+        y = jax.lax.dot_general(x.astype(dtype), w, (dims, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    def __init__(self, num: int, dim: int, names: Axes, *, rngs: nnx.Rngs, std: float):
+        self.embedding = param(rngs, nnx.initializers.normal(std), (num, dim), names)
+
+    def __call__(self, ids: jax.Array, dtype) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
+
+    def attend(self, x_BTD: jax.Array, dtype) -> jax.Array:
+        """Tied output layer: logits against the embedding rows, accumulated in float32."""
+        return jnp.einsum("btd,vd->btv", x_BTD.astype(dtype), self.embedding[...].astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class Norm(nnx.Module):
+    """LayerNorm or RMSNorm over the last axis, statistics in float32."""
+
+    def __init__(self, dim: int, kind: str, eps: float, use_bias: bool, *, rngs: nnx.Rngs):
+        self.kind = kind
+        self.eps = eps
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",))
+        self.bias = (param(rngs, nnx.initializers.zeros, (dim,), ("norm",))
+                     if use_bias and kind == "layernorm" else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
+        x = x * self.scale[...]
+        if self.bias is not None:
+            x = x + self.bias[...]
+        return x.astype(dtype)
+
+
+class MLP(nnx.Module):
+    """Position-wise feed-forward: GELU/ReLU (two matrices) or SwiGLU (three)."""
+
+    def __init__(self, d_model: int, d_ff: int, kind: str, *, rngs: nnx.Rngs, std: float,
+                 out_std: float, use_bias: bool):
+        self.kind = kind
+        self.up = Dense((d_model,), (d_ff,), ("embed", "mlp"), rngs=rngs, std=std, use_bias=use_bias)
+        self.gate = (Dense((d_model,), (d_ff,), ("embed", "mlp"), rngs=rngs, std=std, use_bias=use_bias)
+                     if kind == "swiglu" else None)
+        self.down = Dense((d_ff,), (d_model,), ("mlp", "embed"), rngs=rngs, std=out_std, use_bias=use_bias)
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        dtype = x_BTD.dtype
+        h_BTF = self.up(x_BTD, dtype)
+        if self.kind == "swiglu":
+            h_BTF = jax.nn.silu(self.gate(x_BTD, dtype)) * h_BTF
+        elif self.kind == "gelu":
+            h_BTF = jax.nn.gelu(h_BTF, approximate=True)
+        else:
+            h_BTF = jax.nn.relu(h_BTF)
+        return self.down(h_BTF, dtype)
+
+
+def sinusoidal_table(length: int, dim: int) -> jax.Array:
+    """The fixed sin/cos position table of Vaswani et al. (2017), [length, dim] float32."""
+    pos = jnp.arange(length, dtype=jnp.float32)[:, None]
+    inv = jnp.exp(-math.log(10000.0) * jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    angles = pos * inv[None, :]
+    table = jnp.zeros((length, dim), jnp.float32)
+    table = table.at[:, 0::2].set(jnp.sin(angles))
+    return table.at[:, 1::2].set(jnp.cos(angles[:, : dim // 2]))
+
+
+def rope_angles(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of rotary angles, [B, T, head_dim/2] float32."""
+    inv = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions_BT.astype(jnp.float32)[..., None] * inv
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BTNK: jax.Array, cos_sin: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate pairs (first half, second half) of each head vector (the GPT-NeoX/Llama layout)."""
+    cos, sin = (c[:, :, None, :] for c in cos_sin)
+    x = x_BTNK.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNK.dtype)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when `key` is None (evaluation, generation) or rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

@@ -1,0 +1,32 @@
+"""Pick the model class by `model.arch` and fill the values derived from config and devices."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from llm_jax.config import Config
+from llm_jax.models.attention import resolve_kernel
+from llm_jax.models.transformer import GPT
+
+
+def model_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:
+    """`model.vocab_size`, or the tokenizer's vocabulary padded up to `model.vocab_multiple`."""
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
+    m = cfg.model.vocab_multiple
+    return -(-tokenizer_vocab // m) * m
+
+
+def compute_dtype(cfg: Config) -> str:
+    """`auto`: bfloat16 where the hardware has fast bf16 matmuls (GPU, TPU), float32 on CPU."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def build_model(cfg: Config, vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:
+    if cfg.model.arch == "gpt":
+        return GPT(cfg.model, vocab_size, cfg.max_seq_len, compute_dtype=compute_dtype(cfg),
+                   attention_kernel=resolve_kernel(cfg.model.attention), rngs=rngs)
+    raise ValueError(f"unknown model.arch {cfg.model.arch!r}")  # config validation lists the choices

@@ -1,0 +1,149 @@
+"""Decoder-only Transformer (GPT family): pre-norm blocks over a stacked layer axis.
+
+Block parameters are always stacked along a leading `layers` axis (created with `nnx.vmap`),
+so the same checkpoint serves both execution modes: `lax.scan` over layers (compile time flat
+in depth) or an unrolled Python loop over slices (sometimes faster on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llm_jax.config import ModelConfig
+from llm_jax.models.attention import Attention
+from llm_jax.models.layers import MLP, Dense, Embed, Norm, dropout, rope_angles, sinusoidal_table
+from llm_jax.parallel.rules import constrain
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+    """x + Attn(Norm(x)), then x + MLP(Norm(x)); residual dropout on both branches."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        std = cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.num_layers)  # GPT-2: scale residual projections by depth
+        self.dropout_rate = cfg.dropout
+        self.norm1 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
+        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, rngs=rngs,
+                              std=std, out_std=out_std, use_bias=cfg.use_bias)
+        self.norm2 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
+        self.mlp = MLP(cfg.d_model, cfg.ff_dim, cfg.mlp, rngs=rngs, std=std, out_std=out_std,
+                       use_bias=cfg.use_bias)
+
+    def __call__(self, x_BTD, *, rope, kernel, block, mask_BTS, cache, cache_index, key):
+        k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
+        h_BTD, new_cache = self.attn(self.norm1(x_BTD), rope=rope, kernel=kernel, block=block,
+                                     mask_BTS=mask_BTS, cache=cache, cache_index=cache_index)
+        x_BTD = x_BTD + dropout(h_BTD, self.dropout_rate, k_attn)
+        x_BTD = x_BTD + dropout(self.mlp(self.norm2(x_BTD)), self.dropout_rate, k_mlp)
+        return constrain(x_BTD, ("batch", "length", "embed")), new_cache
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, *, compute_dtype: str,
+                 attention_kernel: str, rngs: nnx.Rngs):
+        self.num_layers = cfg.num_layers
+        self.position = cfg.position
+        self.rope_theta = cfg.rope_theta
+        self.head_dim = cfg.head_dim
+        self.max_seq_len = max_seq_len
+        self.dropout_rate = cfg.dropout
+        self.scan_layers = cfg.scan_layers
+        self.remat = cfg.remat
+        self.compute_dtype = compute_dtype
+        self.attention_kernel = attention_kernel
+        self.attention_block = cfg.attention_block
+
+        self.embed = Embed(vocab_size, cfg.d_model, ("vocab", "embed"), rngs=rngs, std=cfg.init_std)
+        self.pos_embed = (Embed(max_seq_len, cfg.d_model, ("position", "embed"), rngs=rngs, std=cfg.init_std)
+                          if cfg.position == "learned" else None)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(layer_rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=layer_rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
+        self.head = (None if cfg.tie_embeddings else
+                     Dense((cfg.d_model,), (vocab_size,), ("embed", "vocab"), rngs=rngs,
+                           std=cfg.init_std, use_bias=False))
+
+    def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
+                 mask_BTS: jax.Array | None = None, cache: dict | None = None,
+                 cache_index: jax.Array | None = None,
+                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+        """Logits [B, T, V] in float32 (and the updated KV cache when `cache` is given).
+
+        `positions_BT` default to 0..T-1; `mask_BTS` (True = may attend) replaces the causal
+        mask for padded prompts and for attention over a cache of length S.
+        """
+        dtype = jnp.dtype(self.compute_dtype)
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+        x_BTD = self.embed(tokens_BT, dtype)
+        if self.position == "learned":
+            x_BTD = x_BTD + jnp.take(self.pos_embed.embedding[...], positions_BT, axis=0).astype(dtype)
+        elif self.position == "sinusoidal":
+            table = sinusoidal_table(self.max_seq_len, x_BTD.shape[-1])
+            x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(dtype)
+        rope = rope_angles(positions_BT, self.head_dim, self.rope_theta) if self.position == "rope" else None
+        if dropout_key is not None:
+            dropout_key, embed_key = jax.random.split(dropout_key)
+            x_BTD = dropout(x_BTD, self.dropout_rate, embed_key)
+        x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
+
+        x_BTD, new_cache = self._run_blocks(x_BTD, rope, mask_BTS, cache, cache_index, dropout_key)
+        x_BTD = self.final_norm(x_BTD)
+        if self.head is None:
+            logits_BTV = self.embed.attend(x_BTD, dtype)
+        else:
+            logits_BTV = self.head(x_BTD, dtype).astype(jnp.float32)
+        return constrain(logits_BTV, ("batch", "length", "vocab")), new_cache
+
+    def _run_blocks(self, x_BTD, rope, mask_BTS, cache, cache_index, dropout_key):
+        graphdef, stacked = nnx.split(self.blocks)
+        kernel, block = self.attention_kernel, self.attention_block
+
+        def one_layer(x, layer_state, layer_cache, key):
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(x, rope=rope, kernel=kernel, block=block, mask_BTS=mask_BTS,
+                         cache=layer_cache, cache_index=cache_index, key=key)
+
+        if self.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.remat])
+        keys = jax.random.split(dropout_key, self.num_layers) if dropout_key is not None else None
+
+        if self.scan_layers:
+            def body(x, xs):
+                layer_state, layer_cache, key = xs
+                return one_layer(x, layer_state, layer_cache, key)
+
+            return jax.lax.scan(body, x_BTD, (stacked, cache, keys))
+
+        new_caches = []
+        for i in range(self.num_layers):
+            take = lambda a: a[i]  # noqa: E731 - slice layer i of every stacked array
+            x_BTD, c = one_layer(x_BTD, jax.tree.map(take, stacked),
+                                 jax.tree.map(take, cache) if cache is not None else None,
+                                 keys[i] if keys is not None else None)
+            new_caches.append(c)
+        if cache is None:
+            return x_BTD, None
+        return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *new_caches)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict:
+    """An empty KV cache: k and v of shape [layers, batch, length, kv_heads, head_dim]."""
+    shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

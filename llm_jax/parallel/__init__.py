@@ -1,0 +1,1 @@
+"""Device mesh, logical-to-mesh sharding rules and activation constraints."""

@@ -1,0 +1,105 @@
+"""The one table that maps logical axis names to mesh axes.
+
+Every parameter names its dimensions with logical axes (`embed`, `mlp`, `heads`, ...) and
+activations are constrained with the same names at block boundaries; this table alone decides
+where each lands on the mesh. An unknown logical name is a bug and raises: there is no
+catch-all rule that would silently replicate a parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Iterator, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# logical axis -> mesh axes it is split over (in order), or () for replicated.
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp", "expert"),  # dense models use the expert axis as more data parallelism
+    "length": (),
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "vocab": ("tensor",),
+    "position": (),
+    "layers": (),
+    "norm": (),
+    "expert": ("expert",),
+}
+
+_current_mesh: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("llm_jax_mesh", default=None)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None) -> P:
+    """Translate logical axis names to a PartitionSpec.
+
+    With `shape` and `mesh`, a mesh axis that does not divide its dimension is dropped (that
+    dimension stays whole on it); `sharding_report` lists large parameters this leaves replicated.
+    """
+    used: set[str] = set()
+    spec = []
+    for dim, name in enumerate(names):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in LOGICAL_RULES:
+            raise ValueError(f"logical axis '{name}' has no rule in parallel/rules.py LOGICAL_RULES")
+        axes = []
+        size = 1
+        for axis in LOGICAL_RULES[name]:
+            if axis in used:
+                continue  # a mesh axis can shard only one dimension of an array
+            n = mesh.shape[axis] if mesh is not None else 1
+            if shape is not None and mesh is not None and shape[dim] % (size * n):
+                continue
+            axes.append(axis)
+            size *= n
+            used.add(axis)
+        spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+    return P(*spec)
+
+
+def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
+
+
+def sharding_report(shapes: dict[str, tuple[tuple[int, ...], P]], mesh: Mesh,
+                    min_elements: int = 1 << 20) -> list[str]:
+    """Names of parameters of at least `min_elements` that the model-parallel axes leave whole.
+
+    `shapes` maps a parameter path to (shape, spec). Only meaningful when fsdp or tensor > 1.
+    """
+    model_parallel = mesh.shape["fsdp"] * mesh.shape["tensor"] * mesh.shape["expert"]
+    if model_parallel == 1:
+        return []
+    out = []
+    for path, (shape, spec) in shapes.items():
+        if math.prod(shape) >= min_elements and all(s is None for s in spec):
+            out.append(f"{path} {tuple(shape)}")
+    return out
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None) -> Iterator[None]:
+    """Make `constrain` active for code traced inside this block."""
+    token = _current_mesh.set(mesh)
+    try:
+        yield
+    finally:
+        _current_mesh.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's layout by logical names (a no-op outside `activation_mesh`)."""
+    mesh = _current_mesh.get()
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, x.shape))

@@ -1,0 +1,1 @@
+"""Train state, optimiser, the jitted step and the loop."""

@@ -1,0 +1,116 @@
+"""The training loop: data -> jitted step -> metrics, evals and checkpoints; resumes by step."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+
+from llm_jax.checkpoint import Checkpointer
+from llm_jax.config import Config
+from llm_jax.metrics import MetricsWriter, peak_flops_total
+from llm_jax.models.registry import model_vocab_size
+from llm_jax.run_dir import prepare_run_dir, trim_metrics
+from llm_jax.train.setup import TrainSetup, build_setup
+from llm_jax.train.state import init_state
+
+
+def evaluate(setup: TrainSetup, params: dict, batches: list[jax.Array], bytes_per_token: float) -> dict:
+    total, count = 0.0, 0.0
+    for batch in batches:
+        s, c = setup.eval_step(params, batch)
+        total, count = total + float(s), count + float(c)
+    loss = total / count
+    return {"eval_loss": loss, "eval_bpb": loss / math.log(2) / bytes_per_token}
+
+
+def train(cfg: Config) -> dict:
+    """Train (or resume) the run in `cfg.run.dir`; returns the final metrics."""
+    from llm_jax import data as data_lib  # heavy imports (grain, tfds) only when training
+
+    run_dir, existed = prepare_run_dir(cfg)
+    bundle = data_lib.build_data(cfg, run_dir)
+    vocab = model_vocab_size(cfg, bundle.tokenizer.vocab_size)
+    setup = build_setup(cfg, vocab)
+    ckpt = Checkpointer(run_dir, cfg)
+    start = ckpt.latest_step() if existed else None
+    writer = MetricsWriter(run_dir, cfg, start or 0, cfg.train.steps)
+    for warning in setup.warnings:
+        writer.log(f"warning: {warning}")
+    writer.log(f"run {run_dir}: {setup.mdef.num_params / 1e6:.2f}M parameters, vocab {vocab}, "
+               f"mesh {dict(setup.mesh.shape)}, {jax.device_count()} {jax.devices()[0].platform} devices")
+
+    if start is not None:
+        state, data_state = ckpt.restore(start, setup.abstract_state())
+        trim_metrics(run_dir, start)
+        writer.log(f"resumed from checkpoint at step {start} (data position {data_state.get('next_step')})")
+        start = int(data_state.get("next_step", start))
+    else:
+        state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, vocab, setup.shardings)
+        start = 0
+    if start >= cfg.train.steps:
+        writer.log(f"run already at step {start} >= train.steps={cfg.train.steps}; raise train.steps to go on")
+
+    eval_batches = [setup.to_global(b) for b in data_lib.eval_batches(
+        bundle.val_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches,
+        jax.process_index(), jax.process_count())]
+    dataset = data_lib.train_dataset(bundle.train_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.seed,
+                                     jax.process_index(), jax.process_count())
+    batches = data_lib.BatchIterator(dataset, start, cfg.train.steps, cfg.data.prefetch, setup.to_global)
+    peak, _ = peak_flops_total()
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    final: dict = {}
+    timer_step, timer_start = None, None
+    try:
+        for step, batch in batches:
+            state, metrics = setup.train_step(state, batch)
+            done = step + 1
+            writer.advance()
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps or timer_start is None:
+                record = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+                now = time.perf_counter()
+                if timer_start is not None:
+                    # Throughput over the interval since the last log (compile time excluded).
+                    tps = (done - timer_step) * tokens_per_step / (now - timer_start)
+                    record["tokens_per_sec"] = tps
+                    record["mfu"] = tps * setup.flops_per_token / peak
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(f"loss became {record['loss']} at step {done}")
+                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                    writer.write(record)
+                final.update(record)
+                timer_step, timer_start = done, now
+            if done == cfg.train.steps or (cfg.train.eval_every and done % cfg.train.eval_every == 0):
+                ev = evaluate(setup, state["params"], eval_batches, bundle.val_bytes_per_token)
+                writer.write({"step": done, **ev})
+                writer.log(f"step {done}: eval loss {ev['eval_loss']:.4f}, {ev['eval_bpb']:.3f} bits/byte")
+                final.update(ev)
+                timer_start = time.perf_counter()  # eval time is not training throughput
+            if ckpt.should_save(done, cfg.train.steps):
+                ckpt.save(done, state, {"next_step": done, **batches.get_state()}, cfg)
+    finally:
+        batches.close()
+        ckpt.close()
+        writer.close()
+    if start >= cfg.train.steps and not final:
+        final.update(evaluate(setup, state["params"], eval_batches, bundle.val_bytes_per_token))
+    final["params"] = state["params"]
+    final["tokenizer"] = bundle.tokenizer
+    final["setup"] = setup
+    return final
+
+
+def print_sample(cfg: Config, result: dict) -> None:
+    """Print a sample from the trained model (process 0), the last line of `make train`."""
+    if cfg.train.sample_tokens <= 0 or jax.process_index() != 0:
+        return
+    from llm_jax.api import Model
+
+    model = Model.from_params(cfg, result["params"], tokenizer=result["tokenizer"])
+    text = model.generate(cfg.train.sample_prompt, max_new_tokens=min(cfg.train.sample_tokens, cfg.max_seq_len - 1),
+                          temperature=0.8, top_k=0, top_p=0.95, seed=cfg.seed)
+    print(f"--- sample ({cfg.train.sample_tokens} tokens, temperature 0.8) ---")
+    print(cfg.train.sample_prompt + text)
+    print("---")
+

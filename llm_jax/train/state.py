@@ -1,0 +1,99 @@
+"""The train state and how it is born sharded.
+
+The model is split once: a static `graphdef` plus parameters as a plain nested dict of arrays.
+The train state is {"params", "opt_state", "step"}, a pytree that jit, Orbax and optax all
+handle directly. Parameters are created inside `jax.jit(out_shardings=...)` from abstract
+shapes, so no device ever holds the whole unsharded model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llm_jax.config import Config
+from llm_jax.models.registry import build_model
+from llm_jax.parallel.rules import logical_to_spec, sharding_report
+
+
+@dataclass(frozen=True)
+class ModelDef:
+    """The static half of a split model and the logical axis names of its parameters."""
+
+    graphdef: Any
+    shapes: dict  # pure dict of jax.ShapeDtypeStruct
+    logical: dict  # pure dict of tuples of logical axis names
+
+    def merge(self, params: dict) -> nnx.Module:
+        return nnx.merge(self.graphdef, params)
+
+    @property
+    def num_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(self.shapes))
+
+
+def model_def(cfg: Config, vocab_size: int) -> ModelDef:
+    abstract = nnx.eval_shape(lambda: build_model(cfg, vocab_size, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    shapes = state.to_pure_dict()
+    logical = jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,
+                           is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+    return ModelDef(graphdef, shapes, logical)
+
+
+def _is_names(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
+
+
+def param_shardings(mdef: ModelDef, mesh: Mesh) -> dict:
+    return jax.tree.map(lambda names, s: NamedSharding(mesh, logical_to_spec(names, s.shape, mesh)),
+                        mdef.logical, mdef.shapes, is_leaf=_is_names)
+
+
+def unsharded_large_params(mdef: ModelDef, mesh: Mesh) -> list[str]:
+    """Large parameters that the mesh leaves replicated (reported so a user can fix the mesh)."""
+    flat = {}
+    for path, names in jax.tree_util.tree_leaves_with_path(mdef.logical, is_leaf=_is_names):
+        shape = mdef.shapes
+        for k in path:
+            shape = shape[k.key]
+        flat["/".join(k.key for k in path)] = (shape.shape, logical_to_spec(names, shape.shape, mesh))
+    return sharding_report(flat, mesh)
+
+
+def init_params(cfg: Config, mdef: ModelDef, mesh: Mesh, vocab_size: int) -> dict:
+    def create() -> dict:
+        return nnx.state(build_model(cfg, vocab_size, nnx.Rngs(cfg.seed))).to_pure_dict()
+
+    return jax.jit(create, out_shardings=param_shardings(mdef, mesh))()
+
+
+def state_shardings(mesh: Mesh, tx: optax.GradientTransformation, mdef: ModelDef) -> dict:
+    """Shardings of the whole train state: optimizer moments follow their parameters."""
+    pshard = param_shardings(mdef, mesh)
+    abstract_opt = jax.eval_shape(tx.init, mdef.shapes)
+    replicated = NamedSharding(mesh, P())
+    opt_shard = optax.tree_map_params(tx, lambda _p, s: s, abstract_opt, pshard,
+                                      transform_non_params=lambda _: replicated)
+    return {"params": pshard, "opt_state": opt_shard, "step": replicated}
+
+
+def init_state(cfg: Config, mdef: ModelDef, mesh: Mesh, tx: optax.GradientTransformation,
+               vocab_size: int, shardings: dict) -> dict:
+    params = init_params(cfg, mdef, mesh, vocab_size)
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
+    return {"params": params, "opt_state": opt_state, "step": step}
+
+
+def abstract_state(mdef: ModelDef, tx: optax.GradientTransformation, shardings: dict) -> dict:
+    """ShapeDtypeStructs with this mesh's shardings: the restore target for Orbax."""
+    shapes = {"params": mdef.shapes, "opt_state": jax.eval_shape(tx.init, mdef.shapes),
+              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

@@ -121,7 +121,12 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tb"))
-        if cfg.train.progress:
+        self.total = total_steps
+        self.done = start_step
+        self.first = start_step
+        self.t0 = None
+        # A live bar on a terminal; in logs (CI, batch jobs) a line per logged step with the ETA.
+        if cfg.train.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
@@ -135,10 +140,24 @@ class MetricsWriter:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
-        if self.bar is not None and "loss" in record:
+        if "loss" not in record:
+            return
+        if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        else:
+            extra = "".join(f", {k} {record[k]:.4g}" for k in ("grad_norm", "tokens_per_sec", "mfu") if k in record)
+            self.log(f"step {record['step']}/{self.total}: loss {record['loss']:.4f}{extra}, eta {self.eta()}")
+
+    def eta(self) -> str:
+        if self.t0 is None or self.done <= self.first + 1:
+            return "?"
+        per_step = (time.perf_counter() - self.t0) / (self.done - self.first - 1)
+        return time.strftime("%H:%M:%S", time.gmtime(per_step * max(self.total - self.done, 0)))
 
     def advance(self, steps: int = 1) -> None:
+        self.done += steps
+        if self.t0 is None:
+            self.t0 = time.perf_counter()  # after the first (compiling) step
         if self.bar is not None:
             self.bar.update(steps)
 

@@ -28,14 +28,25 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def prepare_run_dir(cfg: Config) -> tuple[Path, bool]:
-    """Create or reopen `run.dir`; returns (path, existed). Refuses foreign or incompatible dirs."""
+# What a run directory may hold before its config.yaml is written (a tokenizer trained by a
+# first attempt that then failed on a later check).
+_BEFORE_CONFIG = {"tokenizer"}
+
+
+def check_run_dir(cfg: Config) -> tuple[Path, bool]:
+    """Returns (run.dir, whether it holds a run). Refuses foreign or incompatible directories."""
     run_dir = Path(cfg.run.dir)
     existed = (run_dir / CONFIG_FILE).exists()
     if existed:
         check_compatible(read_run_config(run_dir), cfg, str(run_dir))
-    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    elif run_dir.exists() and (not run_dir.is_dir() or
+                               any(p.name not in _BEFORE_CONFIG for p in run_dir.iterdir())):
         raise UserError(f"run.dir {run_dir} exists and is not an llm-jax run directory; choose another run.dir")
+    return run_dir, existed
+
+
+def write_run_config(cfg: Config, run_dir: Path) -> None:
+    """Record the config once every check has passed (process 0)."""
     if jax.process_index() == 0:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -43,7 +54,6 @@ def prepare_run_dir(cfg: Config) -> tuple[Path, bool]:
             raise UserError(f"cannot create run.dir {run_dir}: {exc.strerror}") from None
         # Later runs may change keys outside the run's identity (steps, logging, mesh).
         _atomic_write(run_dir / CONFIG_FILE, dump_yaml(cfg))
-    return run_dir, existed
 
 
 def trim_metrics(run_dir: Path, last_step: int) -> None:

@@ -66,6 +66,7 @@ def test_order_is_a_pure_function_of_seed_and_step() -> None:
     for s in steps:
         assert forward[s].dtype == np.int32 and forward[s].shape == (8, 17)
         np.testing.assert_array_equal(forward[s], backward[s])
+    assert train_dataset(tokens, 16, 8, seed=-1)[0].shape == (8, 17)  # any int seed works
     other_seed = train_dataset(tokens, 16, 8, seed=4)
     assert not all(np.array_equal(other_seed[s], forward[s]) for s in steps)
 
@@ -187,7 +188,8 @@ def test_byte_tokenizer_round_trip_and_bad_ids() -> None:
     ids = tok.encode(text)
     assert max(ids) < 256 and tok.decode(ids) == text
     assert tok.vocab_size == 257 and tok.eos_id == 256
-    assert tok.decode([104, 105, 256, 300, -1, 0xE6, 0x9D]) == "hi\ufffd"  # EOS/pad dropped, cut char replaced
+    # EOS and padding ids dropped, a character cut short replaced.
+    assert tok.decode([104, 105, 256, 300, -1, 0xE6, 0x9D]) == "hi\ufffd"
     stream = tok.encode_documents(["ab", "", "é"])
     assert stream.tolist() == [97, 98, 256, 256, 0xC3, 0xA9, 256]
 
@@ -352,7 +354,8 @@ def test_changed_file_invalidates_the_cache(tmp_path: Path, text_dir: Path) -> N
     first = build_data(cfg, tmp_path / "run")
     (text_dir / "doc00.txt").write_text("changed " * 100, encoding="utf-8")
     second = build_data(cfg, tmp_path / "run")
-    assert len(second.train_tokens) + len(second.val_tokens) != len(first.train_tokens) + len(first.val_tokens)
+    total = len(second.train_tokens) + len(second.val_tokens)
+    assert total != len(first.train_tokens) + len(first.val_tokens)
 
 
 def test_tfds_source_reads_a_prepared_dataset(tmp_path: Path) -> None:
@@ -404,6 +407,13 @@ def test_bad_inputs_name_the_problem(tmp_path: Path, data: dict, message: str) -
     with pytest.raises(UserError, match=message) as info:
         build_data(make_config(tmp_path, **data), tmp_path / "run")
     assert "\n" not in str(info.value)
+
+
+def test_corpus_too_small_for_seq_len(tmp_path: Path) -> None:
+    small = tmp_path / "small.txt"
+    small.write_text(random_text(1, 200), encoding="utf-8")
+    with pytest.raises(UserError, match="fewer than train.seq_len"):
+        build_data(make_config(tmp_path, seq_len=4096, source=f"text:{small}"), tmp_path / "run")
 
 
 def test_split_helpers() -> None:

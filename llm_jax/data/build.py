@@ -16,12 +16,27 @@ from typing import Any
 import numpy as np
 
 from llm_jax.config import Config, DataConfig
-from llm_jax.data.cache import (CACHE_FORMAT_VERSION, cache_root, content_key, file_lock, log,
-                                save_npy_atomic, write_bytes_atomic, write_json_atomic)
+from llm_jax.data.cache import (
+    CACHE_FORMAT_VERSION,
+    cache_root,
+    content_key,
+    file_lock,
+    log,
+    save_npy_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from llm_jax.data.sources import Corpus, open_corpus
 from llm_jax.data.splits import cap_bytes
-from llm_jax.data.tokenizer import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer,
-                                    encode_documents, identity_of, train_sentencepiece)
+from llm_jax.data.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    encode_documents,
+    identity_of,
+    train_sentencepiece,
+)
 from llm_jax.errors import UserError
 
 SP_MODEL = "sp.model"
@@ -45,6 +60,8 @@ class DataBundle:
 
 
 def build_data(cfg: Config, run_dir: Path) -> DataBundle:
+    """Tokenizer (trained or copied into run_dir/tokenizer/) and both splits' token streams,
+    tokenised on first use and memory-mapped from the cache afterwards."""
     data = cfg.data
     root = cache_root(data.cache_dir)
     corpus = open_corpus(data, root)

@@ -51,6 +51,8 @@ def file_sha256(path: Path) -> str:
 def _temp_path(final: Path, suffix: str) -> Path:
     # Same directory as the target, so os.replace is a rename within one filesystem.
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
+    # mkstemp makes owner-only files; a cache may be shared by several users' runs.
+    os.fchmod(fd, 0o644)
     os.close(fd)
     return Path(name)
 

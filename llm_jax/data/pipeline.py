@@ -9,8 +9,8 @@ permutation per epoch and random access, so step s can be produced without repla
 
 from __future__ import annotations
 
-import numpy as np
 import grain
+import numpy as np
 
 from llm_jax.errors import UserError
 

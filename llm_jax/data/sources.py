@@ -20,7 +20,8 @@ from llm_jax.config import DataConfig
 from llm_jax.data.splits import CHUNK_BYTES, line_chunks, validation_mask
 from llm_jax.errors import UserError
 
-SPLITS = ("train", "validation")
+# Bump when the stdlib file selection or its split rule changes (names the TFDS builder config).
+STDLIB_LAYOUT_VERSION = 1
 # Enough to tell text from binary: text files have no NUL bytes near the start.
 _SNIFF_BYTES = 8192
 
@@ -64,7 +65,7 @@ def _stdlib_corpus(data: DataConfig, cache_root: Path) -> Corpus:
         "source": "stdlib",
         "python": sys.version,
         "stdlib": str(Path(sysconfig.get_paths()["stdlib"]).resolve()),
-        "layout": 1,
+        "layout": STDLIB_LAYOUT_VERSION,
     }
     return Corpus(data.source, fingerprint, documents)
 
@@ -135,11 +136,11 @@ def _text_corpus(spec: str, arg: str, val_fraction: float) -> Corpus:
             # ~64 KB chunks, smaller for small files so that there are enough to split.
             chunks = line_chunks(text, min(CHUNK_BYTES, max(1024, len(text) // 16)))
             mask = validation_mask([f"chunk{i}" for i in range(len(chunks))], val_fraction)
-            yield from (c for c, v in zip(chunks, mask) if v == want_val)
+            yield from (c for c, v in zip(chunks, mask, strict=False) if v == want_val)
             return
         names = [f.relative_to(root).as_posix() if f.is_relative_to(root) else str(f) for f in text_files]
         mask = validation_mask(names, val_fraction)
-        yield from (_read_text(f) for f, v in zip(text_files, mask) if v == want_val)
+        yield from (_read_text(f) for f, v in zip(text_files, mask, strict=False) if v == want_val)
 
     return Corpus(spec, fingerprint, documents)
 
@@ -159,7 +160,7 @@ def _jsonl_corpus(spec: str, arg: str, val_fraction: float, field: str) -> Corpu
         with open(path, encoding="utf-8", errors="replace") as f:
             line_numbers = [i for i, line in enumerate(f) if line.strip()]
         mask = validation_mask([f"line{i}" for i in line_numbers], val_fraction)
-        selected = {i for i, v in zip(line_numbers, mask) if v == (split == "validation")}
+        selected = {i for i, v in zip(line_numbers, mask, strict=False) if v == (split == "validation")}
         with open(path, encoding="utf-8", errors="replace") as f:
             for i, line in enumerate(f):
                 if i in selected:
@@ -224,7 +225,9 @@ def _tfds_corpus(spec: str, name: str, data: DataConfig) -> Corpus:
 def _tfds_text(record: Any, name: str, field: str) -> str:
     if not isinstance(record, dict) or field not in record:
         fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-        raise UserError(f"TFDS dataset '{name}' has no field '{field}' (it has: {fields}); set data.text_field")
+        raise UserError(
+            f"TFDS dataset '{name}' has no field '{field}' (it has: {fields}); set data.text_field"
+        )
     value = record[field]
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")

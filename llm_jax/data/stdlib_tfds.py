@@ -20,11 +20,10 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from llm_jax.data.cache import content_key, file_lock, is_main_process, log
+from llm_jax.data.sources import STDLIB_LAYOUT_VERSION
 from llm_jax.data.splits import validation_mask
 
 SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-# Bump when the file selection or the split rule changes: it names the builder config.
-LAYOUT_VERSION = 1
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
 
 
@@ -73,8 +72,8 @@ class LlmJaxStdlib(tfds.core.GeneratorBasedBuilder):
         config: StdlibConfig = self.builder_config
         paths = stdlib_files(Path(config.root))
         in_val = validation_mask(paths, config.val_fraction)
-        train = [p for p, v in zip(paths, in_val) if not v]
-        val = [p for p, v in zip(paths, in_val) if v]
+        train = [p for p, v in zip(paths, in_val, strict=False) if not v]
+        val = [p for p, v in zip(paths, in_val, strict=False) if v]
         return {"train": self._generate_examples(train), "validation": self._generate_examples(val)}
 
     def _generate_examples(self, paths: list[str]):
@@ -88,7 +87,7 @@ class LlmJaxStdlib(tfds.core.GeneratorBasedBuilder):
 def prepared_builder(data_dir: Path, val_fraction: float) -> LlmJaxStdlib:
     """The stdlib builder under `data_dir`, prepared (array_record files) if it is not yet."""
     root = stdlib_dir()
-    name = f"v{LAYOUT_VERSION}-val{val_fraction:g}-{content_key({'root': str(root)})[:8]}"
+    name = f"v{STDLIB_LAYOUT_VERSION}-val{val_fraction:g}-{content_key({'root': str(root)})[:8]}"
     config = StdlibConfig(name=name, root=str(root), val_fraction=val_fraction)
     with _quiet_absl():
         builder = LlmJaxStdlib(data_dir=str(data_dir), config=config, file_format="array_record")

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from llm_jax.data.cache import file_sha256
+from llm_jax.data.cache import file_sha256, write_bytes_atomic
 from llm_jax.errors import UserError
 
 
@@ -169,8 +169,6 @@ def train_sentencepiece(docs: Iterable[str], vocab_size: int, out_path: Path) ->
     Normalisation is off and whitespace is kept verbatim so decode(encode(x)) == x for source
     code (the defaults collapse runs of spaces, destroying indentation)."""
     import sentencepiece
-
-    from llm_jax.data.cache import write_bytes_atomic
 
     if vocab_size < 512:
         raise UserError(

@@ -11,7 +11,8 @@ from llm_jax.checkpoint import Checkpointer
 from llm_jax.config import Config
 from llm_jax.metrics import MetricsWriter, peak_flops_total
 from llm_jax.models.registry import model_vocab_size
-from llm_jax.run_dir import prepare_run_dir, trim_metrics
+from llm_jax.parallel.mesh import make_mesh
+from llm_jax.run_dir import check_run_dir, trim_metrics, write_run_config
 from llm_jax.train.setup import TrainSetup, build_setup
 from llm_jax.train.state import init_state
 
@@ -29,10 +30,12 @@ def train(cfg: Config) -> dict:
     """Train (or resume) the run in `cfg.run.dir`; returns the final metrics."""
     from llm_jax import data as data_lib  # heavy imports (grain, tfds) only when training
 
-    run_dir, existed = prepare_run_dir(cfg)
+    run_dir, existed = check_run_dir(cfg)
+    mesh = make_mesh(cfg)  # validates mesh and batch against the devices before any slow work
     bundle = data_lib.build_data(cfg, run_dir)
     vocab = model_vocab_size(cfg, bundle.tokenizer.vocab_size)
-    setup = build_setup(cfg, vocab)
+    setup = build_setup(cfg, vocab, mesh)
+    write_run_config(cfg, run_dir)
     ckpt = Checkpointer(run_dir, cfg)
     start = ckpt.latest_step() if existed else None
     writer = MetricsWriter(run_dir, cfg, start or 0, cfg.train.steps)

@@ -39,8 +39,8 @@ class TrainSetup:
         return jax.make_array_from_process_local_data(batch_sharding(self.mesh), local_batch)
 
 
-def build_setup(cfg: Config, vocab_size: int, devices: list | None = None) -> TrainSetup:
-    mesh = make_mesh(cfg, devices)
+def build_setup(cfg: Config, vocab_size: int, mesh: Mesh | None = None) -> TrainSetup:
+    mesh = mesh if mesh is not None else make_mesh(cfg)
     mdef = model_def(cfg, vocab_size)
     tx = make_optimizer(cfg)
     schedule = make_schedule(cfg)

@@ -1,0 +1,28 @@
+# The two commands: `make train` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: train test bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## Train the default GPT (configs/gpt_small.yaml) on the stdlib corpus and print a sample.
+train: $(STAMP)
+	$(VENV)/bin/llm-jax train gpt_small $(ARGS)
+
+## Run the whole test suite on CPU (8 forced host devices).
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest tests $(ARGS)
+
+## Throughput of the benchmark GPT on this machine.
+bench: $(STAMP)
+	$(VENV)/bin/llm-jax bench gpt_bench $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

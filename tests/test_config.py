@@ -1,0 +1,73 @@
+"""Config parsing, overrides, validation messages and run-identity checks."""
+
+import pytest
+
+from llm_jax.config import Config, all_keys, check_compatible, key_docs, load_config
+from llm_jax.errors import UserError
+
+
+def test_preset_and_overrides():
+    cfg = load_config("gpt_tiny", ["train.steps=7", "optim.lr=1e-3", "model.position=rope", "data.source=text:x"])
+    assert cfg.train.steps == 7
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.model.position == "rope"
+    assert cfg.model.d_model == 64  # from the preset
+    assert cfg.data.source == "text:x"
+
+
+def test_yaml_path(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  d_model: 96\n  num_heads: 3\n")
+    cfg = load_config(str(path))
+    assert cfg.model.d_model == 96 and cfg.model.head_dim == 32
+
+
+def test_derived_values():
+    cfg = load_config(None, ["model.d_model=128", "model.num_heads=4", "model.mlp=swiglu"])
+    assert cfg.model.head_dim == 32
+    assert cfg.model.kv_heads == 4
+    assert cfg.model.ff_dim % 64 == 0 and cfg.model.ff_dim >= 8 * 128 // 3
+    assert cfg.max_seq_len == cfg.train.seq_len
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stpes=5", "did you mean 'train.steps'"),
+    ("modle.d_model=5", "did you mean 'model.d_model'"),
+    ("train.steps=abc", "train.steps"),
+    ("model.num_heads=5", "does not divide model.d_model"),
+    ("model.num_kv_heads=3", "model.num_kv_heads=3 does not divide"),
+    ("model.position=alibi", "model.position"),
+    ("train.grad_accum=3", "not divisible by train.grad_accum"),
+    ("optim.lr=-1", "optim.lr"),
+    ("train.steps", "KEY=VALUE"),
+])
+def test_bad_values_name_the_problem(override, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("gpt_tiny", [override])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  batch_sise: 4\n")
+    with pytest.raises(UserError, match="did you mean 'train.batch_size'"):
+        load_config(str(path))
+
+
+def test_unknown_preset_suggests():
+    with pytest.raises(UserError, match="did you mean 'gpt_tiny'"):
+        load_config("gpt_tiyn")
+
+
+def test_every_key_documented():
+    docs = key_docs()
+    assert [k for k, _, _ in docs] == all_keys()
+    undocumented = [k for k, _, d in docs if not d]
+    assert undocumented == []
+
+
+def test_identity_allows_more_steps_refuses_new_model():
+    a = load_config("gpt_tiny")
+    check_compatible(a, load_config("gpt_tiny", ["train.steps=99", "mesh.data=2"]), "runs/x")
+    with pytest.raises(UserError, match="model.d_model"):
+        check_compatible(a, load_config("gpt_tiny", ["model.d_model=128"]), "runs/x")
+    assert isinstance(Config(), Config)

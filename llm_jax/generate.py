@@ -31,16 +31,6 @@ BOUNDED_POSITIONS = ("learned", "sinusoidal")
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """The compile-time half of the sampling settings (temperature and top_p values are traced)."""
-
-    greedy: bool
-    top_k: int  # 0: off
-    use_top_p: bool
-    vocab_limit: int | None  # ids >= this (the model's vocabulary padding) are never sampled
-
-
-@dataclass(frozen=True)
 class CacheSpec:
     layers: int
     kv_heads: int
@@ -48,34 +38,40 @@ class CacheSpec:
     dtype: str
 
 
-def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
-                  sampling: Sampling) -> jax.Array:
-    """Next-token ids [B] (int32): argmax, or a draw after temperature, top-k and top-p filtering."""
+def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                  top_p: jax.Array, vocab_limit: int | None) -> jax.Array:
+    """Next-token ids [B] (int32): argmax when temperature is 0, else a draw after temperature,
+    top-k (0: off) and top-p (1: off) filtering, in that order (as Hugging Face does).
+
+    Every setting is a traced value, so changing them never recompiles; the one sort per step
+    costs little next to a forward pass. Ties at the top-k / top-p cut-off value are all kept.
+    """
     logits_BV = logits_BV.astype(jnp.float32)
     V = logits_BV.shape[-1]
-    if sampling.vocab_limit is not None and sampling.vocab_limit < V:
-        logits_BV = jnp.where(jnp.arange(V) < sampling.vocab_limit, logits_BV, -jnp.inf)
-    if sampling.greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logits_BV = logits_BV / temperature
-    if sampling.top_k > 0:
-        kth_B1 = jax.lax.top_k(logits_BV, min(sampling.top_k, V))[0][:, -1:]
-        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-    if sampling.use_top_p:
-        # Nucleus: keep the smallest set of most likely tokens whose mass reaches top_p; a token
-        # is kept when the mass strictly before it is < top_p, so the most likely always is.
-        sorted_BV = jnp.flip(jnp.sort(logits_BV, axis=-1), axis=-1)
-        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-        cutoff_B1 = jnp.where(before_BV < top_p, sorted_BV, jnp.inf).min(axis=-1, keepdims=True)
-        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
-    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+    if vocab_limit is not None and vocab_limit < V:
+        logits_BV = jnp.where(jnp.arange(V) < vocab_limit, logits_BV, -jnp.inf)
+    greedy_B = jnp.argmax(logits_BV, axis=-1)
+
+    scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
+    sorted_BV = jnp.flip(jnp.sort(scaled_BV, axis=-1), axis=-1)  # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    in_k_V = jnp.arange(V) < k
+    # Nucleus over the top-k survivors: keep a token when the mass strictly before it is below
+    # top_p, so the most likely token always stays; top_p >= 1 keeps all (no rounding losses).
+    probs_BV = jax.nn.softmax(jnp.where(in_k_V, sorted_BV, -jnp.inf), axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    keep_BV = in_k_V & ((before_BV < top_p) | (top_p >= 1.0))
+    cutoff_B1 = jnp.where(keep_BV, sorted_BV, jnp.inf).min(axis=-1, keepdims=True)
+    filtered_BV = jnp.where(scaled_BV < cutoff_B1, -jnp.inf, scaled_BV)
+    sampled_B = jax.random.categorical(key, filtered_BV, axis=-1)
+    return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "cache_spec"))
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "vocab_limit", "cache_spec"))
 def _generate_jit(graphdef: Any, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array,
-                  key: jax.Array, temperature: jax.Array, top_p: jax.Array, eos_id: jax.Array, *,
-                  max_new_tokens: int, sampling: Sampling, cache_spec: CacheSpec) -> jax.Array:
+                  key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                  eos_id: jax.Array, *, max_new_tokens: int, vocab_limit: int | None,
+                  cache_spec: CacheSpec) -> jax.Array:
     """New tokens [B, N] for left-padded prompts; slots after a row's EOS hold EOS (or 0)."""
     model = nnx.merge(graphdef, params)
     B, P = tokens_BP.shape
@@ -92,7 +88,9 @@ def _generate_jit(graphdef: Any, params: Any, tokens_BP: jax.Array, lengths_B: j
     mask_BPS = real_BS[:, None, :] & (slot_S[None, None, :] <= step_P[None, :, None])
     logits_BPV, cache = model(tokens_BP, positions_BT=positions_BP, mask_BTS=mask_BPS,
                               cache=cache, cache_index=jnp.int32(0))
-    first_B = sample_logits(logits_BPV[:, -1], jax.random.fold_in(key, 0), temperature, top_p, sampling)
+    sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                     vocab_limit=vocab_limit)
+    first_B = sample(logits_BPV[:, -1], jax.random.fold_in(key, 0))
 
     stop = eos_id >= 0  # eos_id < 0: no EOS, always run all N steps
     fill = jnp.where(stop, eos_id, 0).astype(jnp.int32)
@@ -108,11 +106,11 @@ def _generate_jit(graphdef: Any, params: Any, tokens_BP: jax.Array, lengths_B: j
         # Feed token i-1 into slot P+i-1 at its row's own position; it sees its real prefix.
         slot = P + i - 1
         tok_B1 = jax.lax.dynamic_slice_in_dim(out_BN, i - 1, 1, axis=1)
-        positions_B1 = (lengths_B + i - 1)[:, None]
+        positions_B1 = (lengths_B + i)[:, None]
         mask_B1S = (real_BS & (slot_S[None, :] <= slot))[:, None, :]
         logits_B1V, cache = model(tok_B1, positions_BT=positions_B1, mask_BTS=mask_B1S,
                                   cache=cache, cache_index=slot)
-        next_B = sample_logits(logits_B1V[:, 0], jax.random.fold_in(key, i), temperature, top_p, sampling)
+        next_B = sample(logits_B1V[:, 0], jax.random.fold_in(key, i))
         next_B = jnp.where(done_B, fill, next_B)
         out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, next_B[:, None], i, axis=1)
         return i + 1, cache, out_BN, done_B | (stop & (next_B == eos_id))
@@ -194,10 +192,9 @@ def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Seq
     dtype = getattr(model, "compute_dtype", None) or compute_dtype(cfg)
     out_BN = _generate_jit(
         graphdef, params, tokens_BP, lengths_B, jax.random.key(seed),
-        np.float32(max(temperature, 1e-6)), np.float32(top_p),
+        np.float32(temperature), np.int32(min(top_k, vocab)), np.float32(top_p),
         np.int32(-1 if eos_id is None else eos_id),
-        max_new_tokens=max_new_tokens,
-        sampling=Sampling(temperature == 0, top_k, top_p < 1.0, vocab_limit),
+        max_new_tokens=max_new_tokens, vocab_limit=vocab_limit,
         cache_spec=CacheSpec(m.num_layers, m.kv_heads, m.head_dim, str(dtype)),
     )
     return [_cut_at_eos(row, eos_id) for row in np.asarray(out_BN).tolist()]

@@ -1,6 +1,6 @@
 """Shared building blocks: dense, embedding, norms, MLP, positions, dropout.
 
-Parameters are float32 and carry logical axis names (`sharding_names`); compute happens in the
+Parameters are float32 and carry logical axis names (`out_sharding` metadata); compute happens in the
 dtype passed at call time, with float32 statistics in the norms.
 """
 
@@ -21,7 +21,7 @@ Axes = Sequence[str | None]
 
 
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Axes) -> nnx.Param:
-    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), sharding_names=tuple(names))
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), out_sharding=tuple(names))
 
 
 class Dense(nnx.Module):

@@ -38,6 +38,8 @@ def train(cfg: Config) -> dict:
     write_run_config(cfg, run_dir)
     ckpt = Checkpointer(run_dir, cfg)
     start = ckpt.latest_step() if existed else None
+    if existed:
+        trim_metrics(run_dir, start or 0)  # before the writer opens the file for appending
     writer = MetricsWriter(run_dir, cfg, start or 0, cfg.train.steps)
     for warning in setup.warnings:
         writer.log(f"warning: {warning}")
@@ -46,7 +48,6 @@ def train(cfg: Config) -> dict:
 
     if start is not None:
         state, data_state = ckpt.restore(start, setup.abstract_state())
-        trim_metrics(run_dir, start)
         writer.log(f"resumed from checkpoint at step {start} (data position {data_state.get('next_step')})")
         start = int(data_state.get("next_step", start))
     else:

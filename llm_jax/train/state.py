@@ -41,9 +41,9 @@ class ModelDef:
 def model_def(cfg: Config, vocab_size: int) -> ModelDef:
     abstract = nnx.eval_shape(lambda: build_model(cfg, vocab_size, nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    shapes = state.to_pure_dict()
-    logical = jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,
-                           is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+    shapes = nnx.to_pure_dict(state)
+    logical = nnx.to_pure_dict(jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,
+                                            is_leaf=lambda x: isinstance(x, nnx.Variable)))
     return ModelDef(graphdef, shapes, logical)
 
 
@@ -69,7 +69,7 @@ def unsharded_large_params(mdef: ModelDef, mesh: Mesh) -> list[str]:
 
 def init_params(cfg: Config, mdef: ModelDef, mesh: Mesh, vocab_size: int) -> dict:
     def create() -> dict:
-        return nnx.state(build_model(cfg, vocab_size, nnx.Rngs(cfg.seed))).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(build_model(cfg, vocab_size, nnx.Rngs(cfg.seed))))
 
     return jax.jit(create, out_shardings=param_shardings(mdef, mesh))()
 

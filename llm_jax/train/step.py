@@ -67,7 +67,7 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
                                                     (micro, jnp.arange(accum)))
                 grads = jax.tree.map(lambda g: g / accum, grads)
             loss = loss_sum / (batch_BT1.shape[0] * (batch_BT1.shape[1] - 1))
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             params = optax.apply_updates(params, updates)
             metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}

@@ -1,0 +1,145 @@
+"""End-to-end: the real CLI trains, shards with the same losses, resumes exactly, samples."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llm_jax.cli import main
+
+TINY = ["train.log_every=1", "train.sample_tokens=0", "train.eval_every=0", "data.max_bytes=300000"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def cli_subprocess(args: list[str], devices: int = 8, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen([sys.executable, "-m", "llm_jax.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_entry_trains_and_generates(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "gpt_tiny", f"run.dir={run}", "train.steps=30", "train.log_every=5",
+                 "train.sample_tokens=16", "train.sample_prompt=def "]) == 0
+    out = capsys.readouterr().out
+    assert "bits per byte" in out and "--- sample" in out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"):
+        assert key in train_records[-1]
+    assert train_records[-1]["loss"] < train_records[0]["loss"] - 0.5  # it learns
+    evals = [r for r in records if "eval_loss" in r]
+    assert evals and evals[-1]["step"] == 30 and evals[-1]["eval_loss"] < 4.5
+    assert list((run / "tb").iterdir()), "TensorBoard events written"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["20", "30"]
+
+    assert main(["generate", str(run), "--prompt", "import ", "--prompt", "class",
+                 "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    lines = capsys.readouterr().out
+    assert lines.startswith("import ") and "class" in lines
+
+
+def test_same_losses_on_every_mesh(tmp_path):
+    steps = ["train.steps=6", "train.batch_size=8", "checkpoint.every=0"]
+    single = cli_subprocess(["train", "gpt_tiny", f"run.dir={tmp_path / 'one'}", "mesh.data=1", *TINY, *steps],
+                            devices=1)
+    assert main(["train", "gpt_tiny", f"run.dir={tmp_path / 'dp'}", "mesh.data=8", *TINY, *steps]) == 0
+    assert main(["train", "gpt_tiny", f"run.dir={tmp_path / 'mixed'}", "mesh.data=2", "mesh.fsdp=2",
+                 "mesh.tensor=2", *TINY, *steps]) == 0
+    _, err = single.communicate(timeout=300)
+    assert single.returncode == 0, err
+    ref = losses(tmp_path / "one")
+    assert sorted(ref) == list(range(1, 7))
+    for name in ("dp", "mixed"):
+        got = losses(tmp_path / name)
+        np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=1e-4)
+
+
+def test_sigkill_then_same_command_resumes_exactly(tmp_path):
+    args = ["train", "gpt_tiny", "train.steps=150", "checkpoint.every=10", "checkpoint.keep=3", *TINY]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    assert main([*args[:2], f"run.dir={ref_dir}", *args[2:]]) == 0
+
+    proc = cli_subprocess([*args[:2], f"run.dir={run_dir}", *args[2:]])
+    first = run_dir / "checkpoints" / "10"
+    deadline = time.time() + 240
+    while not first.is_dir() and time.time() < deadline:  # Orbax renames the step dir when complete
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = max(losses(run_dir))
+    assert done < 150
+
+    resumed = cli_subprocess([*args[:2], f"run.dir={run_dir}", *args[2:]])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resumed from checkpoint" in err
+    ref, got = losses(ref_dir), losses(run_dir)
+    assert sorted(got) == sorted(ref)
+    assert got[150] == ref[150]  # exact, not approximately equal
+    assert all(got[s] == ref[s] for s in ref)
+
+
+def test_checkpoint_resumes_on_another_mesh(tmp_path):
+    base = ["train", "gpt_tiny", *TINY, "checkpoint.every=5"]
+    assert main([*base, f"run.dir={tmp_path / 'ref'}", "train.steps=10", "mesh.data=8"]) == 0
+    run = tmp_path / "moved"
+    assert main([*base, f"run.dir={run}", "train.steps=5", "mesh.data=8"]) == 0
+    # Same run directory, longer run, a different mesh: restored onto data=2, fsdp=2, tensor=2.
+    assert main([*base, f"run.dir={run}", "train.steps=10", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]) == 0
+    ref, got = losses(tmp_path / "ref"), losses(run)
+    assert sorted(got) == list(range(1, 11))
+    np.testing.assert_allclose([got[s] for s in range(6, 11)], [ref[s] for s in range(6, 11)], rtol=1e-4)
+
+
+def _error_of(args, capsys) -> str:
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stpes=5", "unknown config key 'train.stpes'; did you mean 'train.steps'?"),
+    ("data.source=text:/no/such/file.txt", "/no/such/file.txt"),
+    ("mesh.data=3", "mesh data=3"),
+    ("train.batch_size=12", "not divisible by the data-parallel size 8"),
+    ("model.num_heads=3", "model.num_heads=3 does not divide model.d_model=64"),
+    ("train.steps=ten", "train.steps"),
+    ("optim.lr=fast", "optim.lr"),
+])
+def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, override, message):
+    err = _error_of(["train", "gpt_tiny", f"run.dir={tmp_path / 'r'}", override], capsys)
+    assert message in err
+    assert not (tmp_path / "r" / "config.yaml").exists()  # nothing recorded for a refused run
+
+
+def test_run_directories_are_never_clobbered(tmp_path, capsys):
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "thesis.txt").write_text("precious")
+    assert "not an llm-jax run directory" in _error_of(["train", "gpt_tiny", f"run.dir={foreign}"], capsys)
+    assert (foreign / "thesis.txt").read_text() == "precious"
+
+    run = tmp_path / "run"
+    assert main(["train", "gpt_tiny", f"run.dir={run}", "train.steps=2", *TINY]) == 0
+    capsys.readouterr()
+    err = _error_of(["train", "gpt_tiny", f"run.dir={run}", "model.d_model=128", *TINY], capsys)
+    assert "different config" in err and "model.d_model" in err
+    assert len(losses(run)) == 2
+
+    assert "missing" in _error_of(["generate", str(tmp_path / "missing"), "--prompt", "x"], capsys)

@@ -81,14 +81,16 @@ class Model:
         if tokens_BT.ndim == 1:
             tokens_BT = tokens_BT[None, :]
         if tokens_BT.ndim != 2 or tokens_BT.shape[1] == 0:
-            raise UserError(f"input_ids must be token ids of shape [B, T] or [T], got shape {tokens_BT.shape}")
+            raise UserError(f"input_ids must be token ids of shape [B, T] or [T], "
+                            f"got shape {tokens_BT.shape}")
         if not np.issubdtype(tokens_BT.dtype, np.integer):
             raise UserError(f"input_ids must be integer token ids, got dtype {tokens_BT.dtype}")
         if tokens_BT.min() < 0 or tokens_BT.max() >= self.vocab_size:
             raise UserError(f"input_ids must lie in [0, {self.vocab_size})")
         T = tokens_BT.shape[1]
         if self._cfg.model.position in BOUNDED_POSITIONS and T > self._cfg.max_seq_len:
-            raise UserError(f"input of {T} tokens is longer than the model's max_seq_len={self._cfg.max_seq_len}")
+            raise UserError(f"input of {T} tokens is longer than the model's "
+                            f"max_seq_len={self._cfg.max_seq_len}")
         return np.asarray(_forward(self._mdef.graphdef, self._params, tokens_BT.astype(np.int32)))
 
     def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 128, *,
@@ -116,8 +118,9 @@ class Model:
             prompts = prompts.tolist()
         if isinstance(prompts, str):
             single, rows = True, [prompts]
-        elif isinstance(prompts, Sequence) and prompts and all(isinstance(p, (int, np.integer)) for p in prompts):
-            single, rows = True, [list(prompts)]
+        elif isinstance(prompts, Sequence) and prompts and all(isinstance(p, (int, np.integer))
+                                                               for p in prompts):
+            single, rows = True, [list(prompts)]  # one prompt of token ids
         elif isinstance(prompts, Sequence):
             single, rows = False, [p.tolist() if isinstance(p, np.ndarray) else p for p in prompts]
         else:
@@ -175,4 +178,5 @@ def load(path: str | Path, *, step: int | None = None) -> Model:
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             mdef.shapes, shardings)
     params = ckpt.restore_params(step, abstract)
+    ckpt.close()
     return Model(cfg, mdef, params, tokenizer, step=step, run_dir=run_dir)

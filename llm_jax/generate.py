@@ -106,7 +106,7 @@ def _generate_jit(graphdef: Any, params: Any, tokens_BP: jax.Array, lengths_B: j
         # Feed token i-1 into slot P+i-1 at its row's own position; it sees its real prefix.
         slot = P + i - 1
         tok_B1 = jax.lax.dynamic_slice_in_dim(out_BN, i - 1, 1, axis=1)
-        positions_B1 = (lengths_B + i)[:, None]
+        positions_B1 = (lengths_B + i - 1)[:, None]
         mask_B1S = (real_BS & (slot_S[None, :] <= slot))[:, None, :]
         logits_B1V, cache = model(tok_B1, positions_BT=positions_B1, mask_BTS=mask_B1S,
                                   cache=cache, cache_index=slot)
@@ -125,7 +125,7 @@ def split_model(model: nnx.Module | tuple[ModelDef, Any]) -> tuple[Any, Any]:
         mdef, params = model
         return mdef.graphdef, params
     graphdef, state = nnx.split(model)
-    return graphdef, state.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(state)
 
 
 def _check_args(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:

@@ -78,11 +78,10 @@ def test_kv_cache_greedy_equals_recompute(overrides: tuple[str, ...]) -> None:
     assert got == want
 
 
-def test_live_module_and_single_row_match_batch(learned) -> None:
+def test_live_module_equals_model_def(learned) -> None:
     cfg, mdef, params = learned
-    batch = generate((mdef, params), cfg, PROMPTS, max_new_tokens=8, temperature=0.0)
-    alone = generate(mdef.merge(params), cfg, [PROMPTS[1]], max_new_tokens=8, temperature=0.0)
-    assert alone == [batch[1]]
+    via_def = generate((mdef, params), cfg, PROMPTS, max_new_tokens=8, temperature=0.0)
+    assert generate(mdef.merge(params), cfg, PROMPTS, max_new_tokens=8, temperature=0.0) == via_def
 
 
 def test_sampling_seeds_and_filters(learned) -> None:
@@ -139,13 +138,14 @@ def test_handle_logits_and_generate(learned) -> None:
 
     text = handle.generate("hello", max_new_tokens=8, temperature=0.0)
     assert isinstance(text, str)
-    texts = handle.generate(["hello", "a"], max_new_tokens=8, temperature=0.0)
-    assert isinstance(texts, list) and texts[0] == text
+    # (one row throughout: batches of mixed lengths are covered above; a new shape recompiles)
+    assert handle.generate(["hello"], max_new_tokens=8, temperature=0.0) == [text]
     ids = handle.generate(list(b"hello"), max_new_tokens=8, temperature=0.0)
     assert ByteTokenizer().decode(ids) == text
     # Padding rows of the vocabulary (257..383) are never sampled, and EOS (256) ends a row.
-    sampled = handle.generate([[1, 2], [3]], max_new_tokens=8, temperature=3.0, seed=7)
-    assert all(0 <= t < 256 for row in sampled for t in row)
+    for seed in range(4):
+        sampled = handle.generate([1, 2], max_new_tokens=8, temperature=3.0, seed=seed)
+        assert all(0 <= t < 256 for t in sampled)
 
 
 def test_load_errors(tmp_path: Path) -> None:

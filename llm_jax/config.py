@@ -76,7 +76,7 @@ class ModelConfig(_Section):
     """Compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU. Parameters stay float32."""
     attention: Literal["auto", "xla", "cudnn", "blockwise"] = "auto"
     """Attention kernel: auto (cudnn on GPU, blockwise causal on CPU, xla elsewhere), or force one."""
-    attention_block: int = pydantic.Field(64, ge=8)
+    attention_block: int = pydantic.Field(128, ge=8)
     """Query/key block length of the blockwise causal attention (CPU path)."""
 
     @model_validator(mode="after")
@@ -199,7 +199,7 @@ class DataConfig(_Section):
     text_field: str = "text"
     """Field holding the text in JSONL records and TFDS examples."""
     val_fraction: float = pydantic.Field(0.05, gt=0, lt=1)
-    """Held-out fraction of documents (by hash of their name/index: stable as corpora grow)."""
+    """Held-out fraction: a single text file's tail (nanoGPT-style, cut at a line start); else documents by name hash."""
     max_bytes: int = pydantic.Field(0, ge=0)
     """Use at most this many bytes of text per split (0: all); keeps first runs quick."""
     cache_dir: str = ""

@@ -14,7 +14,7 @@ from llm_jax.config import Config, validate
 from llm_jax.data import (BatchIterator, DataBundle, build_data, eval_batches, load_tokenizer,
                           train_dataset)
 from llm_jax.data import build as build_module
-from llm_jax.data.splits import cap_bytes, validation_mask
+from llm_jax.data.splits import cap_bytes, cap_prefix, line_chunks, tail_split, validation_mask
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.errors import UserError
 
@@ -275,16 +275,49 @@ def test_text_directory_splits_whole_files(tmp_path: Path, text_dir: Path) -> No
     assert bundle.val_bytes_per_token == pytest.approx(val_bytes / (val_bytes + len(val)))
 
 
-def test_text_glob_and_single_file(tmp_path: Path, text_dir: Path) -> None:
+def test_text_glob_splits_whole_files(tmp_path: Path, text_dir: Path) -> None:
     globbed = build_data(make_config(tmp_path, source=f"text:{text_dir}/sub/*.txt"), tmp_path / "r1")
-    docs = _decoded(globbed, globbed.train_tokens) + _decoded(globbed, globbed.val_tokens)
-    assert len(docs) == 20
+    train, val = _decoded(globbed, globbed.train_tokens), _decoded(globbed, globbed.val_tokens)
+    originals = {p.read_text(encoding="utf-8") for p in (text_dir / "sub").glob("*.txt")}
+    assert len(train) + len(val) == 20 and set(train) | set(val) == originals
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "sentencepiece"])
+def test_single_file_validation_is_its_tail(tmp_path: Path, tokenizer: str) -> None:
     single = tmp_path / "one.txt"
-    single.write_text(random_text(99, 4000), encoding="utf-8")
-    bundle = build_data(make_config(tmp_path, source=f"text:{single}"), tmp_path / "r2")
+    # ~200 KB: several line chunks per split, so the joining of chunks is exercised.
+    text = random_text(99, 4000)
+    single.write_text(text, encoding="utf-8")
+    cfg = make_config(tmp_path, source=f"text:{single}", val_fraction=0.1, tokenizer=tokenizer,
+                      sp_vocab_size=600)
+    bundle = build_data(cfg, tmp_path / "run")
+    eos = bundle.tokenizer.eos_id
+    for tokens in (bundle.train_tokens, bundle.val_tokens):  # one stream each: one EOS, at the end
+        ids = np.asarray(tokens)
+        assert ids[-1] == eos and int((ids == eos).sum()) == 1
     train, val = _decoded(bundle, bundle.train_tokens), _decoded(bundle, bundle.val_tokens)
-    assert train and val  # one file is chunked so there is still a held-out split
-    assert sorted("".join(train + val)) == sorted(single.read_text(encoding="utf-8"))
+    assert len(train) == len(val) == 1
+    assert train[0] + val[0] == text
+    cut = len(train[0])
+    assert text.endswith(val[0]) and val[0] == text[cut:]
+    assert cut >= int(len(text) * 0.9) and text[cut - 1] == "\n"  # the first line start at/after 90%
+    assert "\n" not in text[int(len(text) * 0.9) : cut - 1]
+    val_bytes = len(val[0].encode("utf-8"))
+    assert bundle.val_bytes_per_token == pytest.approx(val_bytes / len(bundle.val_tokens))
+
+
+def test_single_file_max_bytes_takes_a_prefix_of_each_split(tmp_path: Path) -> None:
+    single = tmp_path / "one.txt"
+    text = random_text(7, 4000)
+    single.write_text(text, encoding="utf-8")
+    cfg = make_config(tmp_path, source=f"text:{single}", val_fraction=0.2, max_bytes=3000)
+    bundle = build_data(cfg, tmp_path / "run")
+    train, val = _decoded(bundle, bundle.train_tokens)[0], _decoded(bundle, bundle.val_tokens)[0]
+    head, tail = tail_split(text, 0.2)
+    # At most 3000 bytes, cut at a character boundary (the text has multi-byte characters).
+    assert head.startswith(train) and tail.startswith(val)
+    for part in (train, val):
+        assert 2996 < len(part.encode("utf-8")) <= 3000
 
 
 def test_jsonl_field(tmp_path: Path) -> None:
@@ -426,3 +459,11 @@ def test_split_helpers() -> None:
     assert list(cap_bytes(docs, 10)) == ["aaaa", "cc", "dddd"]
     assert list(cap_bytes(["éééé"], 3)) == ["é"]  # cut at a character boundary
     assert list(cap_bytes(docs, 0)) == docs
+    assert list(cap_prefix(docs, 10)) == ["aaaa", "bbbbbb"]  # pieces of one text: never skipped
+    assert list(cap_prefix(["ab", "éé"], 3)) == ["ab", ""] and list(cap_prefix(docs, 0)) == docs
+    text = "line one\nline two\nthree\n"
+    assert tail_split(text, 0.5) == ("line one\nline two\n", "three\n")  # cut at the next line start
+    assert tail_split(text, 0.625) == ("line one\n", "line two\nthree\n")  # exactly one
+    assert tail_split("no line breaks at all", 0.25) == ("no line breaks ", "at all")
+    assert tail_split("abc\n", 0.1) == ("abc", "\n")  # never an empty validation split
+    assert "".join(line_chunks(text * 1000, 100)) == text * 1000

@@ -3,12 +3,16 @@
 Tokenised splits are cached as `.npy` (uint16 when the vocabulary fits, else int32) plus a
 JSON with counts, keyed by everything that determines their content; a second run with the
 same data and tokenizer memory-maps them instead of tokenising again.
+
+A split's stream is its documents, each followed by EOS; for a single text file (a "joined"
+corpus) it is the split's whole text followed by one EOS.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,7 @@ from llm_jax.data.cache import (
     write_json_atomic,
 )
 from llm_jax.data.sources import Corpus, open_corpus
-from llm_jax.data.splits import cap_bytes
+from llm_jax.data.splits import cap_bytes, cap_prefix
 from llm_jax.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
@@ -50,7 +54,8 @@ _ENCODE_GROUP_CHARS = 8_000_000
 class DataBundle:
     tokenizer: Tokenizer
     train_tokens: np.ndarray
-    """1-D token stream of the training split (docs joined, EOS after each). Read-only memmap,
+    """1-D token stream of the training split (docs concatenated, EOS after each; a single text
+    file's split is one doc). Read-only memmap,
     uint16 when the vocabulary fits (windows are widened to int32 when read), else int32."""
     val_tokens: np.ndarray
     """The same for the held-out split."""
@@ -130,7 +135,7 @@ def _trained_sp_model(data: DataConfig, corpus: Corpus, root: Path) -> Path:
             log(f"training a sentencepiece BPE tokenizer (vocab {data.sp_vocab_size}) on the "
                 f"{corpus.label} train split...")
             start = time.perf_counter()
-            train_sentencepiece(cap_bytes(corpus.documents("train"), data.max_bytes),
+            train_sentencepiece(_capped_documents(corpus, "train", data.max_bytes),
                                 data.sp_vocab_size, path)
             log(f"trained the tokenizer in {time.perf_counter() - start:.1f} s")
     return path
@@ -158,24 +163,42 @@ def _split_tokens(corpus: Corpus, tokenizer: Tokenizer, split: str, data: DataCo
     return np.load(npy, mmap_mode="r"), meta
 
 
+def _capped_documents(corpus: Corpus, split: str, max_bytes: int) -> Iterator[str]:
+    """The split's documents within data.max_bytes: whole documents, or for a joined corpus the
+    first max_bytes bytes of its text (pieces of one text must not be skipped)."""
+    cap = cap_prefix if corpus.joined() else cap_bytes
+    return cap(corpus.documents(split), max_bytes)
+
+
 def _tokenise(corpus: Corpus, tokenizer: Tokenizer, split: str,
               max_bytes: int) -> tuple[np.ndarray, dict[str, Any]]:
     log(f"tokenising the {corpus.label} {split} split with the {tokenizer.name} tokenizer...")
     start = time.perf_counter()
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
+    joined = corpus.joined()
     parts: list[np.ndarray] = []
     group: list[str] = []
     group_chars = n_bytes = n_docs = 0
-    for doc in cap_bytes(corpus.documents(split), max_bytes):
+
+    def encode_group() -> None:
+        if joined:  # consecutive pieces of one text: one string, its EOS dropped (added at the end)
+            parts.append(encode_documents(tokenizer, ["".join(group)])[:-1].astype(dtype))
+        else:
+            parts.append(encode_documents(tokenizer, group).astype(dtype))
+
+    for doc in _capped_documents(corpus, split, max_bytes):
         group.append(doc)
         group_chars += len(doc)
         n_bytes += len(doc.encode("utf-8"))
         n_docs += 1
         if group_chars >= _ENCODE_GROUP_CHARS:
-            parts.append(encode_documents(tokenizer, group).astype(dtype))
+            encode_group()
             group, group_chars = [], 0
     if group:
-        parts.append(encode_documents(tokenizer, group).astype(dtype))
+        encode_group()
+    if joined and n_docs:
+        parts.append(np.array([tokenizer.eos_id], dtype))
+        n_docs = 1
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype)
     seconds = time.perf_counter() - start
     log(f"{split}: {n_docs} documents, {n_bytes / 1e6:.1f} MB -> {len(tokens) / 1e6:.2f} M tokens "

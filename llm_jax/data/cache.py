@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-# Bump when the meaning of cached token arrays changes (document order, EOS placement, ...),
-# so old caches are ignored instead of silently reused.
-CACHE_FORMAT_VERSION = 1
+# Bump when the meaning of cached token arrays changes (document order, EOS placement, split
+# rules, ...), so old caches are ignored instead of silently reused.
+# 2: a single text file is split by position (head train, tail validation), not by chunk hash.
+CACHE_FORMAT_VERSION = 2
 
 
 def cache_root(cache_dir: str) -> Path:

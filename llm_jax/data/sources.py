@@ -2,7 +2,9 @@
 
 Opening a source is cheap (paths, sizes, mtimes, versions: its fingerprint, used in cache
 keys); the documents are only read when a split is not cached yet. Each split yields its
-documents in a deterministic order.
+documents in a deterministic order. Split rules (see `splits`): a single text file is split by
+position (the tail is validation, as in nanoGPT); several files, JSONL lines and TFDS examples
+without a held-out split are split by a hash of their names.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from llm_jax.config import DataConfig
-from llm_jax.data.splits import CHUNK_BYTES, line_chunks, validation_mask
+from llm_jax.data.splits import line_chunks, tail_split, validation_mask
 from llm_jax.errors import UserError
 
 # Bump when the stdlib file selection or its split rule changes (names the TFDS builder config).
@@ -34,6 +37,10 @@ class Corpus:
     """JSON-able identity of the documents; part of every cache key built from them."""
     documents: Callable[[str], Iterator[str]]
     """split name ("train" or "validation") -> its documents, always in the same order."""
+    joined: Callable[[], bool] = field(default=lambda: False)
+    """True when each split's "documents" are consecutive pieces of one text (a single text
+    file): they are tokenised as one stream, with one end-of-document token at its end. A
+    callable because deciding may need the files read, which only tokenising does."""
 
 
 def open_corpus(data: DataConfig, cache_root: Path) -> Corpus:
@@ -125,24 +132,27 @@ def _text_corpus(spec: str, arg: str, val_fraction: float) -> Corpus:
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     fingerprint = {"source": "text", "files": stats}
 
-    def documents(split: str) -> Iterator[str]:
-        text_files = [f for f in files if _looks_like_text(f)]
-        if not text_files:
+    @cache
+    def text_files() -> tuple[Path, ...]:
+        found = tuple(f for f in files if _looks_like_text(f))
+        if not found:
             raise UserError(f"no text files (only binary ones) in data.source '{spec}'")
-        want_val = split == "validation"
-        if len(text_files) == 1:
-            # One document cannot be split by name: split its ~64 KB line chunks by index.
-            text = _read_text(text_files[0])
-            # ~64 KB chunks, smaller for small files so that there are enough to split.
-            chunks = line_chunks(text, min(CHUNK_BYTES, max(1024, len(text) // 16)))
-            mask = validation_mask([f"chunk{i}" for i in range(len(chunks))], val_fraction)
-            yield from (c for c, v in zip(chunks, mask, strict=False) if v == want_val)
-            return
-        names = [f.relative_to(root).as_posix() if f.is_relative_to(root) else str(f) for f in text_files]
-        mask = validation_mask(names, val_fraction)
-        yield from (_read_text(f) for f, v in zip(text_files, mask, strict=False) if v == want_val)
+        return found
 
-    return Corpus(spec, fingerprint, documents)
+    def documents(split: str) -> Iterator[str]:
+        want_val = split == "validation"
+        if len(text_files()) == 1:
+            # One file: its head is train, its tail validation (nanoGPT's split), each handed
+            # out in line chunks that the tokeniser joins back into one stream.
+            train, val = tail_split(_read_text(text_files()[0]), val_fraction)
+            yield from line_chunks(val if want_val else train)
+            return
+        names = [f.relative_to(root).as_posix() if f.is_relative_to(root) else str(f)
+                 for f in text_files()]
+        mask = validation_mask(names, val_fraction)
+        yield from (_read_text(f) for f, v in zip(text_files(), mask, strict=False) if v == want_val)
+
+    return Corpus(spec, fingerprint, documents, joined=lambda: len(text_files()) == 1)
 
 
 # ---------------------------------------------------------------- JSONL

@@ -1,8 +1,15 @@
 """Deterministic train/validation splits and byte caps, shared by every source.
 
-A document goes to validation when a hash of its name (path, line index, chunk index) falls
-below `val_fraction`: adding documents never moves existing ones between splits, unlike a
-split by position.
+Two rules:
+
+- Several documents (files of a directory or glob, JSONL lines, TFDS examples): a document goes
+  to validation when a hash of its name (path, line index, example index) falls below
+  `val_fraction`. Adding documents never moves existing ones between splits, unlike a split by
+  position.
+- One text file: split by position, as nanoGPT's `prepare.py` does. The first
+  (1 - val_fraction) of its characters (cut at the next line boundary) are the training split,
+  the rest is validation (`tail_split`). Each split is one continuous text; it is handed to the
+  tokenizer in line chunks (`line_chunks`) that are joined without end-of-document tokens.
 """
 
 from __future__ import annotations
@@ -35,9 +42,24 @@ def validation_mask(names: Sequence[str], val_fraction: float) -> list[bool]:
     return mask
 
 
+def tail_split(text: str, val_fraction: float) -> tuple[str, str]:
+    """(train, validation) of one text: validation is its tail, from the first line start at
+    or after character int(len(text) * (1 - val_fraction)); train + validation == text.
+
+    If no line break follows that point (a file of one long line, say), the cut is at that
+    character itself, so the validation split is not empty.
+    """
+    point = int(len(text) * (1.0 - val_fraction))
+    if point <= 0:
+        return "", text
+    newline = text.find("\n", point - 1)  # text[point - 1] == "\n": point is a line start
+    cut = newline + 1 if 0 <= newline < len(text) - 1 else point
+    return text[:cut], text[cut:]
+
+
 def line_chunks(text: str, chunk_bytes: int = CHUNK_BYTES) -> list[str]:
-    """Whole lines grouped into chunks of about `chunk_bytes` characters: one big file still gets
-    a validation split when its chunks are split by hash of their index."""
+    """Whole lines grouped into chunks of about `chunk_bytes` characters; "".join(chunks) == text.
+    Lets one big text be capped and tokenised piecewise instead of as one huge string."""
     chunks, group, size = [], [], 0
     for line in text.splitlines(keepends=True):
         group.append(line)
@@ -69,5 +91,26 @@ def cap_bytes(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
         elif used == 0:
             used = max_bytes
             yield doc.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+        if used >= max_bytes:
+            return
+
+
+def cap_prefix(pieces: Iterable[str], max_bytes: int) -> Iterator[str]:
+    """The first `max_bytes` UTF-8 bytes of the text that `pieces` join into (0: no cap), as
+    pieces, the last one cut at a character boundary: for consecutive pieces of one text, where
+    skipping a piece (as `cap_bytes` does with documents) would glue unrelated text together.
+    """
+    if max_bytes <= 0:
+        yield from pieces
+        return
+    used = 0
+    for piece in pieces:
+        raw = piece.encode("utf-8")
+        if used + len(raw) <= max_bytes:
+            used += len(raw)
+            yield piece
+        else:
+            yield raw[: max_bytes - used].decode("utf-8", errors="ignore")
+            return
         if used >= max_bytes:
             return

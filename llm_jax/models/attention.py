@@ -9,6 +9,7 @@ One module serves every causal use here (training, prefill, one-token decode). K
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -41,22 +42,74 @@ def masked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS: jax.Array) -> jax.Array:
     return out.reshape(B, T, N, H)
 
 
+def _causal_bias(rows: int, end: int) -> jax.Array:
+    """Additive mask for queries end-rows..end-1 against keys 0..end-1 (0 = visible)."""
+    visible = jnp.arange(end)[None, :] <= (end - rows + jnp.arange(rows))[:, None]
+    return jnp.where(visible, 0.0, NEG_INF).astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blockwise_bnth(q_BNTH, k_BNTH, v_BNTH, block: int) -> jax.Array:
+    return _blockwise_fwd(q_BNTH, k_BNTH, v_BNTH, block)[0]
+
+
+def _blockwise_fwd(q_BNTH, k_BNTH, v_BNTH, block):
+    T, H = q_BNTH.shape[2:]
+    qs_BNTH = q_BNTH * (1.0 / math.sqrt(H))
+    outs, probs = [], []
+    for end in range(block, T + 1, block):
+        # Query block [end-block, end) sees keys [0, end): blocks above the diagonal are skipped.
+        s_BNtS = jnp.einsum("bnth,bnsh->bnts", qs_BNTH[:, :, end - block:end], k_BNTH[:, :, :end],
+                            preferred_element_type=jnp.float32) + _causal_bias(block, end)
+        p_BNtS = jnp.exp(s_BNtS - s_BNtS.max(-1, keepdims=True))
+        p_BNtS = (p_BNtS / p_BNtS.sum(-1, keepdims=True)).astype(v_BNTH.dtype)
+        probs.append(p_BNtS)
+        outs.append(jnp.einsum("bnts,bnsh->bnth", p_BNtS, v_BNTH[:, :, :end]))
+    o_BNTH = jnp.concatenate(outs, axis=2)
+    return o_BNTH, (qs_BNTH, k_BNTH, v_BNTH, o_BNTH, probs)
+
+
+def _blockwise_bwd(block, residuals, do_BNTH):
+    # The softmax backward written out (dS = P * (dP - rowsum(dO * O))) instead of autodiff's
+    # chain through max/exp/sum/div: fewer passes over the score blocks, which dominate on CPU.
+    qs_BNTH, k_BNTH, v_BNTH, o_BNTH, probs = residuals
+    T, H = qs_BNTH.shape[2:]
+    delta_BNT1 = (do_BNTH.astype(jnp.float32) * o_BNTH.astype(jnp.float32)).sum(-1, keepdims=True)
+    dq_parts = []
+    dk_BNTH = jnp.zeros(k_BNTH.shape, jnp.float32)
+    dv_BNTH = jnp.zeros(v_BNTH.shape, jnp.float32)
+    for i, end in enumerate(range(block, T + 1, block)):
+        p_BNtS, do_BNtH = probs[i], do_BNTH[:, :, end - block:end]
+        dv_BNTH = dv_BNTH.at[:, :, :end].add(
+            jnp.einsum("bnts,bnth->bnsh", p_BNtS, do_BNtH, preferred_element_type=jnp.float32))
+        dp_BNtS = jnp.einsum("bnth,bnsh->bnts", do_BNtH, v_BNTH[:, :, :end], preferred_element_type=jnp.float32)
+        ds_BNtS = (p_BNtS * (dp_BNtS - delta_BNT1[:, :, end - block:end])).astype(k_BNTH.dtype)
+        dq_parts.append(jnp.einsum("bnts,bnsh->bnth", ds_BNtS, k_BNTH[:, :, :end],
+                                   preferred_element_type=jnp.float32) / math.sqrt(H))
+        dk_BNTH = dk_BNTH.at[:, :, :end].add(
+            jnp.einsum("bnts,bnth->bnsh", ds_BNtS, qs_BNTH[:, :, end - block:end], preferred_element_type=jnp.float32))
+    dq_BNTH = jnp.concatenate(dq_parts, axis=2)
+    return dq_BNTH.astype(qs_BNTH.dtype), dk_BNTH.astype(k_BNTH.dtype), dv_BNTH.astype(v_BNTH.dtype)
+
+
+_blockwise_bnth.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
 def blockwise_causal_attention(q_BTNH, k_BTKH, v_BTKH, block: int) -> jax.Array:
-    """Causal attention computed per query block against only the keys at or before it."""
-    B, T, N, H = q_BTNH.shape
-    K = k_BTKH.shape[2]
-    if T <= block or T % block:
-        causal = jnp.tril(jnp.ones((T, T), bool))
-        return masked_attention(q_BTNH, k_BTKH, v_BTKH, jnp.broadcast_to(causal, (B, T, T)))
-    q = q_BTNH.reshape(B, T, K, N // K, H)
-    diag = jnp.tril(jnp.ones((block, block), bool))
-    outs = []
-    for i in range(T // block):
-        end = (i + 1) * block
-        # Keys before this block are all visible; only the diagonal block needs the triangle.
-        mask = jnp.concatenate([jnp.ones((block, end - block), bool), diag], axis=1)
-        outs.append(_scores_softmax_values(q[:, i * block:end], k_BTKH[:, :end], v_BTKH[:, :end], mask))
-    return jnp.concatenate(outs, axis=1).reshape(B, T, N, H)
+    """Causal attention per query block against only the keys at or before it.
+
+    Written for XLA on CPU, where the score blocks (not the matmuls) dominate: heads-major
+    layout, diagonal-only masking, and a hand-written backward pass. Grouped KV heads are
+    repeated to the query heads (autodiff sums their gradients back).
+    """
+    T = q_BTNH.shape[1]
+    groups = q_BTNH.shape[2] // k_BTKH.shape[2]
+    if groups > 1:
+        k_BTKH, v_BTKH = jnp.repeat(k_BTKH, groups, axis=2), jnp.repeat(v_BTKH, groups, axis=2)
+    block = block if T % block == 0 else T
+    heads_major = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731 - [B,T,N,H] <-> [B,N,T,H]
+    out = _blockwise_bnth(heads_major(q_BTNH), heads_major(k_BTKH), heads_major(v_BTKH), min(block, T))
+    return heads_major(out)
 
 
 def causal_attention(q_BTNH, k_BTKH, v_BTKH, kernel: str, block: int) -> jax.Array:

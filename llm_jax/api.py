@@ -94,7 +94,7 @@ class Model:
         return np.asarray(_forward(self._mdef.graphdef, self._params, tokens_BT.astype(np.int32)))
 
     def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 128, *,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
                  seed: int = 0) -> Any:
         """Continue prompts: text in gives text out, token ids in give token ids out.
 

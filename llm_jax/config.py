@@ -71,7 +71,7 @@ class ModelConfig(_Section):
     scan_layers: bool = False
     """Run the blocks with lax.scan (compile time flat in depth) instead of an unrolled loop."""
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    """Rematerialisation policy per block: none, full (save only block inputs), dots (save matmuls)."""
+    """Rematerialisation per block: none, full (keep block inputs), dots (keep matmul outputs), dots_no_batch."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU. Parameters stay float32."""
     attention: Literal["auto", "xla", "cudnn", "blockwise"] = "auto"
@@ -131,7 +131,7 @@ class TrainConfig(_Section):
     sample_prompt: str = "\n"
     """Prompt of the end-of-training sample."""
     progress: bool = True
-    """Show a progress bar with ETA (process 0, interactive or not)."""
+    """Progress with ETA on process 0: a live bar on a terminal, a log line per logged step otherwise."""
     tensorboard: bool = True
     """Write TensorBoard event files to <run.dir>/tb."""
 
@@ -194,7 +194,7 @@ class DataConfig(_Section):
     """stdlib | text:PATH (file, directory or glob) | jsonl:PATH | tfds:NAME."""
     tokenizer: str = "byte"
     """byte | sentencepiece | hf:PATH/tokenizer.json."""
-    sp_vocab_size: int = pydantic.Field(4096, ge=64)
+    sp_vocab_size: int = pydantic.Field(4096, ge=512)
     """Vocabulary size of the sentencepiece BPE model trained on the training split."""
     text_field: str = "text"
     """Field holding the text in JSONL records and TFDS examples."""

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from llm_jax.config import Config
+from llm_jax.paths import cache_root
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -54,10 +55,6 @@ def flops_per_token(cfg: Config, n_matmul_params: int, seq_len: int | None = Non
     return 6 * n_matmul_params + attention
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LLM_JAX_CACHE", Path.home() / ".cache" / "llm_jax"))
-
-
 def measure_cpu_peak(size: int = 1024, repeats: int = 10) -> float:
     """FLOP/s of a jitted fp32 matmul on one CPU device: the practical peak of this machine."""
     a = jax.device_put(np.random.default_rng(0).standard_normal((size, size), np.float32), jax.devices("cpu")[0])
@@ -74,7 +71,7 @@ def measure_cpu_peak(size: int = 1024, repeats: int = 10) -> float:
 def cpu_peak_flops() -> float:
     """Measured once per machine, JAX version and core count, then read from the cache."""
     key = f"{platform.processor() or platform.machine()}-{os.cpu_count()}-jax{jax.__version__}"
-    path = _cache_dir() / "cpu_peak.json"
+    path = cache_root("") / "cpu_peak.json"
     try:
         cached = json.loads(path.read_text())
         if key in cached:
@@ -152,7 +149,8 @@ class MetricsWriter:
         if self.t0 is None or self.done <= self.first + 1:
             return "?"
         per_step = (time.perf_counter() - self.t0) / (self.done - self.first - 1)
-        return time.strftime("%H:%M:%S", time.gmtime(per_step * max(self.total - self.done, 0)))
+        seconds = int(per_step * max(self.total - self.done, 0))
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
     def advance(self, steps: int = 1) -> None:
         self.done += steps

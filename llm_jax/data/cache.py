@@ -19,20 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from llm_jax.paths import cache_root
+
 # Bump when the meaning of cached token arrays changes (document order, EOS placement, split
 # rules, ...), so old caches are ignored instead of silently reused.
 # 2: a single text file is split by position (head train, tail validation), not by chunk hash.
 CACHE_FORMAT_VERSION = 2
-
-
-def cache_root(cache_dir: str) -> Path:
-    """`data.cache_dir`, else $LLM_JAX_CACHE, else ~/.cache/llm_jax."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("LLM_JAX_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "llm_jax"
 
 
 def content_key(parts: dict[str, Any]) -> str:

@@ -37,11 +37,11 @@ class Dense(nnx.Module):
         self.bias = (param(rngs, nnx.initializers.zeros, out_shape, names[len(in_shape):])
                      if use_bias else None)
 
-    def __call__(self, x: jax.Array, dtype) -> jax.Array:
+    def __call__(self, x: jax.Array, dtype, out_dtype=None) -> jax.Array:
         w = self.kernel[...].astype(dtype)
         n = self.in_rank
         dims = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-        y = jax.lax.dot_general(x.astype(dtype), w, (dims, ((), ())))
+        y = jax.lax.dot_general(x.astype(dtype), w, (dims, ((), ())), preferred_element_type=out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y

@@ -108,7 +108,7 @@ class GPT(nnx.Module):
         if self.head is None:
             logits_BTV = self.embed.attend(x_BTD, dtype)
         else:
-            logits_BTV = self.head(x_BTD, dtype).astype(jnp.float32)
+            logits_BTV = self.head(x_BTD, dtype, out_dtype=jnp.float32)
         return constrain(logits_BTV, ("batch", "length", "vocab")), new_cache
 
     def _run_blocks(self, x_BTD, rope, mask_BTS, cache, cache_index, dropout_key):

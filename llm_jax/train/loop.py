@@ -9,12 +9,26 @@ import jax
 
 from llm_jax.checkpoint import Checkpointer
 from llm_jax.config import Config
+from llm_jax.errors import UserError
 from llm_jax.metrics import MetricsWriter, peak_flops_total
 from llm_jax.models.registry import model_vocab_size
 from llm_jax.parallel.mesh import make_mesh
 from llm_jax.run_dir import check_run_dir, trim_metrics, write_run_config
 from llm_jax.train.setup import TrainSetup, build_setup
 from llm_jax.train.state import init_state
+
+
+# Fields of the data position that must match for a resumed run to see the same batches
+# (the process layout may change: the global batch of a step is the same on any topology).
+ORDER_KEYS = ("seed", "seq_len", "global_batch", "n_windows")
+
+
+def check_data_order(saved: dict, current: dict) -> None:
+    diffs = [f"{k}: {saved[k]} -> {current[k]}" for k in ORDER_KEYS
+             if k in saved and k in current and saved[k] != current[k]]
+    if diffs:
+        raise UserError("the training data changed since the checkpoint (" + "; ".join(diffs) +
+                        "); resuming would not replay the same batches. Use a new run.dir")
 
 
 def evaluate(setup: TrainSetup, params: dict, batches: list[jax.Array], bytes_per_token: float) -> dict:
@@ -46,9 +60,12 @@ def train(cfg: Config) -> dict:
     writer.log(f"run {run_dir}: {setup.mdef.num_params / 1e6:.2f}M parameters, vocab {vocab}, "
                f"mesh {dict(setup.mesh.shape)}, {jax.device_count()} {jax.devices()[0].platform} devices")
 
+    dataset = data_lib.train_dataset(bundle.train_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.seed,
+                                     jax.process_index(), jax.process_count())
     if start is not None:
         state, data_state = ckpt.restore(start, setup.abstract_state())
         writer.log(f"resumed from checkpoint at step {start} (data position {data_state.get('next_step')})")
+        check_data_order(data_state, getattr(dataset, "order", {}))
         start = int(data_state.get("next_step", start))
     else:
         state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, vocab, setup.shardings)
@@ -59,8 +76,6 @@ def train(cfg: Config) -> dict:
     eval_batches = [setup.to_global(b) for b in data_lib.eval_batches(
         bundle.val_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches,
         jax.process_index(), jax.process_count())]
-    dataset = data_lib.train_dataset(bundle.train_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.seed,
-                                     jax.process_index(), jax.process_count())
     batches = data_lib.BatchIterator(dataset, start, cfg.train.steps, cfg.data.prefetch, setup.to_global)
     peak, _ = peak_flops_total()
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
@@ -80,7 +95,8 @@ def train(cfg: Config) -> dict:
                     record["tokens_per_sec"] = tps
                     record["mfu"] = tps * setup.flops_per_token / peak
                 if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"loss became {record['loss']} at step {done}")
+                    raise UserError(f"loss became {record['loss']} at step {done}; try a lower optim.lr "
+                                    "or optim.clip_norm (checkpoints before this step are kept)")
                 if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                     writer.write(record)
                 final.update(record)

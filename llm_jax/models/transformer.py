@@ -131,16 +131,24 @@ class GPT(nnx.Module):
 
             return jax.lax.scan(body, x_BTD, (stacked, cache, keys))
 
+        # Unstack with one split per array: its gradient is a single concatenate, where
+        # per-layer indexing would pad every layer's gradient to the full stacked shape.
+        layer_states = _unstack(stacked, self.num_layers)
+        layer_caches = _unstack(cache, self.num_layers) if cache is not None else [None] * self.num_layers
         new_caches = []
         for i in range(self.num_layers):
-            take = lambda a: a[i]  # noqa: E731 - slice layer i of every stacked array
-            x_BTD, c = one_layer(x_BTD, jax.tree.map(take, stacked),
-                                 jax.tree.map(take, cache) if cache is not None else None,
-                                 keys[i] if keys is not None else None)
+            x_BTD, c = one_layer(x_BTD, layer_states[i], layer_caches[i], keys[i] if keys is not None else None)
             new_caches.append(c)
         if cache is None:
             return x_BTD, None
         return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *new_caches)
+
+
+def _unstack(tree, n: int) -> list:
+    """[tree of arrays with leading axis n] -> n trees of the slices."""
+    leaves, treedef = jax.tree.flatten(tree)
+    parts = [[x[0] for x in jnp.split(leaf, n, axis=0)] for leaf in leaves]
+    return [jax.tree.unflatten(treedef, [p[i] for p in parts]) for i in range(n)]
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict:

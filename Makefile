@@ -18,7 +18,7 @@ train: $(STAMP)
 
 ## Run the whole test suite on CPU (8 forced host devices).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests $(ARGS)
+	$(VENV)/bin/python -m pytest tests -q -W ignore::DeprecationWarning $(ARGS)
 
 ## Throughput of the benchmark GPT on this machine.
 bench: $(STAMP)

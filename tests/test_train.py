@@ -143,3 +143,11 @@ def test_run_directories_are_never_clobbered(tmp_path, capsys):
     assert len(losses(run)) == 2
 
     assert "missing" in _error_of(["generate", str(tmp_path / "missing"), "--prompt", "x"], capsys)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    base = ["train", "gpt_tiny", *TINY, "train.steps=4", "train.batch_size=16", "checkpoint.every=0", "mesh.data=8"]
+    assert main([*base, f"run.dir={tmp_path / 'full'}"]) == 0
+    assert main([*base, f"run.dir={tmp_path / 'accum'}", "train.grad_accum=2"]) == 0
+    full, accum = losses(tmp_path / "full"), losses(tmp_path / "accum")
+    np.testing.assert_allclose([accum[s] for s in full], list(full.values()), rtol=1e-5)

@@ -128,7 +128,11 @@ def print_sample(cfg: Config, result: dict) -> None:
     from llm_jax.api import Model
 
     model = Model.from_params(cfg, result["params"], tokenizer=result["tokenizer"])
-    text = model.generate(cfg.train.sample_prompt, max_new_tokens=min(cfg.train.sample_tokens, cfg.max_seq_len - 1),
+    room = cfg.max_seq_len - len(result["tokenizer"].encode(cfg.train.sample_prompt))
+    if room < 1:
+        print(f"(no sample: train.sample_prompt is longer than the model's {cfg.max_seq_len} positions)")
+        return
+    text = model.generate(cfg.train.sample_prompt, max_new_tokens=min(cfg.train.sample_tokens, room),
                           temperature=0.8, top_k=0, top_p=0.95, seed=cfg.seed)
     print(f"--- sample ({cfg.train.sample_tokens} tokens, temperature 0.8) ---")
     print(cfg.train.sample_prompt + text)

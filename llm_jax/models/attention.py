@@ -102,19 +102,14 @@ def blockwise_causal_attention(q_BTNH, k_BTKH, v_BTKH, block: int) -> jax.Array:
     layout, diagonal-only masking, and a hand-written backward pass. Grouped KV heads are
     repeated to the query heads (autodiff sums their gradients back).
     """
-    heads_major = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731 - [B,T,N,H] <-> [B,N,T,H]
-    return heads_major(blockwise_causal_attention_bnth(heads_major(q_BTNH), heads_major(k_BTKH),
-                                                       heads_major(v_BTKH), block))
-
-
-def blockwise_causal_attention_bnth(q_BNTH, k_BKTH, v_BKTH, block: int) -> jax.Array:
-    """`blockwise_causal_attention` on heads-major [B, heads, T, H] arrays."""
-    T = q_BNTH.shape[2]
-    groups = q_BNTH.shape[1] // k_BKTH.shape[1]
+    T = q_BTNH.shape[1]
+    groups = q_BTNH.shape[2] // k_BTKH.shape[2]
     if groups > 1:
-        k_BKTH, v_BKTH = jnp.repeat(k_BKTH, groups, axis=1), jnp.repeat(v_BKTH, groups, axis=1)
+        k_BTKH, v_BTKH = jnp.repeat(k_BTKH, groups, axis=2), jnp.repeat(v_BTKH, groups, axis=2)
     block = block if T % block == 0 else T
-    return _blockwise_bnth(q_BNTH, k_BKTH, v_BKTH, min(block, T))
+    heads_major = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731 - [B,T,N,H] <-> [B,N,T,H]
+    out = _blockwise_bnth(heads_major(q_BTNH), heads_major(k_BTKH), heads_major(v_BTKH), min(block, T))
+    return heads_major(out)
 
 
 def causal_attention(q_BTNH, k_BTKH, v_BTKH, kernel: str, block: int) -> jax.Array:
@@ -151,8 +146,6 @@ class Attention(nnx.Module):
         """Self-attention over x; with `cache`, the new keys/values are written at `cache_index`
         and the queries attend over the whole cache under `mask_BTS` ([B, T, S_cache])."""
         dtype = x_BTD.dtype
-        if kernel == "blockwise" and cache is None and mask_BTS is None:
-            return self._heads_major_blockwise(x_BTD, rope, block), None
         q_BTNH = constrain(self.q(x_BTD, dtype), ("batch", "length", "heads", "head_dim"))
         k_BTKH = constrain(self.k(x_BTD, dtype), ("batch", "length", "kv_heads", "head_dim"))
         v_BTKH = constrain(self.v(x_BTD, dtype), ("batch", "length", "kv_heads", "head_dim"))
@@ -169,25 +162,3 @@ class Attention(nnx.Module):
         else:
             out_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, kernel, block)
         return self.o(out_BTNH, dtype), new_cache
-
-    def _heads_major_blockwise(self, x_BTD: jax.Array, rope, block: int) -> jax.Array:
-        """Training path on CPU: project straight into heads-major [B, N, T, H] and back, so no
-        separate transposes of q, k, v and the output are materialised."""
-        dtype = x_BTD.dtype
-
-        def project(dense: Dense, names) -> jax.Array:
-            y_BNTH = jnp.einsum("btd,dnh->bnth", x_BTD, dense.kernel[...].astype(dtype))
-            if dense.bias is not None:
-                y_BNTH = y_BNTH + dense.bias[...].astype(dtype)[None, :, None, :]
-            return constrain(y_BNTH, names)
-
-        q_BNTH = project(self.q, ("batch", "heads", "length", "head_dim"))
-        k_BKTH = project(self.k, ("batch", "kv_heads", "length", "head_dim"))
-        v_BKTH = project(self.v, ("batch", "kv_heads", "length", "head_dim"))
-        if rope is not None:
-            q_BNTH, k_BKTH = apply_rope(q_BNTH, rope, heads_major=True), apply_rope(k_BKTH, rope, heads_major=True)
-        out_BNTH = blockwise_causal_attention_bnth(q_BNTH, k_BKTH, v_BKTH, block)
-        y_BTD = jnp.einsum("bnth,nhd->btd", out_BNTH, self.o.kernel[...].astype(dtype))
-        if self.o.bias is not None:
-            y_BTD = y_BTD + self.o.bias[...].astype(dtype)
-        return y_BTD

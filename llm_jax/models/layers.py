@@ -122,11 +122,9 @@ def rope_angles(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[j
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x_BTNK: jax.Array, cos_sin: tuple[jax.Array, jax.Array], heads_major: bool = False) -> jax.Array:
-    """Rotate pairs (first half, second half) of each head vector (the GPT-NeoX/Llama layout).
-
-    x is [B, T, N, K], or [B, N, T, K] with `heads_major`."""
-    cos, sin = (c[:, None, :, :] if heads_major else c[:, :, None, :] for c in cos_sin)
+def apply_rope(x_BTNK: jax.Array, cos_sin: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate pairs (first half, second half) of each head vector (the GPT-NeoX/Llama layout)."""
+    cos, sin = (c[:, :, None, :] for c in cos_sin)
     x = x_BTNK.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -12,11 +12,12 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-import yaml
+
 from flax import nnx
 from jax.sharding import AxisType
 
-from llm_jax.config import Config, validate
+from llm_jax.config import Config
+from llm_jax.run_dir import read_run_config
 from llm_jax.errors import UserError
 from llm_jax.generate import BOUNDED_POSITIONS, generate
 from llm_jax.models.registry import model_vocab_size
@@ -134,19 +135,6 @@ class Model:
         raise UserError("prompts must all be strings or all be lists of token ids")
 
 
-def _read_config(run_dir: Path) -> Config:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a run directory: it has no config.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"cannot parse {path}: {exc}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping of config keys")
-    return validate(data)
-
-
 def single_device_mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((1,) * len(MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=jax.devices()[:1])
@@ -160,7 +148,7 @@ def load(path: str | Path, *, step: int | None = None) -> Model:
     run_dir = Path(path).expanduser()
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
-    cfg = _read_config(run_dir)
+    cfg = read_run_config(run_dir)
     if not checkpoint_dir(run_dir).is_dir():
         raise UserError(f"{run_dir} has no checkpoints; train it first")
     ckpt = Checkpointer(run_dir, cfg, read_only=True)

@@ -274,6 +274,11 @@ def _read_yaml(spec: str) -> dict[str, Any]:
             raise UserError(f"no config preset or YAML file named '{spec}'{extra}")
     if not path.exists():
         raise UserError(f"config file not found: {path}")
+    return read_yaml_mapping(path)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; parse problems become one-line user errors."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

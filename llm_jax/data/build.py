@@ -22,7 +22,6 @@ import numpy as np
 from llm_jax.config import Config, DataConfig
 from llm_jax.data.cache import (
     CACHE_FORMAT_VERSION,
-    cache_root,
     content_key,
     file_lock,
     log,
@@ -30,6 +29,7 @@ from llm_jax.data.cache import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from llm_jax.paths import cache_root
 from llm_jax.data.sources import Corpus, open_corpus
 from llm_jax.data.splits import cap_bytes, cap_prefix
 from llm_jax.data.tokenizer import (

@@ -19,8 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from llm_jax.paths import cache_root
-
 # Bump when the meaning of cached token arrays changes (document order, EOS placement, split
 # rules, ...), so old caches are ignored instead of silently reused.
 # 2: a single text file is split by position (head train, tail validation), not by chunk hash.

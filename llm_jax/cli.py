@@ -61,12 +61,14 @@ def _quiet_libraries() -> None:
 
 
 def _cmd_train(args) -> None:
+    import jax
+
     from llm_jax.config import load_config
     from llm_jax.train.loop import print_sample, train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
-    if "eval_loss" in result:
+    if "eval_loss" in result and jax.process_index() == 0:
         print(f"final: step {cfg.train.steps}, eval loss {result['eval_loss']:.4f}, "
               f"{result['eval_bpb']:.3f} bits per byte")
     print_sample(cfg, result)

@@ -395,10 +395,15 @@ def load_config(spec: str | None, overrides: list[str] = ()) -> Config:
     return validate(data)
 
 
+# How a run executes, not what it computes: free to change between invocations of one run.
+EXECUTION_KEYS = ("model.dtype", "model.remat", "model.scan_layers", "model.attention", "model.attention_block")
+
+
 def identity(cfg: Config) -> dict[str, Any]:
-    """The values of RUN_IDENTITY_KEYS, flattened to dotted keys."""
+    """The values of RUN_IDENTITY_KEYS (less EXECUTION_KEYS), flattened to dotted keys."""
     flat = _flatten(cfg.to_dict())
-    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in RUN_IDENTITY_KEYS)}
+    return {k: v for k, v in flat.items()
+            if any(k == p or k.startswith(p + ".") for p in RUN_IDENTITY_KEYS) and k not in EXECUTION_KEYS}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -67,7 +67,8 @@ def test_every_key_documented():
 
 def test_identity_allows_more_steps_refuses_new_model():
     a = load_config("gpt_tiny")
-    check_compatible(a, load_config("gpt_tiny", ["train.steps=99", "mesh.data=2"]), "runs/x")
+    check_compatible(a, load_config("gpt_tiny", ["train.steps=99", "mesh.data=2", "model.scan_layers=true",
+                                                 "model.remat=full", "model.dtype=bfloat16"]), "runs/x")
     with pytest.raises(UserError, match="model.d_model"):
         check_compatible(a, load_config("gpt_tiny", ["model.d_model=128"]), "runs/x")
     assert isinstance(Config(), Config)

@@ -8,8 +8,6 @@ by a kill is never listed by `latest_step()` and never restored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import jax
 import orbax.checkpoint as ocp
 
@@ -69,8 +67,3 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-
-def restored_config(run_dir: str | Path, step: int) -> dict[str, Any]:
-    mgr = ocp.CheckpointManager(checkpoint_dir(run_dir), options=ocp.CheckpointManagerOptions(read_only=True),
-                                item_names=("config",))
-    return mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

@@ -36,3 +36,12 @@ def test_decay_mask_spares_norms_biases_and_embeddings():
     assert mask["embed"]["embedding"] is False
     assert decay_mask(params, decay_embeddings=True)["embed"]["embedding"] is True
     assert np.all(np.asarray(params["embed"]["embedding"]) == 1)
+
+
+def test_clip_by_norm_scales_to_the_limit_only_when_above():
+    from llm_jax.train.optim import clip_by_norm
+
+    grads = {"a": jnp.array([3.0, 4.0])}  # global norm 5
+    np.testing.assert_allclose(clip_by_norm(grads, jnp.float32(5.0), 1.0)["a"], [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_allclose(clip_by_norm(grads, jnp.float32(5.0), 10.0)["a"], [3.0, 4.0])
+    np.testing.assert_allclose(clip_by_norm(grads, jnp.float32(5.0), 0.0)["a"], [3.0, 4.0])

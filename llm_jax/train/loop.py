@@ -117,7 +117,6 @@ def train(cfg: Config) -> dict:
         final.update(evaluate(setup, state["params"], eval_batches, bundle.val_bytes_per_token))
     final["params"] = state["params"]
     final["tokenizer"] = bundle.tokenizer
-    final["setup"] = setup
     return final
 
 
@@ -132,9 +131,10 @@ def print_sample(cfg: Config, result: dict) -> None:
     if room < 1:
         print(f"(no sample: train.sample_prompt is longer than the model's {cfg.max_seq_len} positions)")
         return
-    text = model.generate(cfg.train.sample_prompt, max_new_tokens=min(cfg.train.sample_tokens, room),
-                          temperature=0.8, top_k=0, top_p=0.95, seed=cfg.seed)
-    print(f"--- sample ({cfg.train.sample_tokens} tokens, temperature 0.8) ---")
+    tokens = min(cfg.train.sample_tokens, room)
+    text = model.generate(cfg.train.sample_prompt, max_new_tokens=tokens, temperature=0.8, top_k=0, top_p=0.95,
+                          seed=cfg.seed)
+    print(f"--- sample (up to {tokens} tokens, temperature 0.8) ---")
     print(cfg.train.sample_prompt + text)
     print("---")
 

@@ -1,8 +1,9 @@
-"""AdamW with warmup + cosine/linear/constant schedule, clipping and masked weight decay."""
+"""AdamW with warmup + cosine/linear/constant schedule and masked weight decay; global-norm clipping."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from llm_jax.config import Config
@@ -36,9 +37,16 @@ def decay_mask(params: dict, decay_embeddings: bool) -> dict:
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    """AdamW. Gradient clipping happens in the train step (`clip_by_norm`), which computes the
+    global norm once for both the clip and the logged `grad_norm`."""
     o = cfg.optim
-    adamw = optax.adamw(make_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                        mask=lambda p: decay_mask(p, o.decay_embeddings))
-    if o.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)
-    return adamw
+    return optax.adamw(make_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                       mask=lambda p: decay_mask(p, o.decay_embeddings))
+
+
+def clip_by_norm(grads, norm: jax.Array, max_norm: float):
+    """Scale `grads` (whose global norm is `norm`) down to `max_norm` if above it; 0 = off."""
+    if max_norm <= 0:
+        return grads
+    scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)

@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llm_jax.config import Config
 from llm_jax.parallel.rules import activation_mesh, logical_to_spec
+from llm_jax.train.optim import clip_by_norm
 from llm_jax.train.state import ModelDef
 
 
@@ -67,7 +68,8 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
                                                     (micro, jnp.arange(accum)))
                 grads = jax.tree.map(lambda g: g / accum, grads)
             loss = loss_sum / (batch_BT1.shape[0] * (batch_BT1.shape[1] - 1))
-            grad_norm = optax.tree.norm(grads)
+            grad_norm = optax.tree.norm(grads)  # before clipping, as logged by nanoGPT and Levanter
+            grads = clip_by_norm(grads, grad_norm, cfg.optim.clip_norm)
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             params = optax.apply_updates(params, updates)
             metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}

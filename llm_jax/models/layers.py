@@ -7,6 +7,7 @@ dtype passed at call time, with float32 statistics in the norms.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Sequence
 
 import jax
@@ -22,6 +23,32 @@ Axes = Sequence[str | None]
 
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Axes) -> nnx.Param:
     return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), out_sharding=tuple(names))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x_NI: jax.Array, w_IO: jax.Array, out_dtype=None) -> jax.Array:
+    """x @ w on 2-D operands, with a hand-written backward pass.
+
+    Autodiff of a dot with [B, T] leading dims contracts both over (B, T) for the weight
+    gradient, and XLA:CPU then writes the upstream fusion (the GELU backward, say) in transposed
+    layout, element by element: about a quarter of a small GPT's step. Stating dW = x^T @ dy on
+    2-D operands lets the dot read x transposed instead (measured 25% faster on CPU).
+    """
+    return jnp.matmul(x_NI, w_IO, preferred_element_type=out_dtype)
+
+
+def _matmul_fwd(x_NI, w_IO, out_dtype):
+    return matmul(x_NI, w_IO, out_dtype), (x_NI, w_IO)
+
+
+def _matmul_bwd(out_dtype, residuals, dy_NO):
+    x_NI, w_IO = residuals
+    dx_NI = jnp.matmul(dy_NO, w_IO.T, preferred_element_type=jnp.float32).astype(x_NI.dtype)
+    dw_IO = jnp.matmul(x_NI.T, dy_NO, preferred_element_type=jnp.float32).astype(w_IO.dtype)
+    return dx_NI, dw_IO
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Dense(nnx.Module):
@@ -40,8 +67,10 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array, dtype, out_dtype=None) -> jax.Array:
         w = self.kernel[...].astype(dtype)
         n = self.in_rank
-        dims = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-        y = jax.lax.dot_general(x.astype(dtype), w, (dims, ((), ())), preferred_element_type=out_dtype)
+        lead, in_shape, out_shape = x.shape[:x.ndim - n], w.shape[:n], w.shape[n:]
+        y2 = matmul(x.astype(dtype).reshape(-1, math.prod(in_shape)),
+                    w.reshape(math.prod(in_shape), math.prod(out_shape)), out_dtype)
+        y = y2.reshape(*lead, *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
@@ -56,8 +85,10 @@ class Embed(nnx.Module):
 
     def attend(self, x_BTD: jax.Array, dtype) -> jax.Array:
         """Tied output layer: logits against the embedding rows, accumulated in float32."""
-        return jnp.einsum("btd,vd->btv", x_BTD.astype(dtype), self.embedding[...].astype(dtype),
-                          preferred_element_type=jnp.float32)
+        B, T, D = x_BTD.shape
+        logits_NV = matmul(x_BTD.astype(dtype).reshape(B * T, D), self.embedding[...].astype(dtype).T,
+                           jnp.float32)
+        return logits_NV.reshape(B, T, -1)
 
 
 class Norm(nnx.Module):

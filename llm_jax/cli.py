@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 from llm_jax.errors import UserError
 
@@ -31,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train (or resume) a model")
     t.add_argument("config", help="preset name (configs/NAME.yaml) or a YAML path")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    group = t.add_argument_group("multi-process (else $LLM_JAX_COORDINATOR etc., else the cluster's own variables)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+    group.add_argument("--num-processes", type=int, metavar="N")
+    group.add_argument("--process-id", type=int, metavar="I")
 
     b = sub.add_parser("bench", help="time the train step on synthetic tokens")
     b.add_argument("config")
@@ -64,11 +69,22 @@ def _cmd_train(args) -> None:
     import jax
 
     from llm_jax.config import load_config
+    from llm_jax.distributed import initialize, resolve_placement
+    from llm_jax.paths import enable_compile_cache
     from llm_jax.train.loop import print_sample, train
 
     cfg = load_config(args.config, args.overrides)
+    placement = resolve_placement(args.coordinator, args.num_processes, args.process_id)
+    initialize(placement, cfg.distributed.timeout_s, cfg.distributed.connect_timeout_s)
+    enable_compile_cache(cfg)
     result = train(cfg)
-    if "eval_loss" in result and jax.process_index() == 0:
+    main_process = jax.process_index() == 0
+    if result.get("stopped_at") is not None:
+        if main_process:
+            print(f"stopped by SIGTERM at step {result['stopped_at']} after saving a checkpoint; "
+                  "run the same command to resume")
+        return
+    if "eval_loss" in result and main_process:
         print(f"final: step {cfg.train.steps}, eval loss {result['eval_loss']:.4f}, "
               f"{result['eval_bpb']:.3f} bits per byte")
     print_sample(cfg, result)
@@ -77,8 +93,11 @@ def _cmd_train(args) -> None:
 def _cmd_bench(args) -> None:
     from llm_jax.bench import bench
     from llm_jax.config import load_config
+    from llm_jax.paths import enable_compile_cache
 
-    result = bench(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    enable_compile_cache(cfg)
+    result = bench(cfg)
     if args.json:
         print(json.dumps(result))
         return
@@ -117,11 +136,34 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _exit_code(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return _exit_code(130)
+    except Exception:
+        if not _in_multiprocess_run():
+            raise
+        traceback.print_exc()
+        return _exit_code(1)
     return 0
+
+
+def _in_multiprocess_run() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    from llm_jax.distributed import is_multiprocess
+
+    return is_multiprocess()
+
+
+def _exit_code(code: int) -> int:
+    """A failing process of a multi-process run leaves at once: a normal exit would first wait
+    at JAX's shutdown barrier for peers that are themselves waiting for it in a collective."""
+    if _in_multiprocess_run():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

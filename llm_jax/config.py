@@ -29,6 +29,8 @@ class RunConfig(_Section):
     """Run directory: config.yaml, metrics.jsonl, TensorBoard events, checkpoints, tokenizer."""
     name: str = "default"
     """A label for the run, shown in logs."""
+    compile_cache: bool = True
+    """Keep compiled XLA programs in <cache root>/xla (see data.cache_dir), so a repeated run skips compiling."""
 
 
 class ModelConfig(_Section):
@@ -187,6 +189,21 @@ class MeshConfig(_Section):
     """Tensor-parallel axis: heads and MLP width are split over it."""
     expert: int = 1
     """Expert-parallel axis (for MoE models; batch is split over it for dense models)."""
+    dcn_data: int = pydantic.Field(1, ge=1)
+    """Multi-slice: slices along the data axis (over the data-centre network); data=ICI size within a slice."""
+    dcn_fsdp: int = pydantic.Field(1, ge=1)
+    """Multi-slice: slices along the fsdp axis."""
+    dcn_tensor: int = pydantic.Field(1, ge=1)
+    """Multi-slice: slices along the tensor axis (rarely wise: tensor parallelism is chatty)."""
+    dcn_expert: int = pydantic.Field(1, ge=1)
+    """Multi-slice: slices along the expert axis."""
+
+
+class DistributedConfig(_Section):
+    timeout_s: int = pydantic.Field(60, ge=1)
+    """When a process dies, the others exit with an error after about this many seconds (heartbeat timeout)."""
+    connect_timeout_s: int = pydantic.Field(300, ge=1)
+    """How long processes wait for each other at start-up."""
 
 
 class DataConfig(_Section):
@@ -234,6 +251,8 @@ class Config(_Section):
     """The device mesh."""
     data: DataConfig = DataConfig()
     """Corpus and tokenizer."""
+    distributed: DistributedConfig = DistributedConfig()
+    """Multi-process runs (placement itself comes from flags, environment or the cluster)."""
     bench: BenchConfig = BenchConfig()
     """`llm-jax bench` settings."""
 

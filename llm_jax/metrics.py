@@ -111,6 +111,10 @@ class MetricsWriter:
         self.jsonl = None
         self.tb = None
         self.bar = None
+        self.total = total_steps
+        self.done = start_step
+        self.first = start_step
+        self.t0 = None
         if not self.active:
             return
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
@@ -118,10 +122,6 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tb"))
-        self.total = total_steps
-        self.done = start_step
-        self.first = start_step
-        self.t0 = None
         # A live bar on a terminal; in logs (CI, batch jobs) a line per logged step with the ETA.
         if cfg.train.progress and sys.stderr.isatty():
             from tqdm import tqdm

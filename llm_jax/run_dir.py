@@ -34,6 +34,9 @@ _BEFORE_CONFIG = {"tokenizer"}
 
 def check_run_dir(cfg: Config) -> tuple[Path, bool]:
     """Returns (run.dir, whether it holds a run). Refuses foreign or incompatible directories."""
+    if "://" in cfg.run.dir:
+        raise UserError(f"run.dir {cfg.run.dir} is a URL; use a filesystem path that every host shares "
+                        "(mount a bucket with gcsfuse)")
     run_dir = Path(cfg.run.dir)
     existed = (run_dir / CONFIG_FILE).exists()
     if existed:

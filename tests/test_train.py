@@ -12,20 +12,7 @@ import numpy as np
 import pytest
 
 from llm_jax.cli import main
-
-TINY = ["train.log_every=1", "train.sample_tokens=0", "train.eval_every=0", "data.max_bytes=300000"]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
-def cli_subprocess(args: list[str], devices: int = 8, **kwargs) -> subprocess.Popen:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.Popen([sys.executable, "-m", "llm_jax.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
+from runs import TINY, cli_subprocess, losses
 
 def test_entry_trains_and_generates(tmp_path, capsys):
     run = tmp_path / "run"
@@ -121,6 +108,8 @@ def _error_of(args, capsys) -> str:
     ("model.num_heads=3", "model.num_heads=3 does not divide model.d_model=64"),
     ("train.steps=ten", "train.steps"),
     ("optim.lr=fast", "optim.lr"),
+    ("run.dir=gs://bucket/run", "run.dir gs://bucket/run is a URL"),
+    ("mesh.dcn_data=2", "mesh.dcn_* asks for 2 slices but there are 1 processes"),
 ])
 def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, override, message):
     err = _error_of(["train", "gpt_tiny", f"run.dir={tmp_path / 'r'}", override], capsys)

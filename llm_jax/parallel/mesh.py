@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from llm_jax.config import Config, MeshConfig
@@ -32,12 +33,37 @@ def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def dcn_shape(mesh_cfg: MeshConfig) -> tuple[int, ...]:
+    """Slices along each axis (multi-slice TPU over the data-centre network; 1s otherwise)."""
+    return tuple(getattr(mesh_cfg, f"dcn_{axis}") for axis in MESH_AXES)
+
+
 def make_mesh(cfg: Config, devices: list | None = None) -> Mesh:
     devices = devices if devices is not None else jax.devices()
-    shape = mesh_shape(cfg.mesh, len(devices))
-    check_batch(cfg, dict(zip(MESH_AXES, shape)))
-    # Auto axes: GSPMD propagates shardings; we pin parameters, batches and block boundaries.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    dcn = dcn_shape(cfg.mesh)
+    slices = math.prod(dcn)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if slices == 1:
+        shape = mesh_shape(cfg.mesh, len(devices))
+        check_batch(cfg, dict(zip(MESH_AXES, shape)))
+        # Auto axes: GSPMD propagates shardings; we pin parameters, batches and block boundaries.
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    if len(devices) % slices:
+        raise UserError(f"{len(devices)} devices do not split into {slices} slices (mesh.dcn_*)")
+    # mesh.data etc. size each axis within a slice (ICI); dcn_* multiplies it across slices.
+    ici = mesh_shape(cfg.mesh, len(devices) // slices)
+    check_batch(cfg, {axis: i * d for axis, i, d in zip(MESH_AXES, ici, dcn)})
+    # Multi-slice TPU devices know their slice; elsewhere (GPU hosts, CPU tests) every device
+    # reports slice 0 and each process stands for a slice.
+    per_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1
+    if per_process and jax.process_count() != slices:
+        raise UserError(f"mesh.dcn_* asks for {slices} slices but there are {jax.process_count()} processes "
+                        "(without TPU slices, each process is one slice)")
+    try:
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=per_process)
+    except (ValueError, AssertionError) as exc:
+        raise UserError(f"cannot lay out mesh ICI {ici} x DCN {dcn} on these devices: {exc}") from None
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def check_batch(cfg: Config, sizes: dict[str, int]) -> None:

@@ -9,6 +9,7 @@ import jax
 
 from llm_jax.checkpoint import Checkpointer
 from llm_jax.config import Config
+from llm_jax.distributed import StopRequest, barrier, broadcast_flag, is_multiprocess
 from llm_jax.errors import UserError
 from llm_jax.metrics import MetricsWriter, peak_flops_total
 from llm_jax.models.registry import model_vocab_size
@@ -45,11 +46,14 @@ def train(cfg: Config) -> dict:
     from llm_jax import data as data_lib  # heavy imports (grain, tfds) only when training
 
     run_dir, existed = check_run_dir(cfg)
+    # Process 0 decides new-or-resume: another process could look after process 0 wrote config.yaml.
+    existed = broadcast_flag(existed)
     mesh = make_mesh(cfg)  # validates mesh and batch against the devices before any slow work
     bundle = data_lib.build_data(cfg, run_dir)
     vocab = model_vocab_size(cfg, bundle.tokenizer.vocab_size)
     setup = build_setup(cfg, vocab, mesh)
     write_run_config(cfg, run_dir)
+    barrier("run_dir")  # the directory exists before any process opens checkpoints in it
     ckpt = Checkpointer(run_dir, cfg)
     start = ckpt.latest_step() if existed else None
     if existed:
@@ -81,6 +85,7 @@ def train(cfg: Config) -> dict:
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     final: dict = {}
     timer_step, timer_start = None, None
+    stop = StopRequest()
     try:
         for step, batch in batches:
             state, metrics = setup.train_step(state, batch)
@@ -107,9 +112,15 @@ def train(cfg: Config) -> dict:
                 writer.log(f"step {done}: eval loss {ev['eval_loss']:.4f}, {ev['eval_bpb']:.3f} bits/byte")
                 final.update(ev)
                 timer_start = time.perf_counter()  # eval time is not training throughput
-            if ckpt.should_save(done, cfg.train.steps):
-                ckpt.save(done, state, {"next_step": done, **batches.get_state()}, cfg)
+            stopping = stop.reached(done) and done < cfg.train.steps
+            if ckpt.should_save(done, cfg.train.steps) or stopping:
+                ckpt.save(done, state, {"next_step": done, **batches.get_state()}, cfg, force=stopping)
+            if stopping:
+                writer.log(f"step {done}: SIGTERM received; checkpoint saved, stopping")
+                final["stopped_at"] = done
+                break
     finally:
+        stop.close()
         batches.close()
         ckpt.close()
         writer.close()
@@ -122,11 +133,20 @@ def train(cfg: Config) -> dict:
 
 def print_sample(cfg: Config, result: dict) -> None:
     """Print a sample from the trained model (process 0), the last line of `make train`."""
-    if cfg.train.sample_tokens <= 0 or jax.process_index() != 0:
+    if cfg.train.sample_tokens <= 0:
+        return
+    params = result["params"]
+    if is_multiprocess():
+        # Parameters are spread over the processes: every process takes part in gathering them,
+        # then process 0 samples alone on its own devices.
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() != 0:
         return
     from llm_jax.api import Model
 
-    model = Model.from_params(cfg, result["params"], tokenizer=result["tokenizer"])
+    model = Model.from_params(cfg, params, tokenizer=result["tokenizer"])
     room = cfg.max_seq_len - len(result["tokenizer"].encode(cfg.train.sample_prompt))
     if room < 1:
         print(f"(no sample: train.sample_prompt is longer than the model's {cfg.max_seq_len} positions)")

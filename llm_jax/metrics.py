@@ -103,6 +103,9 @@ def peak_flops_total() -> tuple[float, str]:
     return float("nan"), f"unknown device {dev.device_kind}"
 
 
+SYNC_EVERY_S = 60.0
+
+
 class MetricsWriter:
     """JSONL always; TensorBoard and a progress bar when enabled; everything on process 0 only."""
 
@@ -118,6 +121,7 @@ class MetricsWriter:
         if not self.active:
             return
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.synced = time.monotonic()
         if cfg.train.tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -133,6 +137,11 @@ class MetricsWriter:
         if not self.active:
             return
         self.jsonl.write(json.dumps(record) + "\n")
+        if time.monotonic() - self.synced > SYNC_EVERY_S:
+            # A FUSE-mounted bucket (gcsfuse) uploads a file on fsync or close only: without
+            # this, a host lost mid-run would lose every metric line since the start.
+            os.fsync(self.jsonl.fileno())
+            self.synced = time.monotonic()
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):

@@ -80,6 +80,29 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     assert all(got[s] == ref[s] for s in ref)
 
 
+def test_sigterm_checkpoints_stops_cleanly_and_resumes_exactly(tmp_path):
+    args = ["train", "gpt_tiny", "train.steps=150", "checkpoint.every=0", *TINY]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "stopped"
+    assert main([*args[:2], f"run.dir={ref_dir}", *args[2:]]) == 0
+
+    proc = cli_subprocess([*args[:2], f"run.dir={run_dir}", *args[2:]])
+    for line in proc.stderr:
+        if line.startswith("step 20/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    stop_step = int(out.split("stopped by SIGTERM at step ")[1].split()[0])
+    assert 20 <= stop_step < 150
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [stop_step]
+
+    resumed = cli_subprocess([*args[:2], f"run.dir={run_dir}", *args[2:]])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resumed from checkpoint at step {stop_step}" in err
+    assert losses(run_dir) == losses(ref_dir)  # exactly
+
+
 def test_checkpoint_resumes_on_another_mesh(tmp_path):
     base = ["train", "gpt_tiny", *TINY, "checkpoint.every=5"]
     assert main([*base, f"run.dir={tmp_path / 'ref'}", "train.steps=10", "mesh.data=8"]) == 0

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType
 
+from llm_jax import hf
 from llm_jax.config import Config
 from llm_jax.run_dir import read_run_config
 from llm_jax.errors import UserError
@@ -141,13 +142,18 @@ def single_device_mesh() -> jax.sharding.Mesh:
 
 
 def load(path: str | Path, *, step: int | None = None) -> Model:
-    """Load a run directory's config, tokenizer and newest complete checkpoint (or `step`)."""
+    """Load a run directory's config, tokenizer and newest complete checkpoint (or `step`),
+    or a Hugging Face checkpoint directory (config.json + safetensors; GPT-2 and Llama)."""
     from llm_jax.checkpoint import Checkpointer, checkpoint_dir  # Orbax is slow to import
     from llm_jax.data import load_tokenizer  # the data stack is only needed for a real run
 
     run_dir = Path(path).expanduser()
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
+    if hf.is_hf_dir(run_dir):
+        if step is not None:
+            raise UserError(f"{run_dir} is a Hugging Face checkpoint: it has no steps to choose from")
+        return load_hf(run_dir)
     cfg = read_run_config(run_dir)
     if not checkpoint_dir(run_dir).is_dir():
         raise UserError(f"{run_dir} has no checkpoints; train it first")
@@ -168,3 +174,27 @@ def load(path: str | Path, *, step: int | None = None) -> Model:
     params = ckpt.restore_params(step, abstract)
     ckpt.close()
     return Model(cfg, mdef, params, tokenizer, step=step, run_dir=run_dir)
+
+
+def load_hf(hf_dir: Path) -> Model:
+    """A Hugging Face GPT2LMHeadModel / LlamaForCausalLM directory as a Model on one device."""
+    from llm_jax.data.tokenizer import HFTokenizer
+
+    kind, cfg, params = hf_params(hf_dir)
+    mdef = model_def(cfg, cfg.model.vocab_size)
+    params = jax.device_put(params, param_shardings(mdef, single_device_mesh()))
+    tokenizer_json = hf_dir / "tokenizer.json"
+    tokenizer = HFTokenizer(tokenizer_json) if tokenizer_json.is_file() else None
+    return Model(cfg, mdef, params, tokenizer, run_dir=hf_dir)
+
+
+def hf_params(hf_dir: Path, run_dir: str = "runs/hf") -> tuple[str, Config, dict]:
+    """(family, llm-jax config, numpy params) of a Hugging Face directory, shapes checked."""
+    config = hf.read_hf_config(hf_dir)
+    cfg = hf.config_from_hf(config, run_dir)
+    params = hf.params_from_hf(config["model_type"], hf.read_tensors(hf_dir), cfg)
+    want = jax.tree.map(lambda s: tuple(s.shape), model_def(cfg, cfg.model.vocab_size).shapes)
+    got = jax.tree.map(lambda a: tuple(a.shape), params)
+    if want != got:
+        raise UserError(f"{hf_dir}: tensor shapes do not match its config.json")
+    return config["model_type"], cfg, params

@@ -15,6 +15,8 @@ USAGE_EXAMPLES = """examples:
   llm-jax train gpt_tiny train.steps=50 run.dir=runs/try
   llm-jax generate runs/try --prompt "def " --max-new-tokens 100
   llm-jax bench gpt_small train.batch_size=8
+  llm-jax import-hf path/to/hf_gpt2 runs/gpt2   # a Hugging Face checkpoint as a run
+  llm-jax export-hf runs/try out/hf_try         # a run as a Hugging Face checkpoint
   llm-jax keys                                 # every config key with its default
 """
 
@@ -50,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     g.add_argument("--seed", type=int, default=0)
+
+    i = sub.add_parser("import-hf", help="turn a Hugging Face checkpoint (GPT-2, Llama) into a new run directory")
+    i.add_argument("hf_dir", help="directory with config.json and model.safetensors (and tokenizer.json)")
+    i.add_argument("run_dir", help="new run directory to create")
+
+    e = sub.add_parser("export-hf", help="write a run's newest checkpoint as a Hugging Face directory")
+    e.add_argument("run_dir")
+    e.add_argument("out_dir", help="new or empty directory")
 
     sub.add_parser("keys", help="list every config key, its default and meaning")
     return p
@@ -119,6 +129,20 @@ def _cmd_generate(args) -> None:
             print("---")
 
 
+def _cmd_import_hf(args) -> None:
+    from llm_jax.pretrained import import_hf
+
+    kind = import_hf(args.hf_dir, args.run_dir)
+    print(f"imported {kind} from {args.hf_dir} into {args.run_dir} (checkpoint at step 0)")
+
+
+def _cmd_export_hf(args) -> None:
+    from llm_jax.pretrained import export_hf
+
+    kind = export_hf(args.run_dir, args.out_dir)
+    print(f"exported {args.run_dir} as {kind} to {args.out_dir}")
+
+
 def _cmd_keys(_args) -> None:
     from llm_jax.config import key_docs
 
@@ -126,7 +150,8 @@ def _cmd_keys(_args) -> None:
         print(f"{key:<26} {default:<16} {doc}")
 
 
-COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "generate": _cmd_generate, "keys": _cmd_keys}
+COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "generate": _cmd_generate, "import-hf": _cmd_import_hf,
+            "export-hf": _cmd_export_hf, "keys": _cmd_keys}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -178,6 +178,8 @@ class CheckpointConfig(_Section):
     """Keep the newest this many checkpoints."""
     async_save: bool = True
     """Write checkpoints in the background while training goes on."""
+    init_from: str = ""
+    """A new run starts from these parameters: a run directory (newest checkpoint) or a Hugging Face directory."""
 
 
 class MeshConfig(_Section):

@@ -73,6 +73,11 @@ def train(cfg: Config) -> dict:
         start = int(data_state.get("next_step", start))
     else:
         state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, vocab, setup.shardings)
+        if cfg.checkpoint.init_from:
+            from llm_jax.pretrained import pretrained_params
+
+            state["params"] = pretrained_params(cfg, setup.mdef, setup.shardings["params"])
+            writer.log(f"parameters from {cfg.checkpoint.init_from}")
         start = 0
     if start >= cfg.train.steps:
         writer.log(f"run already at step {start} >= train.steps={cfg.train.steps}; raise train.steps to go on")

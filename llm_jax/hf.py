@@ -1,0 +1,246 @@
+"""Hugging Face checkpoints <-> llm-jax: configs and weights of GPT2LMHeadModel and LlamaForCausalLM.
+
+A Hugging Face directory holds `config.json` and `model.safetensors` (or shards listed in
+`model.safetensors.index.json`), and usually `tokenizer.json`. Weights are read and written with
+safetensors' numpy API, so neither torch nor transformers is needed here.
+
+Layout differences handled below: GPT-2's Conv1D stores [in, out] and fuses q, k, v in one
+`c_attn`; torch Linear (Llama) stores [out, in]. Our kernels are [in..., out...] with heads as
+their own axis, and block parameters are stacked along a leading layer axis.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from llm_jax.config import Config, validate
+from llm_jax.errors import UserError
+
+SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+
+
+def is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "config.yaml").exists()
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path / 'config.json'}: {exc}") from None
+    kind = hf.get("model_type")
+    if kind not in SUPPORTED:
+        raise UserError(f"{path}: model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    return hf
+
+
+def _rope_theta(hf: dict) -> float:
+    params = hf.get("rope_parameters") or {}  # transformers 5 nests it; 4.x kept it at the top
+    if (params.get("rope_type") or "default") != "default" or hf.get("rope_scaling"):
+        raise UserError("scaled RoPE (rope_scaling / rope_type other than default) is not supported")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def config_from_hf(hf: dict, run_dir: str = "runs/hf") -> Config:
+    """The llm-jax config of the same network; data keys point at the checkpoint's tokenizer."""
+    kind = hf["model_type"]
+    if kind == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UserError(f"GPT-2 activation {hf['activation_function']!r} is not supported (gelu_new is)")
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+            raise UserError("GPT-2 variants with scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are not supported")
+        model = {"num_layers": hf["n_layer"], "d_model": hf["n_embd"], "num_heads": hf["n_head"],
+                 "d_ff": hf.get("n_inner") or 4 * hf["n_embd"], "max_seq_len": hf["n_positions"],
+                 "position": "learned", "norm": "layernorm", "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
+                 "mlp": "gelu", "use_bias": True, "tie_embeddings": True}
+    else:
+        heads = hf["num_attention_heads"]
+        if hf.get("head_dim", hf["hidden_size"] // heads) * heads != hf["hidden_size"]:
+            raise UserError("Llama configs with head_dim * num_attention_heads != hidden_size are not supported")
+        if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
+            raise UserError("Llama variants with biases or a non-SiLU activation are not supported")
+        model = {"num_layers": hf["num_hidden_layers"], "d_model": hf["hidden_size"], "num_heads": heads,
+                 "num_kv_heads": hf.get("num_key_value_heads") or heads, "d_ff": hf["intermediate_size"],
+                 "max_seq_len": hf["max_position_embeddings"], "position": "rope", "rope_theta": _rope_theta(hf),
+                 "norm": "rmsnorm", "norm_eps": hf.get("rms_norm_eps", 1e-6), "mlp": "swiglu", "use_bias": False,
+                 "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
+    model.update(vocab_size=hf["vocab_size"], vocab_multiple=1, dropout=0.0)
+    return validate({"run": {"dir": run_dir}, "model": model,
+                     "train": {"seq_len": min(1024, model["max_seq_len"])}})
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise UserError(f"{path} has no model.safetensors (PyTorch .bin checkpoints are not read; "
+                        "re-save with save_pretrained(safe_serialization=True))")
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        tensors.update(load_file(str(path / name)))
+    return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+
+
+def _stack(per_layer: list[dict]) -> dict:
+    """[layer trees] -> one tree with a leading layer axis on every leaf."""
+    if isinstance(per_layer[0], dict):
+        return {k: _stack([layer[k] for layer in per_layer]) for k in per_layer[0]}
+    return np.stack(per_layer)
+
+
+def _unstack(tree: dict, n: int) -> list[dict]:
+    if isinstance(tree, dict):
+        parts = {k: _unstack(v, n) for k, v in tree.items()}
+        return [{k: parts[k][i] for k in tree} for i in range(n)]
+    return [np.asarray(tree[i]) for i in range(n)]
+
+
+def _gpt2_to_params(t: dict, cfg: Config) -> dict:
+    m = cfg.model
+    H, K, D = m.num_heads, m.head_dim, m.d_model
+    p = "transformer."
+    layers = []
+    for i in range(m.num_layers):
+        h = f"{p}h.{i}."
+        qkv_w = t[h + "attn.c_attn.weight"]  # [D, 3D] = [in, q | k | v]
+        qkv_b = t[h + "attn.c_attn.bias"]
+        attn = {name: {"kernel": qkv_w[:, j * D:(j + 1) * D].reshape(D, H, K),
+                       "bias": qkv_b[j * D:(j + 1) * D].reshape(H, K)} for j, name in enumerate("qkv")}
+        attn["o"] = {"kernel": t[h + "attn.c_proj.weight"].reshape(H, K, D), "bias": t[h + "attn.c_proj.bias"]}
+        layers.append({
+            "norm1": {"scale": t[h + "ln_1.weight"], "bias": t[h + "ln_1.bias"]},
+            "attn": attn,
+            "norm2": {"scale": t[h + "ln_2.weight"], "bias": t[h + "ln_2.bias"]},
+            "mlp": {"up": {"kernel": t[h + "mlp.c_fc.weight"], "bias": t[h + "mlp.c_fc.bias"]},
+                    "down": {"kernel": t[h + "mlp.c_proj.weight"], "bias": t[h + "mlp.c_proj.bias"]}},
+        })
+    return {"embed": {"embedding": t[p + "wte.weight"]}, "pos_embed": {"embedding": t[p + "wpe.weight"]},
+            "blocks": _stack(layers),
+            "final_norm": {"scale": t[p + "ln_f.weight"], "bias": t[p + "ln_f.bias"]}}
+
+
+def _gpt2_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
+    m = cfg.model
+    D = m.d_model
+    p = "transformer."
+    t = {p + "wte.weight": params["embed"]["embedding"], p + "wpe.weight": params["pos_embed"]["embedding"],
+         p + "ln_f.weight": params["final_norm"]["scale"], p + "ln_f.bias": params["final_norm"]["bias"]}
+    for i, layer in enumerate(_unstack(params["blocks"], m.num_layers)):
+        h = f"{p}h.{i}."
+        a = layer["attn"]
+        t[h + "attn.c_attn.weight"] = np.concatenate([a[n]["kernel"].reshape(D, D) for n in "qkv"], axis=1)
+        t[h + "attn.c_attn.bias"] = np.concatenate([a[n]["bias"].reshape(D) for n in "qkv"])
+        t[h + "attn.c_proj.weight"] = a["o"]["kernel"].reshape(D, D)
+        t[h + "attn.c_proj.bias"] = a["o"]["bias"]
+        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            t[h + theirs + ".weight"], t[h + theirs + ".bias"] = layer[ours]["scale"], layer[ours]["bias"]
+        for ours, theirs in (("up", "c_fc"), ("down", "c_proj")):
+            t[h + f"mlp.{theirs}.weight"] = layer["mlp"][ours]["kernel"]
+            t[h + f"mlp.{theirs}.bias"] = layer["mlp"][ours]["bias"]
+    return t
+
+
+def _llama_to_params(t: dict, cfg: Config) -> dict:
+    m = cfg.model
+    H, KV, K, D = m.num_heads, m.kv_heads, m.head_dim, m.d_model
+    layers = []
+    for i in range(m.num_layers):
+        h = f"model.layers.{i}."
+        attn = {"q": {"kernel": t[h + "self_attn.q_proj.weight"].T.reshape(D, H, K)},
+                "k": {"kernel": t[h + "self_attn.k_proj.weight"].T.reshape(D, KV, K)},
+                "v": {"kernel": t[h + "self_attn.v_proj.weight"].T.reshape(D, KV, K)},
+                "o": {"kernel": t[h + "self_attn.o_proj.weight"].T.reshape(H, K, D)}}
+        layers.append({
+            "norm1": {"scale": t[h + "input_layernorm.weight"]},
+            "attn": attn,
+            "norm2": {"scale": t[h + "post_attention_layernorm.weight"]},
+            "mlp": {name: {"kernel": t[h + f"mlp.{name}_proj.weight"].T} for name in ("gate", "up", "down")},
+        })
+    params = {"embed": {"embedding": t["model.embed_tokens.weight"]}, "blocks": _stack(layers),
+              "final_norm": {"scale": t["model.norm.weight"]}}
+    if not m.tie_embeddings:
+        params["head"] = {"kernel": t["lm_head.weight"].T}
+    return params
+
+
+def _llama_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
+    m = cfg.model
+    D = m.d_model
+    t = {"model.embed_tokens.weight": params["embed"]["embedding"], "model.norm.weight": params["final_norm"]["scale"]}
+    if not m.tie_embeddings:
+        t["lm_head.weight"] = params["head"]["kernel"].T
+    for i, layer in enumerate(_unstack(params["blocks"], m.num_layers)):
+        h = f"model.layers.{i}."
+        a = layer["attn"]
+        for n in "qkv":
+            t[h + f"self_attn.{n}_proj.weight"] = a[n]["kernel"].reshape(D, -1).T
+        t[h + "self_attn.o_proj.weight"] = a["o"]["kernel"].reshape(-1, D).T
+        t[h + "input_layernorm.weight"] = layer["norm1"]["scale"]
+        t[h + "post_attention_layernorm.weight"] = layer["norm2"]["scale"]
+        for name in ("gate", "up", "down"):
+            t[h + f"mlp.{name}_proj.weight"] = layer["mlp"][name]["kernel"].T
+    return t
+
+
+TO_PARAMS: dict[str, Callable[[dict, Config], dict]] = {"gpt2": _gpt2_to_params, "llama": _llama_to_params}
+FROM_PARAMS: dict[str, Callable[[dict, Config], dict]] = {"gpt2": _gpt2_from_params, "llama": _llama_from_params}
+
+
+def params_from_hf(kind: str, tensors: dict[str, np.ndarray], cfg: Config) -> dict:
+    try:
+        return TO_PARAMS[kind](tensors, cfg)
+    except KeyError as exc:
+        raise UserError(f"the {kind} checkpoint lacks tensor {exc.args[0]}") from None
+
+
+def family_of(cfg: Config) -> str:
+    """Which Hugging Face class expresses this llm-jax config exactly, or a UserError saying why none does."""
+    m = cfg.model
+    if (m.position, m.norm, m.mlp, m.use_bias, m.tie_embeddings) == ("learned", "layernorm", "gelu", True, True) \
+            and m.kv_heads == m.num_heads:
+        return "gpt2"
+    if (m.position, m.norm, m.mlp, m.use_bias) == ("rope", "rmsnorm", "swiglu", False):
+        return "llama"
+    raise UserError("this model has no Hugging Face equivalent here: export-hf writes GPT-2 (learned positions, "
+                    "LayerNorm, GELU, biases, tied, multi-head) or Llama (RoPE, RMSNorm, SwiGLU, no biases)")
+
+
+def hf_config_of(cfg: Config, kind: str, eos_id: int | None) -> dict[str, Any]:
+    m = cfg.model
+    vocab = m.vocab_size
+    if kind == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab,
+                "n_positions": cfg.max_seq_len, "n_embd": m.d_model, "n_layer": m.num_layers,
+                "n_head": m.num_heads, "n_inner": m.ff_dim, "activation_function": "gelu_new",
+                "layer_norm_epsilon": m.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                "tie_word_embeddings": True, "bos_token_id": eos_id, "eos_token_id": eos_id}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+            "hidden_size": m.d_model, "intermediate_size": m.ff_dim, "num_hidden_layers": m.num_layers,
+            "num_attention_heads": m.num_heads, "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim,
+            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+            "tie_word_embeddings": m.tie_embeddings, "bos_token_id": eos_id, "eos_token_id": eos_id}
+
+
+def write_hf(out: Path, cfg: Config, params: dict, tokenizer_json: Path | None, eos_id: int | None) -> str:
+    """Write config.json, model.safetensors (and tokenizer.json) that transformers loads."""
+    from safetensors.numpy import save_file
+
+    kind = family_of(cfg)
+    tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in FROM_PARAMS[kind](params, cfg).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config_of(cfg, kind, eos_id), indent=2) + "\n")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer_json is not None:
+        (out / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
+    return kind

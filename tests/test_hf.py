@@ -96,3 +96,16 @@ def test_mismatches_and_bad_paths_are_user_errors(tmp_path, capsys):
     err = _error(["export-hf", str(relu), str(tmp_path / "relu_hf")], capsys)
     assert "no Hugging Face equivalent" in err
     assert not (tmp_path / "relu_hf").exists()
+
+
+def test_presets_are_gpt2_small_and_a_llama():
+    from llm_jax import hf
+    from llm_jax.config import load_config
+    from llm_jax.train.state import model_def
+
+    gpt2 = load_config("gpt2", [])
+    assert hf.family_of(gpt2) == "gpt2"
+    assert model_def(gpt2, 50257).num_params == 124_439_808  # GPT2LMHeadModel's count for gpt2 (small)
+    llama = load_config("llama", [])
+    assert hf.family_of(llama) == "llama"
+    assert llama.model.kv_heads == 4 and not llama.model.tie_embeddings

@@ -90,7 +90,8 @@ class Model:
         if tokens_BT.min() < 0 or tokens_BT.max() >= self.vocab_size:
             raise UserError(f"input_ids must lie in [0, {self.vocab_size})")
         T = tokens_BT.shape[1]
-        if self._cfg.model.position in BOUNDED_POSITIONS and T > self._cfg.max_seq_len:
+        bounded = not self._cfg.model.is_recurrent and self._cfg.model.position in BOUNDED_POSITIONS
+        if bounded and T > self._cfg.max_seq_len:
             raise UserError(f"input of {T} tokens is longer than the model's "
                             f"max_seq_len={self._cfg.max_seq_len}")
         return np.asarray(_forward(self._mdef.graphdef, self._params, tokens_BT.astype(np.int32)))

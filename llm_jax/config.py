@@ -34,10 +34,10 @@ class RunConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal["gpt"] = "gpt"
-    """Model family. `gpt`: decoder-only causal LM."""
+    arch: Literal["gpt", "rnn", "lstm", "gru"] = "gpt"
+    """Model family. `gpt`: decoder-only Transformer. `rnn` (Elman, tanh), `lstm`, `gru`: recurrent LMs whose layers are pre-norm residual cells of hidden size d_model; they ignore the attention, position and MLP keys (num_heads, num_kv_heads, d_ff, position, rope_theta, mlp, attention, attention_block) and scan_layers/remat, and have no sequence-length limit at generation."""
     num_layers: int = pydantic.Field(4, ge=1)
-    """Number of transformer blocks."""
+    """Number of transformer blocks (recurrent layers for rnn/lstm/gru)."""
     d_model: int = pydantic.Field(128, ge=1)
     """Residual stream width."""
     num_heads: int = pydantic.Field(4, ge=1)
@@ -83,6 +83,8 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
+        if self.is_recurrent:
+            return self  # no attention heads: these keys are ignored
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}"
@@ -95,6 +97,11 @@ class ModelConfig(_Section):
         if self.position == "rope" and (self.d_model // self.num_heads) % 2:
             raise ValueError("model.position=rope needs an even head dimension (d_model/num_heads)")
         return self
+
+    @property
+    def is_recurrent(self) -> bool:
+        """rnn / lstm / gru: a recurrent state instead of attention and positions."""
+        return self.arch in ("rnn", "lstm", "gru")
 
     @property
     def head_dim(self) -> int:

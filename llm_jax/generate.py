@@ -5,6 +5,10 @@ next token lands in the same cache slot; each row's positions start at 0 at its 
 token and the attention mask hides the pad slots, so a padded row computes exactly what it
 would alone. The whole generation (prefill, then a `lax.while_loop` over new tokens that stops
 once every row has produced EOS) is a single compiled call: no Python dispatch per token.
+
+Recurrent models (rnn, lstm, gru) run the same program: their "cache" is the state after the
+last token, they read the mask only to leave the state untouched at pad tokens, and ignore
+positions.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from flax import nnx
 
 from llm_jax.config import Config
 from llm_jax.errors import UserError
+from llm_jax.models.recurrent import RECURRENT_ARCHS, init_state
 from llm_jax.models.registry import compute_dtype
 from llm_jax.train.state import ModelDef
 
@@ -36,6 +41,8 @@ class CacheSpec:
     kv_heads: int
     head_dim: int
     dtype: str
+    arch: str = "gpt"
+    width: int = 0  # d_model: a recurrent model's state width
 
 
 def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
@@ -78,7 +85,10 @@ def _generate_jit(graphdef: Any, params: Any, tokens_BP: jax.Array, lengths_B: j
     N = max_new_tokens
     S = P + N  # cache slots: the prompt, then one per fed-back token
     c = cache_spec
-    cache = {name: jnp.zeros((c.layers, B, S, c.kv_heads, c.head_dim), c.dtype) for name in ("k", "v")}
+    if c.arch in RECURRENT_ARCHS:
+        cache = init_state(c.arch, c.layers, B, c.width)  # a fixed-size state, not S slots
+    else:
+        cache = {name: jnp.zeros((c.layers, B, S, c.kv_heads, c.head_dim), c.dtype) for name in ("k", "v")}
 
     pad_B = P - lengths_B
     slot_S = jnp.arange(S)
@@ -175,7 +185,8 @@ def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Seq
     if max_new_tokens == 0:
         return [[] for _ in rows]
     longest = max(len(r) for r in rows)
-    if cfg.model.position in BOUNDED_POSITIONS and longest + max_new_tokens > cfg.max_seq_len:
+    bounded = not cfg.model.is_recurrent and cfg.model.position in BOUNDED_POSITIONS  # RNNs have no table
+    if bounded and longest + max_new_tokens > cfg.max_seq_len:
         raise UserError(
             f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
             f"max_seq_len={cfg.max_seq_len} ({cfg.model.position} positions); shorten the prompt "
@@ -195,7 +206,7 @@ def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Seq
         np.float32(temperature), np.int32(min(top_k, vocab)), np.float32(top_p),
         np.int32(-1 if eos_id is None else eos_id),
         max_new_tokens=max_new_tokens, vocab_limit=vocab_limit,
-        cache_spec=CacheSpec(m.num_layers, m.kv_heads, m.head_dim, str(dtype)),
+        cache_spec=CacheSpec(m.num_layers, m.kv_heads, m.head_dim, str(dtype), m.arch, m.d_model),
     )
     return [_cut_at_eos(row, eos_id) for row in np.asarray(out_BN).tolist()]
 

@@ -205,6 +205,9 @@ def params_from_hf(kind: str, tensors: dict[str, np.ndarray], cfg: Config) -> di
 def family_of(cfg: Config) -> str:
     """Which Hugging Face class expresses this llm-jax config exactly, or a UserError saying why none does."""
     m = cfg.model
+    if m.is_recurrent:
+        raise UserError(f"model.arch={m.arch} has no Hugging Face equivalent here: export-hf writes "
+                        "Transformers only (GPT-2 or Llama)")
     if (m.position, m.norm, m.mlp, m.use_bias, m.tie_embeddings) == ("learned", "layernorm", "gelu", True, True) \
             and m.kv_heads == m.num_heads:
         return "gpt2"

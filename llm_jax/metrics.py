@@ -4,7 +4,9 @@ FLOPs per token (training = forward + backward) follow Kaplan et al. and PaLM:
     6 * N + 12 * L * H * Q * T, with the attention term halved for causal attention,
 where N counts the parameters that take part in matmuls (every parameter except the position
 table and, when the output layer is untied, the input embedding, which is a gather),
-L = layers, H = query heads, Q = head dim, T = sequence length.
+L = layers, H = query heads, Q = head dim, T = sequence length. Recurrent models (rnn, lstm,
+gru) have no attention term: every FLOP of a step is a matmul against a parameter (the input
+and recurrent projections and the output layer), so 6 * N alone.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def matmul_params(cfg: Config, shapes: dict) -> int:
 def flops_per_token(cfg: Config, n_matmul_params: int, seq_len: int | None = None) -> float:
     """Training FLOPs per token: 6N + 12*L*H*Q*T, the attention term halved (causal)."""
     m = cfg.model
+    if m.is_recurrent:
+        return 6 * n_matmul_params  # x @ W_x and h @ W_h per token, no attention over the context
     t = seq_len or cfg.train.seq_len
     attention = 12 * m.num_layers * m.num_heads * m.head_dim * t / 2
     return 6 * n_matmul_params + attention

@@ -80,5 +80,5 @@ def check_batch(cfg: Config, sizes: dict[str, int]) -> None:
             f"train.batch_size={cfg.train.batch_size} is not divisible by {jax.process_count()} processes"
         )
     heads_split = sizes["tensor"]
-    if cfg.model.num_heads % heads_split:
+    if not cfg.model.is_recurrent and cfg.model.num_heads % heads_split:
         raise UserError(f"model.num_heads={cfg.model.num_heads} is not divisible by mesh.tensor={heads_split}")

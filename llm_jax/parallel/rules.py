@@ -31,6 +31,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "position": (),
     "layers": (),
     "norm": (),
+    "gates": (),  # the gate blocks of a recurrent cell's weights: every shard needs all of them
     "expert": ("expert",),
 }
 

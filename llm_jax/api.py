@@ -75,10 +75,14 @@ class Model:
         return self._params["embed"]["embedding"].shape[0]
 
     def logits(self, input_ids: Any, decoder_input_ids: Any = None) -> np.ndarray:
-        """float32 logits [B, T, V] over the model's (padded) vocabulary; [T] input is one row."""
+        """float32 logits [B, T, V] over the model's (padded) vocabulary; [T] input is one row.
+
+        Decoders give next-token logits (causal); bert gives masked-LM logits at every position,
+        each token seeing the whole row (no padding mask, segment 0)."""
         if decoder_input_ids is not None:
+            kind = "encoder-only" if self._cfg.model.objective == "mlm" else "decoder-only"
             raise UserError(f"decoder_input_ids is for encoder-decoder models; this "
-                            f"{self._cfg.model.arch} model is decoder-only")
+                            f"{self._cfg.model.arch} model is {kind}")
         tokens_BT = np.asarray(input_ids)
         if tokens_BT.ndim == 1:
             tokens_BT = tokens_BT[None, :]
@@ -144,7 +148,7 @@ def single_device_mesh() -> jax.sharding.Mesh:
 
 def load(path: str | Path, *, step: int | None = None) -> Model:
     """Load a run directory's config, tokenizer and newest complete checkpoint (or `step`),
-    or a Hugging Face checkpoint directory (config.json + safetensors; GPT-2 and Llama)."""
+    or a Hugging Face checkpoint directory (config.json + safetensors; GPT-2, Llama, BERT MLM)."""
     from llm_jax.checkpoint import Checkpointer, checkpoint_dir  # Orbax is slow to import
     from llm_jax.data import load_tokenizer  # the data stack is only needed for a real run
 
@@ -178,7 +182,7 @@ def load(path: str | Path, *, step: int | None = None) -> Model:
 
 
 def load_hf(hf_dir: Path) -> Model:
-    """A Hugging Face GPT2LMHeadModel / LlamaForCausalLM directory as a Model on one device."""
+    """A Hugging Face GPT2LMHeadModel / LlamaForCausalLM / BertForMaskedLM directory as a Model on one device."""
     from llm_jax.data.tokenizer import HFTokenizer
 
     kind, cfg, params = hf_params(hf_dir)

@@ -34,8 +34,8 @@ class RunConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal["gpt", "rnn", "lstm", "gru"] = "gpt"
-    """Model family. `gpt`: decoder-only Transformer. `rnn` (Elman, tanh), `lstm`, `gru`: recurrent LMs whose layers are pre-norm residual cells of hidden size d_model; they ignore the attention, position and MLP keys (num_heads, num_kv_heads, d_ff, position, rope_theta, mlp, attention, attention_block) and scan_layers/remat, and have no sequence-length limit at generation."""
+    arch: Literal["gpt", "bert", "rnn", "lstm", "gru"] = "gpt"
+    """Model family. `gpt`: decoder-only Transformer. `bert`: encoder-only Transformer (post-norm blocks, bidirectional attention, exact GELU, segment embeddings, tied MLM head) trained with the masked-LM objective; it does not generate. `rnn` (Elman, tanh), `lstm`, `gru`: recurrent LMs whose layers are pre-norm residual cells of hidden size d_model; they ignore the attention, position and MLP keys (num_heads, num_kv_heads, d_ff, position, rope_theta, mlp, attention, attention_block) and scan_layers/remat, and have no sequence-length limit at generation."""
     num_layers: int = pydantic.Field(4, ge=1)
     """Number of transformer blocks (recurrent layers for rnn/lstm/gru)."""
     d_model: int = pydantic.Field(128, ge=1)
@@ -102,6 +102,11 @@ class ModelConfig(_Section):
     def is_recurrent(self) -> bool:
         """rnn / lstm / gru: a recurrent state instead of attention and positions."""
         return self.arch in ("rnn", "lstm", "gru")
+
+    @property
+    def objective(self) -> str:
+        """What the trainer optimises: `mlm` (masked LM) for bert, `causal` (next token) otherwise."""
+        return "mlm" if self.arch == "bert" else "causal"
 
     @property
     def head_dim(self) -> int:

@@ -176,6 +176,9 @@ def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Seq
     first `eos_id` (not included). `vocab_limit` (the tokenizer's vocabulary size) keeps the
     model's padding rows from ever being sampled. The same seed gives the same output.
     """
+    if cfg.model.objective == "mlm":
+        raise UserError(f"model.arch={cfg.model.arch} is an encoder trained to fill in masked tokens; it does "
+                        "not generate text (use .logits() for its masked-LM predictions)")
     _check_args(max_new_tokens, temperature, top_k, top_p)
     if not prompts:
         return []

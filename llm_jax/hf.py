@@ -1,11 +1,12 @@
-"""Hugging Face checkpoints <-> llm-jax: configs and weights of GPT2LMHeadModel and LlamaForCausalLM.
+"""Hugging Face checkpoints <-> llm-jax: configs and weights of GPT2LMHeadModel, LlamaForCausalLM
+and BertForMaskedLM.
 
 A Hugging Face directory holds `config.json` and `model.safetensors` (or shards listed in
 `model.safetensors.index.json`), and usually `tokenizer.json`. Weights are read and written with
 safetensors' numpy API, so neither torch nor transformers is needed here.
 
 Layout differences handled below: GPT-2's Conv1D stores [in, out] and fuses q, k, v in one
-`c_attn`; torch Linear (Llama) stores [out, in]. Our kernels are [in..., out...] with heads as
+`c_attn`; torch Linear (Llama, BERT) stores [out, in]. Our kernels are [in..., out...] with heads as
 their own axis, and block parameters are stacked along a leading layer axis.
 """
 
@@ -19,8 +20,9 @@ import numpy as np
 
 from llm_jax.config import Config, validate
 from llm_jax.errors import UserError
+from llm_jax.models.bert import NUM_SEGMENTS
 
-SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -57,6 +59,20 @@ def config_from_hf(hf: dict, run_dir: str = "runs/hf") -> Config:
                  "d_ff": hf.get("n_inner") or 4 * hf["n_embd"], "max_seq_len": hf["n_positions"],
                  "position": "learned", "norm": "layernorm", "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
                  "mlp": "gelu", "use_bias": True, "tie_embeddings": True}
+    elif kind == "bert":
+        if hf.get("hidden_act", "gelu") != "gelu":
+            raise UserError(f"BERT activation {hf['hidden_act']!r} is not supported (gelu, the erf form, is)")
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise UserError("BERT with relative position embeddings is not supported (absolute is)")
+        if hf.get("type_vocab_size", 2) != NUM_SEGMENTS:
+            raise UserError(f"BERT with type_vocab_size={hf['type_vocab_size']} is not supported ({NUM_SEGMENTS} is)")
+        if hf.get("is_decoder") or hf.get("add_cross_attention"):
+            raise UserError("BERT as a decoder (is_decoder / add_cross_attention) is not supported")
+        model = {"arch": "bert", "num_layers": hf["num_hidden_layers"], "d_model": hf["hidden_size"],
+                 "num_heads": hf["num_attention_heads"], "d_ff": hf["intermediate_size"],
+                 "max_seq_len": hf["max_position_embeddings"], "position": "learned", "norm": "layernorm",
+                 "norm_eps": hf.get("layer_norm_eps", 1e-12), "mlp": "gelu", "use_bias": True,
+                 "tie_embeddings": bool(hf.get("tie_word_embeddings", True))}
     else:
         heads = hf["num_attention_heads"]
         if hf.get("head_dim", hf["hidden_size"] // heads) * heads != hf["hidden_size"]:
@@ -191,8 +207,92 @@ def _llama_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
     return t
 
 
-TO_PARAMS: dict[str, Callable[[dict, Config], dict]] = {"gpt2": _gpt2_to_params, "llama": _llama_to_params}
-FROM_PARAMS: dict[str, Callable[[dict, Config], dict]] = {"gpt2": _gpt2_from_params, "llama": _llama_from_params}
+def _linear_in(t: dict, name: str, out_shape: tuple) -> dict:
+    """A torch Linear ([out, in] weight, [out] bias) as our Dense: kernel [in, *out_shape]."""
+    w = t[name + ".weight"]
+    return {"kernel": w.T.reshape(w.shape[1], *out_shape), "bias": t[name + ".bias"].reshape(out_shape)}
+
+
+def _linear_out(d: dict, name: str, in_size: int) -> dict[str, np.ndarray]:
+    """Our Dense (kernel [in..., out...]) as a torch Linear's weight [out, in] and bias [out]."""
+    kernel = np.asarray(d["kernel"])
+    return {name + ".weight": kernel.reshape(in_size, -1).T, name + ".bias": np.asarray(d["bias"]).reshape(-1)}
+
+
+def _norm_in(t: dict, name: str) -> dict:
+    return {"scale": t[name + ".weight"], "bias": t[name + ".bias"]}
+
+
+def _norm_out(d: dict, name: str) -> dict[str, np.ndarray]:
+    return {name + ".weight": d["scale"], name + ".bias": d["bias"]}
+
+
+# BertForMaskedLM's names for the pieces of one encoder layer, after "bert.encoder.layer.{i}.".
+_BERT_LAYER = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+               "o": "attention.output.dense", "norm1": "attention.output.LayerNorm",
+               "up": "intermediate.dense", "down": "output.dense", "norm2": "output.LayerNorm"}
+
+
+def _bert_to_params(t: dict, cfg: Config) -> dict:
+    m = cfg.model
+    H, K, D = m.num_heads, m.head_dim, m.d_model
+    e = "bert.embeddings."
+    layers = []
+    for i in range(m.num_layers):
+        h = f"bert.encoder.layer.{i}."
+        n = {k: h + v for k, v in _BERT_LAYER.items()}
+        o = _linear_in(t, n["o"], (D,))
+        o["kernel"] = o["kernel"].reshape(H, K, D)
+        layers.append({
+            "attn": {"q": _linear_in(t, n["q"], (H, K)), "k": _linear_in(t, n["k"], (H, K)),
+                     "v": _linear_in(t, n["v"], (H, K)), "o": o},
+            "norm1": _norm_in(t, n["norm1"]),
+            "mlp": {"up": _linear_in(t, n["up"], (m.ff_dim,)), "down": _linear_in(t, n["down"], (D,))},
+            "norm2": _norm_in(t, n["norm2"]),
+        })
+    # The output bias is cls.predictions.bias; older saves may hold only its tied alias.
+    bias = t["cls.predictions.bias"] if "cls.predictions.bias" in t else t["cls.predictions.decoder.bias"]
+    params = {"embed": {"embedding": t[e + "word_embeddings.weight"]},
+              "pos_embed": {"embedding": t[e + "position_embeddings.weight"]},
+              "segment_embed": {"embedding": t[e + "token_type_embeddings.weight"]},
+              "embed_norm": _norm_in(t, e + "LayerNorm"),
+              "blocks": _stack(layers),
+              "head_dense": _linear_in(t, "cls.predictions.transform.dense", (D,)),
+              "head_norm": _norm_in(t, "cls.predictions.transform.LayerNorm"),
+              "out_bias": bias}
+    if not m.tie_embeddings:
+        params["head"] = {"kernel": t["cls.predictions.decoder.weight"].T}
+    return params
+
+
+def _bert_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
+    m = cfg.model
+    D = m.d_model
+    e = "bert.embeddings."
+    t = {e + "word_embeddings.weight": params["embed"]["embedding"],
+         e + "position_embeddings.weight": params["pos_embed"]["embedding"],
+         e + "token_type_embeddings.weight": params["segment_embed"]["embedding"],
+         **_norm_out(params["embed_norm"], e + "LayerNorm"),
+         **_linear_out(params["head_dense"], "cls.predictions.transform.dense", D),
+         **_norm_out(params["head_norm"], "cls.predictions.transform.LayerNorm"),
+         "cls.predictions.bias": params["out_bias"]}
+    if not m.tie_embeddings:
+        t["cls.predictions.decoder.weight"] = np.asarray(params["head"]["kernel"]).T
+    for i, layer in enumerate(_unstack(params["blocks"], m.num_layers)):
+        h = f"bert.encoder.layer.{i}."
+        for ours in ("q", "k", "v", "o"):
+            t.update(_linear_out(layer["attn"][ours], h + _BERT_LAYER[ours], D))
+        for ours in ("up", "down"):
+            t.update(_linear_out(layer["mlp"][ours], h + _BERT_LAYER[ours], m.ff_dim if ours == "down" else D))
+        for ours in ("norm1", "norm2"):
+            t.update(_norm_out(layer[ours], h + _BERT_LAYER[ours]))
+    return t
+
+
+TO_PARAMS: dict[str, Callable[[dict, Config], dict]] = {"gpt2": _gpt2_to_params, "llama": _llama_to_params,
+                                                        "bert": _bert_to_params}
+FROM_PARAMS: dict[str, Callable[[dict, Config], dict]] = {"gpt2": _gpt2_from_params, "llama": _llama_from_params,
+                                                          "bert": _bert_from_params}
 
 
 def params_from_hf(kind: str, tensors: dict[str, np.ndarray], cfg: Config) -> dict:
@@ -207,7 +307,13 @@ def family_of(cfg: Config) -> str:
     m = cfg.model
     if m.is_recurrent:
         raise UserError(f"model.arch={m.arch} has no Hugging Face equivalent here: export-hf writes "
-                        "Transformers only (GPT-2 or Llama)")
+                        "Transformers only (GPT-2, Llama or BERT)")
+    if m.arch == "bert":
+        if (m.position, m.norm, m.mlp, m.use_bias) == ("learned", "layernorm", "gelu", True) \
+                and m.kv_heads == m.num_heads:
+            return "bert"
+        raise UserError("this bert model has no Hugging Face equivalent here: BertForMaskedLM needs learned "
+                        "positions, LayerNorm, GELU, biases and multi-head attention")
     if (m.position, m.norm, m.mlp, m.use_bias, m.tie_embeddings) == ("learned", "layernorm", "gelu", True, True) \
             and m.kv_heads == m.num_heads:
         return "gpt2"
@@ -226,6 +332,13 @@ def hf_config_of(cfg: Config, kind: str, eos_id: int | None) -> dict[str, Any]:
                 "n_head": m.num_heads, "n_inner": m.ff_dim, "activation_function": "gelu_new",
                 "layer_norm_epsilon": m.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "tie_word_embeddings": True, "bos_token_id": eos_id, "eos_token_id": eos_id}
+    if kind == "bert":
+        return {"architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": vocab,
+                "hidden_size": m.d_model, "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+                "intermediate_size": m.ff_dim, "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+                "attention_probs_dropout_prob": 0.0, "max_position_embeddings": cfg.max_seq_len,
+                "type_vocab_size": NUM_SEGMENTS, "layer_norm_eps": m.norm_eps,
+                "position_embedding_type": "absolute", "tie_word_embeddings": m.tie_embeddings}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
             "hidden_size": m.d_model, "intermediate_size": m.ff_dim, "num_hidden_layers": m.num_layers,
             "num_attention_heads": m.num_heads, "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim,

@@ -42,20 +42,23 @@ PEAK_FLOPS = {
 
 def matmul_params(cfg: Config, shapes: dict) -> int:
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
-    if "pos_embed" in shapes:
-        total -= int(np.prod(shapes["pos_embed"]["embedding"].shape))
+    for gathered in ("pos_embed", "segment_embed"):  # table lookups, not matmuls
+        if gathered in shapes:
+            total -= int(np.prod(shapes[gathered]["embedding"].shape))
     if not cfg.model.tie_embeddings:
         total -= int(np.prod(shapes["embed"]["embedding"].shape))
     return total
 
 
 def flops_per_token(cfg: Config, n_matmul_params: int, seq_len: int | None = None) -> float:
-    """Training FLOPs per token: 6N + 12*L*H*Q*T, the attention term halved (causal)."""
+    """Training FLOPs per token: 6N + 12*L*H*Q*T, the attention term halved when causal."""
     m = cfg.model
     if m.is_recurrent:
         return 6 * n_matmul_params  # x @ W_x and h @ W_h per token, no attention over the context
     t = seq_len or cfg.train.seq_len
-    attention = 12 * m.num_layers * m.num_heads * m.head_dim * t / 2
+    attention = 12 * m.num_layers * m.num_heads * m.head_dim * t
+    if m.objective != "mlm":  # bert attends both ways: the whole T x T score matrix counts
+        attention /= 2
     return 6 * n_matmul_params + attention
 
 

@@ -110,6 +110,11 @@ class HFTokenizer:
         self.eos_id = int(found[0])
         self.fingerprint = {"name": self.name, "sha256": file_sha256(path)}
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a token (e.g. BERT's "[MASK]"), or None when the vocabulary lacks it."""
+        found = self._tok.token_to_id(token)
+        return None if found is None else int(found)
+
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 

@@ -1,6 +1,7 @@
 """Multi-head / grouped-query attention with optional KV cache, and its kernels.
 
-One module serves every causal use here (training, prefill, one-token decode). Kernels:
+One module serves every causal use here (training, prefill, one-token decode) and, with
+`causal=False`, the bidirectional self-attention of an encoder (BERT). Kernels:
 - `xla` / `cudnn`: `jax.nn.dot_product_attention` (cuDNN flash attention on GPU).
 - `blockwise`: causal attention that skips key blocks above the diagonal; on CPU the XLA
   kernel computes the whole T x T score matrix, and this halves the work for long sequences.
@@ -118,6 +119,20 @@ def causal_attention(q_BTNH, k_BTKH, v_BTKH, kernel: str, block: int) -> jax.Arr
     return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=kernel)
 
 
+def bidirectional_attention(q_BTNH, k_BTKH, v_BTKH, kernel: str) -> jax.Array:
+    """Every query attends to every key (an encoder without padding).
+
+    `blockwise` exists only for the causal case, so on CPU this is the einsum reference (with no
+    mask to apply); the XLA and cuDNN kernels take `is_causal=False` directly.
+    """
+    if kernel in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=False, implementation=kernel)
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    out = _scores_softmax_values(q_BTNH.reshape(B, T, K, N // K, H), k_BTKH, v_BTKH, None)
+    return out.reshape(B, T, N, H)
+
+
 def resolve_kernel(requested: str) -> str:
     """`auto`: cuDNN flash attention on GPU, blockwise on CPU, XLA elsewhere (TPU)."""
     if requested != "auto":
@@ -142,9 +157,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array, *, rope, kernel: str | None, block: int,
                  mask_BTS: jax.Array | None = None, cache: dict | None = None,
-                 cache_index: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+                 cache_index: jax.Array | None = None, causal: bool = True) -> tuple[jax.Array, dict | None]:
         """Self-attention over x; with `cache`, the new keys/values are written at `cache_index`
-        and the queries attend over the whole cache under `mask_BTS` ([B, T, S_cache])."""
+        and the queries attend over the whole cache under `mask_BTS` ([B, T, S_cache]).
+
+        Without a mask, `causal` picks causal (decoders) or full (encoders) attention; a given
+        `mask_BTS` is applied as it is in either case."""
         dtype = x_BTD.dtype
         q_BTNH = constrain(self.q(x_BTD, dtype), ("batch", "length", "heads", "head_dim"))
         k_BTKH = constrain(self.k(x_BTD, dtype), ("batch", "length", "kv_heads", "head_dim"))
@@ -159,6 +177,8 @@ class Attention(nnx.Module):
             out_BTNH = masked_attention(q_BTNH, k_all.astype(dtype), v_all.astype(dtype), mask_BTS)
         elif mask_BTS is not None:
             out_BTNH = masked_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
-        else:
+        elif causal:
             out_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, kernel, block)
+        else:
+            out_BTNH = bidirectional_attention(q_BTNH, k_BTKH, v_BTKH, kernel)
         return self.o(out_BTNH, dtype), new_cache

@@ -114,7 +114,11 @@ class Norm(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """Position-wise feed-forward: GELU/ReLU (two matrices) or SwiGLU (three)."""
+    """Position-wise feed-forward: GELU/ReLU (two matrices) or SwiGLU (three).
+
+    `kind` "gelu" is GPT-2's tanh approximation; "gelu_exact" is the erf form BERT was trained
+    with (the two differ by up to ~1e-3, which a parity test against transformers would see).
+    """
 
     def __init__(self, d_model: int, d_ff: int, kind: str, *, rngs: nnx.Rngs, std: float,
                  out_std: float, use_bias: bool):
@@ -131,6 +135,8 @@ class MLP(nnx.Module):
             h_BTF = jax.nn.silu(self.gate(x_BTD, dtype)) * h_BTF
         elif self.kind == "gelu":
             h_BTF = jax.nn.gelu(h_BTF, approximate=True)
+        elif self.kind == "gelu_exact":
+            h_BTF = jax.nn.gelu(h_BTF, approximate=False)
         else:
             h_BTF = jax.nn.relu(h_BTF)
         return self.down(h_BTF, dtype)

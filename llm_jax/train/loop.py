@@ -15,6 +15,7 @@ from llm_jax.metrics import MetricsWriter, peak_flops_total
 from llm_jax.models.registry import model_vocab_size
 from llm_jax.parallel.mesh import make_mesh
 from llm_jax.run_dir import check_run_dir, trim_metrics, write_run_config
+from llm_jax.train.objectives import tokenizer_mlm_spec
 from llm_jax.train.setup import TrainSetup, build_setup
 from llm_jax.train.state import init_state
 
@@ -51,7 +52,8 @@ def train(cfg: Config) -> dict:
     mesh = make_mesh(cfg)  # validates mesh and batch against the devices before any slow work
     bundle = data_lib.build_data(cfg, run_dir)
     vocab = model_vocab_size(cfg, bundle.tokenizer.vocab_size)
-    setup = build_setup(cfg, vocab, mesh)
+    mlm = tokenizer_mlm_spec(bundle.tokenizer, vocab) if cfg.model.objective == "mlm" else None
+    setup = build_setup(cfg, vocab, mesh, mlm)
     write_run_config(cfg, run_dir)
     barrier("run_dir")  # the directory exists before any process opens checkpoints in it
     ckpt = Checkpointer(run_dir, cfg)
@@ -139,6 +141,10 @@ def train(cfg: Config) -> dict:
 def print_sample(cfg: Config, result: dict) -> None:
     """Print a sample from the trained model (process 0), the last line of `make train`."""
     if cfg.train.sample_tokens <= 0:
+        return
+    if cfg.model.objective == "mlm":
+        if jax.process_index() == 0:
+            print(f"(no sample: model.arch={cfg.model.arch} is a masked-LM encoder, it does not generate text)")
         return
     params = result["params"]
     if is_multiprocess():

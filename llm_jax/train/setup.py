@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 from llm_jax.config import Config
 from llm_jax.metrics import flops_per_token, matmul_params
 from llm_jax.parallel.mesh import make_mesh
+from llm_jax.train.objectives import MLMSpec
 from llm_jax.train.optim import make_optimizer, make_schedule
 from llm_jax.train.state import ModelDef, abstract_state, model_def, state_shardings, unsharded_large_params
 from llm_jax.train.step import batch_sharding, make_eval_step, make_train_step
@@ -39,7 +40,8 @@ class TrainSetup:
         return jax.make_array_from_process_local_data(batch_sharding(self.mesh), local_batch)
 
 
-def build_setup(cfg: Config, vocab_size: int, mesh: Mesh | None = None) -> TrainSetup:
+def build_setup(cfg: Config, vocab_size: int, mesh: Mesh | None = None, mlm: MLMSpec | None = None) -> TrainSetup:
+    """`mlm`: the masking spec, needed by masked-LM models (bert); see `objectives.mlm_spec`."""
     mesh = mesh if mesh is not None else make_mesh(cfg)
     mdef = model_def(cfg, vocab_size)
     tx = make_optimizer(cfg)
@@ -49,8 +51,8 @@ def build_setup(cfg: Config, vocab_size: int, mesh: Mesh | None = None) -> Train
     return TrainSetup(
         cfg=cfg, mesh=mesh, mdef=mdef, vocab_size=vocab_size, tx=tx, schedule=schedule,
         shardings=shardings,
-        train_step=make_train_step(cfg, mdef, tx, schedule, mesh, shardings),
-        eval_step=make_eval_step(mdef, mesh, shardings["params"]),
+        train_step=make_train_step(cfg, mdef, tx, schedule, mesh, shardings, mlm),
+        eval_step=make_eval_step(mdef, mesh, shardings["params"], cfg=cfg, mlm=mlm),
         flops_per_token=flops_per_token(cfg, matmul_params(cfg, mdef.shapes)),
         warnings=warnings,
     )

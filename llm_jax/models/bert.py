@@ -1,0 +1,171 @@
+"""BERT (`model.arch=bert`): an encoder-only Transformer with a masked-LM head.
+
+Devlin et al. (2019), laid out as Hugging Face's BertForMaskedLM so checkpoints map one to one:
+token + position + segment (token type) embeddings summed and LayerNorm-ed, then post-norm
+blocks x = LN(x + Attn(x)); x = LN(x + MLP(x)) with bidirectional attention and exact (erf)
+GELU, then the MLM head: dense D->D, GELU, LayerNorm, and a decoder tied to the token
+embedding plus an output bias.
+
+Blocks are stacked on a leading `layers` axis (`nnx.vmap`) exactly like the GPT's, so the
+sharding rules, scan/unrolled execution and remat work the same way. The model is called like
+`GPT` and returns `(logits_BTV, None)`; it has no KV cache because it does not generate.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llm_jax.config import ModelConfig
+from llm_jax.models.attention import Attention
+from llm_jax.models.layers import MLP, Dense, Embed, Norm, dropout, param, rope_angles, sinusoidal_table
+from llm_jax.models.transformer import REMAT_POLICIES, _unstack
+from llm_jax.parallel.rules import constrain
+
+# Segment (token type) ids: sentence A and sentence B, as in BERT and BertConfig's default.
+NUM_SEGMENTS = 2
+# The config's `gelu` means the erf GELU here: BERT was trained with it, and the tanh form that
+# GPT-2 uses would miss transformers' logits by ~1e-3.
+MLP_KIND = {"gelu": "gelu_exact", "relu": "relu", "swiglu": "swiglu"}
+
+
+class BertBlock(nnx.Module):
+    """Post-norm: x = LN(x + drop(Attn(x))), x = LN(x + drop(MLP(x)))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        # BERT initialises every matrix with the same std (no depth scaling: post-norm blocks
+        # renormalise the residual stream after each branch anyway).
+        std = cfg.init_std
+        self.dropout_rate = cfg.dropout
+        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, rngs=rngs,
+                              std=std, out_std=std, use_bias=cfg.use_bias)
+        self.norm1 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
+        self.mlp = MLP(cfg.d_model, cfg.ff_dim, MLP_KIND[cfg.mlp], rngs=rngs, std=std, out_std=std,
+                       use_bias=cfg.use_bias)
+        self.norm2 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
+
+    def __call__(self, x_BTD, *, rope, kernel, block, mask_BTS, key):
+        k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
+        h_BTD, _ = self.attn(x_BTD, rope=rope, kernel=kernel, block=block, mask_BTS=mask_BTS, causal=False)
+        x_BTD = self.norm1(x_BTD + dropout(h_BTD, self.dropout_rate, k_attn))
+        x_BTD = self.norm2(x_BTD + dropout(self.mlp(x_BTD), self.dropout_rate, k_mlp))
+        return constrain(x_BTD, ("batch", "length", "embed"))
+
+
+class Bert(nnx.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, *, compute_dtype: str,
+                 attention_kernel: str, rngs: nnx.Rngs):
+        std = cfg.init_std
+        self.num_layers = cfg.num_layers
+        self.position = cfg.position
+        self.rope_theta = cfg.rope_theta
+        self.head_dim = cfg.head_dim
+        self.max_seq_len = max_seq_len
+        self.dropout_rate = cfg.dropout
+        self.scan_layers = cfg.scan_layers
+        self.remat = cfg.remat
+        self.compute_dtype = compute_dtype
+        self.attention_kernel = attention_kernel
+        self.attention_block = cfg.attention_block
+
+        self.embed = Embed(vocab_size, cfg.d_model, ("vocab", "embed"), rngs=rngs, std=std)
+        self.pos_embed = (Embed(max_seq_len, cfg.d_model, ("position", "embed"), rngs=rngs, std=std)
+                          if cfg.position == "learned" else None)
+        self.segment_embed = Embed(NUM_SEGMENTS, cfg.d_model, ("segment", "embed"), rngs=rngs, std=std)
+        self.embed_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(layer_rngs: nnx.Rngs) -> BertBlock:
+            return BertBlock(cfg, rngs=layer_rngs)
+
+        self.blocks = make_blocks(rngs)
+        # The MLM head's transform maps the residual stream onto itself; its output axis is
+        # `embed` too (the fsdp axis can split only one of the two, the input one).
+        self.head_dense = Dense((cfg.d_model,), (cfg.d_model,), ("embed", "embed"), rngs=rngs, std=std,
+                                use_bias=cfg.use_bias)
+        self.head_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
+        self.head = (None if cfg.tie_embeddings else
+                     Dense((cfg.d_model,), (vocab_size,), ("embed", "vocab"), rngs=rngs, std=std,
+                           use_bias=False))
+        # A bias per output token, kept apart from the (possibly tied) decoder matrix as in BERT.
+        self.out_bias = (param(rngs, nnx.initializers.zeros, (vocab_size,), ("vocab",))
+                         if cfg.use_bias else None)
+
+    def __call__(self, tokens_BT: jax.Array, *, segments_BT: jax.Array | None = None,
+                 attention_mask_BT: jax.Array | None = None, positions_BT: jax.Array | None = None,
+                 mask_BTS: jax.Array | None = None, cache: dict | None = None,
+                 cache_index: jax.Array | None = None,
+                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, None]:
+        """MLM logits [B, T, V] in float32, and None (an encoder keeps no cache).
+
+        `segments_BT`: token type ids (0 or 1), default all 0. `attention_mask_BT` (1 = real
+        token, 0 = padding, as Hugging Face's `attention_mask`) hides padded keys from every
+        query; `mask_BTS` (True = may attend) gives the whole pattern instead. Without either,
+        every token attends to every token. `positions_BT` default to 0..T-1.
+        """
+        if cache is not None or cache_index is not None:
+            raise ValueError("BERT is an encoder: it has no KV cache and does not generate")
+        dtype = jnp.dtype(self.compute_dtype)
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+        if segments_BT is None:
+            segments_BT = jnp.zeros((B, T), jnp.int32)
+        if attention_mask_BT is not None:
+            keys_BS = jnp.asarray(attention_mask_BT).astype(bool)
+            pad_BTS = jnp.broadcast_to(keys_BS[:, None, :], (B, T, T))
+            mask_BTS = pad_BTS if mask_BTS is None else (mask_BTS & pad_BTS)
+
+        x_BTD = self.embed(tokens_BT, dtype) + self.segment_embed(segments_BT, dtype)
+        if self.position == "learned":
+            x_BTD = x_BTD + jnp.take(self.pos_embed.embedding[...], positions_BT, axis=0).astype(dtype)
+        elif self.position == "sinusoidal":
+            table = sinusoidal_table(self.max_seq_len, x_BTD.shape[-1])
+            x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(dtype)
+        rope = rope_angles(positions_BT, self.head_dim, self.rope_theta) if self.position == "rope" else None
+        x_BTD = self.embed_norm(x_BTD)
+        if dropout_key is not None:
+            dropout_key, embed_key = jax.random.split(dropout_key)
+            x_BTD = dropout(x_BTD, self.dropout_rate, embed_key)
+        x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
+
+        x_BTD = self._run_blocks(x_BTD, rope, mask_BTS, dropout_key)
+
+        # The head's activation is BERT's erf GELU whatever model.mlp says (as in BertConfig,
+        # where one hidden_act serves both; only gelu is exportable anyway).
+        h_BTD = jax.nn.gelu(self.head_dense(x_BTD, dtype), approximate=False)
+        h_BTD = self.head_norm(h_BTD)
+        if self.head is None:
+            logits_BTV = self.embed.attend(h_BTD, dtype)
+        else:
+            logits_BTV = self.head(h_BTD, dtype, out_dtype=jnp.float32)
+        if self.out_bias is not None:
+            logits_BTV = logits_BTV + self.out_bias[...]
+        return constrain(logits_BTV, ("batch", "length", "vocab")), None
+
+    def _run_blocks(self, x_BTD, rope, mask_BTS, dropout_key):
+        """The GPT's two execution modes over the same stacked parameters: scan or unrolled."""
+        graphdef, stacked = nnx.split(self.blocks)
+        kernel, block = self.attention_kernel, self.attention_block
+
+        def one_layer(x, layer_state, key):
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(x, rope=rope, kernel=kernel, block=block, mask_BTS=mask_BTS, key=key)
+
+        if self.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.remat])
+        keys = jax.random.split(dropout_key, self.num_layers) if dropout_key is not None else None
+
+        if self.scan_layers:
+            def body(x, xs):
+                layer_state, key = xs
+                return one_layer(x, layer_state, key), None
+
+            return jax.lax.scan(body, x_BTD, (stacked, keys))[0]
+
+        layer_states = _unstack(stacked, self.num_layers)
+        for i in range(self.num_layers):
+            x_BTD = one_layer(x_BTD, layer_states[i], keys[i] if keys is not None else None)
+        return x_BTD

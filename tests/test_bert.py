@@ -1,0 +1,158 @@
+"""BERT (model.arch=bert): bidirectional encoder, Hugging Face BertForMaskedLM parity and round trip,
+masked-LM training (loss falls, same losses on every mesh and with gradient accumulation), no generation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+import llm_jax
+from llm_jax.cli import main
+from llm_jax.config import load_config
+from llm_jax.errors import UserError
+from llm_jax.metrics import flops_per_token, matmul_params
+from llm_jax.models.registry import build_model
+from llm_jax.train.state import model_def
+from runs import REPO, TINY, cli_subprocess, losses
+
+FIXTURE = REPO / "tests" / "fixtures" / "hf" / "bert"
+SMALL = ["model.arch=bert", "model.num_layers=2", "model.d_model=32", "model.num_heads=4", "train.seq_len=16"]
+
+
+def _reference():
+    return np.load(FIXTURE / "reference.npz")
+
+
+def test_load_gives_the_transformers_logits():
+    ref = _reference()
+    model = llm_jax.load(FIXTURE)
+    assert model.config.model.arch == "bert"
+    got = model.logits(ref["input_ids"])
+    np.testing.assert_allclose(got, ref["logits"], atol=2e-4)
+    # Segments and a padding mask, through the module itself (the handle takes ids only).
+    module = model._mdef.merge(model.params)
+    got, _ = module(jnp.asarray(ref["input_ids"], jnp.int32), segments_BT=jnp.asarray(ref["token_type_ids"]),
+                    attention_mask_BT=jnp.asarray(ref["attention_mask"]))
+    np.testing.assert_allclose(got, ref["logits_segments_padding"], atol=2e-4)
+    tok = model.tokenizer
+    assert tok.token_id("[MASK]") == 4 and tok.eos_id == tok.token_id("[SEP]")
+
+
+def test_import_then_export_round_trips_the_checkpoint(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "exported"
+    assert main(["import-hf", str(FIXTURE), str(run)]) == 0
+    ref = _reference()
+    imported = llm_jax.load(run)
+    assert imported.step == 0 and imported.config.model.arch == "bert"
+    np.testing.assert_allclose(imported.logits(ref["input_ids"]), ref["logits"], atol=2e-4)
+    # An encoder does not generate: a one-line user error, exit status 2.
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "def "]) == 2
+    assert "does not generate" in capsys.readouterr().err
+
+    assert main(["export-hf", str(run), str(out)]) == 0
+    want, got = load_file(str(FIXTURE / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    # The tied decoder matrix is the word embedding: transformers stores it once.
+    assert sorted(got) == sorted(k for k in want if k != "cls.predictions.decoder.weight")
+    for key, value in got.items():
+        np.testing.assert_array_equal(value, want[key], err_msg=key)
+    assert (out / "tokenizer.json").read_bytes() == (FIXTURE / "tokenizer.json").read_bytes()
+    np.testing.assert_allclose(llm_jax.load(out).logits(ref["input_ids"]), ref["logits"], atol=2e-4)
+
+
+def test_generate_refuses_an_encoder():
+    with pytest.raises(UserError, match="does not generate"):
+        llm_jax.load(FIXTURE).generate("def ", max_new_tokens=4)
+
+
+def test_attention_is_bidirectional_and_padding_is_hidden():
+    model = build_model(load_config(None, SMALL), 128, nnx.Rngs(0))
+    a = jnp.arange(16)[None] % 100
+    b = a.at[0, 10].set(99)
+    la, lb = model(a)[0], model(b)[0]
+    assert not np.allclose(la[0, :10], lb[0, :10])  # earlier positions see the later token
+    # Behind a padding mask, what the padded slots hold changes nothing at the real positions.
+    mask = (jnp.arange(16) < 12)[None]
+    pa = model(a, attention_mask_BT=mask)[0]
+    pb = model(a.at[0, 13].set(7), attention_mask_BT=mask)[0]
+    np.testing.assert_allclose(pa[0, :12], pb[0, :12], atol=1e-6)
+    # Segment 1 differs from segment 0.
+    assert not np.allclose(model(a, segments_BT=jnp.ones_like(a))[0], la)
+
+
+@pytest.mark.parametrize("extra", [[], ["model.position=rope", "model.tie_embeddings=false", "model.use_bias=false"]])
+def test_scan_equals_unrolled_and_remat(extra):
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 100)
+    outs = []
+    for mode in (["model.scan_layers=false"], ["model.scan_layers=true"],
+                 ["model.scan_layers=true", "model.remat=full"], ["model.attention=xla"]):
+        outs.append(np.asarray(build_model(load_config(None, SMALL + extra + mode), 128, nnx.Rngs(0))(tokens)[0]))
+    assert outs[0].shape == (2, 16, 128) and outs[0].dtype == np.float32
+    for o in outs[1:]:
+        np.testing.assert_allclose(o, outs[0], atol=2e-5)
+
+
+def test_every_parameter_has_logical_axes_and_flops_count_both_directions():
+    cfg = load_config("gpt_tiny", ["model.arch=bert"])  # 2 x 64, 4 heads, d_ff 256, T 32
+    vocab, d, f, L, T = 128, 64, 256, 2, 32
+    mdef = model_def(cfg, vocab)
+    for names, shape in zip(jax.tree.leaves(mdef.logical, is_leaf=lambda x: isinstance(x, tuple)),
+                            jax.tree.leaves(mdef.shapes)):
+        assert len(names) == len(shape.shape) and all(isinstance(n, str) for n in names)
+    per_layer = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d  # attention, MLP, two LayerNorms
+    head = d * d + d + 2 * d + vocab  # transform dense, its LayerNorm, output bias (decoder tied)
+    n = vocab * d + 2 * d + L * per_layer + head  # embedding + its LayerNorm (no gathers' tables)
+    assert matmul_params(cfg, mdef.shapes) == n
+    assert mdef.num_params == n + T * d + 2 * d  # plus the position and segment tables
+    assert flops_per_token(cfg, n) == 6 * n + 12 * L * 4 * 16 * T  # the full T x T attention
+
+
+STEPS = ["model.arch=bert", "train.batch_size=8", "checkpoint.every=0", "optim.warmup_steps=5"]
+
+
+def test_cli_training_lowers_the_masked_lm_loss(tmp_path, capsys):
+    assert main(["train", "gpt_tiny", f"run.dir={tmp_path}", *TINY, *STEPS, "train.steps=30",
+                 "train.sample_tokens=16"]) == 0
+    got = losses(tmp_path)
+    assert sorted(got) == list(range(1, 31))
+    assert np.mean([got[s] for s in range(26, 31)]) < got[1] - 1.0  # starts near ln(384) = 5.95
+    out = capsys.readouterr().out
+    assert "eval loss" in out and "no sample" in out and "does not generate" in out
+
+
+def test_same_losses_on_every_mesh_and_with_accumulation(tmp_path):
+    steps = [*STEPS, "train.steps=6"]
+    single = cli_subprocess(["train", "gpt_tiny", f"run.dir={tmp_path / 'one'}", "mesh.data=1", *TINY, *steps],
+                            devices=1)
+    assert main(["train", "gpt_tiny", f"run.dir={tmp_path / 'mixed'}", "mesh.data=2", "mesh.fsdp=2",
+                 "mesh.tensor=2", *TINY, *steps]) == 0
+    # Two microbatches hold different numbers of masked positions: the step must still give the
+    # full batch's loss and gradient (masks drawn once per step, sums over the global count).
+    assert main(["train", "gpt_tiny", f"run.dir={tmp_path / 'accum'}", "mesh.data=2", "mesh.tensor=4",
+                 "train.grad_accum=2", *TINY, *steps]) == 0
+    _, err = single.communicate(timeout=300)
+    assert single.returncode == 0, err
+    ref = losses(tmp_path / "one")
+    assert sorted(ref) == list(range(1, 7))
+    for name in ("mixed", "accum"):
+        got = losses(tmp_path / name)
+        np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=1e-4, err_msg=name)
+
+
+def test_a_trained_bert_exports_with_its_logits_and_odd_variants_are_refused(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "hf"
+    assert main(["train", "gpt_tiny", f"run.dir={run}", "model.arch=bert", "train.steps=3",
+                 "train.sample_tokens=0", "data.max_bytes=300000"]) == 0
+    assert main(["export-hf", str(run), str(out)]) == 0
+    ids = np.random.default_rng(0).integers(0, 257, (2, 16))
+    np.testing.assert_allclose(llm_jax.load(out).logits(ids), llm_jax.load(run).logits(ids), atol=2e-5)
+    relu = tmp_path / "relu"
+    assert main(["train", "gpt_tiny", f"run.dir={relu}", "model.arch=bert", "model.mlp=relu", "train.steps=1",
+                 "train.sample_tokens=0", "data.max_bytes=300000"]) == 0
+    capsys.readouterr()
+    assert main(["export-hf", str(relu), str(tmp_path / "relu_hf")]) == 2
+    assert "no Hugging Face equivalent" in capsys.readouterr().err

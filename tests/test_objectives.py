@@ -1,0 +1,71 @@
+"""Masked-LM masking (llm_jax/train/objectives.py): BERT's rates, determinism in (seed, step), the [MASK] id."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax.errors import UserError
+from llm_jax.train.objectives import MLMSpec, mlm_key, mlm_mask, mlm_spec, mlm_targets, tokenizer_mlm_spec
+
+SPEC = MLMSpec(mask_id=257, vocab_limit=257)
+
+
+def test_rates_are_15_percent_then_80_10_10():
+    # Tokens that are never the mask id and lie in a narrow band, so a random replacement is
+    # recognisable as long as it leaves the band.
+    tokens = jnp.full((256, 512), 3, jnp.int32)
+    inputs, chosen = mlm_mask(mlm_key(0, 7), tokens, SPEC)
+    inputs, chosen = np.asarray(inputs), np.asarray(chosen)
+    n = chosen.size
+    assert abs(chosen.mean() - 0.15) < 0.003  # 131k draws: the std is 0.001
+    # Unchosen positions are never touched.
+    assert (inputs[~chosen] == 3).all()
+    picked = inputs[chosen]
+    masked = (picked == 257).mean()
+    kept_or_random = picked[picked != 257]
+    random = (kept_or_random != 3).mean() * len(kept_or_random) / len(picked)
+    # A random replacement draws 3 itself with probability 1/257: count it as "kept" and correct.
+    random /= 1 - 1 / 257
+    assert abs(masked - 0.8) < 0.01, masked
+    assert abs(random - 0.1) < 0.01, random
+    assert abs(1 - masked - random - 0.1) < 0.01
+    # Random replacements come from the tokenizer's ids, never from padding rows.
+    assert picked.max() <= 257 and (picked[picked != 257] < 257).all()
+    assert n == 256 * 512
+
+
+def test_masks_are_a_function_of_seed_and_step():
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (8, 64)), jnp.int32)
+    a = mlm_mask(mlm_key(0, 5), tokens, SPEC)
+    b = mlm_mask(mlm_key(0, 5), tokens, SPEC)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    for other in (mlm_key(0, 6), mlm_key(1, 5)):
+        assert not np.array_equal(mlm_mask(other, tokens, SPEC)[1], a[1])
+    # A traced step (as in the jitted train step) gives the python step's masks.
+    traced = jax.jit(lambda s: mlm_mask(mlm_key(0, s), tokens, SPEC))(jnp.int32(5))
+    np.testing.assert_array_equal(traced[0], a[0])
+
+
+def test_targets_are_the_first_t_tokens_weighted_where_chosen():
+    windows = jnp.asarray(np.random.default_rng(1).integers(0, 257, (4, 33)), jnp.int32)
+    inputs, targets, weights = mlm_targets(windows, mlm_key(0, 0), SPEC)
+    assert inputs.shape == targets.shape == weights.shape == (4, 32)
+    np.testing.assert_array_equal(targets, windows[:, :-1])
+    _, chosen = mlm_mask(mlm_key(0, 0), windows[:, :-1], SPEC)
+    np.testing.assert_array_equal(weights, np.asarray(chosen, np.float32))
+
+
+class _WithMask:
+    vocab_size = 96
+
+    def token_id(self, token):
+        return {"[MASK]": 4}.get(token)
+
+
+def test_mask_id_is_the_tokenizers_or_the_first_padding_row():
+    assert mlm_spec(257, 384) == MLMSpec(mask_id=257, vocab_limit=257)  # byte tokens padded to 384
+    assert tokenizer_mlm_spec(_WithMask(), 96).mask_id == 4
+    with pytest.raises(UserError, match="no padding row"):
+        mlm_spec(257, 257)  # model.vocab_multiple=1: nowhere to put [MASK]

@@ -13,6 +13,7 @@ or Ctrl-C to the launcher is passed on to every process, which then checkpoint a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -54,10 +55,8 @@ def _pump(index: int, stream, lock: threading.Lock) -> None:
 def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
     for proc in procs:
         if proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # it exited since poll()
                 proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
 
 
 def stop_all(procs: list[subprocess.Popen], grace_s: float) -> None:

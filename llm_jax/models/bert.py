@@ -19,8 +19,8 @@ from flax import nnx
 
 from llm_jax.config import ModelConfig
 from llm_jax.models.attention import Attention
-from llm_jax.models.layers import MLP, Dense, Embed, Norm, dropout, param, rope_angles, sinusoidal_table
-from llm_jax.models.transformer import REMAT_POLICIES, _unstack
+from llm_jax.models.layers import MLP, Dense, Embed, Norm, dropout, output_layer, output_logits, param, stack_layers
+from llm_jax.models.transformer import add_positions, run_layers
 from llm_jax.parallel.rules import constrain
 
 # Segment (token type) ids: sentence A and sentence B, as in BERT and BertConfig's default.
@@ -75,20 +75,13 @@ class Bert(nnx.Module):
         self.segment_embed = Embed(NUM_SEGMENTS, cfg.d_model, ("segment", "embed"), rngs=rngs, std=std)
         self.embed_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(layer_rngs: nnx.Rngs) -> BertBlock:
-            return BertBlock(cfg, rngs=layer_rngs)
-
-        self.blocks = make_blocks(rngs)
+        self.blocks = stack_layers(cfg.num_layers, lambda layer_rngs: BertBlock(cfg, rngs=layer_rngs))(rngs)
         # The MLM head's transform maps the residual stream onto itself; its output axis is
         # `embed` too (the fsdp axis can split only one of the two, the input one).
         self.head_dense = Dense((cfg.d_model,), (cfg.d_model,), ("embed", "embed"), rngs=rngs, std=std,
                                 use_bias=cfg.use_bias)
         self.head_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
-        self.head = (None if cfg.tie_embeddings else
-                     Dense((cfg.d_model,), (vocab_size,), ("embed", "vocab"), rngs=rngs, std=std,
-                           use_bias=False))
+        self.head = output_layer(cfg, vocab_size, rngs)
         # A bias per output token, kept apart from the (possibly tied) decoder matrix as in BERT.
         self.out_bias = (param(rngs, nnx.initializers.zeros, (vocab_size,), ("vocab",))
                          if cfg.use_bias else None)
@@ -118,13 +111,8 @@ class Bert(nnx.Module):
             pad_BTS = jnp.broadcast_to(keys_BS[:, None, :], (B, T, T))
             mask_BTS = pad_BTS if mask_BTS is None else (mask_BTS & pad_BTS)
 
-        x_BTD = self.embed(tokens_BT, dtype) + self.segment_embed(segments_BT, dtype)
-        if self.position == "learned":
-            x_BTD = x_BTD + jnp.take(self.pos_embed.embedding[...], positions_BT, axis=0).astype(dtype)
-        elif self.position == "sinusoidal":
-            table = sinusoidal_table(self.max_seq_len, x_BTD.shape[-1])
-            x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(dtype)
-        rope = rope_angles(positions_BT, self.head_dim, self.rope_theta) if self.position == "rope" else None
+        x_BTD, rope = add_positions(self, self.embed(tokens_BT, dtype) + self.segment_embed(segments_BT, dtype),
+                                    positions_BT)
         x_BTD = self.embed_norm(x_BTD)
         if dropout_key is not None:
             dropout_key, embed_key = jax.random.split(dropout_key)
@@ -137,35 +125,16 @@ class Bert(nnx.Module):
         # where one hidden_act serves both; only gelu is exportable anyway).
         h_BTD = jax.nn.gelu(self.head_dense(x_BTD, dtype), approximate=False)
         h_BTD = self.head_norm(h_BTD)
-        if self.head is None:
-            logits_BTV = self.embed.attend(h_BTD, dtype)
-        else:
-            logits_BTV = self.head(h_BTD, dtype, out_dtype=jnp.float32)
+        logits_BTV = output_logits(self.embed, self.head, h_BTD, dtype)
         if self.out_bias is not None:
             logits_BTV = logits_BTV + self.out_bias[...]
         return constrain(logits_BTV, ("batch", "length", "vocab")), None
 
     def _run_blocks(self, x_BTD, rope, mask_BTS, dropout_key):
-        """The GPT's two execution modes over the same stacked parameters: scan or unrolled."""
-        graphdef, stacked = nnx.split(self.blocks)
+        """The GPT's execution modes over the same stacked parameters: scan or unrolled, remat."""
         kernel, block = self.attention_kernel, self.attention_block
 
-        def one_layer(x, layer_state, key):
-            layer = nnx.merge(graphdef, layer_state)
-            return layer(x, rope=rope, kernel=kernel, block=block, mask_BTS=mask_BTS, key=key)
+        def call(layer, x, _cache, key):
+            return layer(x, rope=rope, kernel=kernel, block=block, mask_BTS=mask_BTS, key=key), None
 
-        if self.remat != "none":
-            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.remat])
-        keys = jax.random.split(dropout_key, self.num_layers) if dropout_key is not None else None
-
-        if self.scan_layers:
-            def body(x, xs):
-                layer_state, key = xs
-                return one_layer(x, layer_state, key), None
-
-            return jax.lax.scan(body, x_BTD, (stacked, keys))[0]
-
-        layer_states = _unstack(stacked, self.num_layers)
-        for i in range(self.num_layers):
-            x_BTD = one_layer(x_BTD, layer_states[i], keys[i] if keys is not None else None)
-        return x_BTD
+        return run_layers(self, call, x_BTD, None, dropout_key)[0]

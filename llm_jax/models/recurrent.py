@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm_jax.config import ModelConfig
-from llm_jax.models.layers import Dense, Embed, Norm, dropout
+from llm_jax.models.layers import Dense, Embed, Norm, dropout, output_layer, output_logits, stack_layers
 from llm_jax.models.transformer import _unstack
 from llm_jax.parallel.rules import constrain
 
@@ -151,16 +151,9 @@ class RecurrentLM(nnx.Module):
         self.embed = Embed(vocab_size, cfg.d_model, ("vocab", "embed"), rngs=rngs, std=cfg.init_std)
 
         # Stacked along a leading `layers` axis like the GPT's blocks (same checkpoint layout).
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_layers(layer_rngs: nnx.Rngs) -> RecurrentLayer:
-            return RecurrentLayer(cfg, rngs=layer_rngs)
-
-        self.layers = make_layers(rngs)
+        self.layers = stack_layers(cfg.num_layers, lambda layer_rngs: RecurrentLayer(cfg, rngs=layer_rngs))(rngs)
         self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
-        self.head = (None if cfg.tie_embeddings else
-                     Dense((cfg.d_model,), (vocab_size,), ("embed", "vocab"), rngs=rngs,
-                           std=cfg.init_std, use_bias=False))
+        self.head = output_layer(cfg, vocab_size, rngs)
 
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                  mask_BTS: jax.Array | None = None, cache: dict | None = None,
@@ -201,11 +194,7 @@ class RecurrentLM(nnx.Module):
             x_BTD, s = layer(x_BTD, states[i], valid_BT, keys[i] if keys is not None else None)
             new_states.append(s)
 
-        x_BTD = self.final_norm(x_BTD)
-        if self.head is None:
-            logits_BTV = self.embed.attend(x_BTD, dtype)
-        else:
-            logits_BTV = self.head(x_BTD, dtype, out_dtype=jnp.float32)
+        logits_BTV = output_logits(self.embed, self.head, self.final_norm(x_BTD), dtype)
         logits_BTV = constrain(logits_BTV, ("batch", "length", "vocab"))
         if cache is None:
             return logits_BTV, None

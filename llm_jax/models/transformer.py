@@ -15,7 +15,8 @@ from flax import nnx
 
 from llm_jax.config import ModelConfig
 from llm_jax.models.attention import Attention
-from llm_jax.models.layers import MLP, Dense, Embed, Norm, dropout, rope_angles, sinusoidal_table
+from llm_jax.models.layers import (MLP, Embed, Norm, dropout, output_layer, output_logits, rope_angles,
+                                   sinusoidal_table, stack_layers)
 from llm_jax.parallel.rules import constrain
 
 REMAT_POLICIES = {
@@ -67,16 +68,9 @@ class GPT(nnx.Module):
         self.pos_embed = (Embed(max_seq_len, cfg.d_model, ("position", "embed"), rngs=rngs, std=cfg.init_std)
                           if cfg.position == "learned" else None)
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(layer_rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs=layer_rngs)
-
-        self.blocks = make_blocks(rngs)
+        self.blocks = stack_layers(cfg.num_layers, lambda layer_rngs: Block(cfg, rngs=layer_rngs))(rngs)
         self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
-        self.head = (None if cfg.tie_embeddings else
-                     Dense((cfg.d_model,), (vocab_size,), ("embed", "vocab"), rngs=rngs,
-                           std=cfg.init_std, use_bias=False))
+        self.head = output_layer(cfg, vocab_size, rngs)
 
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                  mask_BTS: jax.Array | None = None, cache: dict | None = None,
@@ -91,57 +85,74 @@ class GPT(nnx.Module):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-        x_BTD = self.embed(tokens_BT, dtype)
-        if self.position == "learned":
-            x_BTD = x_BTD + jnp.take(self.pos_embed.embedding[...], positions_BT, axis=0).astype(dtype)
-        elif self.position == "sinusoidal":
-            table = sinusoidal_table(self.max_seq_len, x_BTD.shape[-1])
-            x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(dtype)
-        rope = rope_angles(positions_BT, self.head_dim, self.rope_theta) if self.position == "rope" else None
+        x_BTD, rope = add_positions(self, self.embed(tokens_BT, dtype), positions_BT)
         if dropout_key is not None:
             dropout_key, embed_key = jax.random.split(dropout_key)
             x_BTD = dropout(x_BTD, self.dropout_rate, embed_key)
         x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
 
         x_BTD, new_cache = self._run_blocks(x_BTD, rope, mask_BTS, cache, cache_index, dropout_key)
-        x_BTD = self.final_norm(x_BTD)
-        if self.head is None:
-            logits_BTV = self.embed.attend(x_BTD, dtype)
-        else:
-            logits_BTV = self.head(x_BTD, dtype, out_dtype=jnp.float32)
+        logits_BTV = output_logits(self.embed, self.head, self.final_norm(x_BTD), dtype)
         return constrain(logits_BTV, ("batch", "length", "vocab")), new_cache
 
     def _run_blocks(self, x_BTD, rope, mask_BTS, cache, cache_index, dropout_key):
-        graphdef, stacked = nnx.split(self.blocks)
         kernel, block = self.attention_kernel, self.attention_block
 
-        def one_layer(x, layer_state, layer_cache, key):
-            layer = nnx.merge(graphdef, layer_state)
+        def call(layer, x, layer_cache, key):
             return layer(x, rope=rope, kernel=kernel, block=block, mask_BTS=mask_BTS,
                          cache=layer_cache, cache_index=cache_index, key=key)
 
-        if self.remat != "none":
-            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.remat])
-        keys = jax.random.split(dropout_key, self.num_layers) if dropout_key is not None else None
+        return run_layers(self, call, x_BTD, cache, dropout_key)
 
-        if self.scan_layers:
-            def body(x, xs):
-                layer_state, layer_cache, key = xs
-                return one_layer(x, layer_state, layer_cache, key)
 
-            return jax.lax.scan(body, x_BTD, (stacked, cache, keys))
+def add_positions(model: nnx.Module, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, tuple | None]:
+    """Add learned or sinusoidal positions to the embedded tokens, or return RoPE's angles.
 
-        # Unstack with one split per array: its gradient is a single concatenate, where
-        # per-layer indexing would pad every layer's gradient to the full stacked shape.
-        layer_states = _unstack(stacked, self.num_layers)
-        layer_caches = _unstack(cache, self.num_layers) if cache is not None else [None] * self.num_layers
-        new_caches = []
-        for i in range(self.num_layers):
-            x_BTD, c = one_layer(x_BTD, layer_states[i], layer_caches[i], keys[i] if keys is not None else None)
-            new_caches.append(c)
-        if cache is None:
-            return x_BTD, None
-        return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *new_caches)
+    `model` carries `position`, `pos_embed`, `max_seq_len`, `head_dim` and `rope_theta` (GPT, BERT).
+    """
+    dtype = x_BTD.dtype
+    if model.position == "learned":
+        x_BTD = x_BTD + jnp.take(model.pos_embed.embedding[...], positions_BT, axis=0).astype(dtype)
+    elif model.position == "sinusoidal":
+        table = sinusoidal_table(model.max_seq_len, x_BTD.shape[-1])
+        x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(dtype)
+    rope = rope_angles(positions_BT, model.head_dim, model.rope_theta) if model.position == "rope" else None
+    return x_BTD, rope
+
+
+def run_layers(model: nnx.Module, call, x_BTD: jax.Array, cache, dropout_key):
+    """Run `model.blocks` (stacked) over x by `lax.scan` or an unrolled loop, with remat.
+
+    `call(layer, x, layer_cache, key) -> (x, new_layer_cache)`; `cache` is stacked per layer or
+    None. `model` carries `blocks`, `num_layers`, `scan_layers` and `remat` (GPT, BERT).
+    """
+    graphdef, stacked = nnx.split(model.blocks)
+
+    def one_layer(x, layer_state, layer_cache, key):
+        return call(nnx.merge(graphdef, layer_state), x, layer_cache, key)
+
+    if model.remat != "none":
+        one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[model.remat])
+    keys = jax.random.split(dropout_key, model.num_layers) if dropout_key is not None else None
+
+    if model.scan_layers:
+        def body(x, xs):
+            layer_state, layer_cache, key = xs
+            return one_layer(x, layer_state, layer_cache, key)
+
+        return jax.lax.scan(body, x_BTD, (stacked, cache, keys))
+
+    # Unstack with one split per array: its gradient is a single concatenate, where
+    # per-layer indexing would pad every layer's gradient to the full stacked shape.
+    layer_states = _unstack(stacked, model.num_layers)
+    layer_caches = _unstack(cache, model.num_layers) if cache is not None else [None] * model.num_layers
+    new_caches = []
+    for i in range(model.num_layers):
+        x_BTD, c = one_layer(x_BTD, layer_states[i], layer_caches[i], keys[i] if keys is not None else None)
+        new_caches.append(c)
+    if cache is None:
+        return x_BTD, None
+    return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *new_caches)
 
 
 def _unstack(tree, n: int) -> list:

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_PY=${1:?python with torch and transformers}
 ROUNDS=${2:-3}
-for i in $(seq "$ROUNDS"); do
+for _ in $(seq "$ROUNDS"); do
   "$TORCH_PY" scripts/bench_torch_gpt2.py
   .venv/bin/llm-jax bench gpt_bench --json
 done

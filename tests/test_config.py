@@ -2,7 +2,7 @@
 
 import pytest
 
-from llm_jax.config import Config, all_keys, check_compatible, key_docs, load_config
+from llm_jax.config import CONFIGS_DIR, Config, all_keys, check_compatible, key_docs, load_config
 from llm_jax.errors import UserError
 
 
@@ -72,3 +72,17 @@ def test_identity_allows_more_steps_refuses_new_model():
     with pytest.raises(UserError, match="model.d_model"):
         check_compatible(a, load_config("gpt_tiny", ["model.d_model=128"]), "runs/x")
     assert isinstance(Config(), Config)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+def test_every_preset_validates(preset):
+    cfg = load_config(preset, [])
+    assert cfg.run.dir == f"runs/{preset}"  # each preset writes to its own run directory
+
+
+def test_gpt_1b_preset_has_about_a_billion_parameters():
+    from llm_jax.models.registry import model_vocab_size
+    from llm_jax.train.state import model_def
+
+    cfg = load_config("gpt_1b", [])
+    assert model_def(cfg, model_vocab_size(cfg, 257)).num_params == 1_078_472_704  # as `bench` reported

@@ -23,14 +23,23 @@ from llm_jax.errors import UserError
 from llm_jax.generate import BOUNDED_POSITIONS, generate
 from llm_jax.models.registry import model_vocab_size
 from llm_jax.parallel.rules import MESH_AXES
+from llm_jax.train.objectives import decoder_start_id
 from llm_jax.train.state import ModelDef, model_def, param_shardings
 
 Prompt = str | Sequence[int]
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
-def _forward(graphdef: Any, params: Any, tokens_BT: jax.Array) -> jax.Array:
-    logits_BTV, _ = nnx.merge(graphdef, params)(tokens_BT)
+def _forward(graphdef: Any, params: Any, tokens_BT: jax.Array, mask_BT: jax.Array | None) -> jax.Array:
+    kwargs = {} if mask_BT is None else {"attention_mask_BT": mask_BT}
+    logits_BTV, _ = nnx.merge(graphdef, params)(tokens_BT, **kwargs)
+    return logits_BTV
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _forward_seq2seq(graphdef: Any, params: Any, src_BS: jax.Array, tgt_BT: jax.Array,
+                     src_mask_BS: jax.Array | None) -> jax.Array:
+    logits_BTV, _ = nnx.merge(graphdef, params)(src_BS, tgt_BT, src_mask_BS=src_mask_BS)
     return logits_BTV
 
 
@@ -74,36 +83,72 @@ class Model:
         """Rows of the model's token table (the tokenizer's vocabulary plus padding)."""
         return self._params["embed"]["embedding"].shape[0]
 
-    def logits(self, input_ids: Any, decoder_input_ids: Any = None) -> np.ndarray:
+    @property
+    def decoder_start_id(self) -> int:
+        """An encoder-decoder's first decoder input: the tokenizer's `<pad>` (T5's convention)
+        if it has one, else its end-of-text id (0 without a tokenizer)."""
+        tok = self._tokenizer
+        if tok is None:
+            return 0
+        return decoder_start_id(tok.eos_id, getattr(tok, "token_id", None))
+
+    def logits(self, input_ids: Any, decoder_input_ids: Any = None, attention_mask: Any = None) -> np.ndarray:
         """float32 logits [B, T, V] over the model's (padded) vocabulary; [T] input is one row.
 
         Decoders give next-token logits (causal); bert gives masked-LM logits at every position,
-        each token seeing the whole row (no padding mask, segment 0)."""
+        each token seeing the whole row (segment 0). Encoder-decoders (transformer, t5) read
+        `input_ids` as the source and give the decoder's logits for `decoder_input_ids` (which
+        start with `decoder_start_id`). `attention_mask` (1 = token, 0 = padding, as in
+        Hugging Face) hides padded inputs of bert and of an encoder-decoder's source.
+        """
+        m = self._cfg.model
+        tokens_BT = self._ids("input_ids", input_ids)
+        mask_BT = None
+        if attention_mask is not None:
+            if not (m.is_encoder_decoder or m.arch == "bert"):
+                raise UserError(f"attention_mask is for bert and the encoder-decoders; this {m.arch} model is "
+                                "causal (left-pad prompts and use generate for batches of different lengths)")
+            mask_BT = np.asarray(attention_mask)
+            mask_BT = mask_BT[None, :] if mask_BT.ndim == 1 else mask_BT
+            if mask_BT.shape != tokens_BT.shape:
+                raise UserError(f"attention_mask has shape {mask_BT.shape}, input_ids {tokens_BT.shape}")
+            mask_BT = mask_BT.astype(bool)
+        if m.is_encoder_decoder:
+            if decoder_input_ids is None:
+                raise UserError(f"model.arch={m.arch} is an encoder-decoder: give decoder_input_ids too "
+                                f"(the decoder's inputs, starting with {self.decoder_start_id})")
+            tgt_BT = self._ids("decoder_input_ids", decoder_input_ids)
+            if tgt_BT.shape[0] != tokens_BT.shape[0]:
+                raise UserError(f"decoder_input_ids has {tgt_BT.shape[0]} rows, input_ids {tokens_BT.shape[0]}")
+            return np.asarray(_forward_seq2seq(self._mdef.graphdef, self._params, tokens_BT, tgt_BT, mask_BT))
         if decoder_input_ids is not None:
-            kind = "encoder-only" if self._cfg.model.objective == "mlm" else "decoder-only"
-            raise UserError(f"decoder_input_ids is for encoder-decoder models; this "
-                            f"{self._cfg.model.arch} model is {kind}")
-        tokens_BT = np.asarray(input_ids)
+            kind = "encoder-only" if m.arch == "bert" else "decoder-only"
+            raise UserError(f"decoder_input_ids is for encoder-decoder models; this {m.arch} model is {kind}")
+        return np.asarray(_forward(self._mdef.graphdef, self._params, tokens_BT, mask_BT))
+
+    def _ids(self, name: str, ids: Any) -> np.ndarray:
+        """Token ids as int32 [B, T], checked against the vocabulary and the position table."""
+        tokens_BT = np.asarray(ids)
         if tokens_BT.ndim == 1:
             tokens_BT = tokens_BT[None, :]
         if tokens_BT.ndim != 2 or tokens_BT.shape[1] == 0:
-            raise UserError(f"input_ids must be token ids of shape [B, T] or [T], "
-                            f"got shape {tokens_BT.shape}")
+            raise UserError(f"{name} must be token ids of shape [B, T] or [T], got shape {tokens_BT.shape}")
         if not np.issubdtype(tokens_BT.dtype, np.integer):
-            raise UserError(f"input_ids must be integer token ids, got dtype {tokens_BT.dtype}")
+            raise UserError(f"{name} must be integer token ids, got dtype {tokens_BT.dtype}")
         if tokens_BT.min() < 0 or tokens_BT.max() >= self.vocab_size:
-            raise UserError(f"input_ids must lie in [0, {self.vocab_size})")
+            raise UserError(f"{name} must lie in [0, {self.vocab_size})")
         T = tokens_BT.shape[1]
         bounded = not self._cfg.model.is_recurrent and self._cfg.model.position in BOUNDED_POSITIONS
         if bounded and T > self._cfg.max_seq_len:
-            raise UserError(f"input of {T} tokens is longer than the model's "
-                            f"max_seq_len={self._cfg.max_seq_len}")
-        return np.asarray(_forward(self._mdef.graphdef, self._params, tokens_BT.astype(np.int32)))
+            raise UserError(f"{name} of {T} tokens is longer than the model's max_seq_len={self._cfg.max_seq_len}")
+        return tokens_BT.astype(np.int32)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 128, *,
                  temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
                  seed: int = 0) -> Any:
         """Continue prompts: text in gives text out, token ids in give token ids out.
+
+        Encoder-decoders read each prompt as a source and return the decoded target.
 
         `prompts` is a string, a list of strings, a list of token ids (one prompt) or a list of
         such lists. Only the continuation is returned, stopped at the tokenizer's EOS.
@@ -114,7 +159,7 @@ class Model:
         out = generate((self._mdef, self._params), self._cfg, ids, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                        eos_id=tok.eos_id if tok is not None else None,
-                       vocab_limit=tok.vocab_size if tok is not None else None)
+                       vocab_limit=tok.vocab_size if tok is not None else None, start_id=self.decoder_start_id)
         if kind == "text":
             out = [tok.decode(o) for o in out]
         return out[0] if single else out

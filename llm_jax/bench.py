@@ -16,7 +16,7 @@ import numpy as np
 from llm_jax.config import Config
 from llm_jax.metrics import peak_flops_total
 from llm_jax.models.registry import model_vocab_size
-from llm_jax.train.objectives import mlm_spec
+from llm_jax.train.objectives import build_objective, row_width
 from llm_jax.train.setup import build_setup
 from llm_jax.train.state import init_state
 
@@ -32,13 +32,13 @@ def peak_memory_bytes() -> tuple[int, str]:
 
 def bench(cfg: Config) -> dict:
     vocab = model_vocab_size(cfg, BYTE_VOCAB)
-    # Masked-LM models (bert) mask as they would on byte tokens; the cost is the same for any ids.
-    mlm = mlm_spec(BYTE_VOCAB, vocab) if cfg.model.objective == "mlm" else None
-    setup = build_setup(cfg, vocab, mlm=mlm)
+    # Objectives that need special ids (masks, sentinels) take them as for byte tokens; the cost is
+    # the same for any ids.
+    setup = build_setup(cfg, vocab, build_objective(cfg, BYTE_VOCAB, vocab, eos_id=BYTE_VOCAB - 1))
     state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, vocab, setup.shardings)
     rng = np.random.default_rng(cfg.seed)
     local_rows = cfg.train.batch_size // jax.process_count()
-    batches = [setup.to_global(rng.integers(0, vocab, (local_rows, cfg.train.seq_len + 1), dtype=np.int32))
+    batches = [setup.to_global(rng.integers(0, vocab, (local_rows, row_width(cfg)), dtype=np.int32))
                for _ in range(2)]
 
     start = time.perf_counter()

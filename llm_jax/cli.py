@@ -81,7 +81,7 @@ def _cmd_train(args) -> None:
     from llm_jax.config import load_config
     from llm_jax.distributed import initialize, resolve_placement
     from llm_jax.paths import enable_compile_cache
-    from llm_jax.train.loop import print_sample, train
+    from llm_jax.train.loop import describe_eval, print_sample, train
 
     cfg = load_config(args.config, args.overrides)
     placement = resolve_placement(args.coordinator, args.num_processes, args.process_id)
@@ -95,8 +95,7 @@ def _cmd_train(args) -> None:
                   "run the same command to resume")
         return
     if "eval_loss" in result and main_process:
-        print(f"final: step {cfg.train.steps}, eval loss {result['eval_loss']:.4f}, "
-              f"{result['eval_bpb']:.3f} bits per byte")
+        print(f"final: step {cfg.train.steps}, {describe_eval(result)}")
     print_sample(cfg, result)
 
 

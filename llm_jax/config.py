@@ -34,10 +34,12 @@ class RunConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal["gpt", "bert", "rnn", "lstm", "gru"] = "gpt"
-    """Model family. `gpt`: decoder-only Transformer. `bert`: encoder-only Transformer (post-norm blocks, bidirectional attention, exact GELU, segment embeddings, tied MLM head) trained with the masked-LM objective; it does not generate. `rnn` (Elman, tanh), `lstm`, `gru`: recurrent LMs whose layers are pre-norm residual cells of hidden size d_model; they ignore the attention, position and MLP keys (num_heads, num_kv_heads, d_ff, position, rope_theta, mlp, attention, attention_block) and scan_layers/remat, and have no sequence-length limit at generation."""
+    arch: Literal["gpt", "bert", "transformer", "t5", "rnn", "lstm", "gru"] = "gpt"
+    """Model family. `gpt`: decoder-only Transformer. `transformer`: the original encoder-decoder (Vaswani et al. 2017: post-LayerNorm blocks, shared source/target embeddings scaled by sqrt(d_model) and tied to the output, sinusoidal positions by default), trained on a seq2seq `data.task`. `t5`: encoder-decoder with pre-RMSNorm blocks without biases, relative position buckets (`model.position=relative`), unscaled attention and a tied output scaled by d_model^-0.5; it pretrains with span corruption on the corpus, or fine-tunes text-to-text on a seq2seq `data.task`. `bert`: encoder-only Transformer (post-norm blocks, bidirectional attention, exact GELU, segment embeddings, tied MLM head) trained with the masked-LM objective; it does not generate. `rnn` (Elman, tanh), `lstm`, `gru`: recurrent LMs whose layers are pre-norm residual cells of hidden size d_model; they ignore the attention, position and MLP keys (num_heads, num_kv_heads, d_ff, position, rope_theta, mlp, attention, attention_block) and scan_layers/remat, and have no sequence-length limit at generation."""
     num_layers: int = pydantic.Field(4, ge=1)
-    """Number of transformer blocks (recurrent layers for rnn/lstm/gru)."""
+    """Number of transformer blocks (recurrent layers for rnn/lstm/gru; encoder blocks for transformer/t5)."""
+    num_decoder_layers: int | None = None
+    """Decoder blocks of the encoder-decoders (transformer, t5); default num_layers."""
     d_model: int = pydantic.Field(128, ge=1)
     """Residual stream width."""
     num_heads: int = pydantic.Field(4, ge=1)
@@ -52,8 +54,12 @@ class ModelConfig(_Section):
     """Pad the default vocab_size up to a multiple of this (matmul-friendly shapes)."""
     max_seq_len: int | None = None
     """Longest sequence the model supports (learned position table size); default train.seq_len."""
-    position: Literal["learned", "sinusoidal", "rope"] = "learned"
-    """Position encoding: learned table, fixed sinusoids added to the input, or rotary (RoPE)."""
+    position: Literal["learned", "sinusoidal", "rope", "relative"] = "learned"
+    """Position encoding: learned table, fixed sinusoids added to the input, rotary (RoPE), or T5's relative position buckets (a learned bias per head and bucket, encoder-decoders only)."""
+    relative_buckets: int = pydantic.Field(32, ge=2)
+    """Buckets of model.position=relative (half per direction in the encoder); T5 uses 32."""
+    relative_max_distance: int = pydantic.Field(128, ge=2)
+    """Distances beyond this share the last (logarithmic) bucket; T5 uses 128."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
@@ -96,6 +102,10 @@ class ModelConfig(_Section):
             )
         if self.position == "rope" and (self.d_model // self.num_heads) % 2:
             raise ValueError("model.position=rope needs an even head dimension (d_model/num_heads)")
+        if self.position == "relative" and not self.is_encoder_decoder:
+            raise ValueError(f"model.position=relative is for the encoder-decoders (transformer, t5), not model.arch={self.arch}")
+        if self.position == "rope" and self.is_encoder_decoder:
+            raise ValueError(f"model.arch={self.arch} takes model.position learned, sinusoidal or relative, not rope")
         return self
 
     @property
@@ -104,9 +114,13 @@ class ModelConfig(_Section):
         return self.arch in ("rnn", "lstm", "gru")
 
     @property
-    def objective(self) -> str:
-        """What the trainer optimises: `mlm` (masked LM) for bert, `causal` (next token) otherwise."""
-        return "mlm" if self.arch == "bert" else "causal"
+    def is_encoder_decoder(self) -> bool:
+        """transformer / t5: an encoder reads the source, a decoder cross-attends to it."""
+        return self.arch in ("transformer", "t5")
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_decoder_layers or self.num_layers
 
     @property
     def head_dim(self) -> int:
@@ -132,6 +146,14 @@ class TrainConfig(_Section):
     """Global batch size in sequences, over all devices and processes."""
     seq_len: int = pydantic.Field(256, ge=2)
     """Tokens per training sequence (windows of seq_len+1 give inputs and shifted targets)."""
+    src_len: int = pydantic.Field(256, ge=2)
+    """Encoder input length (tokens, end-of-text included) of a seq2seq or classification data.task; longer inputs are cut. train.seq_len is then the target length."""
+    label_smoothing: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
+    """Move this much of each target's probability uniformly onto the tokenizer's ids in the training loss (Vaswani et al. use 0.1); evaluation reports plain cross entropy."""
+    noise_density: float = pydantic.Field(0.15, gt=0.0, lt=1.0)
+    """Span corruption (t5 pretraining): fraction of each window's tokens hidden in spans."""
+    mean_span: float = pydantic.Field(3.0, ge=1.0)
+    """Span corruption: mean length of a hidden span."""
     grad_accum: int = pydantic.Field(1, ge=1)
     """Microbatches per step: the global batch is split and gradients are averaged."""
     log_every: int = pydantic.Field(50, ge=1)
@@ -220,9 +242,15 @@ class DistributedConfig(_Section):
     """How long processes wait for each other at start-up."""
 
 
+# What each data.task asks of the model: a target sequence or a class label.
+TASK_KINDS = {"funcname": "seq2seq", "docsig": "seq2seq", "package": "classify"}
+
+
 class DataConfig(_Section):
     source: str = "stdlib"
     """stdlib | text:PATH (file, directory or glob) | jsonl:PATH | tfds:NAME."""
+    task: Literal["", "funcname", "docsig", "package"] = ""
+    """Empty: model the corpus. Else a supervised task built from the stdlib source files: funcname, docsig (seq2seq, for transformer/t5), package (classification, for bert); see README."""
     tokenizer: str = "byte"
     """byte | sentencepiece | hf:PATH/tokenizer.json."""
     sp_vocab_size: int = pydantic.Field(4096, ge=512)
@@ -271,6 +299,20 @@ class Config(_Section):
     """`llm-jax bench` settings."""
 
     @model_validator(mode="after")
+    def _check_objective(self) -> Config:
+        arch, task = self.model.arch, self.data.task
+        if task and self.data.source != "stdlib":
+            raise ValueError(f"data.task={task} is built from the stdlib corpus; it needs data.source=stdlib")
+        kind = TASK_KINDS.get(task)
+        if kind == "seq2seq" and not self.model.is_encoder_decoder:
+            raise ValueError(f"data.task={task} is sequence-to-sequence: it needs model.arch=transformer or t5, not {arch}")
+        if kind == "classify" and arch != "bert":
+            raise ValueError(f"data.task={task} is a classification task: it needs model.arch=bert, not {arch}")
+        if arch == "transformer" and not task:
+            raise ValueError("model.arch=transformer trains on a sequence-to-sequence data.task: funcname or docsig")
+        return self
+
+    @model_validator(mode="after")
     def _check_lengths(self) -> Config:
         if self.model.max_seq_len is not None and self.model.max_seq_len < self.train.seq_len:
             raise ValueError(
@@ -280,7 +322,20 @@ class Config(_Section):
 
     @property
     def max_seq_len(self) -> int:
-        return self.model.max_seq_len or self.train.seq_len
+        """Longest position the model must embed (the encoder's input too, for encoder-decoders)."""
+        longest = self.train.seq_len
+        if self.model.is_encoder_decoder or self.data.task:
+            longest = max(longest, self.train.src_len)
+        return self.model.max_seq_len or longest
+
+    @property
+    def objective(self) -> str:
+        """What the trainer optimises, from model.arch and data.task: `causal` (next token),
+        `mlm` (bert's masked LM), `span` (t5's span corruption), `seq2seq` (a task's target
+        given its source) or `classify` (a task's label)."""
+        if self.data.task:
+            return TASK_KINDS[self.data.task]
+        return {"bert": "mlm", "t5": "span"}.get(self.model.arch, "causal")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -288,7 +343,7 @@ class Config(_Section):
 
 # Keys that fix the meaning of a run directory's checkpoints; a different value means a
 # different run, so resuming with it is refused rather than silently mixing the two.
-RUN_IDENTITY_KEYS = ("seed", "model", "train.batch_size", "train.seq_len", "data.source",
+RUN_IDENTITY_KEYS = ("seed", "model", "train.batch_size", "train.seq_len", "train.src_len", "data.source", "data.task",
                      "data.tokenizer", "data.sp_vocab_size", "data.val_fraction", "data.max_bytes",
                      "data.text_field")
 

@@ -169,14 +169,16 @@ def _prepare_prompts(prompts: Sequence[Sequence[int]], vocab: int,
 def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Sequence[Sequence[int]],
              *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, eos_id: int | None = None,
-             vocab_limit: int | None = None) -> list[list[int]]:
+             vocab_limit: int | None = None, start_id: int | None = None) -> list[list[int]]:
     """Continue each prompt (a list of token ids); returns only the new tokens of each row.
 
     temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off. A row stops at its
     first `eos_id` (not included). `vocab_limit` (the tokenizer's vocabulary size) keeps the
     model's padding rows from ever being sampled. The same seed gives the same output.
+    Encoder-decoders read each prompt as a source; their decoder starts from `start_id`
+    (default: `eos_id`, else 0).
     """
-    if cfg.model.objective == "mlm":
+    if cfg.model.arch == "bert":
         raise UserError(f"model.arch={cfg.model.arch} is an encoder trained to fill in masked tokens; it does "
                         "not generate text (use .logits() for its masked-LM predictions)")
     _check_args(max_new_tokens, temperature, top_k, top_p)
@@ -188,6 +190,11 @@ def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Seq
     if max_new_tokens == 0:
         return [[] for _ in rows]
     longest = max(len(r) for r in rows)
+    m = cfg.model
+    dtype = getattr(model, "compute_dtype", None) or compute_dtype(cfg)
+    if m.is_encoder_decoder:
+        return _generate_seq2seq(graphdef, params, cfg, rows, longest, max_new_tokens, temperature, top_k, top_p,
+                                 seed, eos_id, start_id, vocab_limit, dtype)
     bounded = not cfg.model.is_recurrent and cfg.model.position in BOUNDED_POSITIONS  # RNNs have no table
     if bounded and longest + max_new_tokens > cfg.max_seq_len:
         raise UserError(
@@ -201,9 +208,6 @@ def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Seq
     for b, ids in enumerate(rows):
         tokens_BP[b, P - len(ids):] = ids
     lengths_B = np.array([len(r) for r in rows], np.int32)
-
-    m = cfg.model
-    dtype = getattr(model, "compute_dtype", None) or compute_dtype(cfg)
     out_BN = _generate_jit(
         graphdef, params, tokens_BP, lengths_B, jax.random.key(seed),
         np.float32(temperature), np.int32(min(top_k, vocab)), np.float32(top_p),
@@ -212,6 +216,23 @@ def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Seq
         cache_spec=CacheSpec(m.num_layers, m.kv_heads, m.head_dim, str(dtype), m.arch, m.d_model),
     )
     return [_cut_at_eos(row, eos_id) for row in np.asarray(out_BN).tolist()]
+
+
+def _generate_seq2seq(graphdef, params, cfg: Config, rows, longest, max_new_tokens, temperature, top_k, top_p,
+                      seed, eos_id, start_id, vocab_limit, dtype) -> list[list[int]]:
+    from llm_jax.generate_seq2seq import generate_seq2seq
+
+    if cfg.model.position in BOUNDED_POSITIONS and max(longest, max_new_tokens) > cfg.max_seq_len:
+        raise UserError(f"source of {longest} tokens or max_new_tokens={max_new_tokens} exceeds the model's "
+                        f"max_seq_len={cfg.max_seq_len} ({cfg.model.position} positions)")
+    if start_id is None:
+        start_id = 0 if eos_id is None else eos_id
+    vocab = params["embed"]["embedding"].shape[0]
+    out_BN = generate_seq2seq(graphdef, params, cfg, rows, max_new_tokens=max_new_tokens,
+                              temperature=np.float32(temperature), top_k=np.int32(min(top_k, vocab)),
+                              top_p=np.float32(top_p), seed=seed, eos_id=eos_id, start_id=start_id,
+                              vocab_limit=vocab_limit, dtype=dtype)
+    return [_cut_at_eos(row, eos_id) for row in out_BN.tolist()]
 
 
 def _cut_at_eos(row: list[int], eos_id: int | None) -> list[int]:

@@ -1,5 +1,5 @@
-"""Hugging Face checkpoints <-> llm-jax: configs and weights of GPT2LMHeadModel, LlamaForCausalLM
-and BertForMaskedLM.
+"""Hugging Face checkpoints <-> llm-jax: configs and weights of GPT2LMHeadModel, LlamaForCausalLM,
+BertForMaskedLM and (in `hf_t5`) T5ForConditionalGeneration.
 
 A Hugging Face directory holds `config.json` and `model.safetensors` (or shards listed in
 `model.safetensors.index.json`), and usually `tokenizer.json`. Weights are read and written with
@@ -22,7 +22,8 @@ from llm_jax.config import Config, validate
 from llm_jax.errors import UserError
 from llm_jax.models.bert import NUM_SEGMENTS
 
-SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}
+SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM",
+             "t5": "T5ForConditionalGeneration"}
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -50,7 +51,13 @@ def _rope_theta(hf: dict) -> float:
 def config_from_hf(hf: dict, run_dir: str = "runs/hf") -> Config:
     """The llm-jax config of the same network; data keys point at the checkpoint's tokenizer."""
     kind = hf["model_type"]
-    if kind == "gpt2":
+    seq_len = None
+    if kind == "t5":
+        from llm_jax.hf_t5 import t5_model_config
+
+        model = t5_model_config(hf)
+        seq_len = 512  # relative positions: no table bounds the length
+    elif kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise UserError(f"GPT-2 activation {hf['activation_function']!r} is not supported (gelu_new is)")
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
@@ -85,8 +92,8 @@ def config_from_hf(hf: dict, run_dir: str = "runs/hf") -> Config:
                  "norm": "rmsnorm", "norm_eps": hf.get("rms_norm_eps", 1e-6), "mlp": "swiglu", "use_bias": False,
                  "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
     model.update(vocab_size=hf["vocab_size"], vocab_multiple=1, dropout=0.0)
-    return validate({"run": {"dir": run_dir}, "model": model,
-                     "train": {"seq_len": min(1024, model["max_seq_len"])}})
+    seq_len = seq_len or min(1024, model["max_seq_len"])
+    return validate({"run": {"dir": run_dir}, "model": model, "train": {"seq_len": seq_len, "src_len": seq_len}})
 
 
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -289,10 +296,22 @@ def _bert_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
     return t
 
 
+def _t5_to_params(t: dict, cfg: Config) -> dict:
+    from llm_jax.hf_t5 import t5_to_params  # hf_t5 builds on this module's helpers
+
+    return t5_to_params(t, cfg)
+
+
+def _t5_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
+    from llm_jax.hf_t5 import t5_from_params
+
+    return t5_from_params(params, cfg)
+
+
 TO_PARAMS: dict[str, Callable[[dict, Config], dict]] = {"gpt2": _gpt2_to_params, "llama": _llama_to_params,
-                                                        "bert": _bert_to_params}
+                                                        "bert": _bert_to_params, "t5": _t5_to_params}
 FROM_PARAMS: dict[str, Callable[[dict, Config], dict]] = {"gpt2": _gpt2_from_params, "llama": _llama_from_params,
-                                                          "bert": _bert_from_params}
+                                                          "bert": _bert_from_params, "t5": _t5_from_params}
 
 
 def params_from_hf(kind: str, tensors: dict[str, np.ndarray], cfg: Config) -> dict:
@@ -305,9 +324,16 @@ def params_from_hf(kind: str, tensors: dict[str, np.ndarray], cfg: Config) -> di
 def family_of(cfg: Config) -> str:
     """Which Hugging Face class expresses this llm-jax config exactly, or a UserError saying why none does."""
     m = cfg.model
-    if m.is_recurrent:
+    if m.is_recurrent or m.arch == "transformer":
         raise UserError(f"model.arch={m.arch} has no Hugging Face equivalent here: export-hf writes "
-                        "Transformers only (GPT-2, Llama or BERT)")
+                        "GPT-2, Llama, BERT or T5")
+    if m.arch == "t5":
+        from llm_jax.hf_t5 import t5_supported
+
+        if t5_supported(cfg):
+            return "t5"
+        raise UserError("this t5 model has no Hugging Face equivalent here: T5ForConditionalGeneration (v1.0) "
+                        "needs relative positions, RMSNorm, ReLU, no biases, tied embeddings and multi-head attention")
     if m.arch == "bert":
         if (m.position, m.norm, m.mlp, m.use_bias) == ("learned", "layernorm", "gelu", True) \
                 and m.kv_heads == m.num_heads:
@@ -323,9 +349,13 @@ def family_of(cfg: Config) -> str:
                     "LayerNorm, GELU, biases, tied, multi-head) or Llama (RoPE, RMSNorm, SwiGLU, no biases)")
 
 
-def hf_config_of(cfg: Config, kind: str, eos_id: int | None) -> dict[str, Any]:
+def hf_config_of(cfg: Config, kind: str, eos_id: int | None, pad_id: int = 0) -> dict[str, Any]:
     m = cfg.model
     vocab = m.vocab_size
+    if kind == "t5":
+        from llm_jax.hf_t5 import t5_hf_config
+
+        return t5_hf_config(cfg, eos_id, pad_id)
     if kind == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab,
                 "n_positions": cfg.max_seq_len, "n_embd": m.d_model, "n_layer": m.num_layers,
@@ -348,14 +378,15 @@ def hf_config_of(cfg: Config, kind: str, eos_id: int | None) -> dict[str, Any]:
             "tie_word_embeddings": m.tie_embeddings, "bos_token_id": eos_id, "eos_token_id": eos_id}
 
 
-def write_hf(out: Path, cfg: Config, params: dict, tokenizer_json: Path | None, eos_id: int | None) -> str:
+def write_hf(out: Path, cfg: Config, params: dict, tokenizer_json: Path | None, eos_id: int | None,
+             pad_id: int = 0) -> str:
     """Write config.json, model.safetensors (and tokenizer.json) that transformers loads."""
     from safetensors.numpy import save_file
 
     kind = family_of(cfg)
     tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in FROM_PARAMS[kind](params, cfg).items()}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_config_of(cfg, kind, eos_id), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(hf_config_of(cfg, kind, eos_id, pad_id), indent=2) + "\n")
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer_json is not None:
         (out / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())

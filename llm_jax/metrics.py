@@ -57,9 +57,28 @@ def flops_per_token(cfg: Config, n_matmul_params: int, seq_len: int | None = Non
         return 6 * n_matmul_params  # x @ W_x and h @ W_h per token, no attention over the context
     t = seq_len or cfg.train.seq_len
     attention = 12 * m.num_layers * m.num_heads * m.head_dim * t
-    if m.objective != "mlm":  # bert attends both ways: the whole T x T score matrix counts
+    if cfg.objective != "mlm":  # bert attends both ways: the whole T x T score matrix counts
         attention /= 2
     return 6 * n_matmul_params + attention
+
+
+def encoder_decoder_flops_per_token(cfg: Config, n_encoder: int, n_decoder: int) -> float:
+    """Training FLOPs per counted token (train.seq_len per row) of an encoder-decoder: the
+    encoder's 6N and full attention over the S source tokens, the decoder's 6N, causal
+    self-attention and cross-attention over its T tokens, divided by train.seq_len. (The
+    cross-attention's key/value projections, which run on S rather than T tokens, are counted on T.)"""
+    from llm_jax.train.objectives import span_counts
+
+    m = cfg.model
+    if cfg.objective == "span":
+        noise, spans = span_counts(cfg.train.seq_len, cfg.train.noise_density, cfg.train.mean_span)
+        s, t = cfg.train.seq_len - noise + spans + 1, noise + spans + 1
+    else:
+        s, t = cfg.train.src_len, cfg.train.seq_len
+    width = m.num_heads * m.head_dim
+    encoder = 6 * n_encoder * s + 12 * m.num_layers * width * s * s
+    decoder = 6 * n_decoder * t + 12 * m.decoder_layers * width * (t * t / 2 + t * s)
+    return (encoder + decoder) / cfg.train.seq_len
 
 
 def measure_cpu_peak(size: int = 1024, repeats: int = 10) -> float:

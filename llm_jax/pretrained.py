@@ -64,7 +64,7 @@ def import_hf(hf_path: str | Path, run_path: str | Path) -> str:
 
 
 def export_hf(run_path: str | Path, out_path: str | Path) -> str:
-    """Write the newest checkpoint of a run as a Hugging Face directory (GPT-2 or Llama)."""
+    """Write the newest checkpoint of a run as a Hugging Face directory (GPT-2, Llama, BERT or T5)."""
     from llm_jax.api import load
 
     out = Path(out_path).expanduser()
@@ -84,7 +84,7 @@ def export_hf(run_path: str | Path, out_path: str | Path) -> str:
             tokenizer_json = Path(run_path).expanduser() / TOKENIZER_FILE
     eos = getattr(model.tokenizer, "eos_id", None)
     params = jax.tree.map(np.asarray, jax.device_get(model.params))
-    return hf.write_hf(out, cfg, params, tokenizer_json, None if eos is None else int(eos))
+    return hf.write_hf(out, cfg, params, tokenizer_json, None if eos is None else int(eos), model.decoder_start_id)
 
 
 def pretrained_params(cfg: Config, mdef: ModelDef, shardings: dict) -> dict:

@@ -4,7 +4,16 @@ For each family: a small random checkpoint saved with `save_pretrained` (config.
 model.safetensors), a tiny tokenizer.json, and reference.npz holding fixed input ids and the
 float32 logits transformers computes for them. The test suite reads these with numpy only.
 
-    python scripts/make_hf_fixtures.py                   # (re)write every fixture
+reference.npz keys:
+    gpt2, llama  input_ids [2, 12] int64; logits [2, 12, VOCAB] float32
+    bert         the same, plus token_type_ids and attention_mask [2, 12] int64 (a second segment
+                 from position 5; row 1's last 3 ids are padding) and logits_segments_padding
+                 [2, 12, VOCAB] float32, the logits with both
+    t5           input_ids [2, 12] int32 (the encoder's input; row 1 ends with 3 pad ids, 0) and
+                 attention_mask [2, 12] int32 (0 there); decoder_input_ids [2, 7] int32 (column 0 is
+                 decoder_start_token_id, 0); logits [2, 7, VOCAB] float32, the decoder's logits
+
+    python scripts/make_hf_fixtures.py [NAME ...]        # (re)write these fixtures (default: all)
     python scripts/make_hf_fixtures.py --check DIR NAME  # load DIR (e.g. an export-hf output) with
                                                           # transformers; compare to the logits of
                                                           # fixture NAME or of NAME.npz
@@ -54,13 +63,23 @@ def configs() -> dict[str, transformers.PretrainedConfig]:
                                         intermediate_size=64, max_position_embeddings=64, type_vocab_size=2,
                                         hidden_act="gelu", hidden_dropout_prob=0.0,
                                         attention_probs_dropout_prob=0.0, pad_token_id=0, **common),
+        # T5 v1.0: ReLU feed-forward, and tied embeddings, which (in transformers) also scale the decoder's
+        # output by d_model**-0.5 before the head. T5 has no initializer_range: its initialisation scales
+        # every weight by initializer_factor instead, and 1.0 already gives logits with a std near 1.
+        # pad 0, </s> 1 and the decoder's start id 0 match the tokenizer's specials below.
+        "t5": transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+                                    num_decoder_layers=2, relative_attention_num_buckets=8,
+                                    relative_attention_max_distance=16, feed_forward_proj="relu",
+                                    tie_word_embeddings=True, dropout_rate=0.0, layer_norm_epsilon=1e-6,
+                                    initializer_factor=1.0, pad_token_id=0, eos_token_id=1,
+                                    decoder_start_token_id=0),
     }
 
 
 MODEL_CLASSES = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
-                 "bert": transformers.BertForMaskedLM}
+                 "bert": transformers.BertForMaskedLM, "t5": transformers.T5ForConditionalGeneration}
 SPECIALS = {"gpt2": ["<|endoftext|>"], "llama": ["</s>"],
-            "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]}
+            "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "t5": ["<pad>", "</s>", "<unk>"]}
 
 
 def input_ids() -> np.ndarray:
@@ -82,6 +101,25 @@ def segments_and_padding() -> dict[str, np.ndarray]:
     return {"token_type_ids": token_type_ids, "attention_mask": attention_mask}
 
 
+def seq2seq_inputs() -> dict[str, np.ndarray]:
+    """T5's inputs: encoder ids with the last 3 of row 1 as padding, and decoder ids that start with
+    decoder_start_token_id. Ordinary ids come from 3 on, so pad (0), </s> (1) and <unk> (2) appear only
+    where put on purpose; the padding is both pad ids and masked, as a tokenizer would produce it."""
+    rng = np.random.default_rng(SEED)
+    ids = rng.integers(3, VOCAB, (2, 12)).astype(np.int32)
+    attention_mask = np.ones((2, 12), np.int32)
+    ids[1, 9:], attention_mask[1, 9:] = 0, 0
+    decoder_input_ids = rng.integers(3, VOCAB, (2, 7)).astype(np.int32)
+    decoder_input_ids[:, 0] = 0  # decoder_start_token_id, as T5's _shift_right puts it
+    return {"input_ids": ids, "attention_mask": attention_mask, "decoder_input_ids": decoder_input_ids}
+
+
+def seq2seq_logits(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The decoder's logits for input_ids, attention_mask and decoder_input_ids, as in reference.npz."""
+    return logits_of(model, inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     decoder_input_ids=inputs["decoder_input_ids"])
+
+
 def make(name: str) -> None:
     torch.manual_seed(SEED)
     model = MODEL_CLASSES[name](configs()[name]).eval()
@@ -94,6 +132,11 @@ def make(name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tiny_tokenizer(SPECIALS[name]).save(str(out / "tokenizer.json"))
+    if name == "t5":  # encoder-decoder: its own inputs, and logits over the decoder's positions
+        inputs = seq2seq_inputs()
+        np.savez(out / "reference.npz", **inputs, logits=seq2seq_logits(model, inputs))
+        print(f"wrote {out}")
+        return
     ids = input_ids()
     extra = {}
     if name == "bert":  # also the logits with segments and a padding mask
@@ -104,10 +147,18 @@ def make(name: str) -> None:
 
 
 def check(directory: Path, name: str) -> int:
-    """`name`: a fixture (gpt2, llama, bert) or an .npz with input_ids and the logits llm-jax computed."""
+    """`name`: a fixture (gpt2, llama, bert, t5) or an .npz with input_ids and the logits llm-jax computed
+    (for T5 also attention_mask and decoder_input_ids, as in its reference.npz)."""
     ref = np.load(name if name.endswith(".npz") else ROOT / name / "reference.npz")
+    model_type = transformers.AutoConfig.from_pretrained(directory).model_type
+    if model_type == "t5":  # encoder-decoder: the logits are the decoder's, given the encoder's input
+        model = transformers.T5ForConditionalGeneration.from_pretrained(directory).eval()
+        got = seq2seq_logits(model, {k: ref[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")})
+        err = float(np.abs(got - ref["logits"]).max())
+        print(f"{directory}: max |logits - reference| = {err:.2e}")
+        return 0 if err < 2e-4 else 1
     # An encoder's checkpoint loads with its masked-LM head, a decoder's with its causal-LM head.
-    masked = transformers.AutoConfig.from_pretrained(directory).model_type == "bert"
+    masked = model_type == "bert"
     auto = transformers.AutoModelForMaskedLM if masked else transformers.AutoModelForCausalLM
     model = auto.from_pretrained(directory).eval()
     got = logits_of(model, ref["input_ids"])
@@ -122,11 +173,20 @@ def check(directory: Path, name: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"fixtures to (re)write, of {', '.join(MODEL_CLASSES)} (default: all)")
     parser.add_argument("--check", nargs=2, metavar=("DIR", "NAME"))
     args = parser.parse_args()
     if args.check:
+        if args.names:
+            parser.error("--check takes no fixture names besides its own NAME")
         return check(Path(args.check[0]), args.check[1])
-    for name in MODEL_CLASSES:
+    # Checked by hand rather than with choices=, which argparse also applies to an empty list.
+    unknown = [name for name in args.names if name not in MODEL_CLASSES]
+    if unknown:
+        parser.error(f"unknown fixtures {', '.join(unknown)}: choose from {', '.join(MODEL_CLASSES)}")
+    # Each fixture reseeds torch itself, so writing some of them leaves the others' numbers unchanged.
+    for name in args.names or list(MODEL_CLASSES):
         make(name)
     return 0
 

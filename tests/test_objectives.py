@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from llm_jax.errors import UserError
-from llm_jax.train.objectives import MLMSpec, mlm_key, mlm_mask, mlm_spec, mlm_targets, tokenizer_mlm_spec
+from llm_jax.config import load_config
+from llm_jax.train.objectives import MLMSpec, mlm_key, mlm_mask, mlm_spec, mlm_targets, tokenizer_objective
 
 SPEC = MLMSpec(mask_id=257, vocab_limit=257)
 
@@ -59,6 +60,7 @@ def test_targets_are_the_first_t_tokens_weighted_where_chosen():
 
 class _WithMask:
     vocab_size = 96
+    eos_id = 1
 
     def token_id(self, token):
         return {"[MASK]": 4}.get(token)
@@ -66,6 +68,6 @@ class _WithMask:
 
 def test_mask_id_is_the_tokenizers_or_the_first_padding_row():
     assert mlm_spec(257, 384) == MLMSpec(mask_id=257, vocab_limit=257)  # byte tokens padded to 384
-    assert tokenizer_mlm_spec(_WithMask(), 96).mask_id == 4
+    assert tokenizer_objective(load_config("gpt_tiny", ["model.arch=bert"]), _WithMask(), 96).mlm.mask_id == 4
     with pytest.raises(UserError, match="no padding row"):
         mlm_spec(257, 257)  # model.vocab_multiple=1: nowhere to put [MASK]

@@ -59,9 +59,10 @@ class DataBundle:
     uint16 when the vocabulary fits (windows are widened to int32 when read), else int32."""
     val_tokens: np.ndarray
     """The same for the held-out split."""
-    val_bytes_per_token: float
+    val_bytes_per_token: float | None
     """UTF-8 bytes of the validation text / validation tokens (EOS included): bits per byte =
-    loss per token / ln 2 / bytes per token."""
+    loss per token / ln 2 / bytes per token. None for a data.task, whose rows are examples
+    (train_tokens / val_tokens are then 2-D rows, see `task_rows`)."""
 
 
 def build_data(cfg: Config, run_dir: Path) -> DataBundle:
@@ -71,6 +72,11 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
     root = cache_root(data.cache_dir)
     corpus = open_corpus(data, root)
     tokenizer = _build_tokenizer(data, Path(run_dir), corpus, root)
+    if data.task:
+        from llm_jax.data.task_rows import task_rows
+
+        return DataBundle(tokenizer, task_rows(cfg, corpus, tokenizer, "train", root),
+                          task_rows(cfg, corpus, tokenizer, "validation", root), None)
     train, _ = _split_tokens(corpus, tokenizer, "train", data, root)
     val, val_meta = _split_tokens(corpus, tokenizer, "validation", data, root)
     for split, tokens in (("train", train), ("validation", val)):

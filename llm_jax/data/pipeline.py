@@ -35,8 +35,25 @@ class TokenWindows:
         return f"TokenWindows(n={self._length}, seq_len={self._seq_len})"
 
 
-def _windows(tokens: np.ndarray, seq_len: int, what: str) -> TokenWindows:
-    windows = TokenWindows(tokens, seq_len)
+class Rows:
+    """Random-access source over the rows of a 2-D array (a data.task's examples)."""
+
+    def __init__(self, rows: np.ndarray):
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.asarray(self._rows[int(index)], dtype=np.int32)
+
+    def __repr__(self) -> str:
+        return f"Rows(n={len(self._rows)}, width={self._rows.shape[1]})"
+
+
+def _windows(tokens: np.ndarray, seq_len: int, what: str) -> TokenWindows | Rows:
+    """Windows of a 1-D token stream, or the rows of a 2-D array of examples."""
+    windows = Rows(tokens) if tokens.ndim == 2 else TokenWindows(tokens, seq_len)
     if len(windows) == 0:
         raise UserError(
             f"the {what} split has {len(tokens)} tokens, fewer than train.seq_len+1={seq_len + 1}; "

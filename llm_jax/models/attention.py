@@ -24,22 +24,32 @@ NEG_INF = -1e30  # finite, so fully masked rows (padding) give zeros, not NaNs
 
 
 def _scores_softmax_values(q_BTKGH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
-                           mask: jax.Array | None) -> jax.Array:
-    """softmax(q k^T / sqrt(h) + mask) v with fp32 scores; mask broadcasts to [B, K, G, T, S]."""
-    scale = 1.0 / math.sqrt(q_BTKGH.shape[-1])
+                           mask: jax.Array | None, bias: jax.Array | None = None,
+                           scale: float | None = None) -> jax.Array:
+    """softmax(scale * q k^T + bias, masked) v with fp32 scores; mask and bias broadcast to
+    [B, K, G, T, S]; scale defaults to 1/sqrt(h)."""
+    scale = 1.0 / math.sqrt(q_BTKGH.shape[-1]) if scale is None else scale
     s = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        s = s + bias
     if mask is not None:
         s = jnp.where(mask, s, NEG_INF)
     p = jax.nn.softmax(s, axis=-1).astype(v_BSKH.dtype)
     return jnp.einsum("bkgts,bskh->btkgh", p, v_BSKH)
 
 
-def masked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS: jax.Array) -> jax.Array:
-    """Reference attention under an explicit boolean mask [B, T, S] (True = may attend)."""
+def masked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS: jax.Array | None,
+                     bias_BNTS: jax.Array | None = None, scale: float | None = None) -> jax.Array:
+    """Reference attention under an explicit boolean mask [B, T, S] (True = may attend; None:
+    everything visible) and an optional additive bias [B or 1, N, T, S] (T5's positions)."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q = q_BTNH.reshape(B, T, K, N // K, H)
-    out = _scores_softmax_values(q, k_BSKH, v_BSKH, mask_BTS[:, None, None, :, :])
+    mask = mask_BTS[:, None, None, :, :] if mask_BTS is not None else None
+    bias = None
+    if bias_BNTS is not None:  # head n = k * G + g, the order of q's reshape
+        bias = bias_BNTS.reshape(bias_BNTS.shape[0], K, N // K, *bias_BNTS.shape[2:])
+    out = _scores_softmax_values(q, k_BSKH, v_BSKH, mask, bias, scale)
     return out.reshape(B, T, N, H)
 
 
@@ -144,8 +154,15 @@ def resolve_kernel(requested: str) -> str:
 
 
 class Attention(nnx.Module):
+    """Self-attention (causal or bidirectional) and, given `kv_BSD`, cross-attention.
+
+    `scale` multiplies the scores (default 1/sqrt(head_dim); T5 uses 1, its initialisation
+    absorbs the factor).
+    """
+
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 rngs: nnx.Rngs, std: float, out_std: float, use_bias: bool):
+                 rngs: nnx.Rngs, std: float, out_std: float, use_bias: bool, scale: float | None = None):
+        self.scale = scale
         self.q = Dense((d_model,), (num_heads, head_dim), ("embed", "heads", "head_dim"),
                        rngs=rngs, std=std, use_bias=use_bias)
         self.k = Dense((d_model,), (num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
@@ -155,18 +172,23 @@ class Attention(nnx.Module):
         self.o = Dense((num_heads, head_dim), (d_model,), ("heads", "head_dim", "embed"),
                        rngs=rngs, std=out_std, use_bias=use_bias)
 
-    def __call__(self, x_BTD: jax.Array, *, rope, kernel: str | None, block: int,
+    def __call__(self, x_BTD: jax.Array, *, rope=None, kernel: str | None = None, block: int = 128,
                  mask_BTS: jax.Array | None = None, cache: dict | None = None,
-                 cache_index: jax.Array | None = None, causal: bool = True) -> tuple[jax.Array, dict | None]:
+                 cache_index: jax.Array | None = None, causal: bool = True,
+                 kv_BSD: jax.Array | None = None,
+                 bias_BNTS: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
         """Self-attention over x; with `cache`, the new keys/values are written at `cache_index`
         and the queries attend over the whole cache under `mask_BTS` ([B, T, S_cache]).
 
         Without a mask, `causal` picks causal (decoders) or full (encoders) attention; a given
-        `mask_BTS` is applied as it is in either case."""
+        `mask_BTS` is applied as it is in either case. `kv_BSD` (an encoder's output) makes it
+        cross-attention: keys and values come from it, under `mask_BTS` if given. `bias_BNTS`
+        is added to the scores (T5's relative positions)."""
         dtype = x_BTD.dtype
+        source_BSD = x_BTD if kv_BSD is None else kv_BSD.astype(dtype)
         q_BTNH = constrain(self.q(x_BTD, dtype), ("batch", "length", "heads", "head_dim"))
-        k_BTKH = constrain(self.k(x_BTD, dtype), ("batch", "length", "kv_heads", "head_dim"))
-        v_BTKH = constrain(self.v(x_BTD, dtype), ("batch", "length", "kv_heads", "head_dim"))
+        k_BTKH = constrain(self.k(source_BSD, dtype), ("batch", "length", "kv_heads", "head_dim"))
+        v_BTKH = constrain(self.v(source_BSD, dtype), ("batch", "length", "kv_heads", "head_dim"))
         if rope is not None:
             q_BTNH, k_BTKH = apply_rope(q_BTNH, rope), apply_rope(k_BTKH, rope)
         new_cache = None
@@ -174,9 +196,12 @@ class Attention(nnx.Module):
             k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTKH.astype(cache["k"].dtype), cache_index, 1)
             v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTKH.astype(cache["v"].dtype), cache_index, 1)
             new_cache = {"k": k_all, "v": v_all}
-            out_BTNH = masked_attention(q_BTNH, k_all.astype(dtype), v_all.astype(dtype), mask_BTS)
-        elif mask_BTS is not None:
-            out_BTNH = masked_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
+            out_BTNH = masked_attention(q_BTNH, k_all.astype(dtype), v_all.astype(dtype), mask_BTS,
+                                        bias_BNTS, self.scale)
+        elif mask_BTS is not None or kv_BSD is not None or bias_BNTS is not None or self.scale is not None:
+            if kv_BSD is None and causal and mask_BTS is None:
+                mask_BTS = jnp.tril(jnp.ones((q_BTNH.shape[1],) * 2, bool))[None]
+            out_BTNH = masked_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, bias_BNTS, self.scale)
         elif causal:
             out_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, kernel, block)
         else:

@@ -120,20 +120,22 @@ def add_positions(model: nnx.Module, x_BTD: jax.Array, positions_BT: jax.Array) 
     return x_BTD, rope
 
 
-def run_layers(model: nnx.Module, call, x_BTD: jax.Array, cache, dropout_key):
-    """Run `model.blocks` (stacked) over x by `lax.scan` or an unrolled loop, with remat.
+def run_layers(model: nnx.Module, call, x_BTD: jax.Array, cache, dropout_key, blocks: nnx.Module | None = None):
+    """Run `blocks` (stacked; default `model.blocks`) over x by `lax.scan` or an unrolled loop,
+    with remat.
 
     `call(layer, x, layer_cache, key) -> (x, new_layer_cache)`; `cache` is stacked per layer or
-    None. `model` carries `blocks`, `num_layers`, `scan_layers` and `remat` (GPT, BERT).
+    None. `model` carries `scan_layers` and `remat` (GPT, BERT, the encoder-decoders).
     """
-    graphdef, stacked = nnx.split(model.blocks)
+    graphdef, stacked = nnx.split(model.blocks if blocks is None else blocks)
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
 
     def one_layer(x, layer_state, layer_cache, key):
         return call(nnx.merge(graphdef, layer_state), x, layer_cache, key)
 
     if model.remat != "none":
         one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[model.remat])
-    keys = jax.random.split(dropout_key, model.num_layers) if dropout_key is not None else None
+    keys = jax.random.split(dropout_key, num_layers) if dropout_key is not None else None
 
     if model.scan_layers:
         def body(x, xs):
@@ -144,10 +146,10 @@ def run_layers(model: nnx.Module, call, x_BTD: jax.Array, cache, dropout_key):
 
     # Unstack with one split per array: its gradient is a single concatenate, where
     # per-layer indexing would pad every layer's gradient to the full stacked shape.
-    layer_states = _unstack(stacked, model.num_layers)
-    layer_caches = _unstack(cache, model.num_layers) if cache is not None else [None] * model.num_layers
+    layer_states = _unstack(stacked, num_layers)
+    layer_caches = _unstack(cache, num_layers) if cache is not None else [None] * num_layers
     new_caches = []
-    for i in range(model.num_layers):
+    for i in range(num_layers):
         x_BTD, c = one_layer(x_BTD, layer_states[i], layer_caches[i], keys[i] if keys is not None else None)
         new_caches.append(c)
     if cache is None:

@@ -15,7 +15,7 @@ from llm_jax.metrics import MetricsWriter, peak_flops_total
 from llm_jax.models.registry import model_vocab_size
 from llm_jax.parallel.mesh import make_mesh
 from llm_jax.run_dir import check_run_dir, trim_metrics, write_run_config
-from llm_jax.train.objectives import tokenizer_mlm_spec
+from llm_jax.train.objectives import tokenizer_objective
 from llm_jax.train.setup import TrainSetup, build_setup
 from llm_jax.train.state import init_state
 
@@ -33,13 +33,21 @@ def check_data_order(saved: dict, current: dict) -> None:
                         "); resuming would not replay the same batches. Use a new run.dir")
 
 
-def evaluate(setup: TrainSetup, params: dict, batches: list[jax.Array], bytes_per_token: float) -> dict:
+def evaluate(setup: TrainSetup, params: dict, batches: list[jax.Array], bytes_per_token: float | None) -> dict:
+    """Held-out loss per scored token, and bits per byte for corpora (not for a data.task)."""
     total, count = 0.0, 0.0
     for batch in batches:
         s, c = setup.eval_step(params, batch)
         total, count = total + float(s), count + float(c)
     loss = total / count
+    if bytes_per_token is None:
+        return {"eval_loss": loss}
     return {"eval_loss": loss, "eval_bpb": loss / math.log(2) / bytes_per_token}
+
+
+def describe_eval(ev: dict) -> str:
+    text = f"eval loss {ev['eval_loss']:.4f}"
+    return text + (f", {ev['eval_bpb']:.3f} bits/byte" if "eval_bpb" in ev else "")
 
 
 def train(cfg: Config) -> dict:
@@ -52,8 +60,7 @@ def train(cfg: Config) -> dict:
     mesh = make_mesh(cfg)  # validates mesh and batch against the devices before any slow work
     bundle = data_lib.build_data(cfg, run_dir)
     vocab = model_vocab_size(cfg, bundle.tokenizer.vocab_size)
-    mlm = tokenizer_mlm_spec(bundle.tokenizer, vocab) if cfg.model.objective == "mlm" else None
-    setup = build_setup(cfg, vocab, mesh, mlm)
+    setup = build_setup(cfg, vocab, tokenizer_objective(cfg, bundle.tokenizer, vocab), mesh)
     write_run_config(cfg, run_dir)
     barrier("run_dir")  # the directory exists before any process opens checkpoints in it
     ckpt = Checkpointer(run_dir, cfg)
@@ -84,6 +91,9 @@ def train(cfg: Config) -> dict:
     if start >= cfg.train.steps:
         writer.log(f"run already at step {start} >= train.steps={cfg.train.steps}; raise train.steps to go on")
 
+    # Bits per byte is a property of next-token prediction over the text; other objectives score
+    # masked positions, spans or task targets, so only their loss per scored token is reported.
+    bytes_per_token = bundle.val_bytes_per_token if cfg.objective == "causal" else None
     eval_batches = [setup.to_global(b) for b in data_lib.eval_batches(
         bundle.val_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches,
         jax.process_index(), jax.process_count())]
@@ -114,9 +124,9 @@ def train(cfg: Config) -> dict:
                 final.update(record)
                 timer_step, timer_start = done, now
             if done == cfg.train.steps or (cfg.train.eval_every and done % cfg.train.eval_every == 0):
-                ev = evaluate(setup, state["params"], eval_batches, bundle.val_bytes_per_token)
+                ev = evaluate(setup, state["params"], eval_batches, bytes_per_token)
                 writer.write({"step": done, **ev})
-                writer.log(f"step {done}: eval loss {ev['eval_loss']:.4f}, {ev['eval_bpb']:.3f} bits/byte")
+                writer.log(f"step {done}: {describe_eval(ev)}")
                 final.update(ev)
                 timer_start = time.perf_counter()  # eval time is not training throughput
             stopping = stop.reached(done) and done < cfg.train.steps
@@ -132,7 +142,7 @@ def train(cfg: Config) -> dict:
         ckpt.close()
         writer.close()
     if start >= cfg.train.steps and not final:
-        final.update(evaluate(setup, state["params"], eval_batches, bundle.val_bytes_per_token))
+        final.update(evaluate(setup, state["params"], eval_batches, bytes_per_token))
     final["params"] = state["params"]
     final["tokenizer"] = bundle.tokenizer
     return final
@@ -142,7 +152,7 @@ def print_sample(cfg: Config, result: dict) -> None:
     """Print a sample from the trained model (process 0), the last line of `make train`."""
     if cfg.train.sample_tokens <= 0:
         return
-    if cfg.model.objective == "mlm":
+    if cfg.objective == "mlm":
         if jax.process_index() == 0:
             print(f"(no sample: model.arch={cfg.model.arch} is a masked-LM encoder, it does not generate text)")
         return
@@ -158,6 +168,13 @@ def print_sample(cfg: Config, result: dict) -> None:
     from llm_jax.api import Model
 
     model = Model.from_params(cfg, params, tokenizer=result["tokenizer"])
+    if cfg.model.is_encoder_decoder:  # the prompt is the source; the sample is the decoded target
+        tokens = min(cfg.train.sample_tokens, cfg.train.seq_len)
+        text = model.generate(cfg.train.sample_prompt, max_new_tokens=tokens, temperature=0)
+        print(f"--- sample (greedy decoding of train.sample_prompt, up to {tokens} tokens) ---")
+        print(f"{cfg.train.sample_prompt}\n=> {text}")
+        print("---")
+        return
     room = cfg.max_seq_len - len(result["tokenizer"].encode(cfg.train.sample_prompt))
     if room < 1:
         print(f"(no sample: train.sample_prompt is longer than the model's {cfg.max_seq_len} positions)")

@@ -1,21 +1,28 @@
-"""Training objectives over [B, T+1] token windows: causal LM (next token) and masked LM (BERT).
+"""Training objectives: each turns a batch of int32 rows into (model inputs, targets, weights).
 
-Both reduce a batch to (inputs_BT, targets_BT, weights_BT): the model reads `inputs`, and the
-loss is the cross entropy against `targets` summed with `weights` (1 = counts, 0 = ignored),
-divided by the summed weights. Causal LM weighs every position; masked LM only the chosen ones.
+The model is called as `model(**inputs)`; the loss is the cross entropy against `targets`
+summed with `weights` (1 = counts, 0 = ignored; None = every position) over the summed weights.
 
-Masked LM (Devlin et al. 2019): each of the first T positions of a window is chosen with
-probability `rate` (15%), independently (a Bernoulli draw per position, as Hugging Face's
-DataCollatorForLanguageModeling does, rather than exactly 15% per sequence). Of the chosen
-positions 80% become the mask id, 10% a random token and 10% stay as they are; the model must
-predict the original token at every chosen position. The draws come from a key that depends only
-on (seed, step), so a resumed run and any mesh see the same masks.
+- `causal` (GPT, recurrent): rows are [B, T+1] windows; inputs the first T tokens, targets the next.
+- `mlm` (BERT, Devlin et al. 2019): each of the first T positions of a window is chosen with
+  probability `rate` (15%), independently (a Bernoulli draw per position, as Hugging Face's
+  DataCollatorForLanguageModeling does). Of the chosen positions 80% become the mask id, 10% a
+  random token and 10% stay; the model predicts the original token at every chosen position.
+- `span` (T5, Raffel et al. 2020): the first T tokens of a window are split into alternating
+  kept and noise spans (noise_density of the tokens in spans of mean length mean_span, the
+  counts fixed so every shape is static); the encoder reads the kept tokens with each noise span
+  replaced by a sentinel, the decoder predicts sentinel + span for each, then end-of-text.
+- `seq2seq` (transformer, t5 on a data.task): rows hold a padded source and a padded target
+  (`data.tasks`); padding (-1) is hidden from attention and from the loss.
 
-The [MASK] id: a tokenizer that has a `[MASK]` token (a BERT tokenizer.json) gives it; otherwise
-the first padding row of the model's vocabulary, i.e. the tokenizer's vocabulary size. For the
-byte tokenizer (257 ids: bytes and end-of-text) padded to 384 rows that is id 257, a row no text
-ever produces, so it can only mean "masked". Random replacements are drawn from the tokenizer's
-real ids [0, vocab), never from padding rows.
+Random draws (masks, spans) come from a key that depends only on (seed, step), so a resumed run
+and any mesh see the same ones; evaluation uses the fixed step EVAL_STEP, so every evaluation
+scores the same corruption.
+
+Extra token ids: a tokenizer's own `[MASK]` / `<extra_id_k>` tokens when it has them; otherwise
+the first padding rows of the model's vocabulary (ids from the tokenizer's vocabulary size up).
+For the byte tokenizer (257 ids) padded to 384 rows these are ids 257..383, rows no text ever
+produces. Random MLM replacements come from the tokenizer's real ids [0, vocab), never padding.
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ import jax.numpy as jnp
 from llm_jax.errors import UserError
 
 MASK_TOKEN = "[MASK]"
-# Folded into the seed's key so MLM draws never coincide with the dropout stream of a step.
+# Folded into the seed's key so objective draws never coincide with the dropout stream of a step.
 MLM_STREAM = 0x4D4C4D  # "MLM"
+SPAN_STREAM = 0x535041  # "SPA"
+PAD = -1  # padding in task rows: never a token id
 # The held-out loss uses the masks of this (never trained) step number for every evaluation: the
 # same positions are scored each time, so evaluations along a run compare like with like.
 EVAL_STEP = 2**31 - 1
@@ -59,15 +68,9 @@ def mlm_spec(tokenizer_vocab: int, model_vocab: int, mask_token_id: int | None =
     return MLMSpec(mask_id=int(mask_id), vocab_limit=int(tokenizer_vocab))
 
 
-def tokenizer_mlm_spec(tokenizer: Any, model_vocab: int) -> MLMSpec:
-    """`mlm_spec` for a tokenizer object: its [MASK] token when it has one (`token_id`)."""
-    lookup = getattr(tokenizer, "token_id", None)
-    return mlm_spec(tokenizer.vocab_size, model_vocab, lookup(MASK_TOKEN) if lookup is not None else None)
-
-
-def mlm_key(seed: int, step: jax.Array | int) -> jax.Array:
-    """The key of one step's masks: a pure function of (seed, step)."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), MLM_STREAM), step)
+def mlm_key(seed: int, step: jax.Array | int, stream: int = MLM_STREAM) -> jax.Array:
+    """The key of one step's draws for an objective's `stream`: a pure function of (seed, step)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream), step)
 
 
 def mlm_mask(key: jax.Array, tokens_BT: jax.Array, spec: MLMSpec) -> tuple[jax.Array, jax.Array]:
@@ -93,3 +96,175 @@ def mlm_targets(tokens_BT1: jax.Array, key: jax.Array, spec: MLMSpec) -> tuple[j
     tokens_BT = tokens_BT1[:, :-1]
     inputs_BT, chosen_BT = mlm_mask(key, tokens_BT, spec)
     return inputs_BT, tokens_BT, chosen_BT.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------- span corruption (T5)
+
+
+@dataclass(frozen=True)
+class SpanSpec:
+    length: int  # raw tokens corrupted per row (train.seq_len)
+    noise: int  # of which hidden
+    spans: int  # in this many noise spans
+    sentinels: tuple[int, ...]  # id of the sentinel of span k (k < spans)
+    eos_id: int
+    start_id: int  # the decoder's first input
+
+    @property
+    def source_len(self) -> int:
+        return self.length - self.noise + self.spans + 1  # kept tokens, a sentinel per span, EOS
+
+    @property
+    def target_len(self) -> int:
+        return self.noise + self.spans + 1  # each span after its sentinel, EOS
+
+
+def span_counts(length: int, density: float, mean_span: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) of a row: fixed per row, as in T5, so shapes are static."""
+    noise = min(max(round(length * density), 1), length - 1)
+    spans = min(max(round(noise / mean_span), 1), noise, length - noise)
+    return noise, spans
+
+
+def span_spec(length: int, density: float, mean_span: float, tokenizer_vocab: int, model_vocab: int,
+              eos_id: int, start_id: int, lookup=None) -> SpanSpec:
+    """Sentinels are the tokenizer's `<extra_id_k>` tokens when `lookup` finds them, else the
+    padding rows after its vocabulary."""
+    noise, spans = span_counts(length, density, mean_span)
+    found = [lookup(f"<extra_id_{k}>") for k in range(spans)] if lookup is not None else [None]
+    if all(i is not None for i in found):
+        sentinels = tuple(int(i) for i in found)
+    else:
+        if tokenizer_vocab + spans > model_vocab:
+            raise UserError(
+                f"span corruption needs {spans} sentinel ids: the tokenizer has no <extra_id_k> tokens and "
+                f"model.vocab_size={model_vocab} leaves {model_vocab - tokenizer_vocab} padding rows after its "
+                f"{tokenizer_vocab} ids; raise model.vocab_size or lower train.seq_len")
+        sentinels = tuple(range(tokenizer_vocab, tokenizer_vocab + spans))
+    return SpanSpec(length, noise, spans, sentinels, int(eos_id), int(start_id))
+
+
+def _segment_lengths(key: jax.Array, items: int, segments: int) -> jax.Array:
+    """Random lengths (each >= 1) of `segments` consecutive pieces of `items` items."""
+    dividers = (jnp.arange(items - 1) < segments - 1).astype(jnp.int32)
+    starts = jnp.concatenate([jnp.zeros(1, jnp.int32), jax.random.permutation(key, dividers)])
+    return jnp.zeros(segments, jnp.int32).at[jnp.cumsum(starts)].add(1)
+
+
+def _emit(values_L: jax.Array, emitted_L: jax.Array, size: int) -> jax.Array:
+    """The emitted values in order, packed into `size` slots (exactly `size` are emitted)."""
+    slot = jnp.where(emitted_L, jnp.cumsum(emitted_L) - 1, size)
+    return jnp.zeros(size, jnp.int32).at[slot].set(values_L, mode="drop")
+
+
+def span_corrupt_row(key: jax.Array, tokens_L: jax.Array, spec: SpanSpec) -> tuple[jax.Array, jax.Array]:
+    """(encoder input [source_len], decoder target [target_len]) of one row of raw tokens."""
+    k_noise, k_keep = jax.random.split(key)
+    noise_len = _segment_lengths(k_noise, spec.noise, spec.spans)
+    keep_len = _segment_lengths(k_keep, spec.length - spec.noise, spec.spans)
+    # Alternating kept, noise, kept, noise...: a row starts with kept tokens and ends in noise.
+    ends = jnp.cumsum(jnp.stack([keep_len, noise_len], axis=1).reshape(-1))
+    segment_L = jnp.searchsorted(ends, jnp.arange(spec.length), side="right")
+    noise_L = segment_L % 2 == 1
+    first_L = jnp.concatenate([jnp.ones(1, bool), segment_L[1:] != segment_L[:-1]])
+    sentinel_L = jnp.asarray(spec.sentinels, jnp.int32)[segment_L // 2]
+    tokens_L = tokens_L.astype(jnp.int32)
+    eos = jnp.full(1, spec.eos_id, jnp.int32)
+    # Encoder: kept tokens, and a noise span's sentinel in place of the span.
+    source = _emit(jnp.where(noise_L, sentinel_L, tokens_L), ~noise_L | first_L, spec.source_len - 1)
+    # Decoder: the mirror image, kept spans become the sentinels that introduce each noise span.
+    target = _emit(jnp.where(noise_L, tokens_L, sentinel_L), noise_L | first_L, spec.target_len - 1)
+    return jnp.concatenate([source, eos]), jnp.concatenate([target, eos])
+
+
+def span_targets(tokens_BT1: jax.Array, key: jax.Array, spec: SpanSpec) -> tuple[dict, jax.Array, None]:
+    rows = tokens_BT1[:, :spec.length]
+    keys = jax.random.split(key, rows.shape[0])
+    src_BS, tgt_BT = jax.vmap(lambda k, r: span_corrupt_row(k, r, spec))(keys, rows)
+    dec_in_BT = jnp.concatenate([jnp.full((rows.shape[0], 1), spec.start_id, jnp.int32), tgt_BT[:, :-1]], axis=1)
+    return {"src_BS": src_BS, "tgt_BT": dec_in_BT}, tgt_BT, None
+
+
+# ---------------------------------------------------------------- seq2seq tasks
+
+
+def seq2seq_targets(rows_BR: jax.Array, src_len: int) -> tuple[dict, jax.Array, jax.Array]:
+    """Task rows [B, src_len + T + 1] (`data.tasks`): source, then [start] + target + [eos],
+    padded with PAD. Padding reads as id 0 (hidden from attention), and scores nothing."""
+    src_BS = rows_BR[:, :src_len]
+    dec_BT1 = rows_BR[:, src_len:]
+    src_mask_BS = src_BS != PAD
+    inputs = {"src_BS": jnp.where(src_mask_BS, src_BS, 0),
+              "tgt_BT": jnp.maximum(dec_BT1[:, :-1], 0),  # padding only follows the eos: causal masking hides it
+              "src_mask_BS": src_mask_BS}
+    targets_BT = dec_BT1[:, 1:]
+    weights_BT = (targets_BT != PAD).astype(jnp.float32)
+    return inputs, jnp.maximum(targets_BT, 0), weights_BT
+
+
+# ---------------------------------------------------------------- one interface for the step
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the train and eval steps need to know: which objective, and its static parameters.
+
+    `data(batch, key_step)` gives (inputs, targets, weights); `key_step` is the training step
+    (draws of mlm and span) or EVAL_STEP for evaluation.
+    """
+
+    kind: str  # causal | mlm | span | seq2seq
+    seed: int = 0
+    mlm: MLMSpec | None = None
+    span: SpanSpec | None = None
+    src_len: int = 0
+    smoothing: float = 0.0  # label smoothing of the training loss
+    smoothing_ids: int = 0  # spread over ids [0, smoothing_ids): the tokenizer's, not padding rows
+
+    def data(self, batch: jax.Array, key_step) -> tuple[dict, jax.Array, jax.Array | None]:
+        if self.kind == "mlm":
+            inputs_BT, targets_BT, weights_BT = mlm_targets(batch, mlm_key(self.seed, key_step), self.mlm)
+            return {"tokens_BT": inputs_BT}, targets_BT, weights_BT
+        if self.kind == "span":
+            return span_targets(batch, mlm_key(self.seed, key_step, SPAN_STREAM), self.span)
+        if self.kind == "seq2seq":
+            return seq2seq_targets(batch, self.src_len)
+        inputs_BT, targets_BT, _ = causal_targets(batch)
+        return {"tokens_BT": inputs_BT}, targets_BT, None
+
+
+def build_objective(cfg, tokenizer_vocab: int, model_vocab: int, eos_id: int, lookup=None) -> Objective:
+    """The objective of `cfg.objective` for a tokenizer with `tokenizer_vocab` ids whose special
+    tokens `lookup(name) -> id | None` finds (None: it has none)."""
+    kind = cfg.objective
+    smoothing = dict(smoothing=cfg.train.label_smoothing, smoothing_ids=tokenizer_vocab)
+    if kind == "mlm":
+        mask_id = lookup(MASK_TOKEN) if lookup is not None else None
+        return Objective("mlm", cfg.seed, mlm=mlm_spec(tokenizer_vocab, model_vocab, mask_id), **smoothing)
+    if kind == "span":
+        spec = span_spec(cfg.train.seq_len, cfg.train.noise_density, cfg.train.mean_span, tokenizer_vocab,
+                         model_vocab, eos_id, decoder_start_id(eos_id, lookup), lookup)
+        return Objective("span", cfg.seed, span=spec, **smoothing)
+    if kind == "seq2seq":
+        return Objective("seq2seq", cfg.seed, src_len=cfg.train.src_len, **smoothing)
+    return Objective(kind, cfg.seed, **smoothing)
+
+
+def row_width(cfg) -> int:
+    """Tokens per batch row: a window of train.seq_len + 1, or a seq2seq task's source and target."""
+    if cfg.objective == "seq2seq":
+        return cfg.train.src_len + cfg.train.seq_len + 1
+    return cfg.train.seq_len + 1
+
+
+def decoder_start_id(eos_id: int, lookup=None) -> int:
+    """The encoder-decoders' first decoder input: `<pad>` where the tokenizer has it (T5's
+    convention), else end-of-text (which also separates documents)."""
+    pad = lookup("<pad>") if lookup is not None else None
+    return int(eos_id if pad is None else pad)
+
+
+def tokenizer_objective(cfg, tokenizer: Any, model_vocab: int) -> Objective:
+    """`build_objective` for a tokenizer object (`vocab_size`, `eos_id`, optional `token_id`)."""
+    return build_objective(cfg, tokenizer.vocab_size, model_vocab, tokenizer.eos_id,
+                           getattr(tokenizer, "token_id", None))

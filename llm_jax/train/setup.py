@@ -10,9 +10,9 @@ import optax
 from jax.sharding import Mesh
 
 from llm_jax.config import Config
-from llm_jax.metrics import flops_per_token, matmul_params
+from llm_jax.metrics import encoder_decoder_flops_per_token, flops_per_token, matmul_params
 from llm_jax.parallel.mesh import make_mesh
-from llm_jax.train.objectives import MLMSpec
+from llm_jax.train.objectives import Objective
 from llm_jax.train.optim import make_optimizer, make_schedule
 from llm_jax.train.state import ModelDef, abstract_state, model_def, state_shardings, unsharded_large_params
 from llm_jax.train.step import batch_sharding, make_eval_step, make_train_step
@@ -27,6 +27,7 @@ class TrainSetup:
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     shardings: dict
+    objective: Objective
     train_step: Callable
     eval_step: Callable
     flops_per_token: float
@@ -40,8 +41,8 @@ class TrainSetup:
         return jax.make_array_from_process_local_data(batch_sharding(self.mesh), local_batch)
 
 
-def build_setup(cfg: Config, vocab_size: int, mesh: Mesh | None = None, mlm: MLMSpec | None = None) -> TrainSetup:
-    """`mlm`: the masking spec, needed by masked-LM models (bert); see `objectives.mlm_spec`."""
+def build_setup(cfg: Config, vocab_size: int, objective: Objective, mesh: Mesh | None = None) -> TrainSetup:
+    """`objective`: from `objectives.build_objective` (or `tokenizer_objective`)."""
     mesh = mesh if mesh is not None else make_mesh(cfg)
     mdef = model_def(cfg, vocab_size)
     tx = make_optimizer(cfg)
@@ -50,9 +51,17 @@ def build_setup(cfg: Config, vocab_size: int, mesh: Mesh | None = None, mlm: MLM
     warnings = [f"parameter left replicated by the mesh: {p}" for p in unsharded_large_params(mdef, mesh)]
     return TrainSetup(
         cfg=cfg, mesh=mesh, mdef=mdef, vocab_size=vocab_size, tx=tx, schedule=schedule,
-        shardings=shardings,
-        train_step=make_train_step(cfg, mdef, tx, schedule, mesh, shardings, mlm),
-        eval_step=make_eval_step(mdef, mesh, shardings["params"], cfg=cfg, mlm=mlm),
-        flops_per_token=flops_per_token(cfg, matmul_params(cfg, mdef.shapes)),
+        shardings=shardings, objective=objective,
+        train_step=make_train_step(cfg, mdef, tx, schedule, mesh, shardings, objective),
+        eval_step=make_eval_step(mdef, mesh, shardings["params"], objective),
+        flops_per_token=model_flops_per_token(cfg, mdef),
         warnings=warnings,
     )
+
+
+def model_flops_per_token(cfg: Config, mdef: ModelDef) -> float:
+    n_matmul = matmul_params(cfg, mdef.shapes)
+    if not cfg.model.is_encoder_decoder:
+        return flops_per_token(cfg, n_matmul)
+    n_encoder = sum(int(x.size) for x in jax.tree.leaves(mdef.shapes["encoder"]))
+    return encoder_decoder_flops_per_token(cfg, n_encoder, n_matmul - n_encoder)

@@ -1,4 +1,4 @@
-"""The jitted, sharded, donated train step and the eval step (causal LM or masked LM objective)."""
+"""The jitted, sharded, donated train step and the eval step, for any objective (`objectives`)."""
 
 from __future__ import annotations
 
@@ -11,25 +11,31 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llm_jax.config import Config
 from llm_jax.parallel.rules import activation_mesh, logical_to_spec
-from llm_jax.train.objectives import EVAL_STEP, MLMSpec, causal_targets, mlm_key, mlm_targets
+from llm_jax.train.objectives import EVAL_STEP, Objective
 from llm_jax.train.optim import clip_by_norm
 from llm_jax.train.state import ModelDef
 
 
-def token_loss(mdef: ModelDef, params: dict, inputs_BT: jax.Array, targets_BT: jax.Array,
-               weights_BT: jax.Array | None, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Cross entropy (float32) summed over the positions `weights_BT` selects (None: all), and their count."""
-    logits_BTV, _ = mdef.merge(params)(inputs_BT, dropout_key=dropout_key)
+def token_loss(mdef: ModelDef, params: dict, data: tuple, dropout_key: jax.Array | None,
+               smoothing: float = 0.0, smoothing_ids: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Cross entropy (float32) summed over the positions the weights select (None: all), and their count.
+
+    `data` is an objective's (model inputs, targets, weights). With `smoothing` > 0 each target
+    keeps 1 - smoothing of its probability and the rest is spread evenly over ids
+    [0, smoothing_ids) (Szegedy et al. 2016): the loss adds smoothing * mean(-log p) over them.
+    """
+    inputs, targets_BT, weights_BT = data
+    logits_BTV, _ = mdef.merge(params)(**inputs, dropout_key=dropout_key)
     losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+    if smoothing > 0:
+        logp_BTV = jax.nn.log_softmax(logits_BTV[..., :smoothing_ids], axis=-1)
+        # log_softmax over the real ids alone would renormalise; correct it back to the full softmax.
+        shift_BT = jax.nn.logsumexp(logits_BTV[..., :smoothing_ids], -1) - jax.nn.logsumexp(logits_BTV, -1)
+        uniform_BT = -(logp_BTV.mean(-1) + shift_BT)
+        losses_BT = (1 - smoothing) * losses_BT + smoothing * uniform_BT
     if weights_BT is None:
         return losses_BT.sum(), jnp.asarray(targets_BT.size, jnp.float32)
     return (losses_BT * weights_BT).sum(), weights_BT.sum()
-
-
-def causal_lm_loss(mdef: ModelDef, params: dict, tokens_BT1: jax.Array,
-                   dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross entropy (float32) over a [B, T+1] window batch, and the token count."""
-    return token_loss(mdef, params, *causal_targets(tokens_BT1), dropout_key)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -39,43 +45,39 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: Mesh, shardings: dict,
-                    mlm: MLMSpec | None = None) -> Callable:
+                    objective: Objective) -> Callable:
     """step(state, batch) -> (state, metrics); the state is donated and updated in place.
 
-    The objective follows `model.arch` (`cfg.model.objective`): next-token prediction, or masked
-    LM (which needs `mlm`, the mask id and replacement range) with masks drawn from (seed, step).
+    `objective` (`objectives.build_objective`) turns the batch into model inputs and targets;
+    its random draws (masks, spans) depend on (seed, step) only.
     """
     accum = cfg.train.grad_accum
     use_dropout = cfg.model.dropout > 0
-    masked = cfg.model.objective == "mlm"
-    if masked and mlm is None:
-        raise ValueError("the masked-LM objective needs an MLMSpec (objectives.mlm_spec)")
     base_key = jax.random.key(cfg.seed)
     micro_sharding = NamedSharding(mesh, logical_to_spec((None, "batch", None)))
 
     def grads_of(params, data, key, denom):
         def loss_fn(p):
-            total, count = token_loss(mdef, p, *data, key)
+            total, count = token_loss(mdef, p, data, key, objective.smoothing, objective.smoothing_ids)
             return total / (count if denom is None else denom), total
 
         (_, total), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return total, grads
 
-    def step(state: dict, batch_BT1: jax.Array) -> tuple[dict, dict]:
+    def step(state: dict, batch: jax.Array) -> tuple[dict, dict]:
         with activation_mesh(mesh):
             # Dropout masks depend only on (seed, step): resumed runs draw the same ones.
             key = jax.random.fold_in(base_key, state["step"]) if use_dropout else None
             params = state["params"]
-            if masked:
-                # Masks are drawn for the whole global batch before any microbatch split, so
-                # gradient accumulation and every mesh see the same masked positions.
-                data = mlm_targets(batch_BT1, mlm_key(cfg.seed, state["step"]), mlm)
-                # Microbatches hold different numbers of masked positions: each one's summed
+            # Draws (masks, spans) are made for the whole global batch before any microbatch
+            # split, so gradient accumulation and every mesh see the same ones.
+            data = objective.data(batch, state["step"])
+            if data[2] is not None:
+                # Microbatches hold different numbers of scored positions: each one's summed
                 # loss is divided by the global count, and their gradients are summed.
                 count = jnp.maximum(data[2].sum(), 1.0)
                 denom, grad_div = count, 1
             else:
-                data = causal_targets(batch_BT1)
                 count = jnp.asarray(data[1].size, jnp.float32)
                 denom, grad_div = None, accum  # equal micro counts: the mean of means
             if accum == 1:
@@ -109,23 +111,16 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
-def make_eval_step(mdef: ModelDef, mesh: Mesh, param_shardings: dict, *, cfg: Config | None = None,
-                   mlm: MLMSpec | None = None) -> Callable:
+def make_eval_step(mdef: ModelDef, mesh: Mesh, param_shardings: dict, objective: Objective) -> Callable:
     """eval(params, batch) -> (summed loss, count of scored tokens), both float32 scalars.
 
-    Masked LM (`cfg.model.objective == "mlm"`) scores the positions of one fixed key's masks
-    (`objectives.EVAL_STEP`), the same at every evaluation.
+    Plain cross entropy (no label smoothing). Objectives with random draws (mlm, span) use those
+    of one fixed step (`objectives.EVAL_STEP`), the same at every evaluation.
     """
-    masked = cfg is not None and cfg.model.objective == "mlm"
-    if masked and mlm is None:
-        raise ValueError("the masked-LM objective needs an MLMSpec (objectives.mlm_spec)")
 
-    def evaluate(params: dict, batch_BT1: jax.Array):
+    def evaluate(params: dict, batch: jax.Array):
         with activation_mesh(mesh):
-            if masked:
-                data = mlm_targets(batch_BT1, mlm_key(cfg.seed, EVAL_STEP), mlm)
-                return token_loss(mdef, params, *data, None)
-            return causal_lm_loss(mdef, params, batch_BT1, None)
+            return token_loss(mdef, params, objective.data(batch, EVAL_STEP), None)
 
     replicated = NamedSharding(mesh, P())
     return jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh)),

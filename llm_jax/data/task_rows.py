@@ -1,0 +1,78 @@
+"""The rows of a supervised `data.task`: examples cut from the stdlib files, tokenised once.
+
+Rows are int32 arrays of fixed width (see `tasks.encode_seq2seq_rows` / `encode_classify_rows`)
+cached as `.npy` beside the token streams, keyed by everything that decides their content, and
+memory-mapped afterwards. Train and validation examples come from different files (the stdlib
+split is by file), so a function never has its body in one split and its name in the other.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from llm_jax.config import Config
+from llm_jax.data.cache import CACHE_FORMAT_VERSION, content_key, file_lock, log, save_npy_atomic, write_json_atomic
+from llm_jax.data.sources import Corpus
+from llm_jax.data.tasks import encode_classify_rows, encode_seq2seq_rows, task_examples, task_kind
+from llm_jax.data.tokenizer import Tokenizer, identity_of
+from llm_jax.errors import UserError
+from llm_jax.train.objectives import decoder_start_id
+
+# Bump when the examples a task cuts from the same files change (tasks.py's rules).
+TASK_RULES_VERSION = 1
+
+
+def _capped(documents: Iterable[tuple[str, str]], max_bytes: int) -> Iterator[tuple[str, str]]:
+    """Whole files while they fit in data.max_bytes (0: all), as the corpus streams are capped."""
+    used = 0
+    for path, text in documents:
+        size = len(text.encode("utf-8"))
+        if max_bytes and used + size > max_bytes:
+            continue
+        used += size
+        yield path, text
+
+
+def _stdlib_files(cfg: Config, root: Path, split: str) -> Iterator[tuple[str, str]]:
+    from llm_jax.data import stdlib_tfds
+
+    builder = stdlib_tfds.prepared_builder(root / "tfds", cfg.data.val_fraction)
+    return _capped(stdlib_tfds.stdlib_documents(builder, split), cfg.data.max_bytes)
+
+
+def encode_rows(cfg: Config, examples: Iterable, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
+    """(rows, examples dropped because their target does not fit train.seq_len)."""
+    encode = tokenizer.encode
+    if task_kind(cfg.data.task) == "seq2seq":
+        start = decoder_start_id(tokenizer.eos_id, getattr(tokenizer, "token_id", None))
+        return encode_seq2seq_rows(examples, encode, cfg.train.src_len, cfg.train.seq_len, tokenizer.eos_id, start)
+    return encode_classify_rows(examples, encode, cfg.train.seq_len, tokenizer.eos_id), 0
+
+
+def task_rows(cfg: Config, corpus: Corpus, tokenizer: Tokenizer, split: str, root: Path) -> np.ndarray:
+    """The split's rows, memory-mapped from the cache (built first if needed)."""
+    key = content_key({"corpus": corpus.fingerprint, "tokenizer": identity_of(tokenizer), "split": split,
+                       "task": cfg.data.task, "src_len": cfg.train.src_len, "seq_len": cfg.train.seq_len,
+                       "val_fraction": cfg.data.val_fraction, "max_bytes": cfg.data.max_bytes,
+                       "rules": TASK_RULES_VERSION, "format": CACHE_FORMAT_VERSION})
+    folder = root / "tasks"
+    npy, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
+    if not meta_path.is_file():
+        with file_lock(folder / f".{key}.lock"):
+            if not meta_path.is_file():
+                log(f"building {cfg.data.task} {split} examples from the stdlib files...")
+                rows, dropped = encode_rows(cfg, task_examples(cfg.data.task, _stdlib_files(cfg, root, split)),
+                                            tokenizer)
+                log(f"{cfg.data.task} {split}: {len(rows)} examples ({dropped} with targets longer than "
+                    f"train.seq_len={cfg.train.seq_len} dropped)")
+                save_npy_atomic(npy, rows)
+                write_json_atomic(meta_path, {"n_rows": len(rows), "dropped": dropped, "task": cfg.data.task})
+    rows = np.load(npy, mmap_mode="r")
+    if len(rows) < cfg.train.batch_size:
+        raise UserError(f"data.task={cfg.data.task} has {len(rows)} {split} examples, fewer than "
+                        f"train.batch_size={cfg.train.batch_size}; raise data.max_bytes (0 = all files)")
+    return rows

@@ -1,0 +1,247 @@
+"""Encoder-decoder Transformers: the original (`model.arch=transformer`) and T5 (`model.arch=t5`).
+
+One module, two configurations of the shared blocks (one `Attention` for bidirectional, causal
+and cross attention; one `MLP`; shared norms and positions):
+
+- `transformer` (Vaswani et al. 2017): post-LayerNorm blocks x = LN(x + drop(F(x))) with
+  biases, ReLU MLP, source and target share one embedding scaled by sqrt(d_model) and tied to
+  the output layer, sinusoidal (or learned) positions added to the embeddings.
+- `t5` (Raffel et al. 2020, the v1.0 layout Hugging Face's T5ForConditionalGeneration uses):
+  pre-RMSNorm blocks without biases and a final norm per stack, attention scores without the
+  1/sqrt(d) factor, a learned bias per head and relative-position bucket (computed once per
+  stack and shared by its layers; the decoder's buckets look only backwards), embeddings not
+  scaled, the tied output scaled by d_model^-0.5.
+
+Encoder and decoder blocks are stacked on a leading `layers` axis like the GPT's, so scan or
+unrolled execution, remat and the sharding rules work unchanged. Generation encodes the source
+once (`encode`) and runs the decoder a token at a time against that cached encoder output with
+a KV cache for the decoder's self-attention (`decode`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llm_jax.config import ModelConfig
+from llm_jax.models.attention import Attention
+from llm_jax.models.layers import MLP, Embed, Norm, dropout, output_layer, output_logits, param, stack_layers
+from llm_jax.models.transformer import add_positions, run_layers
+from llm_jax.parallel.rules import constrain
+
+
+def relative_buckets(relative_TS: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int) -> jax.Array:
+    """T5's bucket of each (key position - query position): exact for small distances, then
+    logarithmic up to `max_distance`, beyond which all share the last bucket. A bidirectional
+    (encoder) table gives half its buckets to keys after the query."""
+    buckets = jnp.zeros(relative_TS.shape, jnp.int32)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_TS > 0).astype(jnp.int32) * num_buckets
+        distance = jnp.abs(relative_TS)
+    else:
+        distance = jnp.maximum(-relative_TS, 0)  # keys after the query are masked anyway
+    exact = num_buckets // 2
+    # max(distance, 1) keeps log() finite where the exact branch is taken anyway.
+    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact) / math.log(max_distance / exact)
+    far = exact + (log_ratio * (num_buckets - exact)).astype(jnp.int32)
+    far = jnp.minimum(far, num_buckets - 1)
+    return buckets + jnp.where(distance < exact, distance, far)
+
+
+class RelativeBias(nnx.Module):
+    """A learned scalar per (bucket, head), added to the attention scores."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool, *, rngs: nnx.Rngs):
+        self.bidirectional = bidirectional
+        self.num_buckets = cfg.relative_buckets
+        self.max_distance = cfg.relative_max_distance
+        self.table = param(rngs, nnx.initializers.normal(cfg.init_std), (cfg.relative_buckets, cfg.num_heads),
+                           ("relpos_buckets", "heads"))
+
+    def __call__(self, query_pos_T: jax.Array, key_pos_S: jax.Array) -> jax.Array:
+        """Bias [1, N, T, S] float32 for queries at `query_pos_T` against keys at `key_pos_S`."""
+        buckets_TS = relative_buckets(key_pos_S[None, :] - query_pos_T[:, None], self.bidirectional,
+                                      self.num_buckets, self.max_distance)
+        bias_TSN = jnp.take(self.table[...], buckets_TS, axis=0)
+        return bias_TSN.transpose(2, 0, 1)[None]
+
+
+def _sublayer(x_BTD, norm: Norm, prenorm: bool, rate: float, key, fn):
+    """One residual branch: pre-norm x + drop(fn(norm(x))) or post-norm norm(x + drop(fn(x)))."""
+    if prenorm:
+        return x_BTD + dropout(fn(norm(x_BTD)), rate, key)
+    return norm(x_BTD + dropout(fn(x_BTD), rate, key))
+
+
+def _attention(cfg: ModelConfig, rngs: nnx.Rngs) -> Attention:
+    t5 = cfg.arch == "t5"
+    return Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, rngs=rngs, std=cfg.init_std,
+                     out_std=cfg.init_std, use_bias=cfg.use_bias, scale=1.0 if t5 else None)
+
+
+def _mlp(cfg: ModelConfig, rngs: nnx.Rngs) -> MLP:
+    return MLP(cfg.d_model, cfg.ff_dim, cfg.mlp, rngs=rngs, std=cfg.init_std, out_std=cfg.init_std,
+               use_bias=cfg.use_bias)
+
+
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> Norm:
+    return Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
+
+
+class EncoderBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.prenorm = cfg.arch == "t5"
+        self.dropout_rate = cfg.dropout
+        self.norm1, self.attn = _norm(cfg, rngs), _attention(cfg, rngs)
+        self.norm2, self.mlp = _norm(cfg, rngs), _mlp(cfg, rngs)
+
+    def __call__(self, x_BSD, *, mask_BSS, bias_BNSS, key):
+        k1, k2 = jax.random.split(key) if key is not None else (None, None)
+        attend = lambda h: self.attn(h, mask_BTS=mask_BSS, causal=False, bias_BNTS=bias_BNSS)[0]  # noqa: E731
+        x_BSD = _sublayer(x_BSD, self.norm1, self.prenorm, self.dropout_rate, k1, attend)
+        x_BSD = _sublayer(x_BSD, self.norm2, self.prenorm, self.dropout_rate, k2, self.mlp)
+        return constrain(x_BSD, ("batch", "length", "embed"))
+
+
+class DecoderBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.prenorm = cfg.arch == "t5"
+        self.dropout_rate = cfg.dropout
+        self.norm1, self.self_attn = _norm(cfg, rngs), _attention(cfg, rngs)
+        self.norm2, self.cross_attn = _norm(cfg, rngs), _attention(cfg, rngs)
+        self.norm3, self.mlp = _norm(cfg, rngs), _mlp(cfg, rngs)
+
+    def __call__(self, x_BTD, *, memory_BSD, cross_mask_BTS, self_mask_BTS, bias_BNTS, cache, cache_index, key):
+        k1, k2, k3 = jax.random.split(key, 3) if key is not None else (None, None, None)
+        new_cache = None
+
+        def attend_self(h):
+            nonlocal new_cache
+            out, new_cache = self.self_attn(h, mask_BTS=self_mask_BTS, cache=cache, cache_index=cache_index,
+                                            causal=True, bias_BNTS=bias_BNTS)
+            return out
+
+        attend_source = lambda h: self.cross_attn(h, kv_BSD=memory_BSD, mask_BTS=cross_mask_BTS)[0]  # noqa: E731
+        x_BTD = _sublayer(x_BTD, self.norm1, self.prenorm, self.dropout_rate, k1, attend_self)
+        x_BTD = _sublayer(x_BTD, self.norm2, self.prenorm, self.dropout_rate, k2, attend_source)
+        x_BTD = _sublayer(x_BTD, self.norm3, self.prenorm, self.dropout_rate, k3, self.mlp)
+        return constrain(x_BTD, ("batch", "length", "embed")), new_cache
+
+
+class EncoderDecoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, *, compute_dtype: str,
+                 rngs: nnx.Rngs):
+        self.t5 = cfg.arch == "t5"
+        self.num_layers = cfg.num_layers
+        self.num_decoder_layers = cfg.decoder_layers
+        self.position = cfg.position
+        self.rope_theta = cfg.rope_theta
+        self.head_dim = cfg.head_dim
+        self.max_seq_len = max_seq_len
+        self.d_model = cfg.d_model
+        self.dropout_rate = cfg.dropout
+        self.scan_layers = cfg.scan_layers
+        self.remat = cfg.remat
+        self.compute_dtype = compute_dtype
+
+        self.embed = Embed(vocab_size, cfg.d_model, ("vocab", "embed"), rngs=rngs, std=cfg.init_std)
+        self.pos_embed = (Embed(max_seq_len, cfg.d_model, ("position", "embed"), rngs=rngs, std=cfg.init_std)
+                          if cfg.position == "learned" else None)
+        relative = cfg.position == "relative"
+        self.encoder_bias = RelativeBias(cfg, bidirectional=True, rngs=rngs) if relative else None
+        self.decoder_bias = RelativeBias(cfg, bidirectional=False, rngs=rngs) if relative else None
+        self.encoder = stack_layers(cfg.num_layers, lambda r: EncoderBlock(cfg, rngs=r))(rngs)
+        self.decoder = stack_layers(cfg.decoder_layers, lambda r: DecoderBlock(cfg, rngs=r))(rngs)
+        # Pre-norm stacks end with a norm; post-norm blocks already end normalised.
+        self.encoder_norm = _norm(cfg, rngs) if self.t5 else None
+        self.decoder_norm = _norm(cfg, rngs) if self.t5 else None
+        self.head = output_layer(cfg, vocab_size, rngs)
+
+    def _embed(self, tokens_BT: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.compute_dtype)
+        x_BTD = self.embed(tokens_BT, dtype)
+        if not self.t5:  # Vaswani et al. 3.4: embeddings multiplied by sqrt(d_model)
+            x_BTD = x_BTD * jnp.asarray(math.sqrt(self.d_model), dtype)
+        return x_BTD
+
+    def encode(self, src_BS: jax.Array, src_mask_BS: jax.Array | None = None,
+               dropout_key: jax.Array | None = None) -> jax.Array:
+        """The encoder's output [B, S, D] for source ids; `src_mask_BS` (True = real token)
+        hides padded source positions from every query."""
+        B, S = src_BS.shape
+        x_BSD = self._embed(src_BS)
+        x_BSD, _ = add_positions(self, x_BSD, jnp.broadcast_to(jnp.arange(S), (B, S)))
+        if dropout_key is not None:
+            dropout_key, embed_key = jax.random.split(dropout_key)
+            x_BSD = dropout(x_BSD, self.dropout_rate, embed_key)
+        x_BSD = constrain(x_BSD, ("batch", "length", "embed"))
+        mask_BSS = None if src_mask_BS is None else jnp.broadcast_to(src_mask_BS[:, None, :], (B, S, S))
+        bias = self.encoder_bias(jnp.arange(S), jnp.arange(S)) if self.encoder_bias is not None else None
+
+        def call(layer, x, _cache, key):
+            return layer(x, mask_BSS=mask_BSS, bias_BNSS=bias, key=key), None
+
+        x_BSD = run_layers(self, call, x_BSD, None, dropout_key, blocks=self.encoder)[0]
+        if self.encoder_norm is not None:
+            x_BSD = self.encoder_norm(x_BSD)
+            if dropout_key is not None:
+                x_BSD = dropout(x_BSD, self.dropout_rate, jax.random.fold_in(dropout_key, 1))
+        return x_BSD
+
+    def decode(self, tgt_BT: jax.Array, memory_BSD: jax.Array, src_mask_BS: jax.Array | None = None, *,
+               cache: dict | None = None, cache_index: jax.Array | None = None,
+               dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+        """Logits [B, T, V] float32 of the decoder over target ids, attending to `memory_BSD`.
+
+        With `cache` (from `init_decoder_cache`), the T new tokens sit at positions
+        cache_index..cache_index+T-1 and attend to the cache up to themselves.
+        """
+        dtype = jnp.dtype(self.compute_dtype)
+        B, T = tgt_BT.shape
+        start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+        positions_T = start + jnp.arange(T)
+        x_BTD = self._embed(tgt_BT)
+        x_BTD, _ = add_positions(self, x_BTD, jnp.broadcast_to(positions_T, (B, T)))
+        if dropout_key is not None:
+            dropout_key, embed_key = jax.random.split(dropout_key)
+            x_BTD = dropout(x_BTD, self.dropout_rate, embed_key)
+        x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
+        S = memory_BSD.shape[1]
+        cross_mask_BTS = None if src_mask_BS is None else jnp.broadcast_to(src_mask_BS[:, None, :], (B, T, S))
+        if cache is not None:
+            key_pos = jnp.arange(cache["k"].shape[2])
+            self_mask_BTS = jnp.broadcast_to(key_pos[None, :] <= positions_T[:, None], (B, T, key_pos.shape[0]))
+        else:
+            key_pos, self_mask_BTS = jnp.arange(T), None  # None: causal
+        bias = self.decoder_bias(positions_T, key_pos) if self.decoder_bias is not None else None
+
+        def call(layer, x, layer_cache, key):
+            return layer(x, memory_BSD=memory_BSD, cross_mask_BTS=cross_mask_BTS, self_mask_BTS=self_mask_BTS,
+                         bias_BNTS=bias, cache=layer_cache, cache_index=cache_index, key=key)
+
+        x_BTD, new_cache = run_layers(self, call, x_BTD, cache, dropout_key, blocks=self.decoder)
+        if self.decoder_norm is not None:
+            x_BTD = self.decoder_norm(x_BTD)
+            if dropout_key is not None:
+                x_BTD = dropout(x_BTD, self.dropout_rate, jax.random.fold_in(dropout_key, 1))
+        if self.t5 and self.head is None:  # T5 v1.0 rescales before its tied output layer
+            x_BTD = x_BTD * jnp.asarray(self.d_model ** -0.5, x_BTD.dtype)
+        logits_BTV = output_logits(self.embed, self.head, x_BTD, dtype)
+        return constrain(logits_BTV, ("batch", "length", "vocab")), new_cache
+
+    def __call__(self, src_BS: jax.Array, tgt_BT: jax.Array, *, src_mask_BS: jax.Array | None = None,
+                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, None]:
+        """Teacher-forced logits [B, T, V] float32 of the targets given the sources."""
+        enc_key, dec_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
+        memory_BSD = self.encode(src_BS, src_mask_BS, enc_key)
+        return self.decode(tgt_BT, memory_BSD, src_mask_BS, dropout_key=dec_key)[0], None
+
+
+def init_decoder_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict:
+    """An empty decoder KV cache: k and v of shape [decoder layers, batch, length, kv_heads, head_dim]."""
+    shape = (cfg.decoder_layers, batch, length, cfg.kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

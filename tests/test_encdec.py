@@ -1,0 +1,156 @@
+"""Encoder-decoders (model.arch=transformer, t5): T5ForConditionalGeneration parity and round trip,
+cached generation against recomputation, span corruption, label smoothing, seq2seq rows."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+import llm_jax
+from llm_jax.cli import main
+from llm_jax.config import load_config
+from llm_jax.errors import UserError
+from llm_jax.generate import generate
+from llm_jax.models.encdec import relative_buckets
+from llm_jax.models.registry import build_model
+from llm_jax.train.objectives import (PAD, Objective, seq2seq_targets, span_corrupt_row, span_counts, span_spec,
+                                      span_targets)
+from llm_jax.train.state import model_def
+from llm_jax.train.step import token_loss
+from runs import REPO
+
+FIXTURE = REPO / "tests" / "fixtures" / "hf" / "t5"
+T5 = ["model.arch=t5", "model.position=relative", "model.norm=rmsnorm", "model.use_bias=false", "model.mlp=relu",
+      "model.relative_buckets=8", "model.relative_max_distance=16"]
+TRANSFORMER = ["model.arch=transformer", "data.task=funcname", "model.position=sinusoidal", "model.mlp=relu"]
+
+
+def _reference():
+    return np.load(FIXTURE / "reference.npz")
+
+
+def test_load_gives_the_transformers_t5_logits():
+    ref = _reference()
+    model = llm_jax.load(FIXTURE)
+    assert model.config.model.arch == "t5" and model.decoder_start_id == 0
+    got = model.logits(ref["input_ids"], ref["decoder_input_ids"], attention_mask=ref["attention_mask"])
+    np.testing.assert_allclose(got, ref["logits"], atol=2e-4)
+    with pytest.raises(UserError, match="decoder_input_ids"):
+        model.logits(ref["input_ids"])
+
+
+def test_import_then_export_round_trips_t5(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "exported"
+    assert main(["import-hf", str(FIXTURE), str(run)]) == 0
+    assert main(["export-hf", str(run), str(out)]) == 0
+    want, got = load_file(str(FIXTURE / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    ref = _reference()
+    args = (ref["input_ids"], ref["decoder_input_ids"])
+    np.testing.assert_array_equal(llm_jax.load(out).logits(*args, attention_mask=ref["attention_mask"]),
+                                  llm_jax.load(FIXTURE).logits(*args, attention_mask=ref["attention_mask"]))
+
+
+def test_relative_buckets_match_t5s_table():
+    # Hand-checked against T5's _relative_position_bucket (8 buckets, max distance 16).
+    rel = jnp.array([-20, -16, -8, -4, -3, -1, 0, 1, 3, 4, 8, 20])
+    np.testing.assert_array_equal(relative_buckets(rel, True, 8, 16), [3, 3, 3, 2, 2, 1, 0, 5, 6, 6, 7, 7])
+    np.testing.assert_array_equal(relative_buckets(rel, False, 8, 16), [7, 7, 6, 4, 3, 1, 0, 0, 0, 0, 0, 0])
+
+
+def _random_model(arch_keys: list[str]):
+    cfg = load_config("gpt_tiny", [*arch_keys, "model.init_std=0.3", "train.seq_len=32", "train.src_len=32"])
+    return cfg, build_model(cfg, 96, nnx.Rngs(3))
+
+
+@pytest.mark.parametrize("arch", ["t5", "transformer"])
+def test_cached_generation_equals_recomputation(arch):
+    cfg, model = _random_model(T5 if arch == "t5" else TRANSFORMER)
+    sources = [[5, 17, 33, 2, 90, 41, 7], [64, 3, 12]]  # different lengths: the short one is padded
+    start, steps = 1, 10
+    out = generate(model, cfg, sources, max_new_tokens=steps, temperature=0.0, start_id=start, vocab_limit=90)
+    # The decoder is causal: position t of a zero-padded row sees only the tokens up to t, so
+    # one compiled full-length forward per step recomputes the whole prefix.
+    forward = nnx.jit(lambda m, src, dec: m(src, dec)[0])
+    for src, got in zip(sources, out):
+        dec = [start]
+        for t in range(steps):
+            logits = forward(model, jnp.array([src]), jnp.array([dec + [0] * (steps - len(dec))]))
+            dec.append(int(jnp.argmax(logits[0, t, :90])))
+        assert got == dec[1:]
+    assert out[0] != out[1] and len(set(out[0]) | set(out[1])) >= 3  # the rows are not degenerate
+    again = generate(model, cfg, sources, max_new_tokens=steps, temperature=1.0, seed=4, start_id=start)
+    assert again == generate(model, cfg, sources, max_new_tokens=steps, temperature=1.0, seed=4, start_id=start)
+
+
+def test_span_corruption_hides_spans_behind_sentinels_and_round_trips():
+    length, vocab = 64, 100
+    noise, spans = span_counts(length, 0.15, 3.0)
+    assert (noise, spans) == (10, 3)
+    spec = span_spec(length, 0.15, 3.0, tokenizer_vocab=vocab, model_vocab=128, eos_id=1, start_id=1)
+    assert spec.sentinels == (100, 101, 102) and spec.source_len == 64 - 10 + 3 + 1 and spec.target_len == 10 + 3 + 1
+    tokens = jnp.arange(2, 2 + length)  # distinct ids, all below the sentinels
+    for seed in range(5):
+        src, tgt = (np.asarray(a) for a in span_corrupt_row(jax.random.key(seed), tokens, spec))
+        assert src[-1] == 1 and tgt[-1] == 1  # each ends with EOS
+        # Sentinels appear once each, in order, in both; every span is at least one token.
+        assert [t for t in src if t >= vocab] == [100, 101, 102] and [t for t in tgt if t >= vocab] == [100, 101, 102]
+        assert tgt[0] == 100 and not np.any(np.diff(np.flatnonzero(tgt >= vocab)) == 1)
+        # Putting each span back in place of its sentinel gives the original tokens.
+        spans_of = {}
+        for piece in np.split(tgt[:-1], np.flatnonzero(tgt[:-1] >= vocab))[1:]:
+            spans_of[int(piece[0])] = list(piece[1:])
+        rebuilt = [t for s in src[:-1] for t in (spans_of[int(s)] if s >= vocab else [int(s)])]
+        assert rebuilt == list(range(2, 2 + length))
+    inputs, targets, weights = span_targets(jnp.tile(jnp.arange(2, 3 + length), (3, 1)), jax.random.key(0), spec)
+    assert inputs["src_BS"].shape == (3, spec.source_len) and targets.shape == (3, spec.target_len)
+    np.testing.assert_array_equal(inputs["tgt_BT"][:, 0], 1)  # the decoder starts from start_id
+    np.testing.assert_array_equal(inputs["tgt_BT"][:, 1:], targets[:, :-1])
+    assert weights is None and len({tuple(r) for r in np.asarray(targets)}) == 3  # each row its own spans
+
+
+def test_span_corruption_needs_room_for_its_sentinels():
+    with pytest.raises(UserError, match="sentinel ids"):
+        span_spec(256, 0.15, 3.0, tokenizer_vocab=257, model_vocab=260, eos_id=256, start_id=256)
+    found = span_spec(64, 0.15, 3.0, 96, 96, 1, 0, lookup=lambda t: {f"<extra_id_{k}>": 95 - k for k in range(5)}.get(t))
+    assert found.sentinels == (95, 94, 93)
+
+
+def test_label_smoothing_spreads_mass_over_the_tokenizer_ids():
+    cfg, model = _random_model(TRANSFORMER)
+    mdef = model_def(cfg, 96)
+    params = nnx.to_pure_dict(nnx.state(model))
+    rows = np.full((2, 32 + 32 + 1), PAD, np.int32)
+    rows[:, :5] = [[3, 4, 5, 6, 1], [7, 8, 1, PAD, PAD]]
+    rows[0, 32:36], rows[1, 32:35] = [1, 9, 10, 1], [1, 11, 1]
+    data = seq2seq_targets(jnp.asarray(rows), 32)
+    np.testing.assert_array_equal(data[0]["src_mask_BS"][1, :4], [True, True, True, False])
+    assert float(data[2].sum()) == 3 + 2  # targets and EOS, no padding
+    plain, count = token_loss(mdef, params, data, None)
+    smooth, _ = token_loss(mdef, params, data, None, smoothing=0.1, smoothing_ids=90)
+    logits, _ = model(**data[0])
+    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    w, t = np.asarray(data[2]), np.asarray(data[1])
+    nll = -np.take_along_axis(logp, t[..., None], -1)[..., 0]
+    uniform = -logp[..., :90].mean(-1)
+    np.testing.assert_allclose(float(plain), (nll * w).sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(smooth), ((0.9 * nll + 0.1 * uniform) * w).sum(), rtol=1e-5)
+    assert float(count) == 5
+
+
+def test_objective_and_task_are_checked_against_the_arch():
+    with pytest.raises(UserError, match="sequence-to-sequence data.task"):
+        load_config("gpt_tiny", ["model.arch=transformer"])
+    with pytest.raises(UserError, match="needs model.arch=transformer or t5"):
+        load_config("gpt_tiny", ["data.task=funcname"])
+    with pytest.raises(UserError, match="model.position=relative is for the encoder-decoders"):
+        load_config("gpt_tiny", ["model.position=relative"])
+    assert load_config("gpt_tiny", T5).objective == "span"
+    assert load_config("gpt_tiny", T5 + ["data.task=docsig"]).objective == "seq2seq"
+    assert isinstance(Objective("causal"), Objective)

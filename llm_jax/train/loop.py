@@ -47,7 +47,7 @@ def evaluate(setup: TrainSetup, params: dict, batches: list[jax.Array], bytes_pe
 
 def describe_eval(ev: dict) -> str:
     text = f"eval loss {ev['eval_loss']:.4f}"
-    return text + (f", {ev['eval_bpb']:.3f} bits/byte" if "eval_bpb" in ev else "")
+    return text + (f", {ev['eval_bpb']:.3f} bits per byte" if "eval_bpb" in ev else "")
 
 
 def train(cfg: Config) -> dict:

@@ -193,8 +193,12 @@ def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Seq
     m = cfg.model
     dtype = getattr(model, "compute_dtype", None) or compute_dtype(cfg)
     if m.is_encoder_decoder:
-        return _generate_seq2seq(graphdef, params, cfg, rows, longest, max_new_tokens, temperature, top_k, top_p,
-                                 seed, eos_id, start_id, vocab_limit, dtype)
+        from llm_jax.generate_seq2seq import generate_seq2seq
+
+        out_BN = generate_seq2seq(graphdef, params, cfg, rows, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_k=min(top_k, vocab), top_p=top_p, seed=seed,
+                                  eos_id=eos_id, start_id=start_id, vocab_limit=vocab_limit, dtype=dtype)
+        return [_cut_at_eos(row, eos_id) for row in out_BN.tolist()]
     bounded = not cfg.model.is_recurrent and cfg.model.position in BOUNDED_POSITIONS  # RNNs have no table
     if bounded and longest + max_new_tokens > cfg.max_seq_len:
         raise UserError(
@@ -216,23 +220,6 @@ def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Seq
         cache_spec=CacheSpec(m.num_layers, m.kv_heads, m.head_dim, str(dtype), m.arch, m.d_model),
     )
     return [_cut_at_eos(row, eos_id) for row in np.asarray(out_BN).tolist()]
-
-
-def _generate_seq2seq(graphdef, params, cfg: Config, rows, longest, max_new_tokens, temperature, top_k, top_p,
-                      seed, eos_id, start_id, vocab_limit, dtype) -> list[list[int]]:
-    from llm_jax.generate_seq2seq import generate_seq2seq
-
-    if cfg.model.position in BOUNDED_POSITIONS and max(longest, max_new_tokens) > cfg.max_seq_len:
-        raise UserError(f"source of {longest} tokens or max_new_tokens={max_new_tokens} exceeds the model's "
-                        f"max_seq_len={cfg.max_seq_len} ({cfg.model.position} positions)")
-    if start_id is None:
-        start_id = 0 if eos_id is None else eos_id
-    vocab = params["embed"]["embedding"].shape[0]
-    out_BN = generate_seq2seq(graphdef, params, cfg, rows, max_new_tokens=max_new_tokens,
-                              temperature=np.float32(temperature), top_k=np.int32(min(top_k, vocab)),
-                              top_p=np.float32(top_p), seed=seed, eos_id=eos_id, start_id=start_id,
-                              vocab_limit=vocab_limit, dtype=dtype)
-    return [_cut_at_eos(row, eos_id) for row in out_BN.tolist()]
 
 
 def _cut_at_eos(row: list[int], eos_id: int | None) -> list[int]:

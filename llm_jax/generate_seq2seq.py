@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llm_jax.generate import sample_logits
+from llm_jax.errors import UserError
+from llm_jax.generate import BOUNDED_POSITIONS, sample_logits
 
 # Source lengths are rounded up to a multiple of this, so similar lengths share a program.
 SOURCE_BUCKET = 16
@@ -57,10 +58,17 @@ def _generate_jit(graphdef: Any, params: Any, src_BS: jax.Array, src_mask_BS: ja
 
 
 def generate_seq2seq(graphdef: Any, params: Any, cfg, sources: list[list[int]], *, max_new_tokens: int,
-                     temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seed: int, eos_id: int | None,
-                     start_id: int, vocab_limit: int | None, dtype: str) -> np.ndarray:
-    """Decoded ids [B, max_new_tokens] for the given (already checked) sources."""
-    S = -(-max(len(s) for s in sources) // SOURCE_BUCKET) * SOURCE_BUCKET
+                     temperature: float, top_k: int, top_p: float, seed: int, eos_id: int | None,
+                     start_id: int | None, vocab_limit: int | None, dtype: str) -> np.ndarray:
+    """Decoded ids [B, max_new_tokens] for sources already checked against the vocabulary.
+    `start_id` None: end-of-text (or 0 without one)."""
+    longest = max(len(s) for s in sources)
+    if cfg.model.position in BOUNDED_POSITIONS and max(longest, max_new_tokens) > cfg.max_seq_len:
+        raise UserError(f"source of {longest} tokens or max_new_tokens={max_new_tokens} exceeds the model's "
+                        f"max_seq_len={cfg.max_seq_len} ({cfg.model.position} positions)")
+    if start_id is None:
+        start_id = 0 if eos_id is None else eos_id
+    S = -(-longest // SOURCE_BUCKET) * SOURCE_BUCKET
     src_BS = np.zeros((len(sources), S), np.int32)  # pad id 0: masked out
     src_mask_BS = np.zeros((len(sources), S), bool)
     for b, ids in enumerate(sources):
@@ -69,6 +77,7 @@ def generate_seq2seq(graphdef: Any, params: Any, cfg, sources: list[list[int]], 
     m = cfg.model
     cache_shape = (m.decoder_layers, len(sources), max_new_tokens, m.kv_heads, m.head_dim)
     return np.asarray(_generate_jit(
-        graphdef, params, src_BS, src_mask_BS, jax.random.key(seed), temperature, top_k, top_p,
+        graphdef, params, src_BS, src_mask_BS, jax.random.key(seed), np.float32(temperature), np.int32(top_k),
+        np.float32(top_p),
         np.int32(-1 if eos_id is None else eos_id), np.int32(start_id),
         max_new_tokens=max_new_tokens, vocab_limit=vocab_limit, cache_shape=cache_shape, cache_dtype=str(dtype)))

@@ -222,7 +222,7 @@ def load(args: list[str], where: str):
     # Failing outside the except block keeps the report to one message, without the traceback.
     pending = [k for k in PENDING_KEYS if f"unknown config key '{k}'" in error]
     if pending:
-        pytest.fail(f"{where}: needs config key {pending[0]}, which llm_jax/config.py does not "
+        pytest.fail(f"{where}: needs config key {pending[0]}, which llm_jax/config_schema.py does not "
                     f"define yet (it comes with llm_jax/distributed.py); error: {error}")
     pytest.fail(f"{where}: llm-jax would reject `llm-jax train {shlex.join(args)}`: {error}")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from llm_jax.config import Config, DataConfig
+from llm_jax.config_schema import Config, DataConfig
 from llm_jax.data.cache import (
     CACHE_FORMAT_VERSION,
     content_key,

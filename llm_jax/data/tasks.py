@@ -51,6 +51,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from llm_jax.config_schema import TASK_KINDS
 from llm_jax.errors import UserError
 
 PAD = -1
@@ -243,20 +244,19 @@ def package_examples(path: str, text: str) -> Iterator[Example]:
 
 
 class _Task(NamedTuple):
-    kind: TaskKind
     description: str
     examples: Callable[[str, str], Iterator[Example]]
 
 
 _TASKS: dict[str, _Task] = {
     "funcname": _Task(
-        "seq2seq", "a function's body (docstring removed, its name hidden) -> the function's name",
+        "a function's body (docstring removed, its name hidden) -> the function's name",
         funcname_examples),
     "docsig": _Task(
-        "seq2seq", "a function's docstring -> its signature, `name(a, b=1, *args, **kw)`",
+        "a function's docstring -> its signature, `name(a, b=1, *args, **kw)`",
         docsig_examples),
     "package": _Task(
-        "classify", f"a chunk of a source file -> its stdlib package, one of {', '.join(PACKAGE_LABELS)}",
+        f"a chunk of a source file -> its stdlib package, one of {', '.join(PACKAGE_LABELS)}",
         package_examples),
 }
 TASKS: dict[str, str] = {name: task.description for name, task in _TASKS.items()}
@@ -270,11 +270,13 @@ def _task(name: str) -> _Task:
 
 
 def task_kind(task: str) -> TaskKind:
-    return _task(task).kind
+    """seq2seq or classify: config.TASK_KINDS, the one table the config validation reads too."""
+    _task(task)
+    return TASK_KINDS[task]
 
 
 def num_classes(task: str) -> int:
-    kind = _task(task).kind
+    kind = task_kind(task)
     if kind != "classify":
         raise UserError(f"task {task!r} is a {kind} task: it has no classes")
     return len(PACKAGE_LABELS)

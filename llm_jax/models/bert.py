@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm_jax.config import ModelConfig
+from llm_jax.config_schema import ModelConfig
 from llm_jax.models.attention import Attention
 from llm_jax.models.layers import MLP, Dense, Embed, Norm, dropout, output_layer, output_logits, param, stack_layers
-from llm_jax.models.transformer import add_positions, run_layers
+from llm_jax.models.transformer import add_positions, keep_settings, run_layers
 from llm_jax.parallel.rules import constrain
 
 # Segment (token type) ids: sentence A and sentence B, as in BERT and BertConfig's default.
@@ -57,17 +57,7 @@ class Bert(nnx.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, *, compute_dtype: str,
                  attention_kernel: str, rngs: nnx.Rngs):
         std = cfg.init_std
-        self.num_layers = cfg.num_layers
-        self.position = cfg.position
-        self.rope_theta = cfg.rope_theta
-        self.head_dim = cfg.head_dim
-        self.max_seq_len = max_seq_len
-        self.dropout_rate = cfg.dropout
-        self.scan_layers = cfg.scan_layers
-        self.remat = cfg.remat
-        self.compute_dtype = compute_dtype
-        self.attention_kernel = attention_kernel
-        self.attention_block = cfg.attention_block
+        keep_settings(self, cfg, max_seq_len, compute_dtype, attention_kernel)
 
         self.embed = Embed(vocab_size, cfg.d_model, ("vocab", "embed"), rngs=rngs, std=std)
         self.pos_embed = (Embed(max_seq_len, cfg.d_model, ("position", "embed"), rngs=rngs, std=std)

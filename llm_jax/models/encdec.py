@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm_jax.config import ModelConfig
+from llm_jax.config_schema import ModelConfig
 from llm_jax.models.attention import Attention
 from llm_jax.models.layers import MLP, Embed, Norm, dropout, output_layer, output_logits, param, stack_layers
-from llm_jax.models.transformer import add_positions, run_layers
+from llm_jax.models.transformer import add_positions, keep_settings, run_layers
 from llm_jax.parallel.rules import constrain
 
 
@@ -99,9 +99,10 @@ class EncoderBlock(nnx.Module):
         self.norm1, self.attn = _norm(cfg, rngs), _attention(cfg, rngs)
         self.norm2, self.mlp = _norm(cfg, rngs), _mlp(cfg, rngs)
 
-    def __call__(self, x_BSD, *, mask_BSS, bias_BNSS, key):
+    def __call__(self, x_BSD, *, mask_BSS, bias_BNSS, kernel, block, key):
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
-        attend = lambda h: self.attn(h, mask_BTS=mask_BSS, causal=False, bias_BNTS=bias_BNSS)[0]  # noqa: E731
+        attend = lambda h: self.attn(h, kernel=kernel, block=block, mask_BTS=mask_BSS, causal=False,  # noqa: E731
+                                     bias_BNTS=bias_BNSS)[0]
         x_BSD = _sublayer(x_BSD, self.norm1, self.prenorm, self.dropout_rate, k1, attend)
         x_BSD = _sublayer(x_BSD, self.norm2, self.prenorm, self.dropout_rate, k2, self.mlp)
         return constrain(x_BSD, ("batch", "length", "embed"))
@@ -115,14 +116,15 @@ class DecoderBlock(nnx.Module):
         self.norm2, self.cross_attn = _norm(cfg, rngs), _attention(cfg, rngs)
         self.norm3, self.mlp = _norm(cfg, rngs), _mlp(cfg, rngs)
 
-    def __call__(self, x_BTD, *, memory_BSD, cross_mask_BTS, self_mask_BTS, bias_BNTS, cache, cache_index, key):
+    def __call__(self, x_BTD, *, memory_BSD, cross_mask_BTS, self_mask_BTS, bias_BNTS, cache, cache_index, kernel,
+                 block, key):
         k1, k2, k3 = jax.random.split(key, 3) if key is not None else (None, None, None)
         new_cache = None
 
         def attend_self(h):
             nonlocal new_cache
-            out, new_cache = self.self_attn(h, mask_BTS=self_mask_BTS, cache=cache, cache_index=cache_index,
-                                            causal=True, bias_BNTS=bias_BNTS)
+            out, new_cache = self.self_attn(h, kernel=kernel, block=block, mask_BTS=self_mask_BTS, cache=cache,
+                                            cache_index=cache_index, causal=True, bias_BNTS=bias_BNTS)
             return out
 
         attend_source = lambda h: self.cross_attn(h, kv_BSD=memory_BSD, mask_BTS=cross_mask_BTS)[0]  # noqa: E731
@@ -134,19 +136,10 @@ class DecoderBlock(nnx.Module):
 
 class EncoderDecoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, *, compute_dtype: str,
-                 rngs: nnx.Rngs):
+                 attention_kernel: str, rngs: nnx.Rngs):
         self.t5 = cfg.arch == "t5"
-        self.num_layers = cfg.num_layers
-        self.num_decoder_layers = cfg.decoder_layers
-        self.position = cfg.position
-        self.rope_theta = cfg.rope_theta
-        self.head_dim = cfg.head_dim
-        self.max_seq_len = max_seq_len
         self.d_model = cfg.d_model
-        self.dropout_rate = cfg.dropout
-        self.scan_layers = cfg.scan_layers
-        self.remat = cfg.remat
-        self.compute_dtype = compute_dtype
+        keep_settings(self, cfg, max_seq_len, compute_dtype, attention_kernel)
 
         self.embed = Embed(vocab_size, cfg.d_model, ("vocab", "embed"), rngs=rngs, std=cfg.init_std)
         self.pos_embed = (Embed(max_seq_len, cfg.d_model, ("position", "embed"), rngs=rngs, std=cfg.init_std)
@@ -183,7 +176,8 @@ class EncoderDecoder(nnx.Module):
         bias = self.encoder_bias(jnp.arange(S), jnp.arange(S)) if self.encoder_bias is not None else None
 
         def call(layer, x, _cache, key):
-            return layer(x, mask_BSS=mask_BSS, bias_BNSS=bias, key=key), None
+            return layer(x, mask_BSS=mask_BSS, bias_BNSS=bias, kernel=self.attention_kernel,
+                         block=self.attention_block, key=key), None
 
         x_BSD = run_layers(self, call, x_BSD, None, dropout_key, blocks=self.encoder)[0]
         if self.encoder_norm is not None:
@@ -221,7 +215,8 @@ class EncoderDecoder(nnx.Module):
 
         def call(layer, x, layer_cache, key):
             return layer(x, memory_BSD=memory_BSD, cross_mask_BTS=cross_mask_BTS, self_mask_BTS=self_mask_BTS,
-                         bias_BNTS=bias, cache=layer_cache, cache_index=cache_index, key=key)
+                         bias_BNTS=bias, cache=layer_cache, cache_index=cache_index, kernel=self.attention_kernel,
+                         block=self.attention_block, key=key)
 
         x_BTD, new_cache = run_layers(self, call, x_BTD, cache, dropout_key, blocks=self.decoder)
         if self.decoder_norm is not None:

@@ -36,7 +36,8 @@ def build_model(cfg: Config, vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:
         return Bert(cfg.model, vocab_size, cfg.max_seq_len, compute_dtype=compute_dtype(cfg),
                     attention_kernel=resolve_kernel(cfg.model.attention), rngs=rngs)
     if cfg.model.is_encoder_decoder:
-        return EncoderDecoder(cfg.model, vocab_size, cfg.max_seq_len, compute_dtype=compute_dtype(cfg), rngs=rngs)
+        return EncoderDecoder(cfg.model, vocab_size, cfg.max_seq_len, compute_dtype=compute_dtype(cfg),
+                              attention_kernel=resolve_kernel(cfg.model.attention), rngs=rngs)
     if cfg.model.arch in RECURRENT_ARCHS:
         return RecurrentLM(cfg.model, vocab_size, compute_dtype=compute_dtype(cfg), rngs=rngs)
     raise ValueError(f"unknown model.arch {cfg.model.arch!r}")  # config validation lists the choices

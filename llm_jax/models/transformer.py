@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm_jax.config import ModelConfig
+from llm_jax.config_schema import ModelConfig
 from llm_jax.models.attention import Attention
 from llm_jax.models.layers import (MLP, Embed, Norm, dropout, output_layer, output_logits, rope_angles,
                                    sinusoidal_table, stack_layers)
@@ -52,17 +52,7 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, *, compute_dtype: str,
                  attention_kernel: str, rngs: nnx.Rngs):
-        self.num_layers = cfg.num_layers
-        self.position = cfg.position
-        self.rope_theta = cfg.rope_theta
-        self.head_dim = cfg.head_dim
-        self.max_seq_len = max_seq_len
-        self.dropout_rate = cfg.dropout
-        self.scan_layers = cfg.scan_layers
-        self.remat = cfg.remat
-        self.compute_dtype = compute_dtype
-        self.attention_kernel = attention_kernel
-        self.attention_block = cfg.attention_block
+        keep_settings(self, cfg, max_seq_len, compute_dtype, attention_kernel)
 
         self.embed = Embed(vocab_size, cfg.d_model, ("vocab", "embed"), rngs=rngs, std=cfg.init_std)
         self.pos_embed = (Embed(max_seq_len, cfg.d_model, ("position", "embed"), rngs=rngs, std=cfg.init_std)
@@ -103,6 +93,22 @@ class GPT(nnx.Module):
                          cache=layer_cache, cache_index=cache_index, key=key)
 
         return run_layers(self, call, x_BTD, cache, dropout_key)
+
+
+def keep_settings(model: nnx.Module, cfg: ModelConfig, max_seq_len: int, compute_dtype: str,
+                  attention_kernel: str | None = None) -> None:
+    """Store on `model` the static settings `add_positions`, `run_layers` and the attention
+    calls read (GPT, BERT, the encoder-decoders)."""
+    model.position = cfg.position
+    model.rope_theta = cfg.rope_theta
+    model.head_dim = cfg.head_dim
+    model.max_seq_len = max_seq_len
+    model.dropout_rate = cfg.dropout
+    model.scan_layers = cfg.scan_layers
+    model.remat = cfg.remat
+    model.compute_dtype = compute_dtype
+    model.attention_kernel = attention_kernel
+    model.attention_block = cfg.attention_block
 
 
 def add_positions(model: nnx.Module, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, tuple | None]:

@@ -26,13 +26,12 @@ def token_loss(mdef: ModelDef, params: dict, data: tuple, dropout_key: jax.Array
     """
     inputs, targets_BT, weights_BT = data
     logits_BTV, _ = mdef.merge(params)(**inputs, dropout_key=dropout_key)
-    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
     if smoothing > 0:
-        logp_BTV = jax.nn.log_softmax(logits_BTV[..., :smoothing_ids], axis=-1)
-        # log_softmax over the real ids alone would renormalise; correct it back to the full softmax.
-        shift_BT = jax.nn.logsumexp(logits_BTV[..., :smoothing_ids], -1) - jax.nn.logsumexp(logits_BTV, -1)
-        uniform_BT = -(logp_BTV.mean(-1) + shift_BT)
-        losses_BT = (1 - smoothing) * losses_BT + smoothing * uniform_BT
+        logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+        nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+        losses_BT = (1 - smoothing) * nll_BT - smoothing * logp_BTV[..., :smoothing_ids].mean(-1)
+    else:
+        losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
     if weights_BT is None:
         return losses_BT.sum(), jnp.asarray(targets_BT.size, jnp.float32)
     return (losses_BT * weights_BT).sum(), weights_BT.sum()

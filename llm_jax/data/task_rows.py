@@ -27,7 +27,9 @@ TASK_RULES_VERSION = 1
 
 
 def _capped(documents: Iterable[tuple[str, str]], max_bytes: int) -> Iterator[tuple[str, str]]:
-    """Whole files while they fit in data.max_bytes (0: all), as the corpus streams are capped."""
+    """Whole files while they fit in data.max_bytes (0: all), skipping those that do not, like
+    `splits.cap_bytes` (which reads bare texts). Unlike it, a file is never cut: a cut file
+    would not parse, and the examples are cut from its syntax tree."""
     used = 0
     for path, text in documents:
         size = len(text.encode("utf-8"))
@@ -35,6 +37,8 @@ def _capped(documents: Iterable[tuple[str, str]], max_bytes: int) -> Iterator[tu
             continue
         used += size
         yield path, text
+        if max_bytes and used >= max_bytes:
+            return
 
 
 def _stdlib_files(cfg: Config, root: Path, split: str) -> Iterator[tuple[str, str]]:

@@ -127,7 +127,12 @@ class RecurrentLayer(nnx.Module):
         xp_BTGH = self.inp(self.norm(x_BTD), dtype, out_dtype=jnp.float32)  # all T steps at once
         xp_BTGH = constrain(xp_BTGH, ("batch", "length", "gates", "mlp"))
         b = self.rec.bias[...] if self.rec.bias is not None else None
-        h_BTH, state = run_cell(self.kind, xp_BTGH, self.rec.kernel[...], b, state, valid_BT)
+        # The recurrent weight is gathered over fsdp once, before the scan (FSDP gathers a weight
+        # before use anyway). Left split over fsdp while the batch is split over data and fsdp,
+        # XLA's partitioning of the scan's backward pass gave wrong gradients for the Elman RNN
+        # (found by tests/test_families.py; reproduced with a bare lax.scan, jax 0.10.2).
+        w_HGH = constrain(self.rec.kernel[...], (None, "gates", "mlp"))
+        h_BTH, state = run_cell(self.kind, xp_BTGH, w_HGH, b, state, valid_BT)
         x_BTD = x_BTD + dropout(h_BTH.astype(dtype), self.dropout_rate, key)
         return constrain(x_BTD, ("batch", "length", "embed")), state
 

@@ -141,7 +141,7 @@ class TrainConfig(_Section):
     seq_len: int = pydantic.Field(256, ge=2)
     """Tokens per training sequence (windows of seq_len+1 give inputs and shifted targets)."""
     src_len: int = pydantic.Field(256, ge=2)
-    """Encoder input length (tokens, end-of-text included) of a seq2seq or classification data.task; longer inputs are cut. train.seq_len is then the target length."""
+    """Encoder input length (tokens, end-of-text included) of a seq2seq data.task; longer sources are cut. train.seq_len is then the target length (for a classification task, the text length)."""
     label_smoothing: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
     """Move this much of each target's probability uniformly onto the tokenizer's ids in the training loss (Vaswani et al. use 0.1); evaluation reports plain cross entropy."""
     noise_density: float = pydantic.Field(0.15, gt=0.0, lt=1.0)
@@ -318,7 +318,7 @@ class Config(_Section):
     def max_seq_len(self) -> int:
         """Longest position the model must embed (the encoder's input too, for encoder-decoders)."""
         longest = self.train.seq_len
-        if self.model.is_encoder_decoder or self.data.task:
+        if self.model.is_encoder_decoder:
             longest = max(longest, self.train.src_len)
         return self.model.max_seq_len or longest
 

@@ -87,12 +87,20 @@ def export_hf(run_path: str | Path, out_path: str | Path) -> str:
     return hf.write_hf(out, cfg, params, tokenizer_json, None if eos is None else int(eos), model.decoder_start_id)
 
 
-def pretrained_params(cfg: Config, mdef: ModelDef, shardings: dict) -> dict:
+def pretrained_params(cfg: Config, mdef: ModelDef, shardings: dict, fresh: dict) -> tuple[dict, list[str]]:
     """`checkpoint.init_from`: parameters of another run's newest checkpoint or of a Hugging Face
-    directory, placed on this run's shardings. The model must be the same network."""
+    directory, placed on this run's shardings, and the names of this model's parameters that the
+    source lacks (they keep their `fresh` initialisation).
+
+    The networks must agree in FUNCTION_KEYS and in the shapes of every parameter they share;
+    heads that only one side has are where they may differ: a masked-LM BERT starts a classifier
+    (its MLM head is dropped, the pooler and classifier start fresh), as transformers'
+    from_pretrained does.
+    """
     from llm_jax.api import hf_params
     from llm_jax.checkpoint import Checkpointer
     from llm_jax.run_dir import read_run_config
+    from llm_jax.train.state import model_def, param_shardings
 
     source = Path(cfg.checkpoint.init_from).expanduser()
     if not source.is_dir():
@@ -105,22 +113,42 @@ def pretrained_params(cfg: Config, mdef: ModelDef, shardings: dict) -> dict:
              for k in FUNCTION_KEYS if getattr(source_cfg.model, k) != getattr(cfg.model, k)]
     if diffs:
         raise UserError(f"checkpoint.init_from {source} is a different model ({'; '.join(diffs[:4])})")
-    want = jax.tree.map(lambda s: tuple(s.shape), mdef.shapes)
     if params is None:
         ckpt = Checkpointer(source, source_cfg, read_only=True)
         step = ckpt.latest_step()
         if step is None:
             raise UserError(f"checkpoint.init_from {source} has no complete checkpoint")
+        source_mdef = model_def(source_cfg, mdef.shapes["embed"]["embedding"].shape[0])
+        mesh = jax.tree.leaves(shardings)[0].mesh
         abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                mdef.shapes, shardings)
+                                source_mdef.shapes, param_shardings(source_mdef, mesh))
         try:
-            return ckpt.restore_params(step, abstract)
+            params = ckpt.restore_params(step, abstract)
         except ValueError as exc:
-            raise UserError(f"checkpoint.init_from {source}: parameters do not fit this model ({exc})") from None
+            raise UserError(f"checkpoint.init_from {source}: its checkpoint does not fit its config ({exc})") from None
         finally:
             ckpt.close()
-    got = jax.tree.map(lambda a: tuple(a.shape), params)
-    if got != want:
-        raise UserError(f"checkpoint.init_from {source}: parameter shapes differ from this model's "
-                        "(is model.vocab_size the checkpoint's?)")
-    return jax.device_put(params, shardings)
+    return _transfer(params, fresh, shardings, source)
+
+
+def _transfer(source: dict, fresh: dict, shardings: dict, where: Path) -> tuple[dict, list[str]]:
+    """`fresh` with every parameter `source` also has replaced by the source's, on `shardings`."""
+    theirs = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(source)}
+    missing, shared = [], 0
+
+    def take(path, mine, sharding):
+        nonlocal shared
+        name = jax.tree_util.keystr(path)
+        if name not in theirs:
+            missing.append(name)
+            return mine
+        if tuple(theirs[name].shape) != tuple(mine.shape):
+            raise UserError(f"checkpoint.init_from {where}: parameter {name} has shape {tuple(theirs[name].shape)} "
+                            f"there, {tuple(mine.shape)} here (is model.vocab_size the checkpoint's?)")
+        shared += 1
+        return jax.device_put(theirs[name], sharding)
+
+    params = jax.tree_util.tree_map_with_path(take, fresh, shardings)
+    if not shared:
+        raise UserError(f"checkpoint.init_from {where} shares no parameter with this model")
+    return params, missing

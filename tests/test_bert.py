@@ -156,3 +156,40 @@ def test_a_trained_bert_exports_with_its_logits_and_odd_variants_are_refused(tmp
     capsys.readouterr()
     assert main(["export-hf", str(relu), str(tmp_path / "relu_hf")]) == 2
     assert "no Hugging Face equivalent" in capsys.readouterr().err
+
+
+def test_classify_rows_read_cls_then_the_text():
+    from llm_jax.train.objectives import PAD, classify_targets
+
+    rows = np.array([[5, 6, 7, 1, 3], [8, 1, PAD, PAD, 0]], np.int32)  # 4 text slots, then the label
+    inputs, targets, weights = classify_targets(jnp.asarray(rows), cls_id=258)
+    np.testing.assert_array_equal(inputs["tokens_BT"], [[258, 5, 6, 7], [258, 8, 1, 0]])
+    np.testing.assert_array_equal(inputs["attention_mask_BT"], [[1, 1, 1, 1], [1, 1, 1, 0]])
+    np.testing.assert_array_equal(targets, [[3], [0]])
+    assert weights is None
+
+
+def test_a_masked_lm_starts_a_classifier_that_learns_the_package_task(tmp_path, capsys):
+    small = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64", "train.seq_len=64",
+             "train.batch_size=16", "checkpoint.every=0", "train.eval_batches=4", "data.max_bytes=2000000",
+             "train.log_every=1", "train.progress=false"]
+    mlm, cls = tmp_path / "mlm", tmp_path / "cls"
+    assert main(["train", "bert_small", f"run.dir={mlm}", "train.steps=3", *small]) == 0
+    assert main(["train", "bert_package", f"run.dir={cls}", f"checkpoint.init_from={mlm}", "train.steps=30",
+                 "optim.warmup_steps=3", "optim.lr=1e-3", "train.eval_every=0", *small]) == 0
+    captured = capsys.readouterr()
+    assert "newly initialised: ['classifier']['bias'], ['classifier']['kernel'], ['pooler']['bias']" in captured.err
+    assert "final: step 30, eval loss" in captured.out and "accuracy" in captured.out
+    got = losses(cls)
+    assert np.mean([got[s] for s in range(26, 31)]) < got[1] - 0.1  # from ~ln(8) = 2.08
+
+    # The encoder is the masked-LM run's; the MLM head is gone, the classifier head is new.
+    source, tuned = llm_jax.load(mlm), llm_jax.load(cls)
+    assert "head_dense" in source.params and "head_dense" not in tuned.params and "classifier" in tuned.params
+    start = main(["train", "bert_package", f"run.dir={tmp_path / 'zero'}", f"checkpoint.init_from={mlm}",
+                  "train.steps=1", "optim.lr=1e-9", "train.eval_every=0", *small])
+    assert start == 0
+    zero = llm_jax.load(tmp_path / "zero")
+    np.testing.assert_allclose(zero.params["embed"]["embedding"], source.params["embed"]["embedding"], atol=1e-6)
+    logits = tuned.logits(np.array([[258, 100, 101, 102]]))
+    assert logits.shape == (1, 1, 8)

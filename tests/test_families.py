@@ -16,6 +16,7 @@ PRESETS = {
     "gpt2": ["model.max_seq_len=32"],
     "llama": ["model.num_kv_heads=2", "model.max_seq_len=32"],
     "bert_small": [],
+    "bert_package": ["checkpoint.init_from=", "data.max_bytes=2000000"],  # the classifier, from scratch
     "transformer_small": ["train.src_len=64"],
     "t5_small": [],
     "rnn_small": [],

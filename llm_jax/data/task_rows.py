@@ -71,8 +71,9 @@ def task_rows(cfg: Config, corpus: Corpus, tokenizer: Tokenizer, split: str, roo
                 log(f"building {cfg.data.task} {split} examples from the stdlib files...")
                 rows, dropped = encode_rows(cfg, task_examples(cfg.data.task, _stdlib_files(cfg, root, split)),
                                             tokenizer)
-                log(f"{cfg.data.task} {split}: {len(rows)} examples ({dropped} with targets longer than "
-                    f"train.seq_len={cfg.train.seq_len} dropped)")
+                note = (f" ({dropped} with targets longer than train.seq_len={cfg.train.seq_len} dropped)"
+                        if task_kind(cfg.data.task) == "seq2seq" else "")
+                log(f"{cfg.data.task} {split}: {len(rows)} examples{note}")
                 save_npy_atomic(npy, rows)
                 write_json_atomic(meta_path, {"n_rows": len(rows), "dropped": dropped, "task": cfg.data.task})
     rows = np.load(npy, mmap_mode="r")

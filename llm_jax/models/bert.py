@@ -6,6 +6,10 @@ blocks x = LN(x + Attn(x)); x = LN(x + MLP(x)) with bidirectional attention and 
 GELU, then the MLM head: dense D->D, GELU, LayerNorm, and a decoder tied to the token
 embedding plus an output bias.
 
+With `num_classes` > 0 it is a sequence classifier instead (Hugging Face's
+BertForSequenceClassification): the MLM head is replaced by the pooler (dense + tanh on the first,
+[CLS], position) and a classifier to `num_classes` logits, returned as [B, 1, C].
+
 Blocks are stacked on a leading `layers` axis (`nnx.vmap`) exactly like the GPT's, so the
 sharding rules, scan/unrolled execution and remat work the same way. The model is called like
 `GPT` and returns `(logits_BTV, None)`; it has no KV cache because it does not generate.
@@ -55,8 +59,9 @@ class BertBlock(nnx.Module):
 
 class Bert(nnx.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, *, compute_dtype: str,
-                 attention_kernel: str, rngs: nnx.Rngs):
+                 attention_kernel: str, rngs: nnx.Rngs, num_classes: int = 0):
         std = cfg.init_std
+        self.num_classes = num_classes
         keep_settings(self, cfg, max_seq_len, compute_dtype, attention_kernel)
 
         self.embed = Embed(vocab_size, cfg.d_model, ("vocab", "embed"), rngs=rngs, std=std)
@@ -66,6 +71,12 @@ class Bert(nnx.Module):
         self.embed_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
 
         self.blocks = stack_layers(cfg.num_layers, lambda layer_rngs: BertBlock(cfg, rngs=layer_rngs))(rngs)
+        if num_classes:
+            self.pooler = Dense((cfg.d_model,), (cfg.d_model,), ("embed", "embed"), rngs=rngs, std=std,
+                                use_bias=cfg.use_bias)
+            self.classifier = Dense((cfg.d_model,), (num_classes,), ("embed", "classes"), rngs=rngs, std=std,
+                                    use_bias=cfg.use_bias)
+            return
         # The MLM head's transform maps the residual stream onto itself; its output axis is
         # `embed` too (the fsdp axis can split only one of the two, the input one).
         self.head_dense = Dense((cfg.d_model,), (cfg.d_model,), ("embed", "embed"), rngs=rngs, std=std,
@@ -81,7 +92,8 @@ class Bert(nnx.Module):
                  mask_BTS: jax.Array | None = None, cache: dict | None = None,
                  cache_index: jax.Array | None = None,
                  dropout_key: jax.Array | None = None) -> tuple[jax.Array, None]:
-        """MLM logits [B, T, V] in float32, and None (an encoder keeps no cache).
+        """MLM logits [B, T, V] in float32 (a classifier's: [B, 1, classes]), and None (an
+        encoder keeps no cache).
 
         `segments_BT`: token type ids (0 or 1), default all 0. `attention_mask_BT` (1 = real
         token, 0 = padding, as Hugging Face's `attention_mask`) hides padded keys from every
@@ -110,6 +122,11 @@ class Bert(nnx.Module):
         x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
 
         x_BTD = self._run_blocks(x_BTD, rope, mask_BTS, dropout_key)
+        if self.num_classes:
+            pooled_BD = jnp.tanh(self.pooler(x_BTD[:, 0], dtype))
+            if dropout_key is not None:
+                pooled_BD = dropout(pooled_BD, self.dropout_rate, jax.random.fold_in(dropout_key, 1))
+            return self.classifier(pooled_BD, dtype, out_dtype=jnp.float32)[:, None, :], None
 
         # The head's activation is BERT's erf GELU whatever model.mlp says (as in BertConfig,
         # where one hidden_act serves both; only gelu is exportable anyway).

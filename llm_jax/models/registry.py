@@ -33,8 +33,13 @@ def build_model(cfg: Config, vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:
         return GPT(cfg.model, vocab_size, cfg.max_seq_len, compute_dtype=compute_dtype(cfg),
                    attention_kernel=resolve_kernel(cfg.model.attention), rngs=rngs)
     if cfg.model.arch == "bert":
+        classes = 0
+        if cfg.objective == "classify":
+            from llm_jax.data.tasks import num_classes  # the task's labels live with its examples
+
+            classes = num_classes(cfg.data.task)
         return Bert(cfg.model, vocab_size, cfg.max_seq_len, compute_dtype=compute_dtype(cfg),
-                    attention_kernel=resolve_kernel(cfg.model.attention), rngs=rngs)
+                    attention_kernel=resolve_kernel(cfg.model.attention), rngs=rngs, num_classes=classes)
     if cfg.model.is_encoder_decoder:
         return EncoderDecoder(cfg.model, vocab_size, cfg.max_seq_len, compute_dtype=compute_dtype(cfg),
                               attention_kernel=resolve_kernel(cfg.model.attention), rngs=rngs)

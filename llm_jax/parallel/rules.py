@@ -30,7 +30,8 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "vocab": ("tensor",),
     "position": (),
     "segment": (),
-    "relpos_buckets": (),  # T5's relative-position bias table: a few dozen rows  # BERT's two token-type rows: tiny, so every shard keeps both
+    "relpos_buckets": (),
+    "classes": (),  # a classifier's few output classes  # T5's relative-position bias table: a few dozen rows  # BERT's two token-type rows: tiny, so every shard keeps both
     "layers": (),
     "norm": (),
     "gates": (),  # the gate blocks of a recurrent cell's weights: every shard needs all of them

@@ -34,20 +34,22 @@ def check_data_order(saved: dict, current: dict) -> None:
 
 
 def evaluate(setup: TrainSetup, params: dict, batches: list[jax.Array], bytes_per_token: float | None) -> dict:
-    """Held-out loss per scored token, and bits per byte for corpora (not for a data.task)."""
-    total, count = 0.0, 0.0
+    """Held-out loss per scored target, the share of targets the argmax predicts (next tokens,
+    masked tokens, task targets or labels), and bits per byte for next-token prediction."""
+    total = count = hits = 0.0
     for batch in batches:
-        s, c = setup.eval_step(params, batch)
-        total, count = total + float(s), count + float(c)
-    loss = total / count
-    if bytes_per_token is None:
-        return {"eval_loss": loss}
-    return {"eval_loss": loss, "eval_bpb": loss / math.log(2) / bytes_per_token}
+        s, c, h = setup.eval_step(params, batch)
+        total, count, hits = total + float(s), count + float(c), hits + float(h)
+    result = {"eval_loss": total / count, "eval_accuracy": hits / count}
+    if bytes_per_token is not None:
+        result["eval_bpb"] = result["eval_loss"] / math.log(2) / bytes_per_token
+    return result
 
 
 def describe_eval(ev: dict) -> str:
     text = f"eval loss {ev['eval_loss']:.4f}"
-    return text + (f", {ev['eval_bpb']:.3f} bits per byte" if "eval_bpb" in ev else "")
+    text += f", {ev['eval_bpb']:.3f} bits per byte" if "eval_bpb" in ev else ""
+    return text + f", accuracy {ev['eval_accuracy']:.3f}"
 
 
 def train(cfg: Config) -> dict:
@@ -85,8 +87,9 @@ def train(cfg: Config) -> dict:
         if cfg.checkpoint.init_from:
             from llm_jax.pretrained import pretrained_params
 
-            state["params"] = pretrained_params(cfg, setup.mdef, setup.shardings["params"])
-            writer.log(f"parameters from {cfg.checkpoint.init_from}")
+            state["params"], fresh = pretrained_params(cfg, setup.mdef, setup.shardings["params"], state["params"])
+            writer.log(f"parameters from {cfg.checkpoint.init_from}"
+                       + (f"; newly initialised: {', '.join(fresh)}" if fresh else ""))
         start = 0
     if start >= cfg.train.steps:
         writer.log(f"run already at step {start} >= train.steps={cfg.train.steps}; raise train.steps to go on")
@@ -152,9 +155,9 @@ def print_sample(cfg: Config, result: dict) -> None:
     """Print a sample from the trained model (process 0), the last line of `make train`."""
     if cfg.train.sample_tokens <= 0:
         return
-    if cfg.objective == "mlm":
+    if cfg.model.arch == "bert":
         if jax.process_index() == 0:
-            print(f"(no sample: model.arch={cfg.model.arch} is a masked-LM encoder, it does not generate text)")
+            print(f"(no sample: model.arch={cfg.model.arch} is an encoder, it does not generate text)")
         return
     params = result["params"]
     if is_multiprocess():

@@ -57,14 +57,7 @@ class MLMSpec:
 def mlm_spec(tokenizer_vocab: int, model_vocab: int, mask_token_id: int | None = None) -> MLMSpec:
     """The masking spec: `mask_token_id` (the tokenizer's [MASK], if it has one) or else the first
     padding row, `tokenizer_vocab`; random replacements from [0, tokenizer_vocab)."""
-    mask_id = mask_token_id
-    if mask_id is None:
-        mask_id = tokenizer_vocab
-        if mask_id >= model_vocab:
-            raise UserError(
-                f"model.arch=bert needs a [MASK] id: the tokenizer has no {MASK_TOKEN} token and "
-                f"model.vocab_size={model_vocab} leaves no padding row after its {tokenizer_vocab} ids; "
-                "raise model.vocab_size (or model.vocab_multiple)")
+    mask_id = extra_id(MASK_TOKEN, 0, tokenizer_vocab, model_vocab, lambda _: mask_token_id)
     return MLMSpec(mask_id=int(mask_id), vocab_limit=int(tokenizer_vocab))
 
 
@@ -202,6 +195,33 @@ def seq2seq_targets(rows_BR: jax.Array, src_len: int) -> tuple[dict, jax.Array, 
     return inputs, jnp.maximum(targets_BT, 0), weights_BT
 
 
+# ---------------------------------------------------------------- classification tasks
+
+CLS_TOKEN = "[CLS]"
+
+
+def classify_targets(rows_BR: jax.Array, cls_id: int) -> tuple[dict, jax.Array, None]:
+    """Task rows [B, T + 1] (text padded with PAD, then the label): the model reads [CLS] and the
+    first T - 1 text tokens, padding hidden; the target is the label, one per row ([B, 1])."""
+    text_BT = rows_BR[:, :-2]
+    B = rows_BR.shape[0]
+    tokens_BT = jnp.concatenate([jnp.full((B, 1), cls_id, jnp.int32), jnp.maximum(text_BT, 0)], axis=1)
+    mask_BT = jnp.concatenate([jnp.ones((B, 1), bool), text_BT != PAD], axis=1)
+    return {"tokens_BT": tokens_BT, "attention_mask_BT": mask_BT}, rows_BR[:, -1:], None
+
+
+def extra_id(name: str, index: int, tokenizer_vocab: int, model_vocab: int, lookup=None) -> int:
+    """The tokenizer's own `name` token, else padding row `tokenizer_vocab + index` (the rows after
+    the tokenizer's ids: [MASK] is index 0, [CLS] 1)."""
+    found = lookup(name) if lookup is not None else None
+    if found is not None:
+        return int(found)
+    if tokenizer_vocab + index >= model_vocab:
+        raise UserError(f"the tokenizer has no {name} token and model.vocab_size={model_vocab} leaves no padding "
+                        f"row for it after its {tokenizer_vocab} ids; raise model.vocab_size (or model.vocab_multiple)")
+    return tokenizer_vocab + index
+
+
 # ---------------------------------------------------------------- one interface for the step
 
 
@@ -213,11 +233,12 @@ class Objective:
     (draws of mlm and span) or EVAL_STEP for evaluation.
     """
 
-    kind: str  # causal | mlm | span | seq2seq
+    kind: str  # causal | mlm | span | seq2seq | classify
     seed: int = 0
     mlm: MLMSpec | None = None
     span: SpanSpec | None = None
     src_len: int = 0
+    cls_id: int = 0
     smoothing: float = 0.0  # label smoothing of the training loss
     smoothing_ids: int = 0  # spread over ids [0, smoothing_ids): the tokenizer's, not padding rows
 
@@ -229,6 +250,8 @@ class Objective:
             return span_targets(batch, mlm_key(self.seed, key_step, SPAN_STREAM), self.span)
         if self.kind == "seq2seq":
             return seq2seq_targets(batch, self.src_len)
+        if self.kind == "classify":
+            return classify_targets(batch, self.cls_id)
         inputs_BT, targets_BT, _ = causal_targets(batch)
         return {"tokens_BT": inputs_BT}, targets_BT, None
 
@@ -247,6 +270,10 @@ def build_objective(cfg, tokenizer_vocab: int, model_vocab: int, eos_id: int, lo
         return Objective("span", cfg.seed, span=spec, **smoothing)
     if kind == "seq2seq":
         return Objective("seq2seq", cfg.seed, src_len=cfg.train.src_len, **smoothing)
+    if kind == "classify":
+        # Label smoothing would spread over token ids; a classifier's outputs are its classes.
+        cls_id = extra_id(CLS_TOKEN, 1, tokenizer_vocab, model_vocab, lookup)
+        return Objective("classify", cfg.seed, cls_id=cls_id)
     return Objective(kind, cfg.seed, **smoothing)
 
 

@@ -26,6 +26,12 @@ def token_loss(mdef: ModelDef, params: dict, data: tuple, dropout_key: jax.Array
     """
     inputs, targets_BT, weights_BT = data
     logits_BTV, _ = mdef.merge(params)(**inputs, dropout_key=dropout_key)
+    return summed_loss(logits_BTV, targets_BT, weights_BT, smoothing, smoothing_ids)
+
+
+def summed_loss(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array | None,
+                smoothing: float = 0.0, smoothing_ids: int = 0) -> tuple[jax.Array, jax.Array]:
+    """`token_loss` on given logits."""
     if smoothing > 0:
         logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
         nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
@@ -111,7 +117,8 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
 
 
 def make_eval_step(mdef: ModelDef, mesh: Mesh, param_shardings: dict, objective: Objective) -> Callable:
-    """eval(params, batch) -> (summed loss, count of scored tokens), both float32 scalars.
+    """eval(params, batch) -> (summed loss, count of scored targets, count of those the argmax
+    gets right), float32 scalars.
 
     Plain cross entropy (no label smoothing). Objectives with random draws (mlm, span) use those
     of one fixed step (`objectives.EVAL_STEP`), the same at every evaluation.
@@ -119,8 +126,13 @@ def make_eval_step(mdef: ModelDef, mesh: Mesh, param_shardings: dict, objective:
 
     def evaluate(params: dict, batch: jax.Array):
         with activation_mesh(mesh):
-            return token_loss(mdef, params, objective.data(batch, EVAL_STEP), None)
+            inputs, targets_BT, weights_BT = objective.data(batch, EVAL_STEP)
+            logits_BTV, _ = mdef.merge(params)(**inputs)
+            total, count = summed_loss(logits_BTV, targets_BT, weights_BT)
+            hits_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+            hits = hits_BT.sum() if weights_BT is None else (hits_BT * weights_BT).sum()
+            return total, count, hits
 
     replicated = NamedSharding(mesh, P())
     return jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh)),
-                   out_shardings=(replicated, replicated))
+                   out_shardings=(replicated, replicated, replicated))

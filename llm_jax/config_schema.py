@@ -144,6 +144,8 @@ class TrainConfig(_Section):
     """Encoder input length (tokens, end-of-text included) of a seq2seq data.task; longer sources are cut. train.seq_len is then the target length (for a classification task, the text length)."""
     label_smoothing: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
     """Move this much of each target's probability uniformly onto the tokenizer's ids in the training loss (Vaswani et al. use 0.1); evaluation reports plain cross entropy."""
+    nsp: bool = False
+    """bert: also train next-sentence prediction; each window becomes [CLS] A [SEP] B [SEP] with B the continuation of A or (half the time) a span of another window."""
     noise_density: float = pydantic.Field(0.15, gt=0.0, lt=1.0)
     """Span corruption (t5 pretraining): fraction of each window's tokens hidden in spans."""
     mean_span: float = pydantic.Field(3.0, ge=1.0)
@@ -302,6 +304,8 @@ class Config(_Section):
             raise ValueError(f"data.task={task} is sequence-to-sequence: it needs model.arch=transformer or t5, not {arch}")
         if kind == "classify" and arch != "bert":
             raise ValueError(f"data.task={task} is a classification task: it needs model.arch=bert, not {arch}")
+        if self.train.nsp and (arch != "bert" or task):
+            raise ValueError("train.nsp (next-sentence prediction) is for model.arch=bert pretraining, without a data.task")
         if arch == "transformer" and not task:
             raise ValueError("model.arch=transformer trains on a sequence-to-sequence data.task: funcname or docsig")
         return self

@@ -335,6 +335,9 @@ def family_of(cfg: Config) -> str:
         raise UserError("this t5 model has no Hugging Face equivalent here: T5ForConditionalGeneration (v1.0) "
                         "needs relative positions, RMSNorm, ReLU, no biases, tied embeddings and multi-head attention")
     if m.arch == "bert":
+        if cfg.objective == "classify":
+            raise UserError("this bert model is a classifier (data.task); export-hf writes BertForMaskedLM, "
+                            "which has the masked-LM head it replaced")
         if (m.position, m.norm, m.mlp, m.use_bias) == ("learned", "layernorm", "gelu", True) \
                 and m.kv_heads == m.num_heads:
             return "bert"

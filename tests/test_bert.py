@@ -193,3 +193,18 @@ def test_a_masked_lm_starts_a_classifier_that_learns_the_package_task(tmp_path, 
     np.testing.assert_allclose(zero.params["embed"]["embedding"], source.params["embed"]["embedding"], atol=1e-6)
     logits = tuned.logits(np.array([[258, 100, 101, 102]]))
     assert logits.shape == (1, 1, 8)
+
+
+def test_next_sentence_prediction_trains_and_shards_with_the_same_losses(tmp_path, capsys):
+    steps = [*STEPS, "train.nsp=true", "train.steps=8", "train.seq_len=32", "optim.lr=3e-3", "optim.warmup_steps=2"]
+    single = cli_subprocess(["train", "gpt_tiny", f"run.dir={tmp_path / 'one'}", "mesh.data=1", *TINY, *steps],
+                            devices=1)
+    assert main(["train", "gpt_tiny", f"run.dir={tmp_path / 'mixed'}", "mesh.data=2", "mesh.fsdp=2",
+                 "mesh.tensor=2", *TINY, *steps]) == 0
+    _, err = single.communicate(timeout=300)
+    assert single.returncode == 0, err
+    ref, got = losses(tmp_path / "one"), losses(tmp_path / "mixed")
+    np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=1e-4)
+    assert np.mean([ref[7], ref[8]]) < ref[1] - 0.2
+    params = llm_jax.load(tmp_path / "mixed").params
+    assert params["nsp_head"]["kernel"].shape == (64, 2) and "head_dense" in params  # both heads

@@ -1,4 +1,4 @@
-"""Masked-LM masking (llm_jax/train/objectives.py): BERT's rates, determinism in (seed, step), the [MASK] id."""
+"""Masked-LM masking and next-sentence pairs (llm_jax/train/objectives.py, nsp.py): BERT's rates, determinism in (seed, step), the special ids."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,8 @@ import pytest
 
 from llm_jax.errors import UserError
 from llm_jax.config import load_config
-from llm_jax.train.objectives import MLMSpec, mlm_key, mlm_mask, mlm_spec, mlm_targets, tokenizer_objective
+from llm_jax.train.objectives import (MLMSpec, build_objective, mlm_key, mlm_mask, mlm_spec, mlm_targets,
+                                      tokenizer_objective)
 
 SPEC = MLMSpec(mask_id=257, vocab_limit=257)
 
@@ -71,3 +72,30 @@ def test_mask_id_is_the_tokenizers_or_the_first_padding_row():
     assert tokenizer_objective(load_config("gpt_tiny", ["model.arch=bert"]), _WithMask(), 96).mlm.mask_id == 4
     with pytest.raises(UserError, match="no padding row"):
         mlm_spec(257, 257)  # model.vocab_multiple=1: nowhere to put [MASK]
+
+
+def test_next_sentence_pairs_continue_or_borrow_and_keep_specials():
+    cfg = load_config("gpt_tiny", ["model.arch=bert", "train.nsp=true", "train.seq_len=13"])
+    objective = build_objective(cfg, 257, 384, eos_id=256)
+    assert (objective.mlm.mask_id, objective.cls_id, objective.sep_id) == (257, 258, 259)  # padding rows
+    B, T, a = 64, 13, 5  # a = (T - 3) // 2; B spans the remaining T - 3 - a = 5 tokens
+    rows = jnp.asarray(np.arange(B * (T + 1)).reshape(B, T + 1) % 200, jnp.int32)
+    inputs, targets, weights = objective.data(rows, 7)
+    t = np.asarray(targets)
+    labels = t[:, -1]
+    assert 0.3 < labels.mean() < 0.7 and set(labels) == {0, 1}  # IsNext / NotNext about half each
+    r = np.asarray(rows)
+    for i in range(B):
+        np.testing.assert_array_equal(t[i, [0, a + 1, T - 1]], [258, 259, 259])
+        np.testing.assert_array_equal(t[i, 1:a + 1], r[i, :a])  # A: the row's first a tokens
+        donor = (i + 1) % B if labels[i] else i  # B: what follows A, or the same span of the next row
+        np.testing.assert_array_equal(t[i, a + 2:T - 1], r[donor, a:T - 3])
+    np.testing.assert_array_equal(np.asarray(inputs["segments_BT"])[0], [0] * (a + 2) + [1] * (T - a - 2))
+    w = np.asarray(weights)
+    assert w[:, -1].tolist() == [1.0] * B and not w[:, [0, a + 1, T - 1]].any()  # the label counts; specials never masked
+    masked = w[:, :-1].astype(bool)
+    assert 0.08 < masked.mean() < 0.2  # about 15% of the other positions
+    same = objective.data(rows, 7)
+    np.testing.assert_array_equal(same[1], targets)  # a function of (seed, step)
+    with pytest.raises(UserError, match="train.nsp"):
+        load_config("gpt_tiny", ["train.nsp=true"])

@@ -8,7 +8,9 @@ embedding plus an output bias.
 
 With `num_classes` > 0 it is a sequence classifier instead (Hugging Face's
 BertForSequenceClassification): the MLM head is replaced by the pooler (dense + tanh on the first,
-[CLS], position) and a classifier to `num_classes` logits, returned as [B, 1, C].
+[CLS], position) and a classifier to `num_classes` logits, returned as [B, 1, C]. With `nsp` it
+keeps the MLM head and adds the pooler and a two-way next-sentence head (BertForPreTraining's
+`cls.seq_relationship`), whose logits come back as one more position (`train/nsp.py`).
 
 Blocks are stacked on a leading `layers` axis (`nnx.vmap`) exactly like the GPT's, so the
 sharding rules, scan/unrolled execution and remat work the same way. The model is called like
@@ -59,7 +61,7 @@ class BertBlock(nnx.Module):
 
 class Bert(nnx.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, *, compute_dtype: str,
-                 attention_kernel: str, rngs: nnx.Rngs, num_classes: int = 0):
+                 attention_kernel: str, rngs: nnx.Rngs, num_classes: int = 0, nsp: bool = False):
         std = cfg.init_std
         self.num_classes = num_classes
         keep_settings(self, cfg, max_seq_len, compute_dtype, attention_kernel)
@@ -71,9 +73,10 @@ class Bert(nnx.Module):
         self.embed_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
 
         self.blocks = stack_layers(cfg.num_layers, lambda layer_rngs: BertBlock(cfg, rngs=layer_rngs))(rngs)
-        if num_classes:
+        if num_classes or nsp:
             self.pooler = Dense((cfg.d_model,), (cfg.d_model,), ("embed", "embed"), rngs=rngs, std=std,
                                 use_bias=cfg.use_bias)
+        if num_classes:
             self.classifier = Dense((cfg.d_model,), (num_classes,), ("embed", "classes"), rngs=rngs, std=std,
                                     use_bias=cfg.use_bias)
             return
@@ -83,6 +86,9 @@ class Bert(nnx.Module):
                                 use_bias=cfg.use_bias)
         self.head_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
         self.head = output_layer(cfg, vocab_size, rngs)
+        # Next-sentence prediction: IsNext / NotNext from the pooled [CLS] (train.nsp).
+        self.nsp_head = (Dense((cfg.d_model,), (2,), ("embed", "classes"), rngs=rngs, std=std, use_bias=cfg.use_bias)
+                         if nsp else None)
         # A bias per output token, kept apart from the (possibly tied) decoder matrix as in BERT.
         self.out_bias = (param(rngs, nnx.initializers.zeros, (vocab_size,), ("vocab",))
                          if cfg.use_bias else None)
@@ -92,7 +98,8 @@ class Bert(nnx.Module):
                  mask_BTS: jax.Array | None = None, cache: dict | None = None,
                  cache_index: jax.Array | None = None,
                  dropout_key: jax.Array | None = None) -> tuple[jax.Array, None]:
-        """MLM logits [B, T, V] in float32 (a classifier's: [B, 1, classes]), and None (an
+        """MLM logits [B, T, V] in float32 (with next-sentence prediction, [B, T+1, V]: the last
+        position holds the two NSP logits; a classifier's: [B, 1, classes]), and None (an
         encoder keeps no cache).
 
         `segments_BT`: token type ids (0 or 1), default all 0. `attention_mask_BT` (1 = real
@@ -123,10 +130,7 @@ class Bert(nnx.Module):
 
         x_BTD = self._run_blocks(x_BTD, rope, mask_BTS, dropout_key)
         if self.num_classes:
-            pooled_BD = jnp.tanh(self.pooler(x_BTD[:, 0], dtype))
-            if dropout_key is not None:
-                pooled_BD = dropout(pooled_BD, self.dropout_rate, jax.random.fold_in(dropout_key, 1))
-            return self.classifier(pooled_BD, dtype, out_dtype=jnp.float32)[:, None, :], None
+            return self.classifier(self._pooled(x_BTD, dropout_key), dtype, out_dtype=jnp.float32)[:, None, :], None
 
         # The head's activation is BERT's erf GELU whatever model.mlp says (as in BertConfig,
         # where one hidden_act serves both; only gelu is exportable anyway).
@@ -135,7 +139,19 @@ class Bert(nnx.Module):
         logits_BTV = output_logits(self.embed, self.head, h_BTD, dtype)
         if self.out_bias is not None:
             logits_BTV = logits_BTV + self.out_bias[...]
+        if self.nsp_head is not None:
+            # The two NSP logits ride as one more position, the other rows at -1e9 (see train/nsp.py).
+            nsp_B2 = self.nsp_head(self._pooled(x_BTD, dropout_key), dtype, out_dtype=jnp.float32)
+            row_B1V = jnp.full((B, 1, logits_BTV.shape[-1]), -1e9, jnp.float32).at[:, 0, :2].set(nsp_B2)
+            logits_BTV = jnp.concatenate([logits_BTV, row_B1V], axis=1)
         return constrain(logits_BTV, ("batch", "length", "vocab")), None
+
+    def _pooled(self, x_BTD, dropout_key) -> jax.Array:
+        """BERT's pooler: dense + tanh on the first ([CLS]) position, then dropout."""
+        pooled_BD = jnp.tanh(self.pooler(x_BTD[:, 0], x_BTD.dtype))
+        if dropout_key is not None:
+            pooled_BD = dropout(pooled_BD, self.dropout_rate, jax.random.fold_in(dropout_key, 1))
+        return pooled_BD
 
     def _run_blocks(self, x_BTD, rope, mask_BTS, dropout_key):
         """The GPT's execution modes over the same stacked parameters: scan or unrolled, remat."""

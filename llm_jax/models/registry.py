@@ -39,7 +39,8 @@ def build_model(cfg: Config, vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:
 
             classes = num_classes(cfg.data.task)
         return Bert(cfg.model, vocab_size, cfg.max_seq_len, compute_dtype=compute_dtype(cfg),
-                    attention_kernel=resolve_kernel(cfg.model.attention), rngs=rngs, num_classes=classes)
+                    attention_kernel=resolve_kernel(cfg.model.attention), rngs=rngs, num_classes=classes,
+                    nsp=cfg.train.nsp)
     if cfg.model.is_encoder_decoder:
         return EncoderDecoder(cfg.model, vocab_size, cfg.max_seq_len, compute_dtype=compute_dtype(cfg),
                               attention_kernel=resolve_kernel(cfg.model.attention), rngs=rngs)

@@ -198,6 +198,7 @@ def seq2seq_targets(rows_BR: jax.Array, src_len: int) -> tuple[dict, jax.Array, 
 # ---------------------------------------------------------------- classification tasks
 
 CLS_TOKEN = "[CLS]"
+SEP_TOKEN = "[SEP]"
 
 
 def classify_targets(rows_BR: jax.Array, cls_id: int) -> tuple[dict, jax.Array, None]:
@@ -212,7 +213,7 @@ def classify_targets(rows_BR: jax.Array, cls_id: int) -> tuple[dict, jax.Array, 
 
 def extra_id(name: str, index: int, tokenizer_vocab: int, model_vocab: int, lookup=None) -> int:
     """The tokenizer's own `name` token, else padding row `tokenizer_vocab + index` (the rows after
-    the tokenizer's ids: [MASK] is index 0, [CLS] 1)."""
+    the tokenizer's ids: [MASK] is index 0, [CLS] 1, [SEP] 2)."""
     found = lookup(name) if lookup is not None else None
     if found is not None:
         return int(found)
@@ -239,10 +240,16 @@ class Objective:
     span: SpanSpec | None = None
     src_len: int = 0
     cls_id: int = 0
+    sep_id: int = 0  # with cls_id, for mlm with next-sentence prediction (`nsp`)
+    nsp: bool = False
     smoothing: float = 0.0  # label smoothing of the training loss
     smoothing_ids: int = 0  # spread over ids [0, smoothing_ids): the tokenizer's, not padding rows
 
     def data(self, batch: jax.Array, key_step) -> tuple[dict, jax.Array, jax.Array | None]:
+        if self.kind == "mlm" and self.nsp:
+            from llm_jax.train.nsp import NSPSpec, nsp_targets  # nsp builds on this module
+
+            return nsp_targets(batch, mlm_key(self.seed, key_step), self.mlm, NSPSpec(self.cls_id, self.sep_id))
         if self.kind == "mlm":
             inputs_BT, targets_BT, weights_BT = mlm_targets(batch, mlm_key(self.seed, key_step), self.mlm)
             return {"tokens_BT": inputs_BT}, targets_BT, weights_BT
@@ -263,7 +270,12 @@ def build_objective(cfg, tokenizer_vocab: int, model_vocab: int, eos_id: int, lo
     smoothing = dict(smoothing=cfg.train.label_smoothing, smoothing_ids=tokenizer_vocab)
     if kind == "mlm":
         mask_id = lookup(MASK_TOKEN) if lookup is not None else None
-        return Objective("mlm", cfg.seed, mlm=mlm_spec(tokenizer_vocab, model_vocab, mask_id), **smoothing)
+        spec = mlm_spec(tokenizer_vocab, model_vocab, mask_id)
+        if not cfg.train.nsp:
+            return Objective("mlm", cfg.seed, mlm=spec, **smoothing)
+        return Objective("mlm", cfg.seed, mlm=spec, nsp=True, **smoothing,
+                         cls_id=extra_id(CLS_TOKEN, 1, tokenizer_vocab, model_vocab, lookup),
+                         sep_id=extra_id(SEP_TOKEN, 2, tokenizer_vocab, model_vocab, lookup))
     if kind == "span":
         spec = span_spec(cfg.train.seq_len, cfg.train.noise_density, cfg.train.mean_span, tokenizer_vocab,
                          model_vocab, eos_id, decoder_start_id(eos_id, lookup), lookup)

@@ -195,7 +195,9 @@ def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Seq
     if m.is_encoder_decoder:
         from llm_jax.generate_seq2seq import generate_seq2seq
 
-        out_BN = generate_seq2seq(graphdef, params, cfg, rows, max_new_tokens=max_new_tokens,
+        # Sources end with end-of-text, as every training source did (and as T5's tokenizer adds).
+        sources = [r + [eos_id] if eos_id is not None and r[-1] != eos_id else r for r in rows]
+        out_BN = generate_seq2seq(graphdef, params, cfg, sources, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_k=min(top_k, vocab), top_p=top_p, seed=seed,
                                   eos_id=eos_id, start_id=start_id, vocab_limit=vocab_limit, dtype=dtype)
         return [_cut_at_eos(row, eos_id) for row in out_BN.tolist()]

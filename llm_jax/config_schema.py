@@ -27,6 +27,51 @@ class RunConfig(_Section):
     """Keep compiled XLA programs in <cache root>/xla (see data.cache_dir), so a repeated run skips compiling."""
 
 
+class MoEConfig(_Section):
+    num_experts: int = pydantic.Field(0, ge=0)
+    """Experts per MoE layer; 0 = a dense model. MoE layers replace the MLP of every `model.moe.every`-th block (gpt)."""
+    top_k: int = pydantic.Field(2, ge=1)
+    """Experts each token is sent to."""
+    every: int = pydantic.Field(1, ge=1)
+    """Every this many blocks is an MoE block (the last of each group of `every`); must divide model.num_layers. 1 = all (Mixtral), 2 = alternate (GShard, Switch)."""
+    capacity_factor: float = -1.0
+    """-1: dropless (tokens sorted by expert, grouped matmul with lax.ragged_dot). Else capacity mode: each expert takes at most ceil(capacity_factor * top_k * seq_len / num_experts) tokens of each sequence (top-1 choices first, then in order); the rest are dropped (the residual carries them) and counted in `moe_dropped`."""
+    grouped_matmul: Literal["auto", "ragged_dot", "blocked"] = "auto"
+    """Dropless mode's grouped matmul: ragged_dot (jax.lax.ragged_dot), blocked (rows padded to blocks of 128 per expert, one batched matmul against per-block copies of the expert weights), or auto: blocked on CPU, where XLA computes ragged_dot as one dense product per expert (E times the work), ragged_dot elsewhere."""
+    num_shared_experts: int = pydantic.Field(0, ge=0)
+    """Experts every token goes through besides its routed ones (DeepSeekMoE): one dense MLP of width num_shared_experts * expert_d_ff."""
+    expert_d_ff: int | None = None
+    """Hidden width of each expert; default model.d_ff (its default)."""
+    router_jitter: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
+    """Training only: multiply the router's input by uniform noise in [1-jitter, 1+jitter] (Switch Transformer)."""
+    routing: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    """softmax_topk: softmax over all experts, keep the top k (renormalised when model.moe.renormalize; Mixtral). topk_softmax: softmax over the top-k logits only (the same gates as softmax_topk with renormalisation, computed from fewer exponentials)."""
+    renormalize: bool = True
+    """softmax_topk: rescale the kept gates to sum to 1 (Mixtral); false keeps the raw probabilities (Switch, DeepSeek-V2)."""
+    aux_loss_coef: float = pydantic.Field(0.01, ge=0.0)
+    """Weight of the Switch/GShard load-balancing loss E * sum_i f_i * P_i (f_i: share of token-expert assignments to expert i, P_i: mean router probability of i; 1 when balanced), averaged over MoE layers."""
+    z_loss_coef: float = pydantic.Field(0.001, ge=0.0)
+    """Weight of the ST-MoE router z-loss mean(logsumexp(router logits)^2), averaged over MoE layers."""
+    bias_update_rate: float = pydantic.Field(0.0, ge=0.0)
+    """Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for choosing experts (not to the gates), moved by this much per step towards balance, up for underloaded experts and down for overloaded ones. 0 = off; 1e-3 is DeepSeek-V3's value."""
+
+    @model_validator(mode="after")
+    def _check(self) -> MoEConfig:
+        if self.num_experts and self.top_k > self.num_experts:
+            raise ValueError(f"model.moe.top_k={self.top_k} exceeds model.moe.num_experts={self.num_experts}")
+        if self.capacity_factor != -1 and self.capacity_factor <= 0:
+            raise ValueError(f"model.moe.capacity_factor={self.capacity_factor} must be -1 (dropless) or positive")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity_factor == -1
+
+
 class ModelConfig(_Section):
     arch: Literal["gpt", "bert", "transformer", "t5", "rnn", "lstm", "gru"] = "gpt"
     """Model family. `gpt`: decoder-only Transformer. `transformer`: the original encoder-decoder (Vaswani et al. 2017: post-LayerNorm blocks, shared source/target embeddings scaled by sqrt(d_model) and tied to the output, sinusoidal positions by default), trained on a seq2seq `data.task`. `t5`: encoder-decoder with pre-RMSNorm blocks without biases, relative position buckets (`model.position=relative`), unscaled attention and a tied output scaled by d_model^-0.5; it pretrains with span corruption on the corpus, or fine-tunes text-to-text on a seq2seq `data.task`. `bert`: encoder-only Transformer (post-norm blocks, bidirectional attention, exact GELU, segment embeddings, tied MLM head) trained with the masked-LM objective; it does not generate. `rnn` (Elman, tanh), `lstm`, `gru`: recurrent LMs whose layers are pre-norm residual cells of hidden size d_model; they ignore the attention, position and MLP keys (num_heads, num_kv_heads, d_ff, position, rope_theta, mlp, attention, attention_block) and scan_layers/remat, and have no sequence-length limit at generation."""
@@ -80,9 +125,16 @@ class ModelConfig(_Section):
     """Attention kernel: auto (cudnn on GPU, blockwise causal on CPU, xla elsewhere), or force one."""
     attention_block: int = pydantic.Field(128, ge=8)
     """Query/key block length of the blockwise causal attention (CPU path)."""
+    moe: MoEConfig = MoEConfig()
+    """Mixture of Experts (off unless model.moe.num_experts > 0)."""
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
+        if self.moe.enabled:
+            if self.arch != "gpt":
+                raise ValueError(f"model.moe is built into the decoder (model.arch=gpt), not model.arch={self.arch}")
+            if self.num_layers % self.moe.every:
+                raise ValueError(f"model.moe.every={self.moe.every} does not divide model.num_layers={self.num_layers}")
         if self.is_recurrent:
             return self  # no attention heads: these keys are ignored
         if self.d_model % self.num_heads:
@@ -123,6 +175,10 @@ class ModelConfig(_Section):
     @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
+
+    @property
+    def expert_ff_dim(self) -> int:
+        return self.moe.expert_d_ff or self.ff_dim
 
     @property
     def ff_dim(self) -> int:

@@ -1,5 +1,5 @@
 """Hugging Face checkpoints <-> llm-jax: configs and weights of GPT2LMHeadModel, LlamaForCausalLM,
-BertForMaskedLM and (in `hf_t5`) T5ForConditionalGeneration.
+BertForMaskedLM, (in `hf_t5`) T5ForConditionalGeneration and (in `hf_mixtral`) MixtralForCausalLM.
 
 A Hugging Face directory holds `config.json` and `model.safetensors` (or shards listed in
 `model.safetensors.index.json`), and usually `tokenizer.json`. Weights are read and written with
@@ -23,7 +23,7 @@ from llm_jax.errors import UserError
 from llm_jax.models.bert import NUM_SEGMENTS
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM",
-             "t5": "T5ForConditionalGeneration"}
+             "t5": "T5ForConditionalGeneration", "mixtral": "MixtralForCausalLM"}
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -82,7 +82,7 @@ def config_from_hf(hf: dict, run_dir: str = "runs/hf") -> Config:
                  "tie_embeddings": bool(hf.get("tie_word_embeddings", True))}
     else:
         heads = hf["num_attention_heads"]
-        if hf.get("head_dim", hf["hidden_size"] // heads) * heads != hf["hidden_size"]:
+        if (hf.get("head_dim") or hf["hidden_size"] // heads) * heads != hf["hidden_size"]:
             raise UserError("Llama configs with head_dim * num_attention_heads != hidden_size are not supported")
         if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
             raise UserError("Llama variants with biases or a non-SiLU activation are not supported")
@@ -91,6 +91,10 @@ def config_from_hf(hf: dict, run_dir: str = "runs/hf") -> Config:
                  "max_seq_len": hf["max_position_embeddings"], "position": "rope", "rope_theta": _rope_theta(hf),
                  "norm": "rmsnorm", "norm_eps": hf.get("rms_norm_eps", 1e-6), "mlp": "swiglu", "use_bias": False,
                  "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
+        if kind == "mixtral":
+            from llm_jax.hf_mixtral import mixtral_model_config
+
+            model = mixtral_model_config(hf, model)
     model.update(vocab_size=hf["vocab_size"], vocab_multiple=1, dropout=0.0)
     seq_len = seq_len or min(1024, model["max_seq_len"])
     return validate({"run": {"dir": run_dir}, "model": model, "train": {"seq_len": seq_len, "src_len": seq_len}})
@@ -186,8 +190,13 @@ def _llama_to_params(t: dict, cfg: Config) -> dict:
             "norm1": {"scale": t[h + "input_layernorm.weight"]},
             "attn": attn,
             "norm2": {"scale": t[h + "post_attention_layernorm.weight"]},
-            "mlp": {name: {"kernel": t[h + f"mlp.{name}_proj.weight"].T} for name in ("gate", "up", "down")},
         })
+        if m.moe.enabled:
+            from llm_jax.hf_mixtral import mixtral_moe_in
+
+            layers[-1]["moe"] = mixtral_moe_in(t, i, m.moe.num_experts)
+        else:
+            layers[-1]["mlp"] = {name: {"kernel": t[h + f"mlp.{name}_proj.weight"].T} for name in ("gate", "up", "down")}
     params = {"embed": {"embedding": t["model.embed_tokens.weight"]}, "blocks": _stack(layers),
               "final_norm": {"scale": t["model.norm.weight"]}}
     if not m.tie_embeddings:
@@ -209,6 +218,11 @@ def _llama_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
         t[h + "self_attn.o_proj.weight"] = a["o"]["kernel"].reshape(-1, D).T
         t[h + "input_layernorm.weight"] = layer["norm1"]["scale"]
         t[h + "post_attention_layernorm.weight"] = layer["norm2"]["scale"]
+        if m.moe.enabled:
+            from llm_jax.hf_mixtral import mixtral_moe_out
+
+            t.update(mixtral_moe_out(layer["moe"], i))
+            continue
         for name in ("gate", "up", "down"):
             t[h + f"mlp.{name}_proj.weight"] = layer["mlp"][name]["kernel"].T
     return t
@@ -309,9 +323,11 @@ def _t5_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
 
 
 TO_PARAMS: dict[str, Callable[[dict, Config], dict]] = {"gpt2": _gpt2_to_params, "llama": _llama_to_params,
-                                                        "bert": _bert_to_params, "t5": _t5_to_params}
+                                                        "bert": _bert_to_params, "t5": _t5_to_params,
+                                                        "mixtral": _llama_to_params}
 FROM_PARAMS: dict[str, Callable[[dict, Config], dict]] = {"gpt2": _gpt2_from_params, "llama": _llama_from_params,
-                                                          "bert": _bert_from_params, "t5": _t5_from_params}
+                                                          "bert": _bert_from_params, "t5": _t5_from_params,
+                                                          "mixtral": _llama_from_params}
 
 
 def params_from_hf(kind: str, tensors: dict[str, np.ndarray], cfg: Config) -> dict:
@@ -343,10 +359,19 @@ def family_of(cfg: Config) -> str:
             return "bert"
         raise UserError("this bert model has no Hugging Face equivalent here: BertForMaskedLM needs learned "
                         "positions, LayerNorm, GELU, biases and multi-head attention")
+    llama_like = (m.position, m.norm, m.mlp, m.use_bias) == ("rope", "rmsnorm", "swiglu", False)
+    if m.moe.enabled:
+        from llm_jax.hf_mixtral import mixtral_supported
+
+        if llama_like and mixtral_supported(cfg):
+            return "mixtral"
+        raise UserError("this MoE model has no Hugging Face equivalent here: MixtralForCausalLM needs a Llama "
+                        "decoder (RoPE, RMSNorm, SwiGLU, no biases) with MoE in every block "
+                        "(model.moe.every=1), renormalised top-k gates, no shared experts and no bias balancing")
     if (m.position, m.norm, m.mlp, m.use_bias, m.tie_embeddings) == ("learned", "layernorm", "gelu", True, True) \
             and m.kv_heads == m.num_heads:
         return "gpt2"
-    if (m.position, m.norm, m.mlp, m.use_bias) == ("rope", "rmsnorm", "swiglu", False):
+    if llama_like:
         return "llama"
     raise UserError("this model has no Hugging Face equivalent here: export-hf writes GPT-2 (learned positions, "
                     "LayerNorm, GELU, biases, tied, multi-head) or Llama (RoPE, RMSNorm, SwiGLU, no biases)")
@@ -372,13 +397,18 @@ def hf_config_of(cfg: Config, kind: str, eos_id: int | None, pad_id: int = 0) ->
                 "attention_probs_dropout_prob": 0.0, "max_position_embeddings": cfg.max_seq_len,
                 "type_vocab_size": NUM_SEGMENTS, "layer_norm_eps": m.norm_eps,
                 "position_embedding_type": "absolute", "tie_word_embeddings": m.tie_embeddings}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-            "hidden_size": m.d_model, "intermediate_size": m.ff_dim, "num_hidden_layers": m.num_layers,
-            "num_attention_heads": m.num_heads, "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim,
-            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-            "tie_word_embeddings": m.tie_embeddings, "bos_token_id": eos_id, "eos_token_id": eos_id}
+    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+             "hidden_size": m.d_model, "intermediate_size": m.ff_dim, "num_hidden_layers": m.num_layers,
+             "num_attention_heads": m.num_heads, "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim,
+             "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
+             "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+             "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+             "tie_word_embeddings": m.tie_embeddings, "bos_token_id": eos_id, "eos_token_id": eos_id}
+    if kind == "mixtral":
+        from llm_jax.hf_mixtral import mixtral_hf_config
+
+        return mixtral_hf_config(cfg, llama)
+    return llama
 
 
 def write_hf(out: Path, cfg: Config, params: dict, tokenizer_json: Path | None, eos_id: int | None,

@@ -3,7 +3,8 @@
 FLOPs per token (training = forward + backward) follow Kaplan et al. and PaLM:
     6 * N + 12 * L * H * Q * T, with the attention term halved for causal attention,
 where N counts the parameters that take part in matmuls (every parameter except the position
-table and, when the output layer is untied, the input embedding, which is a gather),
+table and, when the output layer is untied, the input embedding, which is a gather; of an MoE
+layer's experts only the top_k / num_experts a token uses),
 L = layers, H = query heads, Q = head dim, T = sequence length. Recurrent models (rnn, lstm,
 gru) have no attention term: every FLOP of a step is a matmul against a parameter (the input
 and recurrent projections and the output layer), so 6 * N alone.
@@ -47,7 +48,20 @@ def matmul_params(cfg: Config, shapes: dict) -> int:
             total -= int(np.prod(shapes[gathered]["embedding"].shape))
     if not cfg.model.tie_embeddings:
         total -= int(np.prod(shapes["embed"]["embedding"].shape))
-    return total
+    return total - inactive_expert_params(cfg, shapes)
+
+
+def inactive_expert_params(cfg: Config, shapes: dict) -> int:
+    """Expert weights a token does not pass through: (E - k) / E of every MoE layer's experts.
+    MFU counts active parameters only (a sparse model gets no credit for idle experts)."""
+    moe = cfg.model.moe
+    if not moe.enabled:
+        return 0
+    experts = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+        if any(getattr(k, "key", None) == "experts" for k in path):
+            experts += int(np.prod(leaf.shape))
+    return experts * (moe.num_experts - moe.top_k) // moe.num_experts
 
 
 def flops_per_token(cfg: Config, n_matmul_params: int, seq_len: int | None = None) -> float:

@@ -6,6 +6,8 @@ float32 logits transformers computes for them. The test suite reads these with n
 
 reference.npz keys:
     gpt2, llama  input_ids [2, 12] int64; logits [2, 12, VOCAB] float32
+    mixtral      the same, plus router_logits [2, 24, 4] float32: each layer's router logits (before the
+                 softmax) for the 2 * 12 tokens, row-major over (batch, position), 4 experts
     bert         the same, plus token_type_ids and attention_mask [2, 12] int64 (a second segment
                  from position 5; row 1's last 3 ids are padding) and logits_segments_padding
                  [2, 12, VOCAB] float32, the logits with both
@@ -58,6 +60,14 @@ def configs() -> dict[str, transformers.PretrainedConfig]:
                                           num_attention_heads=4, num_key_value_heads=2,
                                           max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=10000.0,
                                           tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, **common),
+        # Llama with a sparse MoE feed-forward: 4 experts, top 2. initializer_range 0.2 gives router logits
+        # far enough from 0 that the top-2 choice varies across tokens, so the parity test covers routing.
+        "mixtral": transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                              num_experts_per_tok=2, max_position_embeddings=64,
+                                              rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+                                              bos_token_id=0, eos_token_id=0, router_jitter_noise=0.0,
+                                              sliding_window=None, **common),
         # BertConfig's "gelu" is the exact (erf) GELU; pad_token_id 0 is [PAD] in the tokenizer.
         "bert": transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                         intermediate_size=64, max_position_embeddings=64, type_vocab_size=2,
@@ -77,8 +87,9 @@ def configs() -> dict[str, transformers.PretrainedConfig]:
 
 
 MODEL_CLASSES = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
-                 "bert": transformers.BertForMaskedLM, "t5": transformers.T5ForConditionalGeneration}
-SPECIALS = {"gpt2": ["<|endoftext|>"], "llama": ["</s>"],
+                 "mixtral": transformers.MixtralForCausalLM, "bert": transformers.BertForMaskedLM,
+                 "t5": transformers.T5ForConditionalGeneration}
+SPECIALS = {"gpt2": ["<|endoftext|>"], "llama": ["</s>"], "mixtral": ["</s>"],
             "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "t5": ["<pad>", "</s>", "<unk>"]}
 
 
@@ -90,6 +101,13 @@ def logits_of(model: torch.nn.Module, ids: np.ndarray, **extra: np.ndarray) -> n
     with torch.no_grad():
         kwargs = {k: torch.from_numpy(v) for k, v in extra.items()}
         return model(torch.from_numpy(ids), **kwargs).logits.float().numpy()
+
+
+def router_logits_of(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
+    """An MoE model's router logits for ids: [layers, batch * positions, experts] float32."""
+    with torch.no_grad():
+        layers = model(torch.from_numpy(ids), output_router_logits=True).router_logits
+    return torch.stack([r.float() for r in layers]).numpy()
 
 
 def segments_and_padding() -> dict[str, np.ndarray]:
@@ -142,13 +160,16 @@ def make(name: str) -> None:
     if name == "bert":  # also the logits with segments and a padding mask
         inputs = segments_and_padding()
         extra = {**inputs, "logits_segments_padding": logits_of(model, ids, **inputs)}
+    if name == "mixtral":  # also each layer's router logits, to check a port's routing layer by layer
+        extra = {"router_logits": router_logits_of(model, ids)}
     np.savez(out / "reference.npz", input_ids=ids, logits=logits_of(model, ids), **extra)
     print(f"wrote {out}")
 
 
 def check(directory: Path, name: str) -> int:
-    """`name`: a fixture (gpt2, llama, bert, t5) or an .npz with input_ids and the logits llm-jax computed
-    (for T5 also attention_mask and decoder_input_ids, as in its reference.npz)."""
+    """`name`: a fixture (gpt2, llama, mixtral, bert, t5) or an .npz with input_ids and the logits llm-jax
+    computed (for T5 also attention_mask and decoder_input_ids, as in its reference.npz; router_logits, where
+    present, are compared as well)."""
     ref = np.load(name if name.endswith(".npz") else ROOT / name / "reference.npz")
     model_type = transformers.AutoConfig.from_pretrained(directory).model_type
     if model_type == "t5":  # encoder-decoder: the logits are the decoder's, given the encoder's input
@@ -168,6 +189,11 @@ def check(directory: Path, name: str) -> int:
         got = logits_of(model, ref["input_ids"], **inputs)
         err = max(err, float(np.abs(got - ref["logits_segments_padding"]).max()))
     print(f"{directory}: max |logits - reference| = {err:.2e}")
+    if "router_logits" in ref:  # MoE fixtures: each layer's router logits as well
+        got = router_logits_of(model, ref["input_ids"])
+        router_err = float(np.abs(got - ref["router_logits"]).max())
+        print(f"{directory}: max |router_logits - reference| = {router_err:.2e}")
+        err = max(err, router_err)
     return 0 if err < 2e-4 else 1
 
 

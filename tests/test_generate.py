@@ -69,7 +69,10 @@ def greedy_by_recompute(mdef: ModelDef, params: dict, prompt: list[int], n: int)
     ("model.position=rope", "model.num_kv_heads=1", "model.norm=rmsnorm", "model.mlp=swiglu",
      "model.use_bias=false"),
     ("model.position=sinusoidal", "model.tie_embeddings=false"),
-], ids=["learned", "learned-scan", "rope-gqa-scan", "rope-mqa-llama", "sinusoidal-untied"])
+    ("model.moe.num_experts=4", "model.moe.top_k=2", "model.mlp=swiglu"),
+    ("model.moe.num_experts=4", "model.moe.every=2", "model.num_layers=4", "model.scan_layers=true",
+     "model.moe.num_shared_experts=1"),
+], ids=["learned", "learned-scan", "rope-gqa-scan", "rope-mqa-llama", "sinusoidal-untied", "moe", "moe-every2-scan"])
 def test_kv_cache_greedy_equals_recompute(overrides: tuple[str, ...]) -> None:
     cfg, mdef, params = tiny(*overrides)
     n = 8

@@ -130,16 +130,19 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         dtype = x_BTD.dtype
-        h_BTF = self.up(x_BTD, dtype)
-        if self.kind == "swiglu":
-            h_BTF = jax.nn.silu(self.gate(x_BTD, dtype)) * h_BTF
-        elif self.kind == "gelu":
-            h_BTF = jax.nn.gelu(h_BTF, approximate=True)
-        elif self.kind == "gelu_exact":
-            h_BTF = jax.nn.gelu(h_BTF, approximate=False)
-        else:
-            h_BTF = jax.nn.relu(h_BTF)
-        return self.down(h_BTF, dtype)
+        gate_BTF = self.gate(x_BTD, dtype) if self.gate is not None else None
+        return self.down(activate(self.kind, self.up(x_BTD, dtype), gate_BTF), dtype)
+
+
+def activate(kind: str, up: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+    """The MLP nonlinearity on the up projection (SwiGLU: silu(gate) * up)."""
+    if kind == "swiglu":
+        return jax.nn.silu(gate) * up
+    if kind == "gelu":
+        return jax.nn.gelu(up, approximate=True)
+    if kind == "gelu_exact":
+        return jax.nn.gelu(up, approximate=False)
+    return jax.nn.relu(up)
 
 
 def stack_layers(num_layers: int, build) -> nnx.Module:

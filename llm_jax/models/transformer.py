@@ -17,6 +17,7 @@ from llm_jax.config_schema import ModelConfig
 from llm_jax.models.attention import Attention
 from llm_jax.models.layers import (MLP, Embed, Norm, dropout, output_layer, output_logits, rope_angles,
                                    sinusoidal_table, stack_layers)
+from llm_jax.models.moe import MoE
 from llm_jax.parallel.rules import constrain
 
 REMAT_POLICIES = {
@@ -27,9 +28,13 @@ REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-    """x + Attn(Norm(x)), then x + MLP(Norm(x)); residual dropout on both branches."""
+    """x + Attn(Norm(x)), then x + FFN(Norm(x)); residual dropout on both branches.
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    The FFN is the MLP, or with `moe=True` a Mixture of Experts (`models.moe`). Returns the new
+    x, the new KV cache and the MoE routing statistics (None for an MLP block).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
         std = cfg.init_std
         out_std = std / math.sqrt(2 * cfg.num_layers)  # GPT-2: scale residual projections by depth
         self.dropout_rate = cfg.dropout
@@ -37,16 +42,46 @@ class Block(nnx.Module):
         self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, rngs=rngs,
                               std=std, out_std=out_std, use_bias=cfg.use_bias)
         self.norm2 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
-        self.mlp = MLP(cfg.d_model, cfg.ff_dim, cfg.mlp, rngs=rngs, std=std, out_std=out_std,
-                       use_bias=cfg.use_bias)
+        if moe:
+            self.moe = MoE(cfg, rngs=rngs, std=std, out_std=out_std)
+        else:
+            self.mlp = MLP(cfg.d_model, cfg.ff_dim, cfg.mlp, rngs=rngs, std=std, out_std=out_std,
+                           use_bias=cfg.use_bias)
 
     def __call__(self, x_BTD, *, rope, kernel, block, mask_BTS, cache, cache_index, key):
-        k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
+        k_attn, k_mlp, k_router = jax.random.split(key, 3) if key is not None else (None, None, None)
         h_BTD, new_cache = self.attn(self.norm1(x_BTD), rope=rope, kernel=kernel, block=block,
                                      mask_BTS=mask_BTS, cache=cache, cache_index=cache_index)
         x_BTD = x_BTD + dropout(h_BTD, self.dropout_rate, k_attn)
-        x_BTD = x_BTD + dropout(self.mlp(self.norm2(x_BTD)), self.dropout_rate, k_mlp)
-        return constrain(x_BTD, ("batch", "length", "embed")), new_cache
+        stats = None
+        if hasattr(self, "moe"):
+            h_BTD, stats = self.moe(self.norm2(x_BTD), k_router, dropless=cache is not None)
+        else:
+            h_BTD = self.mlp(self.norm2(x_BTD))
+        x_BTD = x_BTD + dropout(h_BTD, self.dropout_rate, k_mlp)
+        return constrain(x_BTD, ("batch", "length", "embed")), new_cache, stats
+
+
+class BlockGroup(nnx.Module):
+    """`model.moe.every` blocks whose last has the MoE FFN: the repeating unit (stacked over
+    layers) of a model with an MoE layer every k-th block. Its cache slice is [k, ...]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.size = cfg.moe.every
+        for i in range(self.size - 1):
+            setattr(self, f"dense{i}", Block(cfg, rngs=rngs))
+        self.moe_block = Block(cfg, rngs=rngs, moe=True)
+
+    def __call__(self, x_BTD, *, cache, key, **kwargs):
+        blocks = [getattr(self, f"dense{i}") for i in range(self.size - 1)] + [self.moe_block]
+        keys = jax.random.split(key, self.size) if key is not None else [None] * self.size
+        new_caches = []
+        for i, layer in enumerate(blocks):
+            layer_cache = jax.tree.map(lambda a: a[i], cache) if cache is not None else None
+            x_BTD, c, stats = layer(x_BTD, cache=layer_cache, key=keys[i], **kwargs)
+            new_caches.append(c)
+        new_cache = jax.tree.map(lambda *a: jnp.stack(a), *new_caches) if cache is not None else None
+        return x_BTD, new_cache, stats
 
 
 class GPT(nnx.Module):
@@ -58,18 +93,28 @@ class GPT(nnx.Module):
         self.pos_embed = (Embed(max_seq_len, cfg.d_model, ("position", "embed"), rngs=rngs, std=cfg.init_std)
                           if cfg.position == "learned" else None)
 
-        self.blocks = stack_layers(cfg.num_layers, lambda layer_rngs: Block(cfg, rngs=layer_rngs))(rngs)
+        # The stacked unit: a Block, or with MoE a group of model.moe.every blocks ending in an MoE one.
+        self.group = cfg.moe.every if cfg.moe.enabled else 1
+        if not cfg.moe.enabled:
+            unit = lambda layer_rngs: Block(cfg, rngs=layer_rngs)  # noqa: E731
+        elif self.group == 1:
+            unit = lambda layer_rngs: Block(cfg, rngs=layer_rngs, moe=True)  # noqa: E731
+        else:
+            unit = lambda layer_rngs: BlockGroup(cfg, rngs=layer_rngs)  # noqa: E731
+        self.blocks = stack_layers(cfg.num_layers // self.group, unit)(rngs)
         self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
         self.head = output_layer(cfg, vocab_size, rngs)
 
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                  mask_BTS: jax.Array | None = None, cache: dict | None = None,
-                 cache_index: jax.Array | None = None,
-                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+                 cache_index: jax.Array | None = None, dropout_key: jax.Array | None = None,
+                 with_moe_stats: bool = False) -> tuple:
         """Logits [B, T, V] in float32 (and the updated KV cache when `cache` is given).
 
         `positions_BT` default to 0..T-1; `mask_BTS` (True = may attend) replaces the causal
-        mask for padded prompts and for attention over a cache of length S.
+        mask for padded prompts and for attention over a cache of length S. With
+        `with_moe_stats`, a third value: the MoE layers' routing statistics (`models.moe.MoE`),
+        each stacked over MoE layers, or None for a dense model.
         """
         dtype = jnp.dtype(self.compute_dtype)
         B, T = tokens_BT.shape
@@ -81,16 +126,24 @@ class GPT(nnx.Module):
             x_BTD = dropout(x_BTD, self.dropout_rate, embed_key)
         x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
 
-        x_BTD, new_cache = self._run_blocks(x_BTD, rope, mask_BTS, cache, cache_index, dropout_key)
-        logits_BTV = output_logits(self.embed, self.head, self.final_norm(x_BTD), dtype)
-        return constrain(logits_BTV, ("batch", "length", "vocab")), new_cache
+        if cache is not None and self.group > 1:  # [L, ...] -> [L/k, k, ...] to match the stacked groups
+            cache = jax.tree.map(lambda a: a.reshape(-1, self.group, *a.shape[1:]), cache)
+        x_BTD, (new_cache, moe_stats) = self._run_blocks(x_BTD, rope, mask_BTS, cache, cache_index, dropout_key)
+        if new_cache is not None and self.group > 1:
+            new_cache = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), new_cache)
+        logits_BTV = constrain(output_logits(self.embed, self.head, self.final_norm(x_BTD), dtype),
+                               ("batch", "length", "vocab"))
+        if with_moe_stats:
+            return logits_BTV, new_cache, moe_stats
+        return logits_BTV, new_cache
 
     def _run_blocks(self, x_BTD, rope, mask_BTS, cache, cache_index, dropout_key):
         kernel, block = self.attention_kernel, self.attention_block
 
         def call(layer, x, layer_cache, key):
-            return layer(x, rope=rope, kernel=kernel, block=block, mask_BTS=mask_BTS,
-                         cache=layer_cache, cache_index=cache_index, key=key)
+            x, new_layer_cache, stats = layer(x, rope=rope, kernel=kernel, block=block, mask_BTS=mask_BTS,
+                                              cache=layer_cache, cache_index=cache_index, key=key)
+            return x, (new_layer_cache, stats)
 
         return run_layers(self, call, x_BTD, cache, dropout_key)
 
@@ -130,8 +183,10 @@ def run_layers(model: nnx.Module, call, x_BTD: jax.Array, cache, dropout_key, bl
     """Run `blocks` (stacked; default `model.blocks`) over x by `lax.scan` or an unrolled loop,
     with remat.
 
-    `call(layer, x, layer_cache, key) -> (x, new_layer_cache)`; `cache` is stacked per layer or
-    None. `model` carries `scan_layers` and `remat` (GPT, BERT, the encoder-decoders).
+    `call(layer, x, layer_cache, key) -> (x, out)`, where `out` is the new layer cache (or any
+    pytree of per-layer outputs); returns x and the outputs stacked over layers. `cache` is
+    stacked per layer or None. `model` carries `scan_layers` and `remat` (GPT, BERT, the
+    encoder-decoders).
     """
     graphdef, stacked = nnx.split(model.blocks if blocks is None else blocks)
     num_layers = jax.tree.leaves(stacked)[0].shape[0]
@@ -154,13 +209,11 @@ def run_layers(model: nnx.Module, call, x_BTD: jax.Array, cache, dropout_key, bl
     # per-layer indexing would pad every layer's gradient to the full stacked shape.
     layer_states = _unstack(stacked, num_layers)
     layer_caches = _unstack(cache, num_layers) if cache is not None else [None] * num_layers
-    new_caches = []
+    outs = []
     for i in range(num_layers):
-        x_BTD, c = one_layer(x_BTD, layer_states[i], layer_caches[i], keys[i] if keys is not None else None)
-        new_caches.append(c)
-    if cache is None:
-        return x_BTD, None
-    return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *new_caches)
+        x_BTD, out = one_layer(x_BTD, layer_states[i], layer_caches[i], keys[i] if keys is not None else None)
+        outs.append(out)
+    return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
 
 def _unstack(tree, n: int) -> list:

@@ -82,3 +82,6 @@ def check_batch(cfg: Config, sizes: dict[str, int]) -> None:
     heads_split = sizes["tensor"]
     if not cfg.model.is_recurrent and cfg.model.num_heads % heads_split:
         raise UserError(f"model.num_heads={cfg.model.num_heads} is not divisible by mesh.tensor={heads_split}")
+    moe = cfg.model.moe
+    if moe.enabled and moe.num_experts % sizes["expert"]:
+        raise UserError(f"model.moe.num_experts={moe.num_experts} is not divisible by mesh.expert={sizes['expert']}")

@@ -29,13 +29,14 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     "vocab": ("tensor",),
     "position": (),
-    "segment": (),
-    "relpos_buckets": (),
-    "classes": (),  # a classifier's few output classes  # T5's relative-position bias table: a few dozen rows  # BERT's two token-type rows: tiny, so every shard keeps both
+    "segment": (),  # BERT's two token-type rows: tiny, so every shard keeps both
+    "relpos_buckets": (),  # T5's relative-position bias table: a few dozen rows
+    "classes": (),  # a classifier's few output classes
     "layers": (),
     "norm": (),
     "gates": (),  # the gate blocks of a recurrent cell's weights: every shard needs all of them
-    "expert": ("expert",),
+    "expert": ("expert",),  # MoE expert weights: each device of the expert axis holds E/ep experts
+    "router": (),  # the router's expert scores: every device routes its tokens over all experts
 }
 
 _current_mesh: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("llm_jax_mesh", default=None)
@@ -99,6 +100,11 @@ def activation_mesh(mesh: Mesh | None) -> Iterator[None]:
         yield
     finally:
         _current_mesh.reset(token)
+
+
+def current_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_mesh` (None outside one)."""
+    return _current_mesh.get()
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

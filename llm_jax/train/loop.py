@@ -112,7 +112,9 @@ def train(cfg: Config) -> dict:
             done = step + 1
             writer.advance()
             if done % cfg.train.log_every == 0 or done == cfg.train.steps or timer_start is None:
-                record = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+                # Scalars as floats; per-layer arrays (the MoE expert load) as nested lists.
+                record = {"step": done, **{k: v.tolist() if v.ndim else float(v)
+                                           for k, v in jax.device_get(metrics).items()}}
                 now = time.perf_counter()
                 if timer_start is not None:
                     # Throughput over the interval since the last log (compile time excluded).

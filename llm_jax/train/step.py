@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llm_jax.config import Config
 from llm_jax.parallel.rules import activation_mesh, logical_to_spec
+from llm_jax.train.moe_losses import moe_metrics, moe_penalty, update_balance_bias
 from llm_jax.train.objectives import EVAL_STEP, Objective
 from llm_jax.train.optim import clip_by_norm
 from llm_jax.train.state import ModelDef
@@ -25,8 +26,18 @@ def token_loss(mdef: ModelDef, params: dict, data: tuple, dropout_key: jax.Array
     [0, smoothing_ids) (Szegedy et al. 2016): the loss adds smoothing * mean(-log p) over them.
     """
     inputs, targets_BT, weights_BT = data
-    logits_BTV, _ = mdef.merge(params)(**inputs, dropout_key=dropout_key)
+    logits_BTV, _ = forward(mdef, params, inputs, dropout_key)
     return summed_loss(logits_BTV, targets_BT, weights_BT, smoothing, smoothing_ids)
+
+
+def forward(mdef: ModelDef, params: dict, inputs: dict, dropout_key: jax.Array | None,
+            with_moe_stats: bool = False) -> tuple[jax.Array, dict | None]:
+    """Logits of the model on an objective's inputs, and its MoE routing statistics (or None)."""
+    model = mdef.merge(params)
+    if with_moe_stats:
+        logits_BTV, _, moe_stats = model(**inputs, dropout_key=dropout_key, with_moe_stats=True)
+        return logits_BTV, moe_stats
+    return model(**inputs, dropout_key=dropout_key)[0], None
 
 
 def summed_loss(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array | None,
@@ -57,22 +68,28 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
     its random draws (masks, spans) depend on (seed, step) only.
     """
     accum = cfg.train.grad_accum
-    use_dropout = cfg.model.dropout > 0
+    moe = cfg.model.moe
+    # A key per step when anything random happens in the forward pass (dropout, router jitter).
+    use_key = cfg.model.dropout > 0 or (moe.enabled and moe.router_jitter > 0)
     base_key = jax.random.key(cfg.seed)
     micro_sharding = NamedSharding(mesh, logical_to_spec((None, "batch", None)))
 
-    def grads_of(params, data, key, denom):
+    def grads_of(params, data, key, denom, penalty_div):
         def loss_fn(p):
-            total, count = token_loss(mdef, p, data, key, objective.smoothing, objective.smoothing_ids)
-            return total / (count if denom is None else denom), total
+            logits_BTV, moe_stats = forward(mdef, p, data[0], key, moe.enabled)
+            total, count = summed_loss(logits_BTV, data[1], data[2], objective.smoothing, objective.smoothing_ids)
+            loss = total / (count if denom is None else denom)
+            if moe_stats is not None:
+                loss = loss + moe_penalty(moe_stats, moe.aux_loss_coef, moe.z_loss_coef) / penalty_div
+            return loss, (total, moe_stats)
 
-        (_, total), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return total, grads
+        (_, (total, moe_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return total, grads, moe_stats
 
     def step(state: dict, batch: jax.Array) -> tuple[dict, dict]:
         with activation_mesh(mesh):
             # Dropout masks depend only on (seed, step): resumed runs draw the same ones.
-            key = jax.random.fold_in(base_key, state["step"]) if use_dropout else None
+            key = jax.random.fold_in(base_key, state["step"]) if use_key else None
             params = state["params"]
             # Draws (masks, spans) are made for the whole global batch before any microbatch
             # split, so gradient accumulation and every mesh see the same ones.
@@ -85,8 +102,10 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
             else:
                 count = jnp.asarray(data[1].size, jnp.float32)
                 denom, grad_div = None, accum  # equal micro counts: the mean of means
+            # The MoE penalties are means over microbatches whichever way the CE is combined.
+            penalty_div = accum // grad_div
             if accum == 1:
-                loss_sum, grads = grads_of(params, data, key, denom)
+                loss_sum, grads, moe_stats = grads_of(params, data, key, denom, penalty_div)
             else:
                 micro = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
                     a.reshape(accum, -1, a.shape[-1]), micro_sharding), data)
@@ -96,11 +115,12 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
                     loss_acc, grad_acc = carry
                     micro_data, i = xs
                     k = jax.random.fold_in(key, i) if key is not None else None
-                    loss_sum, grads = grads_of(params, micro_data, k, denom)
-                    return (loss_acc + loss_sum, jax.tree.map(jnp.add, grad_acc, grads)), None
+                    loss_sum, grads, stats = grads_of(params, micro_data, k, denom, penalty_div)
+                    return (loss_acc + loss_sum, jax.tree.map(jnp.add, grad_acc, grads)), stats
 
-                (loss_sum, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                                    (micro, jnp.arange(accum)))
+                (loss_sum, grads), micro_stats = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                                              (micro, jnp.arange(accum)))
+                moe_stats = jax.tree.map(lambda a: a.mean(0), micro_stats)
                 if grad_div != 1:
                     grads = jax.tree.map(lambda g: g / grad_div, grads)
             loss = loss_sum / count
@@ -109,6 +129,10 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             params = optax.apply_updates(params, updates)
             metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
+            if moe_stats is not None:
+                metrics.update(moe_metrics(moe_stats))
+                if moe.bias_update_rate > 0:
+                    params = update_balance_bias(params, moe_stats["load"], moe.bias_update_rate)
             return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     replicated = NamedSharding(mesh, P())

@@ -123,7 +123,8 @@ def _cmd_generate(args) -> None:
     texts = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     for prompt, text in zip(args.prompt, texts):
-        print(prompt + text)
+        # An encoder-decoder's output is a target of its own, not a continuation of the source.
+        print(f"{prompt}\n=> {text}" if model.config.model.is_encoder_decoder else prompt + text)
         if len(args.prompt) > 1:
             print("---")
 

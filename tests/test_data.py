@@ -251,6 +251,35 @@ def test_hf_tokenizer_without_eos_is_refused(tmp_path: Path, text_dir: Path) -> 
         build_data(cfg, tmp_path / "run")
 
 
+def test_init_from_a_run_takes_its_tokenizer(tmp_path: Path, text_dir: Path) -> None:
+    """A run started from another run's parameters reads text with that run's tokenizer. A
+    sentencepiece model trained here on other data (another data.max_bytes) would number the
+    pieces differently, and the embeddings, of the same shape, would load into the wrong rows."""
+    from llm_jax.run_dir import write_run_config
+
+    def config(init_from: str = "", **data: object) -> Config:
+        data = {"source": f"text:{text_dir}", "cache_dir": str(tmp_path / "cache"), **data}
+        return validate({"data": data, "train": {"seq_len": 16, "batch_size": 8},
+                         "checkpoint": {"init_from": init_from}})
+
+    source = tmp_path / "source"
+    source_cfg = config(tokenizer="sentencepiece", sp_vocab_size=600, max_bytes=6000)
+    build_data(source_cfg, source)
+    write_run_config(source_cfg, source)
+    model = (source / "tokenizer" / "sp.model").read_bytes()
+    other = config(tokenizer="sentencepiece", sp_vocab_size=600)
+    build_data(other, tmp_path / "fresh")  # what a fine-tune on all the data used to get
+    assert (tmp_path / "fresh" / "tokenizer" / "sp.model").read_bytes() != model
+    tuned = build_data(config(str(source), tokenizer="sentencepiece", sp_vocab_size=600), tmp_path / "tuned")
+    assert (tmp_path / "tuned" / "tokenizer" / "sp.model").read_bytes() == model
+    assert tuned.tokenizer.fingerprint == load_tokenizer(source_cfg, source).fingerprint
+    with pytest.raises(UserError, match="data.tokenizer=sentencepiece, this run with data.tokenizer=byte"):
+        build_data(config(str(source)), tmp_path / "bytes")
+    hf = _tiny_hf_tokenizer(tmp_path / "tok.json", ["<pad>", "<|endoftext|>"])
+    with pytest.raises(UserError, match="data.tokenizer=sentencepiece, this run with data.tokenizer=hf:"):
+        build_data(config(str(source), tokenizer=f"hf:{hf}"), tmp_path / "hf")
+
+
 # ---------------------------------------------------------------- sources and cache
 
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 import re
 import sysconfig
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from llm_jax.data.splits import stratified_validation_mask
 from llm_jax.data.tasks import (NAME_PLACEHOLDER, PACKAGE_LABELS, PAD, TASKS, Example,
                                 encode_classify_rows, encode_seq2seq_rows, line_groups,
-                                num_classes, task_examples, task_kind)
+                                num_classes, package_label, split_group, task_examples, task_kind)
 from llm_jax.errors import UserError
 
 # A tiny fake standard library. Raw strings: the "\n" inside stays two characters of source.
@@ -246,7 +246,6 @@ def stdlib_sample(per_package: int = 40) -> list[tuple[str, str]]:
 
 
 def test_real_stdlib_gives_plenty_of_examples():
-    started = time.perf_counter()
     documents = stdlib_sample()
     assert 150 <= len(documents) <= 320
     funcname = list(task_examples("funcname", documents))
@@ -263,4 +262,54 @@ def test_real_stdlib_gives_plenty_of_examples():
     assert all(e.target.startswith(e.target.split("(")[0] + "(") and e.target.endswith(")") for e in docsig)
     rows, dropped = encode_seq2seq_rows(funcname, byte_ids, 256, 32, 256, 257)
     assert rows.shape == (len(funcname) - dropped, 256 + 32 + 1) and dropped < len(funcname) // 5
-    assert time.perf_counter() - started < 10
+
+
+def test_stratified_split_holds_out_part_of_every_group():
+    names = [f"{group}/f{i}.py" for group, n in (("a", 40), ("b", 3), ("c", 1)) for i in range(n)]
+    groups = [name.split("/")[0] for name in names]
+    sizes = [100 + 37 * i for i in range(len(names))]
+    mask = stratified_validation_mask(names, groups, sizes, 0.1)
+    held = {g: [m for m, gg in zip(mask, groups) if gg == g] for g in "abc"}
+    assert 1 <= sum(held["a"]) < 40 and sum(held["b"]) == 1  # at least one file, never all
+    assert held["c"] == [False]  # a group of one stays in training
+    a_bytes = sum(s for s, m, g in zip(sizes, mask, groups) if m and g == "a")
+    assert abs(a_bytes / sum(s for s, g in zip(sizes, groups) if g == "a") - 0.1) < 0.03
+    # Deterministic, and independent of the order the files come in.
+    order = np.random.default_rng(0).permutation(len(names))
+    again = stratified_validation_mask([names[i] for i in order], [groups[i] for i in order],
+                                       [sizes[i] for i in order], 0.1)
+    assert [again[list(order).index(i)] for i in range(len(names))] == mask
+    with pytest.raises(ValueError, match="sizes"):
+        stratified_validation_mask(names, groups, sizes[:-1], 0.1)
+
+
+def test_package_validation_covers_every_label_by_whole_files(tmp_path):
+    """On the real stdlib: the split behind data.task=package holds out whole files of all eight
+    packages, about val_fraction of each one's bytes, and no file is in both splits."""
+    from llm_jax.config import validate
+    from llm_jax.data.build import build_data
+    from llm_jax.data.task_rows import task_files
+
+    cfg = validate({"model": {"arch": "bert"}, "train": {"seq_len": 128, "batch_size": 32},
+                    "data": {"source": "stdlib", "task": "package", "cache_dir": str(tmp_path / "cache")}})
+    assert split_group("package") is package_label and split_group("funcname") is None
+    bundle = build_data(cfg, tmp_path / "run")
+    val_labels = Counter(np.asarray(bundle.val_tokens)[:, -1].tolist())
+    train_labels = Counter(np.asarray(bundle.train_tokens)[:, -1].tolist())
+    assert sorted(val_labels) == sorted(train_labels) == list(range(len(PACKAGE_LABELS)))
+    assert len(bundle.val_tokens) > 200 and max(val_labels.values()) / len(bundle.val_tokens) < 0.4
+
+    root = tmp_path / "cache"
+    files = {split: dict(task_files(cfg, root, split)) for split in ("train", "validation")}
+    assert not files["train"].keys() & files["validation"].keys()
+    for label, package in enumerate(PACKAGE_LABELS):
+        sizes = {split: [len(text.encode()) for path, text in found.items() if package_label(path) == label]
+                 for split, found in files.items()}
+        assert sizes["validation"] and len(sizes["train"]) > len(sizes["validation"]), package
+        share = sum(sizes["validation"]) / (sum(sizes["train"]) + sum(sizes["validation"]))
+        assert 0.02 < share < 0.1, (package, share)
+    # Validation holds labelled files only; every other stdlib file counts as training (where
+    # it gives no examples), so data.max_bytes caps the files read as for the other tasks.
+    from llm_jax.data.stdlib_tfds import stdlib_dir, stdlib_files
+    assert all(package_label(path) is not None for path in files["validation"])
+    assert files["train"].keys() | files["validation"].keys() == set(stdlib_files(stdlib_dir()))

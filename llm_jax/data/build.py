@@ -71,7 +71,7 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
     data = cfg.data
     root = cache_root(data.cache_dir)
     corpus = open_corpus(data, root)
-    tokenizer = _build_tokenizer(data, Path(run_dir), corpus, root)
+    tokenizer = _build_tokenizer(data, Path(run_dir), corpus, root, cfg.checkpoint.init_from)
     if data.task:
         from llm_jax.data.task_rows import task_rows
 
@@ -111,20 +111,59 @@ def _load_saved(spec: str, saved: Path) -> Tokenizer:
     raise UserError(f"unknown data.tokenizer '{spec}'; use byte, sentencepiece or hf:PATH/tokenizer.json")
 
 
-def _build_tokenizer(data: DataConfig, run_dir: Path, corpus: Corpus, root: Path) -> Tokenizer:
-    """Put the tokenizer's files into run_dir/tokenizer (training or copying), then load it."""
+def _build_tokenizer(data: DataConfig, run_dir: Path, corpus: Corpus, root: Path,
+                     init_from: str = "") -> Tokenizer:
+    """Put the tokenizer's files into run_dir/tokenizer (training or copying), then load it.
+    A run started from another run's parameters (`init_from`) takes that run's tokenizer."""
     spec = data.tokenizer
     saved = run_dir / "tokenizer"
+    inherited = _init_from_tokenizer(spec, init_from)
     # An existing file in the run is kept: a resumed run must use the tokenizer it started with.
     if spec == "sentencepiece" and not (saved / SP_MODEL).is_file():
-        write_bytes_atomic(saved / SP_MODEL, _trained_sp_model(data, corpus, root).read_bytes())
+        model = inherited if inherited is not None else _trained_sp_model(data, corpus, root)
+        write_bytes_atomic(saved / SP_MODEL, model.read_bytes())
     if spec.startswith("hf:") and len(spec) > 3 and not (saved / HF_FILE).is_file():
         source = Path(spec[3:]).expanduser()
         if not source.is_file():
             raise UserError(f"tokenizer file not found: {source} (data.tokenizer '{spec}')")
+        if inherited is not None and inherited.read_bytes() != source.read_bytes():
+            raise UserError(f"checkpoint.init_from {init_from} was trained with the tokenizer {inherited}, "
+                            f"which differs from data.tokenizer's {source}; use data.tokenizer=hf:{inherited}")
         HFTokenizer(source)  # refuse a broken file before it is copied into the run
         write_bytes_atomic(saved / HF_FILE, source.read_bytes())
     return _load_saved(spec, saved)
+
+
+def _init_from_tokenizer(spec: str, init_from: str) -> Path | None:
+    """The tokenizer file of the run that `checkpoint.init_from` names (None: a byte tokenizer,
+    no init_from, or a Hugging Face directory, whose tokenizer data.tokenizer names itself).
+
+    Its embeddings are rows of its own vocabulary: a sentencepiece model trained here on other
+    data (another data.max_bytes, say) would number the pieces differently and, being of the
+    same size, load into the wrong rows without a word. So the source run's model is copied
+    instead of training one, and a different kind of tokenizer is refused.
+    """
+    from llm_jax.run_dir import CONFIG_FILE, read_run_config
+
+    source = Path(init_from).expanduser()
+    if not init_from or not (source / CONFIG_FILE).is_file():
+        return None  # not a run directory: pretrained_params says what it is
+    theirs = read_run_config(source).data.tokenizer
+    if theirs.split(":")[0] != spec.split(":")[0]:
+        raise UserError(f"checkpoint.init_from {source} reads text with data.tokenizer={theirs}, this run with "
+                        f"data.tokenizer={spec}: its embeddings only fit its own tokenizer; "
+                        f"set data.tokenizer={theirs}")
+    if spec == "sentencepiece":
+        path = source / "tokenizer" / SP_MODEL
+    elif spec.startswith("hf:"):
+        path = source / "tokenizer" / HF_FILE
+        if not path.is_file():  # a run made before the copy existed: its original file
+            path = Path(theirs[3:]).expanduser()
+    else:
+        return None
+    if not path.is_file():
+        raise UserError(f"checkpoint.init_from {source} has no tokenizer file at {path}")
+    return path
 
 
 def _trained_sp_model(data: DataConfig, corpus: Corpus, root: Path) -> Path:

@@ -1,11 +1,14 @@
 """Deterministic train/validation splits and byte caps, shared by every source.
 
-Two rules:
+Three rules:
 
 - Several documents (files of a directory or glob, JSONL lines, TFDS examples): a document goes
   to validation when a hash of its name (path, line index, example index) falls below
   `val_fraction`. Adding documents never moves existing ones between splits, unlike a split by
   position.
+- Documents in groups (the stdlib files of each package a supervised task labels): the same
+  hash, but ranked within each group, so every group gives about `val_fraction` of its bytes
+  to validation, at least one document (`stratified_validation_mask`).
 - One text file: split by position, as nanoGPT's `prepare.py` does. The first
   (1 - val_fraction) of its characters (cut at the next line boundary) are the training split,
   the rest is validation (`tail_split`). Each split is one continuous text; it is handed to the
@@ -15,7 +18,8 @@ Two rules:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections import defaultdict
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 
 CHUNK_BYTES = 64 * 1024
 
@@ -39,6 +43,39 @@ def validation_mask(names: Sequence[str], val_fraction: float) -> list[bool]:
         mask[min(range(len(names)), key=hashes.__getitem__)] = True
     if len(names) >= 2 and all(mask):
         mask[max(range(len(names)), key=hashes.__getitem__)] = False
+    return mask
+
+
+def stratified_validation_mask(
+    names: Sequence[str], groups: Sequence[Hashable], sizes: Sequence[int], val_fraction: float
+) -> list[bool]:
+    """True for the names that belong to the validation split, drawn from every group alike.
+
+    In each group, names are taken in `name_hash` order (ties by name) while each one brings the
+    group's validation size closer to val_fraction of the group's total size: at least one name,
+    never all of them (a group of one stays in training, where it can at least be learnt).
+    Sizes are bytes, so each group holds out about val_fraction of its text whatever its file
+    sizes; a prefix of the hash order, so no bias towards small files.
+
+    For a supervised task whose labels are groups of files (the stdlib packages), a plain hash
+    threshold leaves small groups out of validation by chance; this keeps every label in both
+    splits with about the training split's label mix. A pure function of (name, group, size).
+    """
+    if not len(names) == len(groups) == len(sizes):
+        raise ValueError(f"{len(names)} names, {len(groups)} groups and {len(sizes)} sizes")
+    members: dict[Hashable, list[int]] = defaultdict(list)
+    for index, group in enumerate(groups):
+        members[group].append(index)
+    mask = [False] * len(names)
+    for indices in members.values():
+        target = val_fraction * sum(sizes[i] for i in indices)
+        held = 0
+        ranked = sorted(indices, key=lambda i: (name_hash(names[i]), names[i]))
+        for taken, index in enumerate(ranked[:-1]):
+            if taken and abs(held + sizes[index] - target) > abs(held - target):
+                break
+            mask[index] = True
+            held += sizes[index]
     return mask
 
 

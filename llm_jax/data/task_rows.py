@@ -2,8 +2,12 @@
 
 Rows are int32 arrays of fixed width (see `tasks.encode_seq2seq_rows` / `encode_classify_rows`)
 cached as `.npy` beside the token streams, keyed by everything that decides their content, and
-memory-mapped afterwards. Train and validation examples come from different files (the stdlib
-split is by file), so a function never has its body in one split and its name in the other.
+memory-mapped afterwards. Train and validation examples come from different files, so a
+function never has its body in one split and its name in the other: `funcname` and `docsig` use
+the stdlib corpus's own split (by path hash); `package` holds out whole files making up about
+`data.val_fraction` of each package's bytes, at least one file (`tasks.split_group`), so all
+eight labels are held out. Those files come from both corpus splits: a model pretrained on the
+corpus's training split may have read (without labels) some of the task's validation files.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ import numpy as np
 from llm_jax.config import Config
 from llm_jax.data.cache import CACHE_FORMAT_VERSION, content_key, file_lock, log, save_npy_atomic, write_json_atomic
 from llm_jax.data.sources import Corpus
-from llm_jax.data.tasks import encode_classify_rows, encode_seq2seq_rows, task_examples, task_kind
+from llm_jax.data.splits import stratified_validation_mask
+from llm_jax.data.tasks import encode_classify_rows, encode_seq2seq_rows, split_group, task_examples, task_kind
 from llm_jax.data.tokenizer import Tokenizer, identity_of
 from llm_jax.errors import UserError
 from llm_jax.train.objectives import decoder_start_id
 
-# Bump when the examples a task cuts from the same files change (tasks.py's rules).
-TASK_RULES_VERSION = 1
+# Bump when the examples a task cuts from the same files, or the files of each split, change.
+# 2: `package` validation files stratified by package, by bytes (were: the corpus's validation files).
+TASK_RULES_VERSION = 2
 
 
 def _capped(documents: Iterable[tuple[str, str]], max_bytes: int) -> Iterator[tuple[str, str]]:
@@ -41,11 +47,31 @@ def _capped(documents: Iterable[tuple[str, str]], max_bytes: int) -> Iterator[tu
             return
 
 
-def _stdlib_files(cfg: Config, root: Path, split: str) -> Iterator[tuple[str, str]]:
+def task_files(cfg: Config, root: Path, split: str) -> Iterator[tuple[str, str]]:
+    """The (path, text) stdlib files the task's split is cut from, capped at data.max_bytes.
+
+    A task with a `split_group` splits the files that have a group (from both corpus splits)
+    with `stratified_validation_mask`; every other file counts as training, where it gives no
+    examples. The cap then applies per split to the files read in the corpus's order, as for
+    the other tasks, so a file's split never depends on the cap.
+    """
     from llm_jax.data import stdlib_tfds
 
     builder = stdlib_tfds.prepared_builder(root / "tfds", cfg.data.val_fraction)
-    return _capped(stdlib_tfds.stdlib_documents(builder, split), cfg.data.max_bytes)
+    group_of = split_group(cfg.data.task)
+    if group_of is None:
+        return _capped(stdlib_tfds.stdlib_documents(builder, split), cfg.data.max_bytes)
+
+    def every_file() -> Iterator[tuple[str, str]]:
+        for corpus_split in ("train", "validation"):
+            yield from stdlib_tfds.stdlib_documents(builder, corpus_split)
+
+    grouped = [(path, group, len(text.encode("utf-8"))) for path, text in every_file()
+               if (group := group_of(path)) is not None]
+    in_val = stratified_validation_mask(*zip(*grouped), cfg.data.val_fraction) if grouped else []
+    held_out = {path for (path, _, _), v in zip(grouped, in_val, strict=True) if v}
+    want = split == "validation"
+    return _capped(((path, text) for path, text in every_file() if (path in held_out) == want), cfg.data.max_bytes)
 
 
 def encode_rows(cfg: Config, examples: Iterable, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
@@ -69,7 +95,7 @@ def task_rows(cfg: Config, corpus: Corpus, tokenizer: Tokenizer, split: str, roo
         with file_lock(folder / f".{key}.lock"):
             if not meta_path.is_file():
                 log(f"building {cfg.data.task} {split} examples from the stdlib files...")
-                rows, dropped = encode_rows(cfg, task_examples(cfg.data.task, _stdlib_files(cfg, root, split)),
+                rows, dropped = encode_rows(cfg, task_examples(cfg.data.task, task_files(cfg, root, split)),
                                             tokenizer)
                 note = (f" ({dropped} with targets longer than train.seq_len={cfg.train.seq_len} dropped)"
                         if task_kind(cfg.data.task) == "seq2seq" else "")

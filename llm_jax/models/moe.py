@@ -229,19 +229,26 @@ def _expert_mlp(kind: str, w: dict, x: jax.Array, group_sizes: jax.Array | None 
     return mm(activate(kind, mm(x, w["up"]), gate), w["down"])
 
 
-GROUP_BLOCK = 128  # rows per block of the blocked grouped matmul
+def block_rows(rows: int, num_experts: int) -> int:
+    """Block length of `_blocked_mlp`: the power of two at or below half the mean group size,
+    within [64, 1024]. XLA:CPU multiplies a few large blocks much faster than many small ones,
+    while each expert wastes up to a block of padding (measured on moe_small, 8192 rows, 8
+    experts: blocks of 128, 256, 512, 1024 gave 6018, 6454, 7553, 5958 tokens/s)."""
+    target = max(rows // (2 * num_experts), 1)
+    return min(1024, max(64, 1 << (target.bit_length() - 1)))
 
 
-def _blocked_mlp(kind: str, w: dict, x_MD: jax.Array, sizes_E: jax.Array, block: int = GROUP_BLOCK) -> jax.Array:
+def _blocked_mlp(kind: str, w: dict, x_MD: jax.Array, sizes_E: jax.Array, block: int | None = None) -> jax.Array:
     """Grouped MLP as a batched matmul over blocks of `block` rows, each block one expert's.
 
     Each expert's rows start a new block, so at most M/block + E blocks are needed (a static
-    bound); every block is multiplied by a gathered copy of its expert's weights. XLA:CPU
+    bound); every block is multiplied by its own copy of its expert's weights. XLA:CPU
     lowers `ragged_dot` to one dense product per expert over all rows (E times the work);
     this costs the rows plus at most E partial blocks.
     """
     M, D = x_MD.shape
     E = sizes_E.shape[0]
+    block = block or block_rows(M, E)
     nb = -(-M // block) + E
     blocks_E = (sizes_E + block - 1) // block
     block_end_E = jnp.cumsum(blocks_E)

@@ -35,11 +35,12 @@ EXPERT_WEIGHT_NAMES = {"up": ("expert", "embed", "mlp"), "gate": ("expert", "emb
 
 
 def grouped_matmul(choice: str) -> str:
-    """`auto`: `blocked` on CPU (where XLA's ragged_dot multiplies every row by every expert),
-    `ragged_dot` on GPU and TPU."""
+    """`auto`: `ragged_dot` on TPU, `blocked` elsewhere. XLA lowers ragged_dot on CPU to one
+    dense product per expert over all rows, and on an H200 (jax 0.11.2) it ran the `mixtral`
+    preset's step 2.8x slower than `blocked` (docs/gpu_moe_h200.jsonl)."""
     if choice != "auto":
         return choice
-    return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+    return "ragged_dot" if jax.default_backend() == "tpu" else "blocked"
 
 
 def route(logits_NE: jax.Array, top_k: int, routing: str, renormalize: bool,

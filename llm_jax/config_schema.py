@@ -29,7 +29,7 @@ class RunConfig(_Section):
 
 class MoEConfig(_Section):
     num_experts: int = pydantic.Field(0, ge=0)
-    """Experts per MoE layer; 0 = a dense model. MoE layers replace the MLP of every `model.moe.every`-th block (gpt)."""
+    """Experts per MoE layer; 0 = a dense model. MoE layers replace the MLP of every `model.moe.every`-th block (gpt, bert)."""
     top_k: int = pydantic.Field(2, ge=1)
     """Experts each token is sent to."""
     every: int = pydantic.Field(1, ge=1)
@@ -131,8 +131,9 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
         if self.moe.enabled:
-            if self.arch != "gpt":
-                raise ValueError(f"model.moe is built into the decoder (model.arch=gpt), not model.arch={self.arch}")
+            if self.arch not in ("gpt", "bert"):
+                raise ValueError(f"model.moe is built into the decoder (model.arch=gpt) and the encoder (bert), "
+                                 f"not model.arch={self.arch}")
             if self.num_layers % self.moe.every:
                 raise ValueError(f"model.moe.every={self.moe.every} does not divide model.num_layers={self.num_layers}")
         if self.is_recurrent:

@@ -340,6 +340,9 @@ def params_from_hf(kind: str, tensors: dict[str, np.ndarray], cfg: Config) -> di
 def family_of(cfg: Config) -> str:
     """Which Hugging Face class expresses this llm-jax config exactly, or a UserError saying why none does."""
     m = cfg.model
+    if m.moe.enabled and m.arch != "gpt":
+        raise UserError(f"a model.arch={m.arch} with MoE layers has no Hugging Face equivalent here "
+                        "(MixtralForCausalLM is a decoder)")
     if m.is_recurrent or m.arch == "transformer":
         raise UserError(f"model.arch={m.arch} has no Hugging Face equivalent here: export-hf writes "
                         "GPT-2, Llama, BERT or T5")

@@ -160,7 +160,9 @@ MOE_RUN = [*TINY, "model.num_layers=2", "model.d_model=32", "model.num_heads=4",
     (["model.moe.capacity_factor=0.5", "train.grad_accum=2", "model.moe.num_shared_experts=1",
       "model.moe.router_jitter=0.1", "model.moe.bias_update_rate=0.01", "model.moe.every=2", "model.num_layers=4"],
      ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"]),
-], ids=["dropless-ep4", "capacity-fsdp-tp-ep"])
+    # An MoE encoder (masked LM) with an MoE block every second layer.
+    (["model.arch=bert", "model.moe.every=2", "model.mlp=gelu"], ["mesh.data=4", "mesh.expert=2"]),
+], ids=["dropless-ep4", "capacity-fsdp-tp-ep", "bert-every2-ep2"])
 def test_expert_parallel_training_equals_one_device(mode, mesh, tmp_path):
     args = [*MOE_RUN, *mode]
     single = cli_subprocess(["train", "gpt_tiny", f"run.dir={tmp_path / 'one'}", "mesh.data=1", *args], devices=1)
@@ -244,7 +246,7 @@ def test_mfu_counts_active_expert_parameters_only():
     (["model.moe.num_experts=4", "model.moe.every=3"], "model.moe.every=3 does not divide model.num_layers=2"),
     (["model.moe.num_experts=4", "model.moe.capacity_factor=0"], "must be -1 (dropless) or positive"),
     (["model.moe.num_experts=6", "mesh.expert=4", "mesh.data=2"], "model.moe.num_experts=6 is not divisible by mesh.expert=4"),
-    (["model.moe.num_experts=4", "model.arch=lstm"], "model.moe is built into the decoder"),
+    (["model.moe.num_experts=4", "model.arch=lstm"], "model.moe is built into the decoder (model.arch=gpt) and the encoder (bert)"),
 ])
 def test_config_errors_name_the_problem(overrides, message, tmp_path, capsys):
     assert main(["train", "gpt_tiny", f"run.dir={tmp_path / 'r'}", *overrides]) == 2

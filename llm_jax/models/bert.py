@@ -26,7 +26,8 @@ from flax import nnx
 from llm_jax.config_schema import ModelConfig
 from llm_jax.models.attention import Attention
 from llm_jax.models.layers import MLP, Dense, Embed, Norm, dropout, output_layer, output_logits, param, stack_layers
-from llm_jax.models.transformer import add_positions, keep_settings, run_layers
+from llm_jax.models.moe import MoE
+from llm_jax.models.transformer import add_positions, keep_settings, layer_unit, run_layers
 from llm_jax.parallel.rules import constrain
 
 # Segment (token type) ids: sentence A and sentence B, as in BERT and BertConfig's default.
@@ -37,9 +38,10 @@ MLP_KIND = {"gelu": "gelu_exact", "relu": "relu", "swiglu": "swiglu"}
 
 
 class BertBlock(nnx.Module):
-    """Post-norm: x = LN(x + drop(Attn(x))), x = LN(x + drop(MLP(x)))."""
+    """Post-norm: x = LN(x + drop(Attn(x))), x = LN(x + drop(FFN(x))); the FFN is the MLP or,
+    with `moe=True`, a Mixture of Experts. Returns x, None (no cache) and the MoE statistics."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
         # BERT initialises every matrix with the same std (no depth scaling: post-norm blocks
         # renormalise the residual stream after each branch anyway).
         std = cfg.init_std
@@ -47,16 +49,24 @@ class BertBlock(nnx.Module):
         self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, rngs=rngs,
                               std=std, out_std=std, use_bias=cfg.use_bias)
         self.norm1 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
-        self.mlp = MLP(cfg.d_model, cfg.ff_dim, MLP_KIND[cfg.mlp], rngs=rngs, std=std, out_std=std,
-                       use_bias=cfg.use_bias)
+        if moe:
+            self.moe = MoE(cfg, rngs=rngs, std=std, out_std=std, kind=MLP_KIND[cfg.mlp])
+        else:
+            self.mlp = MLP(cfg.d_model, cfg.ff_dim, MLP_KIND[cfg.mlp], rngs=rngs, std=std, out_std=std,
+                           use_bias=cfg.use_bias)
         self.norm2 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
 
-    def __call__(self, x_BTD, *, rope, kernel, block, mask_BTS, key):
-        k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
+    def __call__(self, x_BTD, *, rope, kernel, block, mask_BTS, key, cache=None):
+        k_attn, k_mlp, k_router = jax.random.split(key, 3) if key is not None else (None, None, None)
         h_BTD, _ = self.attn(x_BTD, rope=rope, kernel=kernel, block=block, mask_BTS=mask_BTS, causal=False)
         x_BTD = self.norm1(x_BTD + dropout(h_BTD, self.dropout_rate, k_attn))
-        x_BTD = self.norm2(x_BTD + dropout(self.mlp(x_BTD), self.dropout_rate, k_mlp))
-        return constrain(x_BTD, ("batch", "length", "embed"))
+        stats = None
+        if hasattr(self, "moe"):
+            h_BTD, stats = self.moe(x_BTD, k_router)
+        else:
+            h_BTD = self.mlp(x_BTD)
+        x_BTD = self.norm2(x_BTD + dropout(h_BTD, self.dropout_rate, k_mlp))
+        return constrain(x_BTD, ("batch", "length", "embed")), None, stats
 
 
 class Bert(nnx.Module):
@@ -72,7 +82,8 @@ class Bert(nnx.Module):
         self.segment_embed = Embed(NUM_SEGMENTS, cfg.d_model, ("segment", "embed"), rngs=rngs, std=std)
         self.embed_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
 
-        self.blocks = stack_layers(cfg.num_layers, lambda layer_rngs: BertBlock(cfg, rngs=layer_rngs))(rngs)
+        self.group = cfg.moe.every if cfg.moe.enabled else 1
+        self.blocks = stack_layers(cfg.num_layers // self.group, layer_unit(cfg, BertBlock))(rngs)
         if num_classes or nsp:
             self.pooler = Dense((cfg.d_model,), (cfg.d_model,), ("embed", "embed"), rngs=rngs, std=std,
                                 use_bias=cfg.use_bias)
@@ -96,8 +107,8 @@ class Bert(nnx.Module):
     def __call__(self, tokens_BT: jax.Array, *, segments_BT: jax.Array | None = None,
                  attention_mask_BT: jax.Array | None = None, positions_BT: jax.Array | None = None,
                  mask_BTS: jax.Array | None = None, cache: dict | None = None,
-                 cache_index: jax.Array | None = None,
-                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, None]:
+                 cache_index: jax.Array | None = None, dropout_key: jax.Array | None = None,
+                 with_moe_stats: bool = False) -> tuple:
         """MLM logits [B, T, V] in float32 (with next-sentence prediction, [B, T+1, V]: the last
         position holds the two NSP logits; a classifier's: [B, 1, classes]), and None (an
         encoder keeps no cache).
@@ -105,7 +116,8 @@ class Bert(nnx.Module):
         `segments_BT`: token type ids (0 or 1), default all 0. `attention_mask_BT` (1 = real
         token, 0 = padding, as Hugging Face's `attention_mask`) hides padded keys from every
         query; `mask_BTS` (True = may attend) gives the whole pattern instead. Without either,
-        every token attends to every token. `positions_BT` default to 0..T-1.
+        every token attends to every token. `positions_BT` default to 0..T-1. With
+        `with_moe_stats`, a third value: the MoE layers' routing statistics (None if dense).
         """
         if cache is not None or cache_index is not None:
             raise ValueError("BERT is an encoder: it has no KV cache and does not generate")
@@ -128,9 +140,11 @@ class Bert(nnx.Module):
             x_BTD = dropout(x_BTD, self.dropout_rate, embed_key)
         x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
 
-        x_BTD = self._run_blocks(x_BTD, rope, mask_BTS, dropout_key)
+        x_BTD, moe_stats = self._run_blocks(x_BTD, rope, mask_BTS, dropout_key)
+        extra = (moe_stats,) if with_moe_stats else ()
         if self.num_classes:
-            return self.classifier(self._pooled(x_BTD, dropout_key), dtype, out_dtype=jnp.float32)[:, None, :], None
+            logits = self.classifier(self._pooled(x_BTD, dropout_key), dtype, out_dtype=jnp.float32)[:, None, :]
+            return (logits, None, *extra)
 
         # The head's activation is BERT's erf GELU whatever model.mlp says (as in BertConfig,
         # where one hidden_act serves both; only gelu is exportable anyway).
@@ -144,7 +158,7 @@ class Bert(nnx.Module):
             nsp_B2 = self.nsp_head(self._pooled(x_BTD, dropout_key), dtype, out_dtype=jnp.float32)
             row_B1V = jnp.full((B, 1, logits_BTV.shape[-1]), -1e9, jnp.float32).at[:, 0, :2].set(nsp_B2)
             logits_BTV = jnp.concatenate([logits_BTV, row_B1V], axis=1)
-        return constrain(logits_BTV, ("batch", "length", "vocab")), None
+        return (constrain(logits_BTV, ("batch", "length", "vocab")), None, *extra)
 
     def _pooled(self, x_BTD, dropout_key) -> jax.Array:
         """BERT's pooler: dense + tanh on the first ([CLS]) position, then dropout."""
@@ -158,6 +172,7 @@ class Bert(nnx.Module):
         kernel, block = self.attention_kernel, self.attention_block
 
         def call(layer, x, _cache, key):
-            return layer(x, rope=rope, kernel=kernel, block=block, mask_BTS=mask_BTS, key=key), None
+            x, _, stats = layer(x, rope=rope, kernel=kernel, block=block, mask_BTS=mask_BTS, key=key, cache=None)
+            return x, stats
 
-        return run_layers(self, call, x_BTD, None, dropout_key)[0]
+        return run_layers(self, call, x_BTD, None, dropout_key)

@@ -116,20 +116,21 @@ class Experts(nnx.Module):
 class MoE(nnx.Module):
     """Router + experts (+ optional shared experts); returns the output and routing statistics."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, std: float, out_std: float):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, std: float, out_std: float, kind: str | None = None):
+        """`kind`: the experts' activation (default model.mlp; BERT passes its exact GELU)."""
         moe = cfg.moe
         self.num_experts, self.top_k = moe.num_experts, moe.top_k
         self.capacity_factor = moe.capacity_factor
         self.routing, self.renormalize, self.jitter = moe.routing, moe.renormalize, moe.router_jitter
-        self.kind = cfg.mlp
+        self.kind = kind or cfg.mlp
         self.grouped = grouped_matmul(moe.grouped_matmul)
         self.router = param(rngs, nnx.initializers.normal(std), (cfg.d_model, moe.num_experts), ("embed", "router"))
         # Aux-loss-free balancing: moved by the train step, never by the optimiser (its gradient is zero).
         self.balance_bias = (param(rngs, nnx.initializers.zeros, (moe.num_experts,), ("router",))
                              if moe.bias_update_rate > 0 else None)
-        self.experts = Experts(moe.num_experts, cfg.d_model, cfg.expert_ff_dim, cfg.mlp, rngs=rngs,
+        self.experts = Experts(moe.num_experts, cfg.d_model, cfg.expert_ff_dim, self.kind, rngs=rngs,
                                std=std, out_std=out_std)
-        self.shared = (MLP(cfg.d_model, moe.num_shared_experts * cfg.expert_ff_dim, cfg.mlp, rngs=rngs, std=std,
+        self.shared = (MLP(cfg.d_model, moe.num_shared_experts * cfg.expert_ff_dim, self.kind, rngs=rngs, std=std,
                            out_std=out_std, use_bias=False) if moe.num_shared_experts else None)
 
     def __call__(self, x_BTD: jax.Array, key: jax.Array | None = None,

@@ -64,13 +64,14 @@ class Block(nnx.Module):
 
 class BlockGroup(nnx.Module):
     """`model.moe.every` blocks whose last has the MoE FFN: the repeating unit (stacked over
-    layers) of a model with an MoE layer every k-th block. Its cache slice is [k, ...]."""
+    layers) of a model with an MoE layer every k-th block. Its cache slice is [k, ...].
+    `block_cls` is the family's block (GPT's `Block`, BERT's `BertBlock`)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, block_cls: type, *, rngs: nnx.Rngs):
         self.size = cfg.moe.every
         for i in range(self.size - 1):
-            setattr(self, f"dense{i}", Block(cfg, rngs=rngs))
-        self.moe_block = Block(cfg, rngs=rngs, moe=True)
+            setattr(self, f"dense{i}", block_cls(cfg, rngs=rngs))
+        self.moe_block = block_cls(cfg, rngs=rngs, moe=True)
 
     def __call__(self, x_BTD, *, cache, key, **kwargs):
         blocks = [getattr(self, f"dense{i}") for i in range(self.size - 1)] + [self.moe_block]
@@ -93,15 +94,8 @@ class GPT(nnx.Module):
         self.pos_embed = (Embed(max_seq_len, cfg.d_model, ("position", "embed"), rngs=rngs, std=cfg.init_std)
                           if cfg.position == "learned" else None)
 
-        # The stacked unit: a Block, or with MoE a group of model.moe.every blocks ending in an MoE one.
         self.group = cfg.moe.every if cfg.moe.enabled else 1
-        if not cfg.moe.enabled:
-            unit = lambda layer_rngs: Block(cfg, rngs=layer_rngs)  # noqa: E731
-        elif self.group == 1:
-            unit = lambda layer_rngs: Block(cfg, rngs=layer_rngs, moe=True)  # noqa: E731
-        else:
-            unit = lambda layer_rngs: BlockGroup(cfg, rngs=layer_rngs)  # noqa: E731
-        self.blocks = stack_layers(cfg.num_layers // self.group, unit)(rngs)
+        self.blocks = stack_layers(cfg.num_layers // self.group, layer_unit(cfg, Block))(rngs)
         self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
         self.head = output_layer(cfg, vocab_size, rngs)
 
@@ -146,6 +140,16 @@ class GPT(nnx.Module):
             return x, (new_layer_cache, stats)
 
         return run_layers(self, call, x_BTD, cache, dropout_key)
+
+
+def layer_unit(cfg: ModelConfig, block_cls: type):
+    """rngs -> the stacked unit of a layer stack: a block, or with MoE a group of
+    `model.moe.every` blocks ending in an MoE one (every = 1: an MoE block)."""
+    if not cfg.moe.enabled:
+        return lambda rngs: block_cls(cfg, rngs=rngs)
+    if cfg.moe.every == 1:
+        return lambda rngs: block_cls(cfg, rngs=rngs, moe=True)
+    return lambda rngs: BlockGroup(cfg, block_cls, rngs=rngs)
 
 
 def keep_settings(model: nnx.Module, cfg: ModelConfig, max_seq_len: int, compute_dtype: str,

@@ -138,7 +138,7 @@ class Model:
         if tokens_BT.min() < 0 or tokens_BT.max() >= self.vocab_size:
             raise UserError(f"{name} must lie in [0, {self.vocab_size})")
         T = tokens_BT.shape[1]
-        bounded = not self._cfg.model.is_recurrent and self._cfg.model.position in BOUNDED_POSITIONS
+        bounded = not self._cfg.model.has_no_positions and self._cfg.model.position in BOUNDED_POSITIONS
         if bounded and T > self._cfg.max_seq_len:
             raise UserError(f"{name} of {T} tokens is longer than the model's max_seq_len={self._cfg.max_seq_len}")
         return tokens_BT.astype(np.int32)

@@ -25,7 +25,7 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 # different run, so resuming with it is refused rather than silently mixing the two.
 RUN_IDENTITY_KEYS = ("seed", "model", "train.batch_size", "train.seq_len", "train.src_len", "data.source", "data.task",
                      "data.tokenizer", "data.sp_vocab_size", "data.val_fraction", "data.max_bytes",
-                     "data.text_field")
+                     "data.text_field", "data.synthetic_vocab", "data.synthetic_copies", "data.synthetic_examples")
 
 
 def preset_names() -> list[str]:
@@ -164,7 +164,8 @@ def load_config(spec: str | None, overrides: list[str] = ()) -> Config:
 
 
 # How a run executes, not what it computes: free to change between invocations of one run.
-EXECUTION_KEYS = ("model.dtype", "model.remat", "model.scan_layers", "model.attention", "model.attention_block")
+EXECUTION_KEYS = ("model.dtype", "model.remat", "model.scan_layers", "model.attention", "model.attention_block",
+                  "model.ssm.scan", "model.ssm.chunk", "model.moe.grouped_matmul")
 
 
 def identity(cfg: Config) -> dict[str, Any]:

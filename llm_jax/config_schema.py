@@ -72,9 +72,26 @@ class MoEConfig(_Section):
         return self.capacity_factor == -1
 
 
+class SSMConfig(_Section):
+    d_state: int = pydantic.Field(16, ge=1)
+    """Mamba: state size N per channel."""
+    d_conv: int = pydantic.Field(4, ge=1)
+    """Mamba: width of the causal depthwise convolution."""
+    expand: int = pydantic.Field(2, ge=1)
+    """Mamba: d_inner = expand * d_model channels."""
+    dt_rank: int | None = None
+    """Mamba: rank of the delta projection; default ceil(d_model / 16)."""
+    scan: Literal["associative", "chunked", "sequential"] = "chunked"
+    """How the selective scan runs over the sequence: associative (jax.lax.associative_scan over the whole sequence: parallel, memory L*D*N), chunked (sequential over chunks of model.ssm.chunk, associative inside, each chunk rematerialised: memory bounded by the chunk), sequential (lax.scan one step at a time: the reference)."""
+    chunk: int = pydantic.Field(64, ge=1)
+    """Chunk length of model.ssm.scan=chunked."""
+    selective: bool = True
+    """false: the S4-like ablation: delta, B and C are learned constants instead of functions of the input."""
+
+
 class ModelConfig(_Section):
-    arch: Literal["gpt", "bert", "transformer", "t5", "rnn", "lstm", "gru"] = "gpt"
-    """Model family. `gpt`: decoder-only Transformer. `transformer`: the original encoder-decoder (Vaswani et al. 2017: post-LayerNorm blocks, shared source/target embeddings scaled by sqrt(d_model) and tied to the output, sinusoidal positions by default), trained on a seq2seq `data.task`. `t5`: encoder-decoder with pre-RMSNorm blocks without biases, relative position buckets (`model.position=relative`), unscaled attention and a tied output scaled by d_model^-0.5; it pretrains with span corruption on the corpus, or fine-tunes text-to-text on a seq2seq `data.task`. `bert`: encoder-only Transformer (post-norm blocks, bidirectional attention, exact GELU, segment embeddings, tied MLM head) trained with the masked-LM objective; it does not generate. `rnn` (Elman, tanh), `lstm`, `gru`: recurrent LMs whose layers are pre-norm residual cells of hidden size d_model; they ignore the attention, position and MLP keys (num_heads, num_kv_heads, d_ff, position, rope_theta, mlp, attention, attention_block) and scan_layers/remat, and have no sequence-length limit at generation."""
+    arch: Literal["gpt", "bert", "transformer", "t5", "rnn", "lstm", "gru", "mamba"] = "gpt"
+    """Model family. `gpt`: decoder-only Transformer. `transformer`: the original encoder-decoder (Vaswani et al. 2017: post-LayerNorm blocks, shared source/target embeddings scaled by sqrt(d_model) and tied to the output, sinusoidal positions by default), trained on a seq2seq `data.task`. `t5`: encoder-decoder with pre-RMSNorm blocks without biases, relative position buckets (`model.position=relative`), unscaled attention and a tied output scaled by d_model^-0.5; it pretrains with span corruption on the corpus, or fine-tunes text-to-text on a seq2seq `data.task`. `bert`: encoder-only Transformer (post-norm blocks, bidirectional attention, exact GELU, segment embeddings, tied MLM head) trained with the masked-LM objective; it does not generate. `rnn` (Elman, tanh), `lstm`, `gru`: recurrent LMs whose layers are pre-norm residual cells of hidden size d_model; they ignore the attention, position and MLP keys (num_heads, num_kv_heads, d_ff, position, rope_theta, mlp, attention, attention_block) and scan_layers/remat, and have no sequence-length limit at generation. `mamba`: selective state space blocks (Gu and Dao 2023: pre-RMSNorm residual blocks of in_proj, causal depthwise conv, selective scan gated by SiLU(z), out_proj; tied embeddings; `model.ssm.*`), optionally mixed with attention and MoE layers by `model.layer_pattern`; it ignores the position keys and generates with a constant-size state."""
     num_layers: int = pydantic.Field(4, ge=1)
     """Number of transformer blocks (recurrent layers for rnn/lstm/gru; encoder blocks for transformer/t5)."""
     num_decoder_layers: int | None = None
@@ -127,10 +144,27 @@ class ModelConfig(_Section):
     """Query/key block length of the blockwise causal attention (CPU path)."""
     moe: MoEConfig = MoEConfig()
     """Mixture of Experts (off unless model.moe.num_experts > 0)."""
+    ssm: SSMConfig = SSMConfig()
+    """Mamba's selective state space layers (model.arch=mamba)."""
+    layer_pattern: list[Literal["mamba", "attention", "mlp", "moe"]] = []
+    """model.arch=mamba: the residual sublayers of one repeat of the stack, repeated to fill model.num_layers sublayers (which it must divide); default [mamba]. mamba: norm + Mamba mixer; attention: a decoder block (norm + causal attention, norm + MLP); mlp: norm + MLP; moe: norm + MoE feed-forward (model.moe.*). E.g. [mamba, mamba, attention] or Jamba-like [mamba, moe, mamba, mlp, attention, moe]."""
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
-        if self.moe.enabled:
+        if self.arch != "mamba" and self.layer_pattern:
+            raise ValueError(f"model.layer_pattern is for model.arch=mamba, not {self.arch}")
+        if self.arch == "mamba":
+            pattern = self.pattern
+            if self.num_layers % len(pattern):
+                raise ValueError(f"model.layer_pattern has {len(pattern)} entries, which do not divide "
+                                 f"model.num_layers={self.num_layers}")
+            if "moe" in pattern and not self.moe.enabled:
+                raise ValueError("model.layer_pattern has moe layers but model.moe.num_experts is 0")
+            if self.moe.enabled and "moe" not in pattern:
+                raise ValueError("model.moe.num_experts is set but model.layer_pattern has no moe entry")
+            if "attention" not in pattern:
+                return self  # no attention heads: those keys are ignored
+        elif self.moe.enabled:
             if self.arch not in ("gpt", "bert"):
                 raise ValueError(f"model.moe is built into the decoder (model.arch=gpt) and the encoder (bert), "
                                  f"not model.arch={self.arch}")
@@ -154,6 +188,24 @@ class ModelConfig(_Section):
         if self.position == "rope" and self.is_encoder_decoder:
             raise ValueError(f"model.arch={self.arch} takes model.position learned, sinusoidal or relative, not rope")
         return self
+
+    @property
+    def pattern(self) -> list[str]:
+        """The residual sublayers of one repeat of a mamba stack."""
+        return list(self.layer_pattern) or ["mamba"]
+
+    @property
+    def d_inner(self) -> int:
+        return self.ssm.expand * self.d_model
+
+    @property
+    def dt_rank(self) -> int:
+        return self.ssm.dt_rank or -(-self.d_model // 16)
+
+    @property
+    def has_no_positions(self) -> bool:
+        """rnn / lstm / gru / mamba: order comes from the recurrence; no table bounds the length."""
+        return self.is_recurrent or self.arch == "mamba"
 
     @property
     def is_recurrent(self) -> bool:
@@ -296,14 +348,23 @@ class DistributedConfig(_Section):
 
 
 # What each data.task asks of the model: a target sequence or a class label.
-TASK_KINDS = {"funcname": "seq2seq", "docsig": "seq2seq", "package": "classify"}
+TASK_KINDS = {"funcname": "seq2seq", "docsig": "seq2seq", "package": "classify",
+              "selective_copy": "masked_causal", "induction": "masked_causal"}
+# Tasks generated from a seed rather than cut from the corpus (data.source is not read).
+SYNTHETIC_TASKS = ("selective_copy", "induction")
 
 
 class DataConfig(_Section):
     source: str = "stdlib"
     """stdlib | text:PATH (file, directory or glob) | jsonl:PATH | tfds:NAME."""
-    task: Literal["", "funcname", "docsig", "package"] = ""
-    """Empty: model the corpus. Else a supervised task built from the stdlib source files: funcname, docsig (seq2seq, for transformer/t5), package (classification, for bert); see README."""
+    task: Literal["", "funcname", "docsig", "package", "selective_copy", "induction"] = ""
+    """Empty: model the corpus. Else a supervised task built from the stdlib source files: funcname, docsig (seq2seq, for transformer/t5), package (classification, for bert); or a synthetic task of the Mamba paper, generated from the seed (no corpus read; for the causal models): selective_copy, induction; see README."""
+    synthetic_vocab: int = pydantic.Field(16, ge=2)
+    """Synthetic tasks: token ids 0..synthetic_vocab-1 carry content; the next ids are the blank/noise and marker tokens."""
+    synthetic_copies: int = pydantic.Field(16, ge=1)
+    """selective_copy: tokens to remember (scattered among blanks) and copy out in order after the marker."""
+    synthetic_examples: int = pydantic.Field(16384, ge=1)
+    """Synthetic tasks: training examples generated (validation: a separate draw of train.eval_batches * train.batch_size)."""
     tokenizer: str = "byte"
     """byte | sentencepiece | hf:PATH/tokenizer.json."""
     sp_vocab_size: int = pydantic.Field(4096, ge=512)
@@ -354,9 +415,11 @@ class Config(_Section):
     @model_validator(mode="after")
     def _check_objective(self) -> Config:
         arch, task = self.model.arch, self.data.task
-        if task and self.data.source != "stdlib":
-            raise ValueError(f"data.task={task} is built from the stdlib corpus; it needs data.source=stdlib")
         kind = TASK_KINDS.get(task)
+        if kind == "masked_causal" and (arch == "bert" or self.model.is_encoder_decoder):
+            raise ValueError(f"data.task={task} trains a causal language model (gpt, mamba, rnn, lstm, gru), not {arch}")
+        if task and task not in SYNTHETIC_TASKS and self.data.source != "stdlib":
+            raise ValueError(f"data.task={task} is built from the stdlib corpus; it needs data.source=stdlib")
         if kind == "seq2seq" and not self.model.is_encoder_decoder:
             raise ValueError(f"data.task={task} is sequence-to-sequence: it needs model.arch=transformer or t5, not {arch}")
         if kind == "classify" and arch != "bert":
@@ -387,7 +450,8 @@ class Config(_Section):
     def objective(self) -> str:
         """What the trainer optimises, from model.arch and data.task: `causal` (next token),
         `mlm` (bert's masked LM), `span` (t5's span corruption), `seq2seq` (a task's target
-        given its source) or `classify` (a task's label)."""
+        given its source), `classify` (a task's label) or `masked_causal` (next token, scored
+        only where a synthetic task's answers are)."""
         if self.data.task:
             return TASK_KINDS[self.data.task]
         return {"bert": "mlm", "t5": "span"}.get(self.model.arch, "causal")

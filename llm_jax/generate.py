@@ -6,9 +6,9 @@ token and the attention mask hides the pad slots, so a padded row computes exact
 would alone. The whole generation (prefill, then a `lax.while_loop` over new tokens that stops
 once every row has produced EOS) is a single compiled call: no Python dispatch per token.
 
-Recurrent models (rnn, lstm, gru) run the same program: their "cache" is the state after the
-last token, they read the mask only to leave the state untouched at pad tokens, and ignore
-positions.
+Recurrent models (rnn, lstm, gru) and Mamba run the same program: their "cache" is the state
+after the last token, they read the mask only to leave the state untouched at pad tokens, and
+ignore positions (a Mamba hybrid's attention layers keep KV slots as usual).
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ def _generate_jit(graphdef: Any, params: Any, tokens_BP: jax.Array, lengths_B: j
     c = cache_spec
     if c.arch in RECURRENT_ARCHS:
         cache = init_state(c.arch, c.layers, B, c.width)  # a fixed-size state, not S slots
+    elif c.arch == "mamba":
+        cache = model.init_cache(B, S, c.dtype)  # SSM and conv states; KV slots for attention layers
     else:
         cache = {name: jnp.zeros((c.layers, B, S, c.kv_heads, c.head_dim), c.dtype) for name in ("k", "v")}
 
@@ -201,7 +203,7 @@ def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Seq
                                   temperature=temperature, top_k=min(top_k, vocab), top_p=top_p, seed=seed,
                                   eos_id=eos_id, start_id=start_id, vocab_limit=vocab_limit, dtype=dtype)
         return [_cut_at_eos(row, eos_id) for row in out_BN.tolist()]
-    bounded = not cfg.model.is_recurrent and cfg.model.position in BOUNDED_POSITIONS  # RNNs have no table
+    bounded = not cfg.model.has_no_positions and cfg.model.position in BOUNDED_POSITIONS
     if bounded and longest + max_new_tokens > cfg.max_seq_len:
         raise UserError(
             f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "

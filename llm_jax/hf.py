@@ -1,5 +1,6 @@
 """Hugging Face checkpoints <-> llm-jax: configs and weights of GPT2LMHeadModel, LlamaForCausalLM,
-BertForMaskedLM, (in `hf_t5`) T5ForConditionalGeneration and (in `hf_mixtral`) MixtralForCausalLM.
+BertForMaskedLM, (in `hf_t5`) T5ForConditionalGeneration, (in `hf_mixtral`) MixtralForCausalLM and
+(in `hf_mamba`) MambaForCausalLM.
 
 A Hugging Face directory holds `config.json` and `model.safetensors` (or shards listed in
 `model.safetensors.index.json`), and usually `tokenizer.json`. Weights are read and written with
@@ -23,7 +24,7 @@ from llm_jax.errors import UserError
 from llm_jax.models.bert import NUM_SEGMENTS
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM",
-             "t5": "T5ForConditionalGeneration", "mixtral": "MixtralForCausalLM"}
+             "t5": "T5ForConditionalGeneration", "mixtral": "MixtralForCausalLM", "mamba": "MambaForCausalLM"}
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -57,6 +58,10 @@ def config_from_hf(hf: dict, run_dir: str = "runs/hf") -> Config:
 
         model = t5_model_config(hf)
         seq_len = 512  # relative positions: no table bounds the length
+    elif kind == "mamba":
+        from llm_jax.hf_mamba import mamba_model_config
+
+        model = mamba_model_config(hf)
     elif kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise UserError(f"GPT-2 activation {hf['activation_function']!r} is not supported (gelu_new is)")
@@ -322,12 +327,24 @@ def _t5_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
     return t5_from_params(params, cfg)
 
 
+def _mamba_to_params(t: dict, cfg: Config) -> dict:
+    from llm_jax.hf_mamba import mamba_to_params  # hf_mamba builds on this module's helpers
+
+    return mamba_to_params(t, cfg)
+
+
+def _mamba_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
+    from llm_jax.hf_mamba import mamba_from_params
+
+    return mamba_from_params(params, cfg)
+
+
 TO_PARAMS: dict[str, Callable[[dict, Config], dict]] = {"gpt2": _gpt2_to_params, "llama": _llama_to_params,
                                                         "bert": _bert_to_params, "t5": _t5_to_params,
-                                                        "mixtral": _llama_to_params}
+                                                        "mixtral": _llama_to_params, "mamba": _mamba_to_params}
 FROM_PARAMS: dict[str, Callable[[dict, Config], dict]] = {"gpt2": _gpt2_from_params, "llama": _llama_from_params,
                                                           "bert": _bert_from_params, "t5": _t5_from_params,
-                                                          "mixtral": _llama_from_params}
+                                                          "mixtral": _llama_from_params, "mamba": _mamba_from_params}
 
 
 def params_from_hf(kind: str, tensors: dict[str, np.ndarray], cfg: Config) -> dict:
@@ -340,6 +357,13 @@ def params_from_hf(kind: str, tensors: dict[str, np.ndarray], cfg: Config) -> di
 def family_of(cfg: Config) -> str:
     """Which Hugging Face class expresses this llm-jax config exactly, or a UserError saying why none does."""
     m = cfg.model
+    if m.arch == "mamba":
+        from llm_jax.hf_mamba import mamba_supported
+
+        if mamba_supported(cfg):
+            return "mamba"
+        raise UserError("this mamba model has no Hugging Face equivalent here: MambaForCausalLM is a pure, selective "
+                        "Mamba stack (model.layer_pattern=[mamba]) with RMSNorm and tied embeddings")
     if m.moe.enabled and m.arch != "gpt":
         raise UserError(f"a model.arch={m.arch} with MoE layers has no Hugging Face equivalent here "
                         "(MixtralForCausalLM is a decoder)")
@@ -387,6 +411,10 @@ def hf_config_of(cfg: Config, kind: str, eos_id: int | None, pad_id: int = 0) ->
         from llm_jax.hf_t5 import t5_hf_config
 
         return t5_hf_config(cfg, eos_id, pad_id)
+    if kind == "mamba":
+        from llm_jax.hf_mamba import mamba_hf_config
+
+        return mamba_hf_config(cfg, eos_id)
     if kind == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab,
                 "n_positions": cfg.max_seq_len, "n_embd": m.d_model, "n_layer": m.num_layers,

@@ -14,6 +14,9 @@ reference.npz keys:
     t5           input_ids [2, 12] int32 (the encoder's input; row 1 ends with 3 pad ids, 0) and
                  attention_mask [2, 12] int32 (0 there); decoder_input_ids [2, 7] int32 (column 0 is
                  decoder_start_token_id, 0); logits [2, 7, VOCAB] float32, the decoder's logits
+    mamba        input_ids [2, 12] int64; logits [2, 12, VOCAB] float32 (one forward over the 12 ids), and
+                 logits_step [2, 12, VOCAB] float32: the same logits decoded one id at a time with the model's
+                 cache (conv and SSM states), which must match logits
 
     python scripts/make_hf_fixtures.py [NAME ...]        # (re)write these fixtures (default: all)
     python scripts/make_hf_fixtures.py --check DIR NAME  # load DIR (e.g. an export-hf output) with
@@ -83,14 +86,23 @@ def configs() -> dict[str, transformers.PretrainedConfig]:
                                     tie_word_embeddings=True, dropout_rate=0.0, layer_norm_epsilon=1e-6,
                                     initializer_factor=1.0, pad_token_id=0, eos_token_id=1,
                                     decoder_start_token_id=0),
+        # Mamba (v1): a selective-SSM mixer per block, tied embeddings; intermediate_size = expand * 32 = 64.
+        # time_step_min/max only set dt_proj.bias's initial range (softplus of it is the step size): wider than
+        # the defaults (0.001, 0.1) so that A and the state carried across positions weigh more in the logits.
+        "mamba": transformers.MambaConfig(hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
+                                          conv_kernel=4, time_step_rank=4, time_step_min=0.01, time_step_max=0.5,
+                                          use_bias=False, use_conv_bias=True, residual_in_fp32=True,
+                                          layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=0,
+                                          eos_token_id=0, pad_token_id=0, **common),
     }
 
 
 MODEL_CLASSES = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
                  "mixtral": transformers.MixtralForCausalLM, "bert": transformers.BertForMaskedLM,
-                 "t5": transformers.T5ForConditionalGeneration}
+                 "t5": transformers.T5ForConditionalGeneration, "mamba": transformers.MambaForCausalLM}
 SPECIALS = {"gpt2": ["<|endoftext|>"], "llama": ["</s>"], "mixtral": ["</s>"],
-            "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "t5": ["<pad>", "</s>", "<unk>"]}
+            "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "t5": ["<pad>", "</s>", "<unk>"],
+            "mamba": ["</s>"]}
 
 
 def input_ids() -> np.ndarray:
@@ -108,6 +120,18 @@ def router_logits_of(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         layers = model(torch.from_numpy(ids), output_router_logits=True).router_logits
     return torch.stack([r.float() for r in layers]).numpy()
+
+
+def step_logits_of(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
+    """A recurrent model's logits for ids, fed one position at a time with its cache (transformers 5's
+    `cache`; the first call creates it): [batch, positions, VOCAB] float32, to compare with logits_of."""
+    steps, cache = [], None
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            out = model(torch.from_numpy(ids[:, t:t + 1]), cache=cache, use_cache=True)
+            cache = out.cache
+            steps.append(out.logits.float())
+    return torch.cat(steps, dim=1).numpy()
 
 
 def segments_and_padding() -> dict[str, np.ndarray]:
@@ -144,7 +168,8 @@ def make(name: str) -> None:
     # Biases and norm gains start at 0 and 1; randomise them so the parity test covers them.
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if p.ndim == 1:
+            # Mamba's A_log and D start as log(1..state_size) and 1 (and dt_proj.bias, 1-D, from its dt range).
+            if p.ndim == 1 or pname.endswith(".A_log"):
                 p.add_(0.1 * torch.randn_like(p))
     out = ROOT / name
     out.mkdir(parents=True, exist_ok=True)
@@ -156,20 +181,24 @@ def make(name: str) -> None:
         print(f"wrote {out}")
         return
     ids = input_ids()
+    logits = logits_of(model, ids)
     extra = {}
     if name == "bert":  # also the logits with segments and a padding mask
         inputs = segments_and_padding()
         extra = {**inputs, "logits_segments_padding": logits_of(model, ids, **inputs)}
     if name == "mixtral":  # also each layer's router logits, to check a port's routing layer by layer
         extra = {"router_logits": router_logits_of(model, ids)}
-    np.savez(out / "reference.npz", input_ids=ids, logits=logits_of(model, ids), **extra)
+    if name == "mamba":  # also the logits decoded token by token with the cache, to check recurrent decoding
+        extra = {"logits_step": step_logits_of(model, ids)}
+        print(f"{name}: max |logits_step - logits| = {np.abs(extra['logits_step'] - logits).max():.2e}")
+    np.savez(out / "reference.npz", input_ids=ids, logits=logits, **extra)
     print(f"wrote {out}")
 
 
 def check(directory: Path, name: str) -> int:
-    """`name`: a fixture (gpt2, llama, mixtral, bert, t5) or an .npz with input_ids and the logits llm-jax
-    computed (for T5 also attention_mask and decoder_input_ids, as in its reference.npz; router_logits, where
-    present, are compared as well)."""
+    """`name`: a fixture (gpt2, llama, mixtral, bert, t5, mamba) or an .npz with input_ids and the logits
+    llm-jax computed (for T5 also attention_mask and decoder_input_ids, as in its reference.npz; router_logits
+    and logits_step, where present, are compared as well)."""
     ref = np.load(name if name.endswith(".npz") else ROOT / name / "reference.npz")
     model_type = transformers.AutoConfig.from_pretrained(directory).model_type
     if model_type == "t5":  # encoder-decoder: the logits are the decoder's, given the encoder's input
@@ -194,6 +223,10 @@ def check(directory: Path, name: str) -> int:
         router_err = float(np.abs(got - ref["router_logits"]).max())
         print(f"{directory}: max |router_logits - reference| = {router_err:.2e}")
         err = max(err, router_err)
+    if "logits_step" in ref:  # recurrent fixtures: decoding one id at a time with the cache as well
+        step_err = float(np.abs(step_logits_of(model, ref["input_ids"]) - ref["logits_step"]).max())
+        print(f"{directory}: max |logits_step - reference| = {step_err:.2e}")
+        err = max(err, step_err)
     return 0 if err < 2e-4 else 1
 
 

@@ -31,10 +31,11 @@ def main() -> None:
     cfg, tok = model.config, model.tokenizer
     if not cfg.data.task:
         raise SystemExit(f"error: {args.run_dir} was not trained on a data.task")
+    if cfg.objective != "seq2seq":
+        raise SystemExit(f"error: for a {cfg.objective} task the eval accuracy that training prints is its accuracy "
+                         "(labels, or a synthetic task's answer tokens)")
     root = cache_root(cfg.data.cache_dir)
     rows = np.asarray(task_rows(cfg, open_corpus(cfg.data, root), tok, "validation", root))[: args.examples]
-    if cfg.objective != "seq2seq":
-        raise SystemExit("error: for a classification task the eval accuracy that training prints is the label accuracy")
     src_len = cfg.train.src_len
     sources = [[t for t in row[:src_len] if t != PAD][:-1] for row in rows]  # without the EOS
     targets = [tok.decode([t for t in row[src_len + 1:] if t != PAD][:-1]) for row in rows]

@@ -22,6 +22,9 @@ PRESETS = {
     "rnn_small": [],
     "lstm_small": [],
     "gru_small": [],
+    "mamba_small": [],
+    "mamba_hybrid": ["model.num_layers=4"],  # one repeat of [mamba, mamba, attention, moe]
+    "moe_small": [],
 }
 
 

@@ -72,7 +72,11 @@ def greedy_by_recompute(mdef: ModelDef, params: dict, prompt: list[int], n: int)
     ("model.moe.num_experts=4", "model.moe.top_k=2", "model.mlp=swiglu"),
     ("model.moe.num_experts=4", "model.moe.every=2", "model.num_layers=4", "model.scan_layers=true",
      "model.moe.num_shared_experts=1"),
-], ids=["learned", "learned-scan", "rope-gqa-scan", "rope-mqa-llama", "sinusoidal-untied", "moe", "moe-every2-scan"])
+    ("model.arch=mamba", "model.norm=rmsnorm"),
+    ("model.arch=mamba", "model.layer_pattern=[mamba, attention, moe]", "model.num_layers=3",
+     "model.moe.num_experts=4", "model.scan_layers=true"),
+], ids=["learned", "learned-scan", "rope-gqa-scan", "rope-mqa-llama", "sinusoidal-untied", "moe", "moe-every2-scan",
+        "mamba", "mamba-attention-moe-hybrid"])
 def test_kv_cache_greedy_equals_recompute(overrides: tuple[str, ...]) -> None:
     cfg, mdef, params = tiny(*overrides)
     n = 8

@@ -10,7 +10,7 @@ from llm_jax.cli import main
 from runs import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "hf"
-FAMILIES = ["gpt2", "llama", "mixtral"]
+FAMILIES = ["gpt2", "llama", "mixtral", "mamba"]
 
 
 def reference(name: str):

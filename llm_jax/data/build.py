@@ -6,20 +6,22 @@ same data and tokenizer memory-maps them instead of tokenising again.
 
 A split's stream is its documents, each followed by EOS; for a single text file (a "joined"
 corpus) it is the split's whole text followed by one EOS.
+
+A synthetic `data.task` (`data/synthetic.py`) opens no corpus: its rows are generated from the seed.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llm_jax.config_schema import Config, DataConfig
+from llm_jax.config_schema import SYNTHETIC_TASKS, Config, DataConfig
 from llm_jax.data.cache import (
     CACHE_FORMAT_VERSION,
     content_key,
@@ -62,7 +64,7 @@ class DataBundle:
     val_bytes_per_token: float | None
     """UTF-8 bytes of the validation text / validation tokens (EOS included): bits per byte =
     loss per token / ln 2 / bytes per token. None for a data.task, whose rows are examples
-    (train_tokens / val_tokens are then 2-D rows, see `task_rows`)."""
+    (train_tokens / val_tokens are then 2-D rows, see `task_rows` and `synthetic`)."""
 
 
 def build_data(cfg: Config, run_dir: Path) -> DataBundle:
@@ -70,6 +72,8 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
     tokenised on first use and memory-mapped from the cache afterwards."""
     data = cfg.data
     root = cache_root(data.cache_dir)
+    if data.task in SYNTHETIC_TASKS:
+        return _synthetic_data(cfg, Path(run_dir), root)
     corpus = open_corpus(data, root)
     tokenizer = _build_tokenizer(data, Path(run_dir), corpus, root, cfg.checkpoint.init_from)
     if data.task:
@@ -87,6 +91,29 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
                 "or a shorter train.seq_len"
             )
     return DataBundle(tokenizer, train, val, val_meta["n_bytes"] / val_meta["n_tokens"])
+
+
+def _synthetic_data(cfg: Config, run_dir: Path, root: Path) -> DataBundle:
+    """A synthetic task (`data/synthetic.py`): rows generated from the seed, no corpus opened.
+
+    The tokenizer is still data.tokenizer's (its vocabulary sizes the model; byte: 384 rows), but
+    the rows' ids are the task's own (content, blank, marker, trigger), not the tokenizer's text.
+    """
+    from llm_jax.data.synthetic import check_layout, synthetic_rows
+
+    data = cfg.data
+    check_layout(data.task, cfg.train.seq_len, data.synthetic_copies)  # before any tokenizer work
+
+    def no_corpus() -> Corpus:
+        raise UserError(f"data.task={data.task} is generated and reads no text, so there is no corpus to train "
+                        f"a sentencepiece tokenizer on; use data.tokenizer=byte (the default)")
+
+    tokenizer = _build_tokenizer(data, run_dir, no_corpus, root, cfg.checkpoint.init_from)
+    start = time.perf_counter()
+    train, val = synthetic_rows(cfg, "train"), synthetic_rows(cfg, "validation")
+    log(f"{data.task}: {len(train)} training and {len(val)} validation rows generated "
+        f"in {time.perf_counter() - start:.1f} s")
+    return DataBundle(tokenizer, train, val, None)
 
 
 def load_tokenizer(cfg: Config, run_dir: Path) -> Tokenizer:
@@ -111,15 +138,18 @@ def _load_saved(spec: str, saved: Path) -> Tokenizer:
     raise UserError(f"unknown data.tokenizer '{spec}'; use byte, sentencepiece or hf:PATH/tokenizer.json")
 
 
-def _build_tokenizer(data: DataConfig, run_dir: Path, corpus: Corpus, root: Path,
+def _build_tokenizer(data: DataConfig, run_dir: Path, corpus: Corpus | Callable[[], Corpus], root: Path,
                      init_from: str = "") -> Tokenizer:
     """Put the tokenizer's files into run_dir/tokenizer (training or copying), then load it.
-    A run started from another run's parameters (`init_from`) takes that run's tokenizer."""
+    A run started from another run's parameters (`init_from`) takes that run's tokenizer.
+    `corpus` may be a function giving it, called only when a sentencepiece model is trained."""
     spec = data.tokenizer
     saved = run_dir / "tokenizer"
     inherited = _init_from_tokenizer(spec, init_from)
     # An existing file in the run is kept: a resumed run must use the tokenizer it started with.
     if spec == "sentencepiece" and not (saved / SP_MODEL).is_file():
+        if inherited is None and callable(corpus):
+            corpus = corpus()
         model = inherited if inherited is not None else _trained_sp_model(data, corpus, root)
         write_bytes_atomic(saved / SP_MODEL, model.read_bytes())
     if spec.startswith("hf:") and len(spec) > 3 and not (saved / HF_FILE).is_file():

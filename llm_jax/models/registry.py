@@ -9,6 +9,7 @@ from llm_jax.config import Config
 from llm_jax.models.attention import resolve_kernel
 from llm_jax.models.bert import Bert
 from llm_jax.models.encdec import EncoderDecoder
+from llm_jax.models.mamba import MambaLM
 from llm_jax.models.recurrent import RECURRENT_ARCHS, RecurrentLM
 from llm_jax.models.transformer import GPT
 
@@ -44,6 +45,9 @@ def build_model(cfg: Config, vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:
     if cfg.model.is_encoder_decoder:
         return EncoderDecoder(cfg.model, vocab_size, cfg.max_seq_len, compute_dtype=compute_dtype(cfg),
                               attention_kernel=resolve_kernel(cfg.model.attention), rngs=rngs)
+    if cfg.model.arch == "mamba":
+        return MambaLM(cfg.model, vocab_size, cfg.max_seq_len, compute_dtype=compute_dtype(cfg),
+                       attention_kernel=resolve_kernel(cfg.model.attention), rngs=rngs)
     if cfg.model.arch in RECURRENT_ARCHS:
         return RecurrentLM(cfg.model, vocab_size, compute_dtype=compute_dtype(cfg), rngs=rngs)
     raise ValueError(f"unknown model.arch {cfg.model.arch!r}")  # config validation lists the choices

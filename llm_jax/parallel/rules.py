@@ -37,6 +37,10 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "gates": (),  # the gate blocks of a recurrent cell's weights: every shard needs all of them
     "expert": ("expert",),  # MoE expert weights: each device of the expert axis holds E/ep experts
     "router": (),  # the router's expert scores: every device routes its tokens over all experts
+    "conv": (),  # Mamba: the few taps of the depthwise convolution
+    "ssm_state": (),  # Mamba: the state size N of each channel
+    "ssm_rank": (),  # Mamba: the low rank of the delta projection
+    "ssm_proj": (),  # Mamba: x_proj's outputs (dt, B, C), read whole by every channel
 }
 
 _current_mesh: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("llm_jax_mesh", default=None)

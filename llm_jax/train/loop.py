@@ -161,6 +161,11 @@ def print_sample(cfg: Config, result: dict) -> None:
         if jax.process_index() == 0:
             print(f"(no sample: model.arch={cfg.model.arch} is an encoder, it does not generate text)")
         return
+    if cfg.objective == "masked_causal":
+        if jax.process_index() == 0:
+            print(f"(no sample: data.task={cfg.data.task} is a synthetic task whose token ids are not text; "
+                  "eval accuracy above is its accuracy on the answer tokens)")
+        return
     params = result["params"]
     if is_multiprocess():
         # Parameters are spread over the processes: every process takes part in gathering them,

@@ -14,6 +14,9 @@ summed with `weights` (1 = counts, 0 = ignored; None = every position) over the 
   replaced by a sentinel, the decoder predicts sentinel + span for each, then end-of-text.
 - `seq2seq` (transformer, t5 on a data.task): rows hold a padded source and a padded target
   (`data.tasks`); padding (-1) is hidden from attention and from the loss.
+- `masked_causal` (causal models on a synthetic data.task, `data/synthetic.py`): rows are a
+  [T+1] window and T 0/1 weights, [B, 2T+1]; next-token prediction scored only where the
+  weights are 1 (the task's answers), so eval accuracy is the task's accuracy.
 
 Random draws (masks, spans) come from a key that depends only on (seed, step), so a resumed run
 and any mesh see the same ones; evaluation uses the fixed step EVAL_STEP, so every evaluation
@@ -195,6 +198,16 @@ def seq2seq_targets(rows_BR: jax.Array, src_len: int) -> tuple[dict, jax.Array, 
     return inputs, jnp.maximum(targets_BT, 0), weights_BT
 
 
+# ---------------------------------------------------------------- synthetic tasks
+
+
+def masked_causal_targets(rows_BR: jax.Array, seq_len: int) -> tuple[dict, jax.Array, jax.Array]:
+    """Rows [B, 2T + 1] (`data.synthetic`): a window of T + 1 tokens, then T weights. Inputs are the
+    window's first T tokens, targets the next; only targets of weight 1 are scored."""
+    T = seq_len
+    return {"tokens_BT": rows_BR[:, :T]}, rows_BR[:, 1:T + 1], rows_BR[:, T + 1:].astype(jnp.float32)
+
+
 # ---------------------------------------------------------------- classification tasks
 
 CLS_TOKEN = "[CLS]"
@@ -234,8 +247,9 @@ class Objective:
     (draws of mlm and span) or EVAL_STEP for evaluation.
     """
 
-    kind: str  # causal | mlm | span | seq2seq | classify
+    kind: str  # causal | mlm | span | seq2seq | classify | masked_causal
     seed: int = 0
+    seq_len: int = 0  # T of masked_causal rows [B, 2T + 1]
     mlm: MLMSpec | None = None
     span: SpanSpec | None = None
     src_len: int = 0
@@ -259,6 +273,8 @@ class Objective:
             return seq2seq_targets(batch, self.src_len)
         if self.kind == "classify":
             return classify_targets(batch, self.cls_id)
+        if self.kind == "masked_causal":
+            return masked_causal_targets(batch, self.seq_len)
         inputs_BT, targets_BT, _ = causal_targets(batch)
         return {"tokens_BT": inputs_BT}, targets_BT, None
 
@@ -286,13 +302,27 @@ def build_objective(cfg, tokenizer_vocab: int, model_vocab: int, eos_id: int, lo
         # Label smoothing would spread over token ids; a classifier's outputs are its classes.
         cls_id = extra_id(CLS_TOKEN, 1, tokenizer_vocab, model_vocab, lookup)
         return Objective("classify", cfg.seed, cls_id=cls_id)
+    if kind == "masked_causal":
+        from llm_jax.data.synthetic import synthetic_ids
+
+        ids = synthetic_ids(cfg.data.synthetic_vocab)
+        if ids > model_vocab:
+            raise UserError(f"data.task={cfg.data.task} uses {ids} token ids (data.synthetic_vocab="
+                            f"{cfg.data.synthetic_vocab} and 3 special ones) but the model has {model_vocab} rows; "
+                            f"lower data.synthetic_vocab or raise model.vocab_size")
+        # Label smoothing spreads over the task's own ids, not the tokenizer's.
+        return Objective(kind, cfg.seed, seq_len=cfg.train.seq_len, smoothing=cfg.train.label_smoothing,
+                         smoothing_ids=ids)
     return Objective(kind, cfg.seed, **smoothing)
 
 
 def row_width(cfg) -> int:
-    """Tokens per batch row: a window of train.seq_len + 1, or a seq2seq task's source and target."""
+    """Tokens per batch row: a window of train.seq_len + 1, a seq2seq task's source and target, or
+    a synthetic task's window and weights (2 * train.seq_len + 1)."""
     if cfg.objective == "seq2seq":
         return cfg.train.src_len + cfg.train.seq_len + 1
+    if cfg.objective == "masked_causal":
+        return 2 * cfg.train.seq_len + 1
     return cfg.train.seq_len + 1
 
 

@@ -1,0 +1,111 @@
+"""The selective scan of Mamba (Gu and Dao 2023), in float32, three ways.
+
+With per-step decay a_t = exp(delta_t * A) and input b_t = delta_t * B_t * x_t (all [B, D, N]),
+the state runs h_t = a_t * h_{t-1} + b_t and the output is y_t = sum_n h_t[..., n] C_t[n] + D x_t.
+The recurrence is a composition of affine maps h -> a h + b, which is associative:
+(a1, b1) then (a2, b2) = (a2 a1, a2 b1 + b2). Hence:
+
+- `sequential`: `lax.scan` one step at a time (the reference; memory of its backward: T states).
+- `associative`: `lax.associative_scan` over the whole sequence: O(log T) depth, parallel like a
+  Transformer's layers, but a, b and every state [B, T, D, N] live at once.
+- `chunked`: a `lax.scan` over chunks of `chunk` steps carrying the state, the associative scan
+  inside each chunk, and the chunk rematerialised in the backward pass, so only [B, T, D]-sized
+  inputs and outputs plus one chunk's [B, chunk, D, N] are ever held: memory does not grow with
+  T * D * N.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+SCANS = ("associative", "chunked", "sequential")
+
+
+def _combine(left: tuple, right: tuple) -> tuple:
+    """(a1, b1) followed by (a2, b2): h -> a2 (a1 h + b1) + b2."""
+    a1, b1 = left
+    a2, b2 = right
+    return a2 * a1, a2 * b1 + b2
+
+
+def _discretise(x_BTD, delta_BTD, A_DN, B_BTN, C_BTN):
+    """a = exp(delta A) and b = delta B x, [B, T, D, N]; B and C are [B, T, N] (selective) or
+    [D, N] (the S4-like ablation: the same for every step)."""
+    a = jnp.exp(delta_BTD[..., None] * A_DN)
+    Bx = B_BTN[:, :, None, :] if B_BTN.ndim == 3 else B_BTN
+    return a, (delta_BTD * x_BTD)[..., None] * Bx
+
+
+def _read(h_BTDN, C_BTN):
+    Cx = C_BTN[:, :, None, :] if C_BTN.ndim == 3 else C_BTN
+    return jnp.sum(h_BTDN * Cx, axis=-1)
+
+
+def _associative(x, delta, A, B, C, h0):
+    a, b = _discretise(x, delta, A, B, C)
+    a_cum, h = jax.lax.associative_scan(_combine, (a, b), axis=1)
+    h = h + a_cum * h0[:, None]  # the start state, carried through every step's decay
+    return _read(h, C), h[:, -1]
+
+
+def _sequential(x, delta, A, B, C, h0):
+    shared = B.ndim == 2  # the ablation's constant B, C
+
+    def step(h, inputs):
+        x_t, delta_t, B_t, C_t = inputs
+        a_t = jnp.exp(delta_t[..., None] * A)
+        b_t = (delta_t * x_t)[..., None] * (B if shared else B_t[:, None, :])
+        h = a_t * h + b_t
+        return h, jnp.sum(h * (C if shared else C_t[:, None, :]), axis=-1)
+
+    def time_major(v):
+        return None if v.ndim == 2 else jnp.swapaxes(v, 0, 1)
+
+    h, y_TBD = jax.lax.scan(step, h0, (time_major(x), time_major(delta), time_major(B), time_major(C)))
+    return jnp.swapaxes(y_TBD, 0, 1), h
+
+
+def _chunked(x, delta, A, B, C, h0, chunk: int):
+    Bsz, T, D = x.shape
+    pad = -T % chunk
+    if pad:  # delta = 0 gives a = 1, b = 0: padded steps leave the state as it is
+        x, delta = (jnp.pad(v, ((0, 0), (0, pad), (0, 0))) for v in (x, delta))
+        if B.ndim == 3:
+            B, C = (jnp.pad(v, ((0, 0), (0, pad), (0, 0))) for v in (B, C))
+    n = (T + pad) // chunk
+
+    def split(v):  # [B, T, ...] -> [n, B, chunk, ...]
+        return None if v.ndim == 2 else jnp.swapaxes(v.reshape(Bsz, n, chunk, *v.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def body(h, inputs):
+        x_c, delta_c, B_c, C_c = inputs
+        y_c, h = _associative(x_c, delta_c, A, B if B_c is None else B_c, C if C_c is None else C_c, h)
+        return h, y_c
+
+    h, y = jax.lax.scan(body, h0, (split(x), split(delta), split(B), split(C)))
+    y = jnp.swapaxes(y, 0, 1).reshape(Bsz, n * chunk, D)
+    return y[:, :T], h
+
+
+def selective_scan(x_BTD: jax.Array, delta_BTD: jax.Array, A_DN: jax.Array, B_BTN: jax.Array,
+                   C_BTN: jax.Array, D_D: jax.Array, h0_BDN: jax.Array | None = None, *,
+                   mode: str = "chunked", chunk: int = 64) -> tuple[jax.Array, jax.Array]:
+    """y [B, T, D] = sum_n h_t C_t + D x_t and the last state [B, D, N], all in float32.
+
+    `B_BTN`, `C_BTN`: [B, T, N] per step (selective), or [D, N] constants (the ablation).
+    `h0_BDN`: the state before the first step (default zeros).
+    """
+    f32 = jnp.float32
+    x, delta, A, B, C = (v.astype(f32) for v in (x_BTD, delta_BTD, A_DN, B_BTN, C_BTN))
+    h0 = jnp.zeros((x.shape[0], *A.shape), f32) if h0_BDN is None else h0_BDN.astype(f32)
+    if mode == "associative":
+        y, h = _associative(x, delta, A, B, C, h0)
+    elif mode == "sequential":
+        y, h = _sequential(x, delta, A, B, C, h0)
+    elif mode == "chunked":
+        y, h = _chunked(x, delta, A, B, C, h0, chunk)
+    else:
+        raise ValueError(f"unknown scan {mode!r}; choose from {SCANS}")
+    return y + x * D_D.astype(f32), h

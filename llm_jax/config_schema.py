@@ -81,8 +81,8 @@ class SSMConfig(_Section):
     """Mamba: d_inner = expand * d_model channels."""
     dt_rank: int | None = None
     """Mamba: rank of the delta projection; default ceil(d_model / 16)."""
-    scan: Literal["associative", "chunked", "sequential"] = "chunked"
-    """How the selective scan runs over the sequence: associative (jax.lax.associative_scan over the whole sequence: parallel, memory L*D*N), chunked (sequential over chunks of model.ssm.chunk, associative inside, each chunk rematerialised: memory bounded by the chunk), sequential (lax.scan one step at a time: the reference)."""
+    scan: Literal["auto", "associative", "chunked", "sequential"] = "auto"
+    """How the selective scan runs over the sequence: auto (sequential on CPU, where the parallel forms only add work; chunked on GPU/TPU), associative (jax.lax.associative_scan over the whole sequence: parallel, memory L*D*N), chunked (sequential over chunks of model.ssm.chunk, associative inside, each chunk rematerialised: memory bounded by the chunk), sequential (lax.scan one step at a time: the reference)."""
     chunk: int = pydantic.Field(64, ge=1)
     """Chunk length of model.ssm.scan=chunked."""
     selective: bool = True

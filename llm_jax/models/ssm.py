@@ -89,6 +89,15 @@ def _chunked(x, delta, A, B, C, h0, chunk: int):
     return y[:, :T], h
 
 
+def resolve_scan(mode: str) -> str:
+    """`auto`: `sequential` on CPU, where the parallel forms only add work (measured on the
+    mamba_small mixer, L = 256, forward + backward: sequential 37 ms, associative 71 ms,
+    chunked 66-106 ms), `chunked` on accelerators."""
+    if mode != "auto":
+        return mode
+    return "sequential" if jax.default_backend() == "cpu" else "chunked"
+
+
 def selective_scan(x_BTD: jax.Array, delta_BTD: jax.Array, A_DN: jax.Array, B_BTN: jax.Array,
                    C_BTN: jax.Array, D_D: jax.Array, h0_BDN: jax.Array | None = None, *,
                    mode: str = "chunked", chunk: int = 64) -> tuple[jax.Array, jax.Array]:
@@ -100,6 +109,7 @@ def selective_scan(x_BTD: jax.Array, delta_BTD: jax.Array, A_DN: jax.Array, B_BT
     f32 = jnp.float32
     x, delta, A, B, C = (v.astype(f32) for v in (x_BTD, delta_BTD, A_DN, B_BTN, C_BTN))
     h0 = jnp.zeros((x.shape[0], *A.shape), f32) if h0_BDN is None else h0_BDN.astype(f32)
+    mode = resolve_scan(mode)
     if mode == "associative":
         y, h = _associative(x, delta, A, B, C, h0)
     elif mode == "sequential":

@@ -1,0 +1,137 @@
+"""Mamba against attention as the sequence grows: forward and train-step time, peak memory and
+decode time per token, on whatever device JAX has (issue 6's scaling targets).
+
+    .venv/bin/python scripts/mamba_scaling.py [--lengths 512 1024 ... 16384] [--out docs/mamba_scaling]
+
+Models: `mamba_small` (8 Mamba blocks of width 128) and `gpt_small` (4 Transformer blocks of
+width 128: the same width and about the same parameters), batch 1, float32 on CPU. For each
+length L: the median of `--repeats` timed calls of the jitted forward (logits) and of the jitted
+forward + backward (gradients of the mean loss), and the compiled train step's scratch memory
+(XLA's memory analysis: temporaries + arguments + outputs). Decode: the time per generated token
+after a prompt of L tokens, from two `generate` calls (64 and 16 new tokens) whose difference
+holds 48 decode steps and no prefill. Writes OUT.json and OUT.png (log-log curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llm_jax.config import load_config  # noqa: E402
+from llm_jax.generate import generate  # noqa: E402
+from llm_jax.train.state import model_def  # noqa: E402
+from llm_jax.train.step import summed_loss  # noqa: E402
+
+VOCAB = 384
+MODELS = {"mamba": "mamba_small", "attention": "gpt_small"}
+
+
+def timed(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(name: str, length: int, repeats: int, decode: bool) -> dict:
+    preset = MODELS[name]
+    cfg = load_config(preset, [f"train.seq_len={length}", f"model.max_seq_len={length + 64}", "train.batch_size=1",
+                               "mesh.data=1"])
+    mdef = model_def(cfg, VOCAB)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.02, s.shape), s.dtype), mdef.shapes)
+    tokens = jnp.asarray(rng.integers(0, 256, (1, length + 1)), jnp.int32)
+
+    forward = jax.jit(lambda p, t: mdef.merge(p)(t[:, :-1])[0])
+
+    def loss(p, t):
+        total, count = summed_loss(mdef.merge(p)(t[:, :-1])[0], t[:, 1:], None)
+        return total / count
+
+    grad = jax.jit(jax.grad(loss))
+    memory = grad.lower(params, tokens).compile().memory_analysis()
+    row = {"model": name, "preset": preset, "length": length, "params": mdef.num_params,
+           "forward_s": timed(forward, params, tokens, repeats=repeats),
+           "train_step_s": timed(grad, params, tokens, repeats=repeats),
+           "train_step_memory_mb": (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                                    + memory.output_size_in_bytes) / 2**20}
+    if decode:
+        prompt = [rng.integers(0, 256, length).tolist()]
+
+        def run(n):
+            start = time.perf_counter()
+            generate((mdef, params), cfg, prompt, max_new_tokens=n, temperature=0.0)
+            return time.perf_counter() - start
+
+        run(64), run(16)  # compile both programs
+        long_s = statistics.median(run(64) for _ in range(repeats))
+        short_s = statistics.median(run(16) for _ in range(repeats))
+        row["decode_ms_per_token"] = max(long_s - short_s, 0.0) / 48 * 1000
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("forward_s", "forward (s)"), ("train_step_s", "forward + backward (s)"),
+              ("train_step_memory_mb", "train-step memory (MB)"), ("decode_ms_per_token", "decode (ms / token)")]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    for ax, (key, label) in zip(axes, panels):
+        for name in MODELS:
+            pts = [(r["length"], r[key]) for r in rows if r["model"] == name and key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (prompt length for decode)")
+        ax.set_title(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"mamba_small vs gpt_small (width 128), batch 1, {jax.devices()[0].platform}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-max", type=int, default=8192, help="longest prompt for the decode timing")
+    parser.add_argument("--out", default="docs/mamba_scaling")
+    args = parser.parse_args()
+    rows = []
+    for length in args.lengths:
+        for name in MODELS:
+            rows.append(measure(name, length, args.repeats, decode=length <= args.decode_max))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    plot(rows, out.with_suffix(".png"))
+    for name in MODELS:
+        by_len = {r["length"]: r for r in rows if r["model"] == name}
+        lo = min(by_len)
+        if 8 * lo in by_len:
+            print(f"{name}: train step at {8 * lo} / at {lo}: "
+                  f"{by_len[8 * lo]['train_step_s'] / by_len[lo]['train_step_s']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

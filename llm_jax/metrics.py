@@ -7,7 +7,9 @@ table and, when the output layer is untied, the input embedding, which is a gath
 layer's experts only the top_k / num_experts a token uses),
 L = layers, H = query heads, Q = head dim, T = sequence length. Recurrent models (rnn, lstm,
 gru) have no attention term: every FLOP of a step is a matmul against a parameter (the input
-and recurrent projections and the output layer), so 6 * N alone.
+and recurrent projections and the output layer), so 6 * N alone. Mamba counts attention only for
+the attention sublayers of its `model.layer_pattern`; its scan's elementwise work (about
+10 * d_inner * N FLOPs per token and layer) is not counted.
 """
 
 from __future__ import annotations
@@ -70,7 +72,10 @@ def flops_per_token(cfg: Config, n_matmul_params: int, seq_len: int | None = Non
     if m.is_recurrent:
         return 6 * n_matmul_params  # x @ W_x and h @ W_h per token, no attention over the context
     t = seq_len or cfg.train.seq_len
-    attention = 12 * m.num_layers * m.num_heads * m.head_dim * t
+    layers = m.num_layers
+    if m.arch == "mamba":  # only the pattern's attention sublayers attend; the scan is not a matmul
+        layers = m.num_layers // len(m.pattern) * m.pattern.count("attention")
+    attention = 12 * layers * m.num_heads * m.head_dim * t
     if cfg.objective != "mlm":  # bert attends both ways: the whole T x T score matrix counts
         attention /= 2
     return 6 * n_matmul_params + attention

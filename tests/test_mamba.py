@@ -131,3 +131,13 @@ def test_config_errors_name_the_problem(overrides, message, tmp_path, capsys):
 def test_layer_pattern_belongs_to_mamba(tmp_path, capsys):
     assert main(["train", "gpt_tiny", f"run.dir={tmp_path / 'r'}", "model.layer_pattern=[mamba]"]) == 2
     assert "model.layer_pattern is for model.arch=mamba" in capsys.readouterr().err
+
+
+def test_flops_count_attention_only_in_attention_sublayers():
+    from llm_jax.metrics import flops_per_token
+
+    pure = load_config("mamba_small", [])
+    assert flops_per_token(pure, 1000) == 6 * 1000
+    hybrid = load_config("mamba_hybrid", [])  # 2 repeats of [mamba, mamba, attention, moe]
+    m = hybrid.model
+    assert flops_per_token(hybrid, 1000) == 6 * 1000 + 12 * 2 * m.num_heads * m.head_dim * 256 / 2

@@ -58,9 +58,10 @@ class Dense(nnx.Module):
     """
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], names: Axes, *,
-                 rngs: nnx.Rngs, std: float, use_bias: bool):
+                 rngs: nnx.Rngs, std: float, use_bias: bool, init=None):
+        """The kernel is drawn from normal(std), or from `init` when given."""
         self.in_rank = len(in_shape)
-        self.kernel = param(rngs, nnx.initializers.normal(std), (*in_shape, *out_shape), names)
+        self.kernel = param(rngs, init or nnx.initializers.normal(std), (*in_shape, *out_shape), names)
         self.bias = (param(rngs, nnx.initializers.zeros, out_shape, names[len(in_shape):])
                      if use_bias else None)
 

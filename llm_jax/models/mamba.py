@@ -55,17 +55,20 @@ def a_log_init(key, shape, dtype=jnp.float32):
 
 
 class MambaMixer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, out_std: float):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, num_layers: int):
         s = cfg.ssm
         D, Di, N, R = cfg.d_model, cfg.d_inner, s.d_state, cfg.dt_rank
         self.d_conv, self.scan, self.chunk, self.selective = s.d_conv, s.scan, s.chunk, s.selective
-        std = cfg.init_std
-        self.in_proj = Dense((D,), (2, Di), ("embed", "gates", "mlp"), rngs=rngs, std=std, use_bias=False)
+        # PyTorch's Linear default, uniform(+-1/sqrt(fan_in)), which the reference keeps for
+        # in_proj and x_proj (init_std, 0.02, would make B and C several times smaller).
+        self.in_proj = Dense((D,), (2, Di), ("embed", "gates", "mlp"), rngs=rngs, std=0.0, use_bias=False,
+                             init=symmetric_uniform(D ** -0.5))
         bound = 1.0 / math.sqrt(s.d_conv)  # PyTorch's Conv1d default for a depthwise kernel
         self.conv_w = param(rngs, symmetric_uniform(bound), (Di, s.d_conv), ("mlp", "conv"))
         self.conv_b = param(rngs, symmetric_uniform(bound), (Di,), ("mlp",))
         if s.selective:
-            self.x_proj = Dense((Di,), (R + 2 * N,), ("mlp", "ssm_proj"), rngs=rngs, std=std, use_bias=False)
+            self.x_proj = Dense((Di,), (R + 2 * N,), ("mlp", "ssm_proj"), rngs=rngs, std=0.0, use_bias=False,
+                                init=symmetric_uniform(Di ** -0.5))
             self.dt_proj = param(rngs, symmetric_uniform(R ** -0.5), (R, Di), ("ssm_rank", "mlp"))
         else:
             self.B = param(rngs, nnx.initializers.normal(1.0), (Di, N), ("mlp", "ssm_state"))
@@ -73,7 +76,9 @@ class MambaMixer(nnx.Module):
         self.dt_bias = param(rngs, dt_bias_init, (Di,), ("mlp",))
         self.A_log = param(rngs, a_log_init, (Di, N), ("mlp", "ssm_state"))
         self.D = param(rngs, nnx.initializers.ones, (Di,), ("mlp",))
-        self.out_proj = Dense((Di,), (D,), ("mlp", "embed"), rngs=rngs, std=out_std, use_bias=False)
+        # The reference's out_proj: PyTorch's default, scaled by 1/sqrt(layers) (residual depth).
+        self.out_proj = Dense((Di,), (D,), ("mlp", "embed"), rngs=rngs, std=0.0, use_bias=False,
+                              init=symmetric_uniform(Di ** -0.5 / math.sqrt(num_layers)))
 
     def __call__(self, h_BTD: jax.Array, state: dict | None, valid_BT: jax.Array | None):
         """Mixer output [B, T, D] (compute dtype) and the new state (None without one).
@@ -131,7 +136,7 @@ class Sublayer(nnx.Module):
             return
         self.norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
         if kind == "mamba":
-            self.mixer = MambaMixer(cfg, rngs=rngs, out_std=out_std)
+            self.mixer = MambaMixer(cfg, rngs=rngs, num_layers=depth)
         elif kind == "mlp":
             self.mlp = MLP(cfg.d_model, cfg.ff_dim, cfg.mlp, rngs=rngs, std=std, out_std=out_std, use_bias=cfg.use_bias)
         else:

@@ -7,9 +7,9 @@ Models: `mamba_small` (8 Mamba blocks of width 128) and `gpt_small` (4 Transform
 width 128: the same width and about the same parameters), batch 1, float32 on CPU. For each
 length L: the median of `--repeats` timed calls of the jitted forward (logits) and of the jitted
 forward + backward (gradients of the mean loss), and the compiled train step's scratch memory
-(XLA's memory analysis: temporaries + arguments + outputs). Decode: the time per generated token
-after a prompt of L tokens, from two `generate` calls (64 and 16 new tokens) whose difference
-holds 48 decode steps and no prefill. Writes OUT.json and OUT.png (log-log curves).
+(XLA's memory analysis: temporaries + arguments + outputs). Decode: the median time of one jitted decode
+step (a token in, logits and the new cache out) at position L: Mamba's constant-size state
+against a KV cache of L + 1 slots, as `generate` holds. Writes OUT.json and OUT.png (log-log curves).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llm_jax.config import load_config  # noqa: E402
-from llm_jax.generate import generate  # noqa: E402
 from llm_jax.train.state import model_def  # noqa: E402
 from llm_jax.train.step import summed_loss  # noqa: E402
 
@@ -46,7 +45,7 @@ def timed(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, length: int, repeats: int, decode: bool) -> dict:
+def measure(name: str, length: int, repeats: int, decode: bool, train: bool = True) -> dict:
     preset = MODELS[name]
     cfg = load_config(preset, [f"train.seq_len={length}", f"model.max_seq_len={length + 64}", "train.batch_size=1",
                                "mesh.data=1"])
@@ -61,27 +60,36 @@ def measure(name: str, length: int, repeats: int, decode: bool) -> dict:
         total, count = summed_loss(mdef.merge(p)(t[:, :-1])[0], t[:, 1:], None)
         return total / count
 
-    grad = jax.jit(jax.grad(loss))
-    memory = grad.lower(params, tokens).compile().memory_analysis()
-    row = {"model": name, "preset": preset, "length": length, "params": mdef.num_params,
-           "forward_s": timed(forward, params, tokens, repeats=repeats),
-           "train_step_s": timed(grad, params, tokens, repeats=repeats),
-           "train_step_memory_mb": (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                                    + memory.output_size_in_bytes) / 2**20}
+    row = {"model": name, "preset": preset, "length": length, "params": mdef.num_params}
+    if train:
+        grad = jax.jit(jax.grad(loss))
+        memory = grad.lower(params, tokens).compile().memory_analysis()
+        row.update(forward_s=timed(forward, params, tokens, repeats=repeats),
+                   train_step_s=timed(grad, params, tokens, repeats=repeats),
+                   train_step_memory_mb=(memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                                         + memory.output_size_in_bytes) / 2**20)
     if decode:
-        prompt = [rng.integers(0, 256, length).tolist()]
-
-        def run(n):
-            start = time.perf_counter()
-            generate((mdef, params), cfg, prompt, max_new_tokens=n, temperature=0.0)
-            return time.perf_counter() - start
-
-        run(64), run(16)  # compile both programs
-        long_s = statistics.median(run(64) for _ in range(repeats))
-        short_s = statistics.median(run(16) for _ in range(repeats))
-        row["decode_ms_per_token"] = max(long_s - short_s, 0.0) / 48 * 1000
+        row["decode_ms_per_token"] = decode_step_ms(cfg, mdef, params, length, repeats) * 1000
     print(json.dumps(row), flush=True)
     return row
+
+
+def decode_step_ms(cfg, mdef, params, position: int, repeats: int) -> float:
+    """Seconds of one jitted decode step (one token in, its logits and the new cache out) at
+    `position`: a Mamba state, or a KV cache of position + 1 slots as `generate` would hold."""
+    from llm_jax.models.transformer import init_cache
+
+    model = mdef.merge(params)
+    slots = position + 1
+    if cfg.model.arch == "mamba":
+        cache = model.init_cache(1, slots, jnp.float32)
+    else:
+        cache = init_cache(cfg.model, 1, slots, jnp.float32)
+    step = jax.jit(lambda p, c, t: mdef.merge(p)(t, positions_BT=jnp.full((1, 1), position), cache=c,
+                                                   mask_BTS=jnp.ones((1, 1, slots), bool),
+                                                   cache_index=jnp.int32(position))[0])
+    token = jnp.zeros((1, 1), jnp.int32)
+    return timed(step, params, cache, token, repeats=max(repeats, 20))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -115,17 +123,25 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-max", type=int, default=8192, help="longest prompt for the decode timing")
     parser.add_argument("--out", default="docs/mamba_scaling")
+    parser.add_argument("--decode-only", action="store_true", help="time decode steps only (no training)")
     args = parser.parse_args()
+    out = Path(args.out)
     rows = []
+    if args.decode_only and out.with_suffix(".json").is_file():  # refresh the decode column only
+        rows = [r for r in json.loads(out.with_suffix(".json").read_text())]
     for length in args.lengths:
         for name in MODELS:
-            rows.append(measure(name, length, args.repeats, decode=length <= args.decode_max))
-    out = Path(args.out)
+            new = measure(name, length, args.repeats, decode=length <= args.decode_max, train=not args.decode_only)
+            old = next((r for r in rows if r["model"] == name and r["length"] == length), None)
+            if old is None:
+                rows.append(new)
+            else:
+                old.update(new)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     plot(rows, out.with_suffix(".png"))
     for name in MODELS:
-        by_len = {r["length"]: r for r in rows if r["model"] == name}
+        by_len = {r["length"]: r for r in rows if r["model"] == name and "train_step_s" in r}
         lo = min(by_len)
         if 8 * lo in by_len:
             print(f"{name}: train step at {8 * lo} / at {lo}: "

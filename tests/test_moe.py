@@ -56,12 +56,12 @@ def test_balancing_and_z_losses_equal_hand_computation():
     f = np.array([1, 3, 2, 0]) / 6
     np.testing.assert_allclose(moe_lib.expert_load(experts, 4), f)
     want_aux = 4 * sum(f[i] * p[:, i].mean() for i in range(4))
-    np.testing.assert_allclose(moe_lib.balance_loss(probs, experts), want_aux, rtol=1e-6)
+    np.testing.assert_allclose(moe_lib.balance_loss(probs, moe_lib.expert_load(experts, 4)), want_aux, rtol=1e-6)
     lse = np.log(np.exp(LOGITS.astype(np.float64)).sum(-1))
     np.testing.assert_allclose(moe_lib.router_z_loss(jnp.asarray(LOGITS)), np.mean(lse ** 2), rtol=1e-6)
     # Uniform routing gives a balancing loss of exactly 1.
     uniform = jnp.zeros((8, 4))
-    np.testing.assert_allclose(moe_lib.balance_loss(jax.nn.softmax(uniform), jnp.arange(16).reshape(8, 2) % 4), 1.0)
+    np.testing.assert_allclose(moe_lib.balance_loss(jax.nn.softmax(uniform), moe_lib.expert_load(jnp.arange(16).reshape(8, 2) % 4, 4)), 1.0)
     stats = {"aux_loss": jnp.array([1.0, 3.0]), "z_loss": jnp.array([2.0, 4.0])}
     np.testing.assert_allclose(moe_penalty(stats, 0.01, 0.001), 0.01 * 2.0 + 0.001 * 3.0)
 

@@ -26,6 +26,7 @@ from flax import nnx
 from llm_jax.config_schema import ModelConfig
 from llm_jax.models.layers import MLP, Dense, Embed, Norm, dropout, output_layer, output_logits, param, stack_layers
 from llm_jax.models.moe import MoE
+from llm_jax.models.recurrent import real_tokens
 from llm_jax.models.ssm import selective_scan
 from llm_jax.models.transformer import Block, keep_settings, run_layers
 from llm_jax.parallel.rules import constrain
@@ -221,12 +222,7 @@ class MambaLM(nnx.Module):
         del positions_BT
         dtype = jnp.dtype(self.compute_dtype)
         B, T = tokens_BT.shape
-        valid_BT = None
-        if mask_BTS is not None:  # a token hidden from its own slot is left padding
-            start = 0 if cache_index is None else cache_index
-            slot_BT1 = jnp.broadcast_to((start + jnp.arange(T))[None, :, None], (B, T, 1))
-            valid_BT = jnp.take_along_axis(jnp.broadcast_to(mask_BTS, (B, T, mask_BTS.shape[-1])),
-                                           slot_BT1, axis=2)[..., 0]
+        valid_BT = real_tokens(mask_BTS, cache_index, B, T)
         x_BTD = self.embed(tokens_BT, dtype).astype(jnp.float32)
         if dropout_key is not None:
             dropout_key, embed_key = jax.random.split(dropout_key)

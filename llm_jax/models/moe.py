@@ -68,11 +68,11 @@ def expert_load(experts_NK: jax.Array, num_experts: int) -> jax.Array:
     return jax.nn.one_hot(experts_NK, num_experts, dtype=jnp.float32).mean((0, 1))
 
 
-def balance_loss(probs_NE: jax.Array, experts_NK: jax.Array) -> jax.Array:
-    """Switch/GShard load-balancing loss E * sum_i f_i * P_i: f_i the share of assignments to
-    expert i, P_i its mean router probability. 1 when both are uniform; gradient through P only."""
-    num_experts = probs_NE.shape[-1]
-    return num_experts * jnp.sum(expert_load(experts_NK, num_experts) * probs_NE.mean(0))
+def balance_loss(probs_NE: jax.Array, load_E: jax.Array) -> jax.Array:
+    """Switch/GShard load-balancing loss E * sum_i f_i * P_i: f_i = `load_E` (`expert_load`), the
+    share of assignments to expert i, P_i its mean router probability. 1 when both are uniform;
+    gradient through P only."""
+    return probs_NE.shape[-1] * jnp.sum(load_E * probs_NE.mean(0))
 
 
 def router_z_loss(logits_NE: jax.Array) -> jax.Array:
@@ -143,8 +143,9 @@ class MoE(nnx.Module):
         logits_NE = jnp.matmul(x32_ND, self.router[...])  # router in float32 whatever the compute dtype
         bias = self.balance_bias[...] if self.balance_bias is not None else None
         experts_NK, gates_NK, probs_NE = route(logits_NE, self.top_k, self.routing, self.renormalize, bias)
-        stats = {"aux_loss": balance_loss(probs_NE, experts_NK), "z_loss": router_z_loss(logits_NE),
-                 "load": expert_load(experts_NK, self.num_experts), "dropped": jnp.zeros((), jnp.float32)}
+        load_E = expert_load(experts_NK, self.num_experts)
+        stats = {"aux_loss": balance_loss(probs_NE, load_E), "z_loss": router_z_loss(logits_NE),
+                 "load": load_E, "dropped": jnp.zeros((), jnp.float32)}
         experts_BTK = experts_NK.reshape(B, T, self.top_k)
         gates_BTK = gates_NK.reshape(B, T, self.top_k).astype(x_BTD.dtype)
         weights = self.experts.weights()

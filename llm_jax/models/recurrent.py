@@ -86,6 +86,17 @@ def run_cell(kind: str, xp_BTGH: jax.Array, w_HGH: jax.Array, b_GH: jax.Array | 
     return jnp.swapaxes(hs_TBH, 0, 1), state
 
 
+def real_tokens(mask_BTS: jax.Array | None, cache_index, B: int, T: int) -> jax.Array | None:
+    """[B, T] False where a token may not attend to its own slot (the left padding `generate`
+    adds), read off the diagonal of `mask_BTS`; None without a mask. State-carrying models (the
+    recurrent cells, Mamba) leave their state untouched at those tokens."""
+    if mask_BTS is None:
+        return None
+    start = 0 if cache_index is None else cache_index
+    slot_BT1 = jnp.broadcast_to((start + jnp.arange(T))[None, :, None], (B, T, 1))
+    return jnp.take_along_axis(jnp.broadcast_to(mask_BTS, (B, T, mask_BTS.shape[-1])), slot_BT1, axis=2)[..., 0]
+
+
 def init_state(kind: str, num_layers: int, batch: int, width: int) -> dict:
     """The zero state every sequence starts from: h (and the LSTM's c), [layers, batch, width]."""
     names = ("h", "c") if kind == "lstm" else ("h",)
@@ -173,12 +184,7 @@ class RecurrentLM(nnx.Module):
         del positions_BT
         dtype = jnp.dtype(self.compute_dtype)
         B, T = tokens_BT.shape
-        valid_BT = None
-        if mask_BTS is not None:
-            start = 0 if cache_index is None else cache_index
-            slot_BT1 = jnp.broadcast_to((start + jnp.arange(T))[None, :, None], (B, T, 1))
-            valid_BT = jnp.take_along_axis(jnp.broadcast_to(mask_BTS, (B, T, mask_BTS.shape[-1])),
-                                           slot_BT1, axis=2)[..., 0]
+        valid_BT = real_tokens(mask_BTS, cache_index, B, T)
         state = cache if cache is not None else init_state(self.kind, self.num_layers, B, self.d_model)
 
         x_BTD = self.embed(tokens_BT, dtype)

@@ -4,7 +4,7 @@ On disk (transformers 4 and 5 alike) layer i holds `block_sparse_moe.gate.weight
 router) and, per expert j, `block_sparse_moe.experts.{j}.w1` (gate, SiLU), `w3` (up), both
 [F, D], and `w2` (down) [D, F]. Routing: softmax over all experts, top-k, renormalised; no
 capacity limit. Our MoE layer holds `router` [D, E] and the experts stacked: `gate`, `up`
-[E, D, F] and `down` [E, F, D]. Attention and norms are Llama's (`hf._llama_*`).
+[E, D, F] and `down` [E, F, D]. Attention and norms are Llama's (`hf_weights._llama_*`).
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ class MoEConfig(_Section):
     """Every this many blocks is an MoE block (the last of each group of `every`); must divide model.num_layers. 1 = all (Mixtral), 2 = alternate (GShard, Switch)."""
     capacity_factor: float = -1.0
     """-1: dropless (tokens sorted by expert, grouped matmul with lax.ragged_dot). Else capacity mode: each expert takes at most ceil(capacity_factor * top_k * seq_len / num_experts) tokens of each sequence (top-1 choices first, then in order); the rest are dropped (the residual carries them) and counted in `moe_dropped`."""
-    grouped_matmul: Literal["auto", "ragged_dot", "blocked"] = "auto"
-    """Dropless mode's grouped matmul: ragged_dot (jax.lax.ragged_dot), blocked (each expert's rows padded to whole blocks of 64-1024 rows, one batched matmul against per-block copies of the expert weights), or auto: ragged_dot on TPU, blocked elsewhere (XLA computes ragged_dot on CPU as one dense product per expert, E times the work, and on an H200 it ran 2.8x slower than blocked)."""
+    grouped_matmul: Literal["auto", "ragged_dot", "blocked", "looped"] = "auto"
+    """Dropless mode's grouped matmul: ragged_dot (jax.lax.ragged_dot), blocked (each expert's rows padded to whole blocks of 64-1024 rows, one batched matmul against per-block copies of the expert weights), looped (a loop over the used blocks of 64-512 rows, each multiplied by its expert's weights in place, with a hand-written backward pass), or auto: ragged_dot on TPU, looped on CPU, blocked elsewhere (XLA computes ragged_dot on CPU and GPU as one dense product per expert, E times the work; on an H200 it ran 2.8x slower than blocked)."""
     num_shared_experts: int = pydantic.Field(0, ge=0)
     """Experts every token goes through besides its routed ones (DeepSeekMoE): one dense MLP of width num_shared_experts * expert_d_ff."""
     expert_d_ff: int | None = None

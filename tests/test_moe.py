@@ -15,6 +15,7 @@ from flax import nnx
 from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.metrics import matmul_params
+from llm_jax.models import grouped_mlp
 from llm_jax.models import moe as moe_lib
 from llm_jax.models.layers import activate
 from llm_jax.train.moe_losses import moe_penalty, update_balance_bias
@@ -103,7 +104,7 @@ def reference_moe(layer: moe_lib.MoE, x_BTD: np.ndarray) -> np.ndarray:
     return out.reshape(x_BTD.shape)
 
 
-@pytest.mark.parametrize("grouped", ["ragged_dot", "blocked"])
+@pytest.mark.parametrize("grouped", ["ragged_dot", "blocked", "looped"])
 def test_dropless_equals_the_per_token_reference(grouped):
     cfg = moe_config(f"model.moe.grouped_matmul={grouped}")
     layer = moe_lib.MoE(cfg.model, rngs=nnx.Rngs(1), std=0.3, out_std=0.3)
@@ -116,17 +117,32 @@ def test_dropless_equals_the_per_token_reference(grouped):
     assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(nnx.to_pure_dict(grads)["experts"]))
 
 
-def test_blocked_grouped_matmul_with_empty_and_oversized_groups():
-    """Blocks of a few rows: groups that are empty, span several blocks, and rows past the groups."""
+@pytest.mark.parametrize("kind", ["relu", "swiglu"])
+def test_grouped_mlps_with_empty_and_oversized_groups(kind):
+    """Blocks of a few rows: groups that are empty, span several blocks, and rows past the
+    groups; the looped form's hand-written backward pass against autodiff of ragged_dot."""
     rng = np.random.default_rng(3)
     w = {"up": jnp.asarray(rng.normal(size=(4, 8, 16)), jnp.float32),
          "down": jnp.asarray(rng.normal(size=(4, 16, 8)), jnp.float32)}
+    if kind == "swiglu":
+        w["gate"] = jnp.asarray(rng.normal(size=(4, 8, 16)), jnp.float32)
     x = jnp.asarray(rng.normal(size=(23, 8)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(23, 8)), jnp.float32).at[20:].set(0)
     sizes = jnp.array([9, 0, 1, 10], jnp.int32)  # 20 rows in groups; the last 3 belong to none
-    got = moe_lib._blocked_mlp("relu", w, x, sizes, block=4)
-    want = moe_lib._expert_mlp("relu", w, x, sizes, "ragged_dot")
-    np.testing.assert_allclose(got[:20], want[:20], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(got[20:], 0)
+
+    def reference(w, x):
+        return moe_lib._expert_mlp(kind, w, x, sizes, "ragged_dot")
+
+    want, want_vjp = jax.vjp(reference, w, x)
+    want_dw, want_dx = want_vjp(dy)
+    for fn in (grouped_mlp.blocked_mlp, grouped_mlp.looped_mlp):
+        got, got_vjp = jax.vjp(lambda w, x: fn(kind, w, x, sizes, block=4), w, x)
+        np.testing.assert_allclose(got[:20], want[:20], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got[20:], 0)
+        got_dw, got_dx = got_vjp(dy)
+        np.testing.assert_allclose(got_dx[:20], want_dx[:20], rtol=1e-5, atol=1e-4)
+        for k in w:
+            np.testing.assert_allclose(got_dw[k], want_dw[k], rtol=1e-5, atol=1e-4, err_msg=f"{fn.__name__} d{k}")
 
 
 def test_a_large_capacity_equals_dropless_and_a_small_one_drops():
@@ -155,7 +171,8 @@ MOE_RUN = [*TINY, "model.num_layers=2", "model.d_model=32", "model.num_heads=4",
 
 
 @pytest.mark.parametrize("mode,mesh", [
-    (["model.moe.capacity_factor=-1"], ["mesh.data=2", "mesh.expert=4"]),
+    # One device runs the looped grouped matmul (the CPU default), the mesh the blocked one.
+    (["model.moe.capacity_factor=-1"], ["mesh.data=2", "mesh.expert=4", "model.moe.grouped_matmul=blocked"]),
     # Capacity mode with drops, fsdp + tensor + expert at once, and the optional pieces.
     (["model.moe.capacity_factor=0.5", "train.grad_accum=2", "model.moe.num_shared_experts=1",
       "model.moe.router_jitter=0.1", "model.moe.bias_update_rate=0.01", "model.moe.every=2", "model.num_layers=4"],

@@ -12,8 +12,9 @@ Two dispatch modes (`model.moe.capacity_factor`):
   stream carries the token on). One-hot dispatch/combine tensors [B, T, E, C] move tokens by
   einsum: static shapes, cost growing with T * E * C.
 - dropless (-1): every (token, expert) pair is kept. Copies are sorted by expert and multiplied
-  by a grouped matmul (`lax.ragged_dot`, or on CPU a batched matmul over expert blocks). Across devices the copies go in padded buffers of
-  the worst-case size (all of a device's copies to one peer), so nothing can overflow.
+  by a grouped matmul (`lax.ragged_dot`, or the blocked and looped forms of
+  `models.grouped_mlp`). Across devices the copies go in padded buffers of the worst-case
+  size (all of a device's copies to one peer), so nothing can overflow.
 """
 
 from __future__ import annotations
@@ -27,20 +28,25 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from llm_jax.config_schema import ModelConfig
+from llm_jax.models.grouped_mlp import blocked_mlp, looped_mlp
 from llm_jax.models.layers import MLP, activate, param
 from llm_jax.parallel.rules import current_mesh, logical_to_spec
 
+GROUPED_MLPS = {"blocked": blocked_mlp, "looped": looped_mlp}
 EXPERT_WEIGHT_NAMES = {"up": ("expert", "embed", "mlp"), "gate": ("expert", "embed", "mlp"),
                        "down": ("expert", "mlp", "embed")}
 
 
 def grouped_matmul(choice: str) -> str:
-    """`auto`: `ragged_dot` on TPU, `blocked` elsewhere. XLA lowers ragged_dot on CPU to one
-    dense product per expert over all rows, and on an H200 (jax 0.11.2) it ran the `mixtral`
-    preset's step 2.8x slower than `blocked` (docs/gpu_moe_h200.jsonl)."""
+    """`auto`: `ragged_dot` on TPU, `looped` on CPU, `blocked` elsewhere. XLA lowers ragged_dot
+    on CPU and GPU to one dense product per expert over all rows; on an H200 (jax 0.11.2) it
+    ran the `mixtral` preset's step 2.8x slower than `blocked` (docs/gpu_moe_h200.jsonl). On
+    CPU `looped` skips the blocked form's padding and weight copies (README, "Mixture of
+    Experts"); it has not been measured on a GPU."""
     if choice != "auto":
         return choice
-    return "ragged_dot" if jax.default_backend() == "tpu" else "blocked"
+    backend = jax.default_backend()
+    return {"tpu": "ragged_dot", "cpu": "looped"}.get(backend, "blocked")
 
 
 def route(logits_NE: jax.Array, top_k: int, routing: str, renormalize: bool,
@@ -218,10 +224,10 @@ def _local_weights(weights: dict, axes: MeshAxes, dtype) -> dict:
 def _expert_mlp(kind: str, w: dict, x: jax.Array, group_sizes: jax.Array | None = None,
                 grouped: str = "ragged_dot") -> jax.Array:
     """The experts' MLPs: x [E, M, D] by batched matmul, or rows [M, D] sorted by expert with
-    `group_sizes` [E] (rows past their sum are ignored) by grouped matmul: `ragged_dot`, or
-    `blocked` (`_blocked_mlp`)."""
-    if group_sizes is not None and grouped == "blocked":
-        return _blocked_mlp(kind, w, x, group_sizes)
+    `group_sizes` [E] (rows past their sum are ignored) by grouped matmul: `ragged_dot`,
+    `blocked` or `looped` (`models.grouped_mlp`)."""
+    if group_sizes is not None and grouped in GROUPED_MLPS:
+        return GROUPED_MLPS[grouped](kind, w, x, group_sizes)
     if group_sizes is None:
         def mm(a, b):
             return jnp.einsum("emd,edf->emf", a, b)
@@ -230,51 +236,6 @@ def _expert_mlp(kind: str, w: dict, x: jax.Array, group_sizes: jax.Array | None 
             return jax.lax.ragged_dot(a, b, group_sizes)
     gate = mm(x, w["gate"]) if "gate" in w else None
     return mm(activate(kind, mm(x, w["up"]), gate), w["down"])
-
-
-def block_rows(rows: int, num_experts: int) -> int:
-    """Block length of `_blocked_mlp`: the power of two at or below half the mean group size,
-    within [64, 1024]. XLA:CPU multiplies a few large blocks much faster than many small ones,
-    while each expert wastes up to a block of padding (measured on moe_small, 8192 rows, 8
-    experts: blocks of 128, 256, 512, 1024 gave 6018, 6454, 7553, 5958 tokens/s)."""
-    target = max(rows // (2 * num_experts), 1)
-    return min(1024, max(64, 1 << (target.bit_length() - 1)))
-
-
-def _blocked_mlp(kind: str, w: dict, x_MD: jax.Array, sizes_E: jax.Array, block: int | None = None) -> jax.Array:
-    """Grouped MLP as a batched matmul over blocks of `block` rows, each block one expert's.
-
-    Each expert's rows start a new block, so at most M/block + E blocks are needed (a static
-    bound); every block is multiplied by its own copy of its expert's weights. XLA:CPU
-    lowers `ragged_dot` to one dense product per expert over all rows (E times the work);
-    this costs the rows plus at most E partial blocks.
-    """
-    M, D = x_MD.shape
-    E = sizes_E.shape[0]
-    block = block or block_rows(M, E)
-    nb = -(-M // block) + E
-    blocks_E = (sizes_E + block - 1) // block
-    block_end_E = jnp.cumsum(blocks_E)
-    first_block_E = block_end_E - blocks_E
-    row_start_E = jnp.cumsum(sizes_E) - sizes_E
-    expert_B = jnp.minimum(jnp.searchsorted(block_end_E, jnp.arange(nb), side="right"), E - 1)
-    offset_BM = (jnp.arange(nb) - first_block_E[expert_B])[:, None] * block + jnp.arange(block)[None, :]
-    valid_BM = offset_BM < sizes_E[expert_B][:, None]  # blocks past the last expert's are all invalid
-    source_BM = jnp.clip(row_start_E[expert_B][:, None] + offset_BM, 0, M - 1)
-    x_BMD = jnp.where(valid_BM[..., None], x_MD[source_BM], 0).astype(x_MD.dtype)
-    # Per-block weight copies by a one-hot matmul, not a gather: its gradient is then a matmul
-    # too, where a gather's is a scatter-add (slow on CPU).
-    onehot_BE = jax.nn.one_hot(expert_B, E, dtype=x_MD.dtype)
-    wb = {k: jnp.einsum("be,e...->b...", onehot_BE, v) for k, v in w.items()}
-    gate = jnp.einsum("bmd,bdf->bmf", x_BMD, wb["gate"]) if "gate" in wb else None
-    h_BMF = activate(kind, jnp.einsum("bmd,bdf->bmf", x_BMD, wb["up"]), gate)
-    y_BMD = jnp.einsum("bmf,bfd->bmd", h_BMF, wb["down"])
-    # Back to the sorted rows: row r of expert e sits in block first_block[e] + i // block, i = r - row_start[e].
-    rows = jnp.arange(M)
-    expert_M = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_E), rows, side="right"), E - 1)
-    i_M = rows - row_start_E[expert_M]
-    y_MD = y_BMD[jnp.minimum(first_block_E[expert_M] + i_M // block, nb - 1), i_M % block]
-    return jnp.where((rows < sizes_E.sum())[:, None], y_MD, 0).astype(x_MD.dtype)
 
 
 def _finish(y_BTD: jax.Array, axes: MeshAxes) -> jax.Array:

@@ -44,14 +44,13 @@ def blocked_mlp(kind: str, w: dict, x_MD: jax.Array, sizes_E: jax.Array, block: 
     E = sizes_E.shape[0]
     block = block or block_rows(M, E)
     nb = -(-M // block) + E
+    expert_B, start_B, end_B, _ = _block_table(sizes_E, M, block)
     blocks_E = (sizes_E + block - 1) // block
-    block_end_E = jnp.cumsum(blocks_E)
-    first_block_E = block_end_E - blocks_E
+    first_block_E = jnp.cumsum(blocks_E) - blocks_E
     row_start_E = jnp.cumsum(sizes_E) - sizes_E
-    expert_B = jnp.minimum(jnp.searchsorted(block_end_E, jnp.arange(nb), side="right"), E - 1)
-    offset_BM = (jnp.arange(nb) - first_block_E[expert_B])[:, None] * block + jnp.arange(block)[None, :]
-    valid_BM = offset_BM < sizes_E[expert_B][:, None]  # blocks past the last expert's are all invalid
-    source_BM = jnp.clip(row_start_E[expert_B][:, None] + offset_BM, 0, M - 1)
+    rows_BM = start_B[:, None] + jnp.arange(block)[None, :]
+    valid_BM = rows_BM < end_B[:, None]  # blocks past the last expert's are all invalid
+    source_BM = jnp.clip(rows_BM, 0, M - 1)
     x_BMD = jnp.where(valid_BM[..., None], x_MD[source_BM], 0).astype(x_MD.dtype)
     # Per-block weight copies by a one-hot matmul, not a gather: its gradient is then a matmul
     # too, where a gather's is a scatter-add (slow on CPU).

@@ -16,6 +16,7 @@ import numpy as np
 from llm_jax.config import Config
 from llm_jax.metrics import peak_flops_total
 from llm_jax.models.registry import model_vocab_size
+from llm_jax.train.in_flight import StepWindow
 from llm_jax.train.objectives import build_objective, row_width
 from llm_jax.train.setup import build_setup
 from llm_jax.train.state import init_state
@@ -44,12 +45,15 @@ def bench(cfg: Config) -> dict:
     start = time.perf_counter()
     compiled = setup.train_step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - start
+    in_flight = StepWindow()
     for i in range(cfg.bench.warmup):
         state, metrics = compiled(state, batches[i % 2])
+        in_flight.push(metrics["loss"])
     jax.block_until_ready(state)
     start = time.perf_counter()
     for i in range(cfg.bench.steps):
         state, metrics = compiled(state, batches[i % 2])
+        in_flight.push(metrics["loss"])
     jax.block_until_ready((state, metrics))
     elapsed = time.perf_counter() - start
 

@@ -80,11 +80,13 @@ def _cmd_train(args) -> None:
 
     from llm_jax.config import load_config
     from llm_jax.distributed import initialize, resolve_placement
+    from llm_jax.parallel.cpu_devices import split_cpu_host
     from llm_jax.paths import enable_compile_cache
     from llm_jax.train.loop import describe_eval, print_sample, train
 
     cfg = load_config(args.config, args.overrides)
     placement = resolve_placement(args.coordinator, args.num_processes, args.process_id)
+    split_cpu_host(cfg, single_process=not placement.auto and placement.coordinator is None)
     initialize(placement, cfg.distributed.timeout_s, cfg.distributed.connect_timeout_s)
     enable_compile_cache(cfg)
     result = train(cfg)
@@ -102,9 +104,11 @@ def _cmd_train(args) -> None:
 def _cmd_bench(args) -> None:
     from llm_jax.bench import bench
     from llm_jax.config import load_config
+    from llm_jax.parallel.cpu_devices import split_cpu_host
     from llm_jax.paths import enable_compile_cache
 
     cfg = load_config(args.config, args.overrides)
+    split_cpu_host(cfg, single_process=True)
     enable_compile_cache(cfg)
     result = bench(cfg)
     if args.json:

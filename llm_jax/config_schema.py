@@ -330,6 +330,8 @@ class MeshConfig(_Section):
     """Tensor-parallel axis: heads and MLP width are split over it."""
     expert: int = 1
     """Expert-parallel axis (for MoE models; batch is split over it for dense models)."""
+    cpu_devices: int = pydantic.Field(1, ge=-1)
+    """CPU, one process: split the host into this many devices so data parallelism uses every core; -1: as many as cores, mesh and batch allow."""
     dcn_data: int = pydantic.Field(1, ge=1)
     """Multi-slice: slices along the data axis (over the data-centre network); data=ICI size within a slice."""
     dcn_fsdp: int = pydantic.Field(1, ge=1)

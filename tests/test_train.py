@@ -163,3 +163,20 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     assert main([*base, f"run.dir={tmp_path / 'accum'}", "train.grad_accum=2"]) == 0
     full, accum = losses(tmp_path / "full"), losses(tmp_path / "accum")
     np.testing.assert_allclose([accum[s] for s in full], list(full.values()), rtol=1e-5)
+
+
+def test_cpu_host_split_into_devices_matches_one_device(tmp_path):
+    # mesh.cpu_devices=2 makes two CPU devices of this host (no forced count in XLA_FLAGS), and
+    # 400 steps run with no log in between: an unbounded dispatch queue deadlocked XLA:CPU's
+    # all-reduce there, so this also checks that the loop keeps only a few steps in flight.
+    args = ["train", "gpt_tiny", *TINY, "train.steps=400", "train.log_every=400", "checkpoint.every=0"]
+    split = cli_subprocess([*args, f"run.dir={tmp_path / 'split'}", "mesh.cpu_devices=2"], devices=None)
+    one = cli_subprocess([*args, f"run.dir={tmp_path / 'one'}"], devices=1)
+    for proc in (split, one):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        if proc is split:
+            assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1, 'expert': 1}, 2 cpu devices" in err
+    got, ref = losses(tmp_path / "split"), losses(tmp_path / "one")
+    assert list(got) == list(ref) == [400]
+    np.testing.assert_allclose(got[400], ref[400], rtol=1e-4)

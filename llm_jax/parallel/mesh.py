@@ -66,8 +66,9 @@ def make_mesh(cfg: Config, devices: list | None = None) -> Mesh:
     return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
-def check_batch(cfg: Config, sizes: dict[str, int]) -> None:
+def check_batch(cfg: Config, sizes: dict[str, int], processes: int | None = None) -> None:
     """The per-microbatch batch must split evenly over the batch-parallel axes and processes."""
+    processes = jax.process_count() if processes is None else processes
     batch_parallel = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     micro = cfg.train.batch_size // cfg.train.grad_accum
     if micro % batch_parallel:
@@ -75,9 +76,9 @@ def check_batch(cfg: Config, sizes: dict[str, int]) -> None:
             f"train.batch_size={cfg.train.batch_size} (per microbatch {micro}) is not divisible by the "
             f"data-parallel size {batch_parallel} (mesh.data*mesh.fsdp*mesh.expert)"
         )
-    if cfg.train.batch_size % jax.process_count():
+    if cfg.train.batch_size % processes:
         raise UserError(
-            f"train.batch_size={cfg.train.batch_size} is not divisible by {jax.process_count()} processes"
+            f"train.batch_size={cfg.train.batch_size} is not divisible by {processes} processes"
         )
     heads_split = sizes["tensor"]
     if not cfg.model.is_recurrent and cfg.model.num_heads % heads_split:

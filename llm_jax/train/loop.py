@@ -15,6 +15,7 @@ from llm_jax.metrics import MetricsWriter, peak_flops_total
 from llm_jax.models.registry import model_vocab_size
 from llm_jax.parallel.mesh import make_mesh
 from llm_jax.run_dir import check_run_dir, trim_metrics, write_run_config
+from llm_jax.train.in_flight import StepWindow
 from llm_jax.train.objectives import tokenizer_objective
 from llm_jax.train.setup import TrainSetup, build_setup
 from llm_jax.train.state import init_state
@@ -106,9 +107,11 @@ def train(cfg: Config) -> dict:
     final: dict = {}
     timer_step, timer_start = None, None
     stop = StopRequest()
+    in_flight = StepWindow()
     try:
         for step, batch in batches:
             state, metrics = setup.train_step(state, batch)
+            in_flight.push(metrics["loss"])
             done = step + 1
             writer.advance()
             if done % cfg.train.log_every == 0 or done == cfg.train.steps or timer_start is None:
@@ -133,7 +136,8 @@ def train(cfg: Config) -> dict:
                 writer.write({"step": done, **ev})
                 writer.log(f"step {done}: {describe_eval(ev)}")
                 final.update(ev)
-                timer_start = time.perf_counter()  # eval time is not training throughput
+                # Eval time is not training throughput: the next interval starts here.
+                timer_step, timer_start = done, time.perf_counter()
             stopping = stop.reached(done) and done < cfg.train.steps
             if ckpt.should_save(done, cfg.train.steps) or stopping:
                 ckpt.save(done, state, {"next_step": done, **batches.get_state()}, cfg, force=stopping)

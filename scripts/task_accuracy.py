@@ -4,7 +4,10 @@
 
 Reads the run's validation rows (the cached `data.task` examples), decodes each source greedily
 with the KV-cache generator, and counts the outputs that equal the target exactly (the held-out
-loss and accuracy that training prints are per target token, teacher-forced)."""
+loss and accuracy that training prints are per target token, teacher-forced). It also prints the
+teacher-forced loss per target token with each row's own source and with the sources shuffled
+across rows: the gap is how much the model reads the source rather than guessing from the
+targets' own statistics."""
 
 from __future__ import annotations
 
@@ -18,6 +21,28 @@ from llm_jax.data.sources import open_corpus
 from llm_jax.data.task_rows import task_rows
 from llm_jax.paths import cache_root
 from llm_jax.train.objectives import PAD
+
+
+def target_nll(model, src_BS: np.ndarray, dec_BT1: np.ndarray) -> tuple[float, int]:
+    """Summed cross-entropy (no label smoothing) and count of the target tokens, PAD hidden."""
+    src_mask = src_BS != PAD
+    tgt_in, tgt_out = np.maximum(dec_BT1[:, :-1], 0), dec_BT1[:, 1:]
+    logits = model.logits(np.where(src_mask, src_BS, 0), tgt_in, attention_mask=src_mask)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    weights = tgt_out != PAD
+    picked = np.take_along_axis(logp, np.maximum(tgt_out, 0)[..., None], -1)[..., 0]
+    return float(-(picked * weights).sum()), int(weights.sum())
+
+
+def source_reliance(model, rows: np.ndarray, src_len: int, batch: int = 50) -> tuple[float, float]:
+    """Loss per target token with each row's own source, and with the sources rolled by one row."""
+    src, dec = rows[:, :src_len], rows[:, src_len:]
+    losses = []
+    for sources in (src, np.roll(src, 1, axis=0)):
+        parts = [target_nll(model, sources[i:i + batch], dec[i:i + batch]) for i in range(0, len(rows), batch)]
+        losses.append(sum(p[0] for p in parts) / sum(p[1] for p in parts))
+    return losses[0], losses[1]
 
 
 def main() -> None:
@@ -42,6 +67,9 @@ def main() -> None:
     # Ids in, ids out: a source cut inside a UTF-8 character must not be re-encoded differently.
     outputs = [tok.decode(o) for o in model.generate(sources, max_new_tokens=cfg.train.seq_len, temperature=0)]
     hits = sum(o == t for o, t in zip(outputs, targets))
+    own, shuffled = source_reliance(model, rows, src_len)
+    print(f"{args.run_dir}: teacher-forced loss per target token {own:.3f} with each row's source, "
+          f"{shuffled:.3f} with the sources shuffled across rows")
     print(f"{args.run_dir}: exact match {hits}/{len(rows)} = {hits / len(rows):.3f} ({cfg.data.task}, greedy)")
     for source, target, output in list(zip(sources, targets, outputs))[: args.show]:
         body = tok.decode(source).replace("\n", "\\n")

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from llm_jax.config import load_config
+from llm_jax.errors import UserError
 from llm_jax.parallel.cpu_devices import cpu_device_count, split_cpu_host
 
 
@@ -25,6 +26,11 @@ def cfg(*overrides):
 ])
 def test_cpu_device_count(overrides, cores, expected):
     assert cpu_device_count(cfg(*overrides), cores) == expected
+
+
+def test_an_explicit_count_that_does_not_fit_is_refused():
+    with pytest.raises(UserError, match=r"mesh.cpu_devices=5 does not fit: train.batch_size=12 .* size 5"):
+        cpu_device_count(cfg("mesh.cpu_devices=5", "train.batch_size=12"), 2)
 
 
 def test_split_leaves_forced_counts_and_multiprocess_runs_alone(monkeypatch):

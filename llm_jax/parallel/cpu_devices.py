@@ -26,20 +26,22 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def fits(cfg: Config, devices: int) -> bool:
-    """Whether the mesh config and the batch split over `devices` host devices."""
+def misfit(cfg: Config, devices: int) -> str | None:
+    """Why the mesh config and the batch do not split over `devices` host devices (None: they do)."""
     try:
         check_batch(cfg, dict(zip(MESH_AXES, mesh_shape(cfg.mesh, devices))), processes=1)
-    except UserError:
-        return False
-    return True
+    except UserError as exc:
+        return str(exc)
+    return None
 
 
 def cpu_device_count(cfg: Config, cores: int) -> int:
     """How many host devices `mesh.cpu_devices` asks for on a machine with `cores` cores."""
     wanted = cfg.mesh.cpu_devices
     if wanted == -1:
-        return next(n for n in range(max(cores, 1), 0, -1) if n == 1 or fits(cfg, n))
+        return next(n for n in range(max(cores, 1), 0, -1) if n == 1 or misfit(cfg, n) is None)
+    if wanted > 1 and (problem := misfit(cfg, wanted)):
+        raise UserError(f"mesh.cpu_devices={wanted} does not fit: {problem}")
     return max(wanted, 1)
 
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from llm_jax.config_schema import Config
 from llm_jax.errors import UserError
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # packaged: wheels carry the presets
 
 
 # Keys that fix the meaning of a run directory's checkpoints; a different value means a

@@ -1,5 +1,12 @@
 """Config parsing, overrides, validation messages and run-identity checks."""
 
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
 import pytest
 
 from llm_jax.config import CONFIGS_DIR, Config, all_keys, check_compatible, key_docs, load_config
@@ -86,3 +93,29 @@ def test_gpt_1b_preset_has_about_a_billion_parameters():
 
     cfg = load_config("gpt_1b", [])
     assert model_def(cfg, model_vocab_size(cfg, 257)).num_params == 1_078_472_704  # as `bench` reported
+
+
+def test_an_installed_wheel_carries_every_preset(tmp_path):
+    # Build the wheel (no network: the venv's setuptools and wheel), install it alone into a
+    # directory and load presets from it, away from the checkout's configs/.
+    repo, src = Path(__file__).resolve().parent.parent, tmp_path / "src"
+    # A copy, so setuptools' build/ and egg-info land in tmp_path rather than in the checkout.
+    shutil.copytree(repo / "llm_jax", src / "llm_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "dist").glob("llm_jax-*.whl")
+    presets = sorted(p.name for p in CONFIGS_DIR.glob("*.yaml"))
+    assert "gpt_small.yaml" in presets
+    assert sorted(Path(n).name for n in zipfile.ZipFile(wheel).namelist()
+                  if n.startswith("llm_jax/configs/")) == presets
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = ("import llm_jax, llm_jax.config as c; assert llm_jax.__file__.startswith(%r), llm_jax.__file__; "
+             "print(c.load_config('gpt_small', []).train.steps)" % str(site))
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(load_config("gpt_small", []).train.steps)

@@ -86,7 +86,7 @@ def _cmd_train(args) -> None:
 
     cfg = load_config(args.config, args.overrides)
     placement = resolve_placement(args.coordinator, args.num_processes, args.process_id)
-    split_cpu_host(cfg, single_process=not placement.auto and placement.coordinator is None)
+    split_cpu_host(cfg, single_process=placement.single_process)
     initialize(placement, cfg.distributed.timeout_s, cfg.distributed.connect_timeout_s)
     enable_compile_cache(cfg)
     result = train(cfg)

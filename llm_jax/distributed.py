@@ -34,6 +34,11 @@ class Placement:
     auto: bool = False
     source: str = "single process"
 
+    @property
+    def single_process(self) -> bool:
+        """No coordinator and no cluster detection: jax.distributed is not started."""
+        return not self.auto and self.coordinator is None
+
 
 def _as_int(value: str | int | None, what: str) -> int | None:
     if value is None or isinstance(value, int):
@@ -99,7 +104,7 @@ def initialize(placement: Placement, timeout_s: int, connect_timeout_s: int) -> 
     the others within about that long, and they exit with an error instead of waiting in a
     collective forever. CPU processes exchange collectives with gloo.
     """
-    if not placement.auto and placement.coordinator is None:
+    if placement.single_process:
         return
     import jax
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import jax
 import numpy as np
 
 import llm_jax
@@ -28,8 +29,7 @@ def target_nll(model, src_BS: np.ndarray, dec_BT1: np.ndarray) -> tuple[float, i
     src_mask = src_BS != PAD
     tgt_in, tgt_out = np.maximum(dec_BT1[:, :-1], 0), dec_BT1[:, 1:]
     logits = model.logits(np.where(src_mask, src_BS, 0), tgt_in, attention_mask=src_mask)
-    top = logits.max(-1, keepdims=True)
-    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     weights = tgt_out != PAD
     picked = np.take_along_axis(logp, np.maximum(tgt_out, 0)[..., None], -1)[..., 0]
     return float(-(picked * weights).sum()), int(weights.sum())

@@ -18,6 +18,7 @@ Rows past `sum(sizes)` belong to no group and come out as zeros.
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,12 +45,10 @@ def blocked_mlp(kind: str, w: dict, x_MD: jax.Array, sizes_E: jax.Array, block: 
     E = sizes_E.shape[0]
     block = block or block_rows(M, E)
     nb = -(-M // block) + E
-    expert_B, start_B, end_B, _ = _block_table(sizes_E, M, block)
-    blocks_E = (sizes_E + block - 1) // block
-    first_block_E = jnp.cumsum(blocks_E) - blocks_E
-    row_start_E = jnp.cumsum(sizes_E) - sizes_E
-    rows_BM = start_B[:, None] + jnp.arange(block)[None, :]
-    valid_BM = rows_BM < end_B[:, None]  # blocks past the last expert's are all invalid
+    table = _block_table(sizes_E, M, block)
+    expert_B = table.expert_B
+    rows_BM = table.start_B[:, None] + jnp.arange(block)[None, :]
+    valid_BM = rows_BM < table.end_B[:, None]  # blocks past the last expert's are all invalid
     source_BM = jnp.clip(rows_BM, 0, M - 1)
     x_BMD = jnp.where(valid_BM[..., None], x_MD[source_BM], 0).astype(x_MD.dtype)
     # Per-block weight copies by a one-hot matmul, not a gather: its gradient is then a matmul
@@ -62,8 +61,8 @@ def blocked_mlp(kind: str, w: dict, x_MD: jax.Array, sizes_E: jax.Array, block: 
     # Back to the sorted rows: row r of expert e sits in block first_block[e] + i // block, i = r - row_start[e].
     rows = jnp.arange(M)
     expert_M = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_E), rows, side="right"), E - 1)
-    i_M = rows - row_start_E[expert_M]
-    y_MD = y_BMD[jnp.minimum(first_block_E[expert_M] + i_M // block, nb - 1), i_M % block]
+    i_M = rows - table.start_E[expert_M]
+    y_MD = y_BMD[jnp.minimum(table.first_block_E[expert_M] + i_M // block, nb - 1), i_M % block]
     return jnp.where((rows < sizes_E.sum())[:, None], y_MD, 0).astype(x_MD.dtype)
 
 
@@ -75,19 +74,29 @@ def loop_block_rows(rows: int, num_experts: int) -> int:
     return min(512, max(64, 1 << (target.bit_length() - 1)))
 
 
-def _block_table(sizes_E: jax.Array, M: int, block: int):
-    """Per block b (static bound M/block + E): its expert, first row and its expert's end row,
-    and how many blocks are used. Expert e's rows [start_e, end_e) make ceil(size_e / block)
-    blocks starting at start_e + i * block; rows of a block past end_e are masked."""
+class BlockTable(NamedTuple):
+    """Blocks of `block` rows over rows sorted by expert (static bound M/block + E blocks).
+    Expert e's rows [start_E[e], start_E[e] + size_e) make ceil(size_e / block) blocks, the
+    first being block first_block_E[e]; rows of a block past its expert's end are masked."""
+    expert_B: jax.Array       # each block's expert
+    start_B: jax.Array        # each block's first row
+    end_B: jax.Array          # its expert's end row
+    used: jax.Array           # how many blocks hold rows
+    first_block_E: jax.Array  # each expert's first block
+    start_E: jax.Array        # each expert's first row
+
+
+def _block_table(sizes_E: jax.Array, M: int, block: int) -> BlockTable:
     E = sizes_E.shape[0]
     nb = -(-M // block) + E
     blocks_E = (sizes_E + block - 1) // block
     block_end_E = jnp.cumsum(blocks_E)
+    first_block_E = block_end_E - blocks_E
     end_E = jnp.cumsum(sizes_E)
     start_E = end_E - sizes_E
     expert_B = jnp.minimum(jnp.searchsorted(block_end_E, jnp.arange(nb), side="right"), E - 1)
-    start_B = start_E[expert_B] + (jnp.arange(nb) - (block_end_E - blocks_E)[expert_B]) * block
-    return expert_B, start_B, end_E[expert_B], block_end_E[-1]
+    start_B = start_E[expert_B] + (jnp.arange(nb) - first_block_E[expert_B]) * block
+    return BlockTable(expert_B, start_B, end_E[expert_B], block_end_E[-1], first_block_E, start_E)
 
 
 def _rows(a: jax.Array, start: jax.Array, block: int) -> jax.Array:
@@ -115,7 +124,7 @@ def _run_blocks(body, init: tuple, used: jax.Array) -> tuple:
 
 def _looped_forward(kind: str, block: int, w: dict, x_MD: jax.Array, sizes_E: jax.Array):
     M, D = x_MD.shape
-    expert_B, start_B, end_B, used = _block_table(sizes_E, M, block)
+    expert_B, start_B, end_B, used, _, _ = _block_table(sizes_E, M, block)
     x_PD = jnp.pad(x_MD, ((0, block), (0, 0)))  # every block's slice fits, even at the end
     F = w["up"].shape[-1]
     zeros_PF = jnp.zeros((M + block, F), x_MD.dtype)

@@ -6,10 +6,10 @@ import collections
 
 import jax
 
-# Two steps in flight keep the devices busy. An unbounded queue (every step dispatched between
-# two logs) deadlocks XLA:CPU's cross-device collectives once some 64 steps of a multi-device
-# mesh are queued: the all-reduce waits for a device that never arrives, and XLA aborts the
-# process after its 40 s rendezvous timeout.
+# A few steps in flight keep the devices busy (the host dispatches the next while one runs).
+# An unbounded queue (every step dispatched between two logs) deadlocks XLA:CPU's cross-device
+# collectives once some 64 steps of a multi-device mesh are queued: the all-reduce waits for a
+# device that never arrives, and XLA aborts the process after its 40 s rendezvous timeout.
 MAX_STEPS_IN_FLIGHT = 4
 
 

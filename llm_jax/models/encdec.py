@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm_jax.config_schema import ModelConfig
+from llm_jax.config_model import ModelConfig
 from llm_jax.models.attention import Attention
 from llm_jax.models.layers import MLP, Embed, Norm, dropout, output_layer, output_logits, param, stack_layers
 from llm_jax.models.transformer import add_positions, keep_settings, run_layers

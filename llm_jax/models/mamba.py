@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm_jax.config_schema import ModelConfig
+from llm_jax.config_model import ModelConfig
 from llm_jax.models.layers import MLP, Dense, Embed, Norm, dropout, output_layer, output_logits, param, stack_layers
 from llm_jax.models.moe import MoE
 from llm_jax.models.recurrent import real_tokens

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm_jax.config_schema import ModelConfig
+from llm_jax.config_model import ModelConfig
 from llm_jax.models.layers import Dense, Embed, Norm, dropout, output_layer, output_logits, stack_layers
 from llm_jax.models.transformer import _unstack
 from llm_jax.parallel.rules import constrain

@@ -44,16 +44,15 @@ def blocked_mlp(kind: str, w: dict, x_MD: jax.Array, sizes_E: jax.Array, block: 
     M, D = x_MD.shape
     E = sizes_E.shape[0]
     block = block or block_rows(M, E)
-    nb = -(-M // block) + E
     table = _block_table(sizes_E, M, block)
-    expert_B = table.expert_B
+    nb = table.expert_B.shape[0]
     rows_BM = table.start_B[:, None] + jnp.arange(block)[None, :]
     valid_BM = rows_BM < table.end_B[:, None]  # blocks past the last expert's are all invalid
     source_BM = jnp.clip(rows_BM, 0, M - 1)
     x_BMD = jnp.where(valid_BM[..., None], x_MD[source_BM], 0).astype(x_MD.dtype)
     # Per-block weight copies by a one-hot matmul, not a gather: its gradient is then a matmul
     # too, where a gather's is a scatter-add (slow on CPU).
-    onehot_BE = jax.nn.one_hot(expert_B, E, dtype=x_MD.dtype)
+    onehot_BE = jax.nn.one_hot(table.expert_B, E, dtype=x_MD.dtype)
     wb = {k: jnp.einsum("be,e...->b...", onehot_BE, v) for k, v in w.items()}
     gate = jnp.einsum("bmd,bdf->bmf", x_BMD, wb["gate"]) if "gate" in wb else None
     h_BMF = activate(kind, jnp.einsum("bmd,bdf->bmf", x_BMD, wb["up"]), gate)

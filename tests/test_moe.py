@@ -5,6 +5,7 @@ against one device, and the config errors."""
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +121,8 @@ def test_dropless_equals_the_per_token_reference(grouped):
 @pytest.mark.parametrize("kind", ["relu", "swiglu"])
 def test_grouped_mlps_with_empty_and_oversized_groups(kind):
     """Blocks of a few rows: groups that are empty, span several blocks, and rows past the
-    groups; the looped form's hand-written backward pass against autodiff of ragged_dot."""
+    groups; the looped form (remainders in blocks of 1, 2 and 4 rows) and its hand-written
+    backward pass against autodiff of ragged_dot."""
     rng = np.random.default_rng(3)
     w = {"up": jnp.asarray(rng.normal(size=(4, 8, 16)), jnp.float32),
          "down": jnp.asarray(rng.normal(size=(4, 16, 8)), jnp.float32)}
@@ -135,14 +137,15 @@ def test_grouped_mlps_with_empty_and_oversized_groups(kind):
 
     want, want_vjp = jax.vjp(reference, w, x)
     want_dw, want_dx = want_vjp(dy)
-    for fn in (grouped_mlp.blocked_mlp, grouped_mlp.looped_mlp):
+    looped_tails = [partial(grouped_mlp.looped_mlp, tail=t) for t in (1, 2, 4)]  # 4: one pass of whole blocks
+    for fn in (grouped_mlp.blocked_mlp, *looped_tails):
         got, got_vjp = jax.vjp(lambda w, x: fn(kind, w, x, sizes, block=4), w, x)
         np.testing.assert_allclose(got[:20], want[:20], rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(got[20:], 0)
         got_dw, got_dx = got_vjp(dy)
         np.testing.assert_allclose(got_dx[:20], want_dx[:20], rtol=1e-5, atol=1e-4)
         for k in w:
-            np.testing.assert_allclose(got_dw[k], want_dw[k], rtol=1e-5, atol=1e-4, err_msg=f"{fn.__name__} d{k}")
+            np.testing.assert_allclose(got_dw[k], want_dw[k], rtol=1e-5, atol=1e-4, err_msg=f"{fn} d{k}")
 
 
 def test_a_large_capacity_equals_dropless_and_a_small_one_drops():
@@ -216,6 +219,27 @@ def test_expert_weights_are_split_and_tokens_move_by_all_to_all():
     batch = setup.to_global(np.zeros((8, 33), np.int32))
     hlo = setup.train_step.lower(state, batch).compile().as_text()
     assert "all-to-all" in hlo
+
+
+def test_data_parallel_moe_moves_no_tokens_between_devices():
+    """With the batch split over `data` alone (experts replicated), routing and dispatch stay on
+    each device's own rows: the compiled step gathers nothing (left to the partitioner, top_k
+    gathered every row of router scores onto every device) and its only collectives are
+    all-reduces (gradients, routing statistics)."""
+    import re
+
+    from llm_jax.parallel.mesh import make_mesh
+    from llm_jax.train.objectives import build_objective
+    from llm_jax.train.setup import build_setup
+    from llm_jax.train.state import init_state
+
+    cfg = load_config("gpt_tiny", [*MOE_RUN, "mesh.data=8"])
+    setup = build_setup(cfg, 384, build_objective(cfg, 257, 384, 256), make_mesh(cfg))
+    state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, 384, setup.shardings)
+    batch = setup.to_global(np.zeros((8, 33), np.int32))
+    hlo = setup.train_step.lower(state, batch).compile().as_text()
+    collectives = set(re.findall(r"= [^=]*? (all-gather|all-to-all|collective-permute|all-reduce)(?:-start)?\(", hlo))
+    assert collectives == {"all-reduce"}, collectives
 
 
 def band_run(tmp_path, coef: float) -> np.ndarray:

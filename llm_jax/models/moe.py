@@ -59,7 +59,7 @@ def route(logits_NE: jax.Array, top_k: int, routing: str, renormalize: bool,
     scores_NE = probs_NE if routing == "softmax_topk" else logits_NE
     if bias_E is not None:
         scores_NE = scores_NE + jax.lax.stop_gradient(bias_E)
-    _, experts_NK = jax.lax.top_k(scores_NE, top_k)
+    experts_NK = _rowwise_top_k(scores_NE, top_k)
     if routing == "softmax_topk":
         gates_NK = jnp.take_along_axis(probs_NE, experts_NK, axis=-1)
         if renormalize:
@@ -67,6 +67,17 @@ def route(logits_NE: jax.Array, top_k: int, routing: str, renormalize: bool,
     else:
         gates_NK = jax.nn.softmax(jnp.take_along_axis(logits_NE, experts_NK, axis=-1), axis=-1)
     return experts_NK.astype(jnp.int32), gates_NK, probs_NE
+
+
+def _rowwise_top_k(scores_NE: jax.Array, k: int) -> jax.Array:
+    """Indices of each row's k largest scores. Under a mesh the rows stay split like the batch:
+    left to the partitioner, top_k gathers every row onto every device, one more collective
+    (and device rendezvous) per MoE layer."""
+    mesh = current_mesh()
+    if mesh is None or mesh.size == 1:
+        return jax.lax.top_k(scores_NE, k)[1]
+    spec = _spec_without_unit_axes(("batch", None), scores_NE.shape, mesh)
+    return jax.shard_map(lambda s: jax.lax.top_k(s, k)[1], mesh=mesh, in_specs=spec, out_specs=spec)(scores_NE)
 
 
 def expert_load(experts_NK: jax.Array, num_experts: int) -> jax.Array:
@@ -180,13 +191,25 @@ def expert_parallel(local_fn, x_BTD: jax.Array, routing: tuple, weights: dict, *
     mesh = current_mesh()
     if mesh is None or mesh.size == 1:
         return local_fn(x_BTD, routing, weights, axes=MeshAxes(), **static)
-    x_spec = logical_to_spec(("batch", "length", "embed"), x_BTD.shape, mesh)
-    routing_specs = tuple(logical_to_spec(("batch", "length", None), r.shape, mesh) for r in routing)
-    w_specs = {k: logical_to_spec(EXPERT_WEIGHT_NAMES[k], w.shape, mesh) for k, w in weights.items()}
+    x_spec = _spec_without_unit_axes(("batch", "length", "embed"), x_BTD.shape, mesh)
+    routing_specs = tuple(_spec_without_unit_axes(("batch", "length", None), r.shape, mesh) for r in routing)
+    w_specs = {k: _spec_without_unit_axes(EXPERT_WEIGHT_NAMES[k], w.shape, mesh) for k, w in weights.items()}
     axes = MeshAxes.from_specs(w_specs, mesh)
     fn = jax.shard_map(partial(local_fn, axes=axes, **static), mesh=mesh,
                        in_specs=(x_spec, routing_specs, w_specs), out_specs=x_spec)
     return fn(x_BTD, routing, weights)
+
+
+def _spec_without_unit_axes(names, shape, mesh) -> P:
+    """`logical_to_spec` for a `shard_map`, without mesh axes of size 1: they split nothing, and
+    naming them would only add collectives over one device (a weight copy forward, an
+    all-reduce backward)."""
+    def kept(entry):
+        listed = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        axes = tuple(a for a in listed if mesh.shape[a] > 1)
+        return axes if len(axes) > 1 else (axes[0] if axes else None)
+
+    return P(*(kept(entry) for entry in logical_to_spec(names, shape, mesh)))
 
 
 class MeshAxes:

@@ -33,3 +33,13 @@ def test_table_lists_every_key_and_escapes_cells():
     assert len(table.splitlines()) == len(all_keys()) + 2  # header, rule, one row per key
     row = script.render_table([("a.b", "'x|y'", "a | b, <run.dir>/tb, `<kept>`")]).splitlines()[2]
     assert row == "| `a.b` | `'x\\|y'` | a \\| b, &lt;run.dir>/tb, `<kept>` |"
+
+
+def test_logical_axis_table_lists_every_rule():
+    """Each logical axis of parallel/rules.py appears in README's table with its mesh axes."""
+    from llm_jax.parallel.rules import LOGICAL_RULES
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name, axes in LOGICAL_RULES.items():
+        placed = ", ".join(f"`{a}`" for a in axes) if axes else "replicated"
+        assert f"| `{name}` | {placed} |" in text, f"README's logical-axis table lacks `{name}` ({placed})"

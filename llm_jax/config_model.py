@@ -21,7 +21,7 @@ class Section(BaseModel):
 
 class MoEConfig(Section):
     num_experts: int = pydantic.Field(0, ge=0)
-    """Experts per MoE layer; 0 = a dense model. MoE layers replace the MLP of every `model.moe.every`-th block (gpt, bert)."""
+    """Experts per MoE layer; 0 = a dense model. MoE layers replace the MLP of every `model.moe.every`-th block (gpt, bert, and both stacks of the encoder-decoders t5 and transformer, as in the Switch Transformer)."""
     top_k: int = pydantic.Field(2, ge=1)
     """Experts each token is sent to."""
     every: int = pydantic.Field(1, ge=1)
@@ -157,11 +157,13 @@ class ModelConfig(Section):
             if "attention" not in pattern:
                 return self  # no attention heads: those keys are ignored
         elif self.moe.enabled:
-            if self.arch not in ("gpt", "bert"):
-                raise ValueError(f"model.moe is built into the decoder (model.arch=gpt) and the encoder (bert), "
-                                 f"not model.arch={self.arch}")
+            if self.is_recurrent:
+                raise ValueError(f"model.moe replaces a Transformer block's MLP; model.arch={self.arch} has none")
             if self.num_layers % self.moe.every:
                 raise ValueError(f"model.moe.every={self.moe.every} does not divide model.num_layers={self.num_layers}")
+            if self.is_encoder_decoder and self.decoder_layers % self.moe.every:
+                raise ValueError(f"model.moe.every={self.moe.every} does not divide the {self.decoder_layers} "
+                                 "decoder layers (model.num_decoder_layers)")
         if self.is_recurrent:
             return self  # no attention heads: these keys are ignored
         if self.d_model % self.num_heads:

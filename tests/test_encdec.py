@@ -71,9 +71,14 @@ def _random_model(arch_keys: list[str]):
     return cfg, build_model(cfg, 96, nnx.Rngs(3))
 
 
-@pytest.mark.parametrize("arch", ["t5", "transformer"])
-def test_cached_generation_equals_recomputation(arch):
-    cfg, model = _random_model(T5 if arch == "t5" else TRANSFORMER)
+MOE = ["model.moe.num_experts=4", "model.moe.top_k=2"]
+
+
+@pytest.mark.parametrize("keys", [T5, TRANSFORMER, [*T5, *MOE, "model.moe.every=2", "model.num_layers=4"],
+                                  [*TRANSFORMER, *MOE, "model.scan_layers=true", "model.num_decoder_layers=3"]],
+                         ids=["t5", "transformer", "t5-moe-every2", "transformer-moe-scan"])
+def test_cached_generation_equals_recomputation(keys):
+    cfg, model = _random_model(keys)
     sources = [[5, 17, 33, 2, 90, 41, 7], [64, 3, 12]]  # different lengths: the short one is padded
     start, steps = 1, 10
     out = generate(model, cfg, sources, max_new_tokens=steps, temperature=0.0, start_id=start, vocab_limit=90)

@@ -182,7 +182,10 @@ MOE_RUN = [*TINY, "model.num_layers=2", "model.d_model=32", "model.num_heads=4",
      ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"]),
     # An MoE encoder (masked LM) with an MoE block every second layer.
     (["model.arch=bert", "model.moe.every=2", "model.mlp=gelu"], ["mesh.data=4", "mesh.expert=2"]),
-], ids=["dropless-ep4", "capacity-fsdp-tp-ep", "bert-every2-ep2"])
+    # A Switch-style T5 (span corruption): MoE in both stacks, capacity mode in training.
+    (["model.arch=t5", "model.position=relative", "model.norm=rmsnorm", "model.use_bias=false", "model.mlp=relu",
+      "model.moe.capacity_factor=1.0", "optim.lr=1e-2"], ["mesh.data=2", "mesh.expert=4"]),
+], ids=["dropless-ep4", "capacity-fsdp-tp-ep", "bert-every2-ep2", "t5-capacity-ep4"])
 def test_expert_parallel_training_equals_one_device(mode, mesh, tmp_path):
     args = [*MOE_RUN, *mode]
     single = cli_subprocess(["train", "gpt_tiny", f"run.dir={tmp_path / 'one'}", "mesh.data=1", *args], devices=1)
@@ -201,7 +204,10 @@ def test_expert_parallel_training_equals_one_device(mode, mesh, tmp_path):
     load = np.asarray(stats[-1]["moe_load"])
     assert load.shape[1] == 4 and np.allclose(load.sum(-1), 1.0)
     dropped = [r["moe_dropped"] for r in stats]
-    assert (max(dropped) > 0) == ("model.moe.capacity_factor=0.5" in mode)
+    capacity_mode = any(key.startswith("model.moe.capacity_factor=") and not key.endswith("=-1") for key in mode)
+    assert (max(dropped) > 0) == capacity_mode
+    if "model.arch=t5" in mode:  # the encoder's MoE layers, then the decoder's
+        assert load.shape[0] == 4
 
 
 def test_expert_weights_are_split_and_tokens_move_by_all_to_all():
@@ -288,7 +294,9 @@ def test_mfu_counts_active_expert_parameters_only():
     (["model.moe.num_experts=4", "model.moe.every=3"], "model.moe.every=3 does not divide model.num_layers=2"),
     (["model.moe.num_experts=4", "model.moe.capacity_factor=0"], "must be -1 (dropless) or positive"),
     (["model.moe.num_experts=6", "mesh.expert=4", "mesh.data=2"], "model.moe.num_experts=6 is not divisible by mesh.expert=4"),
-    (["model.moe.num_experts=4", "model.arch=lstm"], "model.moe is built into the decoder (model.arch=gpt) and the encoder (bert)"),
+    (["model.moe.num_experts=4", "model.arch=lstm"], "model.moe replaces a Transformer block's MLP; model.arch=lstm has none"),
+    (["model.moe.num_experts=4", "model.moe.every=2", "model.arch=t5", "model.num_decoder_layers=3"],
+     "model.moe.every=2 does not divide the 3 decoder layers"),
 ])
 def test_config_errors_name_the_problem(overrides, message, tmp_path, capsys):
     assert main(["train", "gpt_tiny", f"run.dir={tmp_path / 'r'}", *overrides]) == 2

@@ -13,7 +13,9 @@ and cross attention; one `MLP`; shared norms and positions):
   scaled, the tied output scaled by d_model^-0.5.
 
 Encoder and decoder blocks are stacked on a leading `layers` axis like the GPT's, so scan or
-unrolled execution, remat and the sharding rules work unchanged. Generation encodes the source
+unrolled execution, remat and the sharding rules work unchanged. With `model.moe.num_experts > 0`
+the MLP of every `model.moe.every`-th block of both stacks is a Mixture of Experts (the Switch
+Transformer's layout); the two stacks' routing statistics are reported together. Generation encodes the source
 once (`encode`) and runs the decoder a token at a time against that cached encoder output with
 a KV cache for the decoder's self-attention (`decode`).
 """
@@ -29,7 +31,8 @@ from flax import nnx
 from llm_jax.config_model import ModelConfig
 from llm_jax.models.attention import Attention
 from llm_jax.models.layers import MLP, Embed, Norm, dropout, output_layer, output_logits, param, stack_layers
-from llm_jax.models.transformer import add_positions, keep_settings, run_layers
+from llm_jax.models.moe import MoE
+from llm_jax.models.transformer import add_positions, group_cache, keep_settings, layer_unit, run_layers, ungroup_cache
 from llm_jax.parallel.rules import constrain
 
 
@@ -83,9 +86,29 @@ def _attention(cfg: ModelConfig, rngs: nnx.Rngs) -> Attention:
                      out_std=cfg.init_std, use_bias=cfg.use_bias, scale=1.0 if t5 else None)
 
 
-def _mlp(cfg: ModelConfig, rngs: nnx.Rngs) -> MLP:
-    return MLP(cfg.d_model, cfg.ff_dim, cfg.mlp, rngs=rngs, std=cfg.init_std, out_std=cfg.init_std,
-               use_bias=cfg.use_bias)
+def _add_ffn(block: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool) -> None:
+    """The block's feed-forward: `mlp`, or with `moe` a Mixture of Experts named `moe`."""
+    if moe:
+        block.moe = MoE(cfg, rngs=rngs, std=cfg.init_std, out_std=cfg.init_std)
+    else:
+        block.mlp = MLP(cfg.d_model, cfg.ff_dim, cfg.mlp, rngs=rngs, std=cfg.init_std, out_std=cfg.init_std,
+                        use_bias=cfg.use_bias)
+
+
+def _feed_forward(block: nnx.Module, key: jax.Array | None, dropless: bool):
+    """(fn, stats): fn(h) runs the block's MLP or MoE; after it, stats["moe"] holds the MoE's
+    routing statistics (None for an MLP). The router's key is drawn from the FFN's dropout key
+    so that dense models keep their dropout masks."""
+    stats = {"moe": None}
+
+    def fn(h):
+        if not hasattr(block, "moe"):
+            return block.mlp(h)
+        router_key = jax.random.fold_in(key, 1) if key is not None else None
+        out, stats["moe"] = block.moe(h, router_key, dropless=dropless)
+        return out
+
+    return fn, stats
 
 
 def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> Norm:
@@ -93,28 +116,37 @@ def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> Norm:
 
 
 class EncoderBlock(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """Self-attention and FFN sublayers; returns x, None (no cache) and the MoE statistics
+    (None for an MLP block), the signature `transformer.BlockGroup` stacks."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
         self.prenorm = cfg.arch == "t5"
         self.dropout_rate = cfg.dropout
         self.norm1, self.attn = _norm(cfg, rngs), _attention(cfg, rngs)
-        self.norm2, self.mlp = _norm(cfg, rngs), _mlp(cfg, rngs)
+        self.norm2 = _norm(cfg, rngs)
+        _add_ffn(self, cfg, rngs, moe)
 
-    def __call__(self, x_BSD, *, mask_BSS, bias_BNSS, kernel, block, key):
+    def __call__(self, x_BSD, *, mask_BSS, bias_BNSS, kernel, block, key, dropless=False, cache=None):
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
         attend = lambda h: self.attn(h, kernel=kernel, block=block, mask_BTS=mask_BSS, causal=False,  # noqa: E731
                                      bias_BNTS=bias_BNSS)[0]
+        ffn, stats = _feed_forward(self, k2, dropless)
         x_BSD = _sublayer(x_BSD, self.norm1, self.prenorm, self.dropout_rate, k1, attend)
-        x_BSD = _sublayer(x_BSD, self.norm2, self.prenorm, self.dropout_rate, k2, self.mlp)
-        return constrain(x_BSD, ("batch", "length", "embed"))
+        x_BSD = _sublayer(x_BSD, self.norm2, self.prenorm, self.dropout_rate, k2, ffn)
+        return constrain(x_BSD, ("batch", "length", "embed")), None, stats["moe"]
 
 
 class DecoderBlock(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """Causal self-attention, cross-attention and FFN sublayers; returns x, the new KV cache and
+    the MoE statistics (None for an MLP block)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
         self.prenorm = cfg.arch == "t5"
         self.dropout_rate = cfg.dropout
         self.norm1, self.self_attn = _norm(cfg, rngs), _attention(cfg, rngs)
         self.norm2, self.cross_attn = _norm(cfg, rngs), _attention(cfg, rngs)
-        self.norm3, self.mlp = _norm(cfg, rngs), _mlp(cfg, rngs)
+        self.norm3 = _norm(cfg, rngs)
+        _add_ffn(self, cfg, rngs, moe)
 
     def __call__(self, x_BTD, *, memory_BSD, cross_mask_BTS, self_mask_BTS, bias_BNTS, cache, cache_index, kernel,
                  block, key):
@@ -128,10 +160,12 @@ class DecoderBlock(nnx.Module):
             return out
 
         attend_source = lambda h: self.cross_attn(h, kv_BSD=memory_BSD, mask_BTS=cross_mask_BTS)[0]  # noqa: E731
+        # A cached decode step must not drop a token to a full expert.
+        ffn, stats = _feed_forward(self, k3, dropless=cache is not None)
         x_BTD = _sublayer(x_BTD, self.norm1, self.prenorm, self.dropout_rate, k1, attend_self)
         x_BTD = _sublayer(x_BTD, self.norm2, self.prenorm, self.dropout_rate, k2, attend_source)
-        x_BTD = _sublayer(x_BTD, self.norm3, self.prenorm, self.dropout_rate, k3, self.mlp)
-        return constrain(x_BTD, ("batch", "length", "embed")), new_cache
+        x_BTD = _sublayer(x_BTD, self.norm3, self.prenorm, self.dropout_rate, k3, ffn)
+        return constrain(x_BTD, ("batch", "length", "embed")), new_cache, stats["moe"]
 
 
 class EncoderDecoder(nnx.Module):
@@ -147,8 +181,9 @@ class EncoderDecoder(nnx.Module):
         relative = cfg.position == "relative"
         self.encoder_bias = RelativeBias(cfg, bidirectional=True, rngs=rngs) if relative else None
         self.decoder_bias = RelativeBias(cfg, bidirectional=False, rngs=rngs) if relative else None
-        self.encoder = stack_layers(cfg.num_layers, lambda r: EncoderBlock(cfg, rngs=r))(rngs)
-        self.decoder = stack_layers(cfg.decoder_layers, lambda r: DecoderBlock(cfg, rngs=r))(rngs)
+        self.group = cfg.moe.every if cfg.moe.enabled else 1
+        self.encoder = stack_layers(cfg.num_layers // self.group, layer_unit(cfg, EncoderBlock))(rngs)
+        self.decoder = stack_layers(cfg.decoder_layers // self.group, layer_unit(cfg, DecoderBlock))(rngs)
         # Pre-norm stacks end with a norm; post-norm blocks already end normalised.
         self.encoder_norm = _norm(cfg, rngs) if self.t5 else None
         self.decoder_norm = _norm(cfg, rngs) if self.t5 else None
@@ -161,10 +196,15 @@ class EncoderDecoder(nnx.Module):
             x_BTD = x_BTD * jnp.asarray(math.sqrt(self.d_model), dtype)
         return x_BTD
 
-    def encode(self, src_BS: jax.Array, src_mask_BS: jax.Array | None = None,
-               dropout_key: jax.Array | None = None) -> jax.Array:
-        """The encoder's output [B, S, D] for source ids; `src_mask_BS` (True = real token)
-        hides padded source positions from every query."""
+    def encode(self, src_BS: jax.Array, src_mask_BS: jax.Array | None = None) -> jax.Array:
+        """The encoder's output [B, S, D] for source ids, as generation uses it (MoE layers
+        route dropless); `src_mask_BS` (True = real token) hides padded source positions from
+        every query."""
+        return self._encode(src_BS, src_mask_BS, None, dropless=True)[0]
+
+    def _encode(self, src_BS: jax.Array, src_mask_BS: jax.Array | None, dropout_key: jax.Array | None,
+                dropless: bool = False) -> tuple[jax.Array, dict | None]:
+        """The encoder's output and its MoE statistics stacked over MoE layers (None if dense)."""
         B, S = src_BS.shape
         x_BSD = self._embed(src_BS)
         x_BSD, _ = add_positions(self, x_BSD, jnp.broadcast_to(jnp.arange(S), (B, S)))
@@ -176,20 +216,23 @@ class EncoderDecoder(nnx.Module):
         bias = self.encoder_bias(jnp.arange(S), jnp.arange(S)) if self.encoder_bias is not None else None
 
         def call(layer, x, _cache, key):
-            return layer(x, mask_BSS=mask_BSS, bias_BNSS=bias, kernel=self.attention_kernel,
-                         block=self.attention_block, key=key), None
+            x, _, stats = layer(x, mask_BSS=mask_BSS, bias_BNSS=bias, kernel=self.attention_kernel,
+                                block=self.attention_block, key=key, dropless=dropless, cache=None)
+            return x, stats
 
-        x_BSD = run_layers(self, call, x_BSD, None, dropout_key, blocks=self.encoder)[0]
+        x_BSD, stats = run_layers(self, call, x_BSD, None, dropout_key, blocks=self.encoder)
         if self.encoder_norm is not None:
             x_BSD = self.encoder_norm(x_BSD)
             if dropout_key is not None:
                 x_BSD = dropout(x_BSD, self.dropout_rate, jax.random.fold_in(dropout_key, 1))
-        return x_BSD
+        return x_BSD, stats
 
     def decode(self, tgt_BT: jax.Array, memory_BSD: jax.Array, src_mask_BS: jax.Array | None = None, *,
                cache: dict | None = None, cache_index: jax.Array | None = None,
-               dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
-        """Logits [B, T, V] float32 of the decoder over target ids, attending to `memory_BSD`.
+               dropout_key: jax.Array | None = None, with_moe_stats: bool = False) -> tuple:
+        """Logits [B, T, V] float32 of the decoder over target ids, attending to `memory_BSD`,
+        and the new cache (None without one); with `with_moe_stats`, a third value: the MoE
+        statistics stacked over the decoder's MoE layers (None if dense).
 
         With `cache` (from `init_decoder_cache`), the T new tokens sit at positions
         cache_index..cache_index+T-1 and attend to the cache up to themselves.
@@ -214,26 +257,37 @@ class EncoderDecoder(nnx.Module):
         bias = self.decoder_bias(positions_T, key_pos) if self.decoder_bias is not None else None
 
         def call(layer, x, layer_cache, key):
-            return layer(x, memory_BSD=memory_BSD, cross_mask_BTS=cross_mask_BTS, self_mask_BTS=self_mask_BTS,
-                         bias_BNTS=bias, cache=layer_cache, cache_index=cache_index, kernel=self.attention_kernel,
-                         block=self.attention_block, key=key)
+            x, new_layer_cache, stats = layer(
+                x, memory_BSD=memory_BSD, cross_mask_BTS=cross_mask_BTS, self_mask_BTS=self_mask_BTS,
+                bias_BNTS=bias, cache=layer_cache, cache_index=cache_index, kernel=self.attention_kernel,
+                block=self.attention_block, key=key)
+            return x, (new_layer_cache, stats)
 
-        x_BTD, new_cache = run_layers(self, call, x_BTD, cache, dropout_key, blocks=self.decoder)
+        x_BTD, (new_cache, stats) = run_layers(self, call, x_BTD, group_cache(cache, self.group), dropout_key,
+                                               blocks=self.decoder)
+        new_cache = ungroup_cache(new_cache, self.group)
         if self.decoder_norm is not None:
             x_BTD = self.decoder_norm(x_BTD)
             if dropout_key is not None:
                 x_BTD = dropout(x_BTD, self.dropout_rate, jax.random.fold_in(dropout_key, 1))
         if self.t5 and self.head is None:  # T5 v1.0 rescales before its tied output layer
             x_BTD = x_BTD * jnp.asarray(self.d_model ** -0.5, x_BTD.dtype)
-        logits_BTV = output_logits(self.embed, self.head, x_BTD, dtype)
-        return constrain(logits_BTV, ("batch", "length", "vocab")), new_cache
+        logits_BTV = constrain(output_logits(self.embed, self.head, x_BTD, dtype), ("batch", "length", "vocab"))
+        return (logits_BTV, new_cache, stats) if with_moe_stats else (logits_BTV, new_cache)
 
     def __call__(self, src_BS: jax.Array, tgt_BT: jax.Array, *, src_mask_BS: jax.Array | None = None,
-                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, None]:
-        """Teacher-forced logits [B, T, V] float32 of the targets given the sources."""
+                 dropout_key: jax.Array | None = None, with_moe_stats: bool = False) -> tuple:
+        """Teacher-forced logits [B, T, V] float32 of the targets given the sources, and None (no
+        cache); with `with_moe_stats`, a third value: the encoder's then the decoder's MoE
+        statistics, stacked over all MoE layers (None if dense)."""
         enc_key, dec_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
-        memory_BSD = self.encode(src_BS, src_mask_BS, enc_key)
-        return self.decode(tgt_BT, memory_BSD, src_mask_BS, dropout_key=dec_key)[0], None
+        memory_BSD, enc_stats = self._encode(src_BS, src_mask_BS, enc_key)
+        logits_BTV, _, dec_stats = self.decode(tgt_BT, memory_BSD, src_mask_BS, dropout_key=dec_key,
+                                               with_moe_stats=True)
+        if not with_moe_stats:
+            return logits_BTV, None
+        stats = None if enc_stats is None else jax.tree.map(lambda e, d: jnp.concatenate([e, d]), enc_stats, dec_stats)
+        return logits_BTV, None, stats
 
 
 def init_decoder_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict:

@@ -65,7 +65,8 @@ class Block(nnx.Module):
 class BlockGroup(nnx.Module):
     """`model.moe.every` blocks whose last has the MoE FFN: the repeating unit (stacked over
     layers) of a model with an MoE layer every k-th block. Its cache slice is [k, ...].
-    `block_cls` is the family's block (GPT's `Block`, BERT's `BertBlock`)."""
+    `block_cls` is the family's block (GPT's `Block`, BERT's `BertBlock`, the encoder-decoders'
+    `EncoderBlock` and `DecoderBlock`)."""
 
     def __init__(self, cfg: ModelConfig, block_cls: type, *, rngs: nnx.Rngs):
         self.size = cfg.moe.every
@@ -120,11 +121,9 @@ class GPT(nnx.Module):
             x_BTD = dropout(x_BTD, self.dropout_rate, embed_key)
         x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
 
-        if cache is not None and self.group > 1:  # [L, ...] -> [L/k, k, ...] to match the stacked groups
-            cache = jax.tree.map(lambda a: a.reshape(-1, self.group, *a.shape[1:]), cache)
-        x_BTD, (new_cache, moe_stats) = self._run_blocks(x_BTD, rope, mask_BTS, cache, cache_index, dropout_key)
-        if new_cache is not None and self.group > 1:
-            new_cache = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), new_cache)
+        x_BTD, (new_cache, moe_stats) = self._run_blocks(x_BTD, rope, mask_BTS, group_cache(cache, self.group),
+                                                         cache_index, dropout_key)
+        new_cache = ungroup_cache(new_cache, self.group)
         logits_BTV = constrain(output_logits(self.embed, self.head, self.final_norm(x_BTD), dtype),
                                ("batch", "length", "vocab"))
         if with_moe_stats:
@@ -140,6 +139,20 @@ class GPT(nnx.Module):
             return x, (new_layer_cache, stats)
 
         return run_layers(self, call, x_BTD, cache, dropout_key)
+
+
+def group_cache(cache: dict | None, group: int) -> dict | None:
+    """A KV cache [L, ...] as [L/k, k, ...], matching layers stacked in groups of k (`BlockGroup`)."""
+    if cache is None or group == 1:
+        return cache
+    return jax.tree.map(lambda a: a.reshape(-1, group, *a.shape[1:]), cache)
+
+
+def ungroup_cache(cache: dict | None, group: int) -> dict | None:
+    """`group_cache` undone: [L/k, k, ...] -> [L, ...]."""
+    if cache is None or group == 1:
+        return cache
+    return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), cache)
 
 
 def layer_unit(cfg: ModelConfig, block_cls: type):

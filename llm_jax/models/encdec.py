@@ -15,9 +15,9 @@ and cross attention; one `MLP`; shared norms and positions):
 Encoder and decoder blocks are stacked on a leading `layers` axis like the GPT's, so scan or
 unrolled execution, remat and the sharding rules work unchanged. With `model.moe.num_experts > 0`
 the MLP of every `model.moe.every`-th block of both stacks is a Mixture of Experts (the Switch
-Transformer's layout); the two stacks' routing statistics are reported together. Generation encodes the source
-once (`encode`) and runs the decoder a token at a time against that cached encoder output with
-a KV cache for the decoder's self-attention (`decode`).
+Transformer's layout); the two stacks' routing statistics are reported together. Generation
+encodes the source once (`encode`) and runs the decoder a token at a time against that cached
+encoder output with a KV cache for the decoder's self-attention (`decode`).
 """
 
 from __future__ import annotations

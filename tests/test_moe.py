@@ -180,12 +180,12 @@ MOE_RUN = [*TINY, "model.num_layers=2", "model.d_model=32", "model.num_heads=4",
     (["model.moe.capacity_factor=0.5", "train.grad_accum=2", "model.moe.num_shared_experts=1",
       "model.moe.router_jitter=0.1", "model.moe.bias_update_rate=0.01", "model.moe.every=2", "model.num_layers=4"],
      ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"]),
-    # An MoE encoder (masked LM) with an MoE block every second layer.
-    (["model.arch=bert", "model.moe.every=2", "model.mlp=gelu"], ["mesh.data=4", "mesh.expert=2"]),
+    # An MoE encoder (masked LM) with an MoE block every second layer, dropless over fsdp + expert.
+    (["model.arch=bert", "model.moe.every=2", "model.mlp=gelu"], ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"]),
     # A Switch-style T5 (span corruption): MoE in both stacks, capacity mode in training.
     (["model.arch=t5", "model.position=relative", "model.norm=rmsnorm", "model.use_bias=false", "model.mlp=relu",
       "model.moe.capacity_factor=1.0", "optim.lr=1e-2"], ["mesh.data=2", "mesh.expert=4"]),
-], ids=["dropless-ep4", "capacity-fsdp-tp-ep", "bert-every2-ep2", "t5-capacity-ep4"])
+], ids=["dropless-ep4", "capacity-fsdp-tp-ep", "bert-every2-fsdp-ep2", "t5-capacity-ep4"])
 def test_expert_parallel_training_equals_one_device(mode, mesh, tmp_path):
     args = [*MOE_RUN, *mode]
     single = cli_subprocess(["train", "gpt_tiny", f"run.dir={tmp_path / 'one'}", "mesh.data=1", *args], devices=1)

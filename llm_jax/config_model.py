@@ -32,7 +32,7 @@ class MoEConfig(Section):
     """Dropless mode's grouped matmul: ragged_dot (jax.lax.ragged_dot), blocked (each expert's rows padded to whole blocks of 64-1024 rows, one batched matmul against per-block copies of the expert weights), looped (loops over the used blocks, each multiplied by its expert's weights in place: each expert's whole blocks of 64-512 rows, then its remainder in blocks a quarter as long; with a hand-written backward pass), or auto: ragged_dot on TPU, looped on CPU, blocked elsewhere (XLA computes ragged_dot on CPU and GPU as one dense product per expert, E times the work; on an H200 it ran 2.8x slower than blocked)."""
     num_shared_experts: int = pydantic.Field(0, ge=0)
     """Experts every token goes through besides its routed ones (DeepSeekMoE): one dense MLP of width num_shared_experts * expert_d_ff."""
-    expert_d_ff: int | None = None
+    expert_d_ff: int | None = pydantic.Field(None, ge=1)
     """Hidden width of each expert; default model.d_ff (its default)."""
     router_jitter: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
     """Training only: multiply the router's input by uniform noise in [1-jitter, 1+jitter] (Switch Transformer)."""
@@ -71,7 +71,7 @@ class SSMConfig(Section):
     """Mamba: width of the causal depthwise convolution."""
     expand: int = pydantic.Field(2, ge=1)
     """Mamba: d_inner = expand * d_model channels."""
-    dt_rank: int | None = None
+    dt_rank: int | None = pydantic.Field(None, ge=1)
     """Mamba: rank of the delta projection; default ceil(d_model / 16)."""
     scan: Literal["auto", "associative", "chunked", "sequential"] = "auto"
     """How the selective scan runs over the sequence: auto (sequential on CPU, where the parallel forms only add work; chunked on GPU/TPU), associative (jax.lax.associative_scan over the whole sequence: parallel, memory L*D*N), chunked (sequential over chunks of model.ssm.chunk, associative inside, each chunk rematerialised: memory bounded by the chunk), sequential (lax.scan one step at a time: the reference)."""
@@ -86,21 +86,21 @@ class ModelConfig(Section):
     """Model family. `gpt`: decoder-only Transformer. `transformer`: the original encoder-decoder (Vaswani et al. 2017: post-LayerNorm blocks, shared source/target embeddings scaled by sqrt(d_model) and tied to the output, sinusoidal positions by default), trained on a seq2seq `data.task`. `t5`: encoder-decoder with pre-RMSNorm blocks without biases, relative position buckets (`model.position=relative`), unscaled attention and a tied output scaled by d_model^-0.5; it pretrains with span corruption on the corpus, or fine-tunes text-to-text on a seq2seq `data.task`. `bert`: encoder-only Transformer (post-norm blocks, bidirectional attention, exact GELU, segment embeddings, tied MLM head) trained with the masked-LM objective; it does not generate. `rnn` (Elman, tanh), `lstm`, `gru`: recurrent LMs whose layers are pre-norm residual cells of hidden size d_model; they ignore the attention, position and MLP keys (num_heads, num_kv_heads, d_ff, position, rope_theta, mlp, attention, attention_block) and scan_layers/remat, and have no sequence-length limit at generation. `mamba`: selective state space blocks (Gu and Dao 2023: pre-RMSNorm residual blocks of in_proj, causal depthwise conv, selective scan gated by SiLU(z), out_proj; tied embeddings; `model.ssm.*`), optionally mixed with attention and MoE layers by `model.layer_pattern`; it ignores the position keys and generates with a constant-size state."""
     num_layers: int = pydantic.Field(4, ge=1)
     """Number of transformer blocks (recurrent layers for rnn/lstm/gru; encoder blocks for transformer/t5)."""
-    num_decoder_layers: int | None = None
+    num_decoder_layers: int | None = pydantic.Field(None, ge=1)
     """Decoder blocks of the encoder-decoders (transformer, t5); default num_layers."""
     d_model: int = pydantic.Field(128, ge=1)
     """Residual stream width."""
     num_heads: int = pydantic.Field(4, ge=1)
     """Attention (query) heads; must divide d_model."""
-    num_kv_heads: int | None = None
+    num_kv_heads: int | None = pydantic.Field(None, ge=1)
     """Key/value heads for grouped-query attention; default num_heads (multi-head)."""
-    d_ff: int | None = None
+    d_ff: int | None = pydantic.Field(None, ge=1)
     """MLP hidden width; default 4*d_model (8/3*d_model rounded up to 64 for swiglu)."""
-    vocab_size: int | None = None
+    vocab_size: int | None = pydantic.Field(None, ge=1)
     """Embedding rows; default the tokenizer's vocabulary padded up to vocab_multiple."""
     vocab_multiple: int = pydantic.Field(128, ge=1)
     """Pad the default vocab_size up to a multiple of this (matmul-friendly shapes)."""
-    max_seq_len: int | None = None
+    max_seq_len: int | None = pydantic.Field(None, ge=1)
     """Longest sequence the model supports (learned position table size); default train.seq_len."""
     position: Literal["learned", "sinusoidal", "rope", "relative"] = "learned"
     """Position encoding: learned table, fixed sinusoids added to the input, rotary (RoPE), or T5's relative position buckets (a learned bias per head and bucket, encoder-decoders only)."""

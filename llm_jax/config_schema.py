@@ -77,7 +77,7 @@ class OptimConfig(Section):
     """Decay after warmup: cosine or linear to min_lr over the remaining steps, or constant."""
     warmup_steps: int = pydantic.Field(100, ge=0)
     """Linear warmup from 0 to lr."""
-    decay_steps: int | None = None
+    decay_steps: int | None = pydantic.Field(None, ge=1)
     """Step at which the decay reaches min_lr; default train.steps."""
     b1: float = 0.9
     """AdamW beta1."""

@@ -47,6 +47,9 @@ def test_derived_values():
     ("train.grad_accum=3", "not divisible by train.grad_accum"),
     ("optim.lr=-1", "optim.lr"),
     ("train.steps", "KEY=VALUE"),
+    *((f"{key}=0", f"{key}: Input should be greater than or equal to 1") for key in (
+        "model.d_ff", "model.num_kv_heads", "model.vocab_size", "model.max_seq_len", "model.num_decoder_layers",
+        "model.moe.expert_d_ff", "model.ssm.dt_rank", "optim.decay_steps")),
 ])
 def test_bad_values_name_the_problem(override, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -133,6 +133,7 @@ def _error_of(args, capsys) -> str:
     ("optim.lr=fast", "optim.lr"),
     ("run.dir=gs://bucket/run", "run.dir gs://bucket/run is a URL"),
     ("mesh.dcn_data=2", "mesh.dcn_* asks for 2 slices but there are 1 processes"),
+    ("model.vocab_size=10", "model.vocab_size=10 is smaller than the tokenizer's 257 ids"),
 ])
 def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, override, message):
     err = _error_of(["train", "gpt_tiny", f"run.dir={tmp_path / 'r'}", override], capsys)

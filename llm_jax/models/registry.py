@@ -6,6 +6,7 @@ import jax
 from flax import nnx
 
 from llm_jax.config import Config
+from llm_jax.errors import UserError
 from llm_jax.models.attention import resolve_kernel
 from llm_jax.models.bert import Bert
 from llm_jax.models.encdec import EncoderDecoder
@@ -17,6 +18,9 @@ from llm_jax.models.transformer import GPT
 def model_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:
     """`model.vocab_size`, or the tokenizer's vocabulary padded up to `model.vocab_multiple`."""
     if cfg.model.vocab_size is not None:
+        if cfg.model.vocab_size < tokenizer_vocab:  # ids past the table would train to NaN
+            raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                            f"{tokenizer_vocab} ids; raise it or leave it unset")
         return cfg.model.vocab_size
     m = cfg.model.vocab_multiple
     return -(-tokenizer_vocab // m) * m

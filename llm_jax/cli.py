@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     g.add_argument("--seed", type=int, default=0)
 
-    i = sub.add_parser("import-hf", help="turn a Hugging Face checkpoint (GPT-2, Llama) into a new run directory")
+    i = sub.add_parser("import-hf", help="turn a Hugging Face checkpoint (GPT-2, Llama, Mixtral, BERT, T5, Mamba) into a new run directory")
     i.add_argument("hf_dir", help="directory with config.json and model.safetensors (and tokenizer.json)")
     i.add_argument("run_dir", help="new run directory to create")
 

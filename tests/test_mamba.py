@@ -141,3 +141,32 @@ def test_flops_count_attention_only_in_attention_sublayers():
     hybrid = load_config("mamba_hybrid", [])  # 2 repeats of [mamba, mamba, attention, moe]
     m = hybrid.model
     assert flops_per_token(hybrid, 1000) == 6 * 1000 + 12 * 2 * m.num_heads * m.head_dim * 256 / 2
+
+
+def _float32_matmuls(pattern: str) -> int:
+    """dot_generals with both operands float32 in a bfloat16 hybrid's forward pass."""
+    cfg = load_config("mamba_small", ["model.num_layers=2", "model.d_model=32", f"model.layer_pattern={pattern}"])
+    model = MambaLM(cfg.model, 64, cfg.max_seq_len, compute_dtype="bfloat16", attention_kernel="xla",
+                    rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t)[0])(state, jnp.zeros((1, 8), jnp.int32))
+
+    def count(jx) -> int:
+        n = 0
+        for eqn in jx.eqns:
+            if eqn.primitive.name == "dot_general" and all(v.aval.dtype == jnp.float32 for v in eqn.invars):
+                n += 1
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", None)
+                if inner is not None and hasattr(inner, "eqns"):
+                    n += count(inner)
+        return n
+
+    return count(jaxpr.jaxpr)
+
+
+def test_attention_in_a_hybrid_computes_in_the_compute_dtype():
+    """The float32 residual stream of a Mamba hybrid does not pull its attention and MLP into
+    float32: in a bfloat16 model an attention sublayer adds no float32 matmul, as an MLP
+    sublayer adds none (the Mamba mixer's own float32 projection is in both)."""
+    assert _float32_matmuls("[mamba, attention]") == _float32_matmuls("[mamba, mlp]") >= 1

@@ -125,7 +125,8 @@ class MambaMixer(nnx.Module):
 
 class Sublayer(nnx.Module):
     """x + f(Norm(x)) for f one of a Mamba mixer, an MLP or an MoE; "attention" is a whole GPT
-    block (its own two norms). The residual x stays float32; f computes in the compute dtype."""
+    block (its own two norms). The residual x stays float32; f (and the attention block's
+    branches) computes in the compute dtype."""
 
     def __init__(self, kind: str, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.kind = kind
@@ -146,7 +147,7 @@ class Sublayer(nnx.Module):
     def __call__(self, x_BTD, *, dtype, cache, valid_BT, key, attend: dict):
         """(new x, new cache, MoE statistics or None)."""
         if self.kind == "attention":
-            return self.block(x_BTD, cache=cache, key=key, **attend)
+            return self.block(x_BTD, cache=cache, key=key, compute_dtype=dtype, **attend)
         h_BTD = self.norm(x_BTD).astype(dtype)
         new_cache, stats = None, None
         if self.kind == "mamba":

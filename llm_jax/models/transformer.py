@@ -48,17 +48,20 @@ class Block(nnx.Module):
             self.mlp = MLP(cfg.d_model, cfg.ff_dim, cfg.mlp, rngs=rngs, std=std, out_std=out_std,
                            use_bias=cfg.use_bias)
 
-    def __call__(self, x_BTD, *, rope, kernel, block, mask_BTS, cache, cache_index, key):
+    def __call__(self, x_BTD, *, rope, kernel, block, mask_BTS, cache, cache_index, key, compute_dtype=None):
+        """`compute_dtype` (default x's dtype): the branches' dtype under a residual stream kept in
+        another one (a Mamba hybrid's float32 stream)."""
+        dtype = compute_dtype or x_BTD.dtype
         k_attn, k_mlp, k_router = jax.random.split(key, 3) if key is not None else (None, None, None)
-        h_BTD, new_cache = self.attn(self.norm1(x_BTD), rope=rope, kernel=kernel, block=block,
+        h_BTD, new_cache = self.attn(self.norm1(x_BTD).astype(dtype), rope=rope, kernel=kernel, block=block,
                                      mask_BTS=mask_BTS, cache=cache, cache_index=cache_index)
-        x_BTD = x_BTD + dropout(h_BTD, self.dropout_rate, k_attn)
+        x_BTD = x_BTD + dropout(h_BTD, self.dropout_rate, k_attn).astype(x_BTD.dtype)
         stats = None
         if hasattr(self, "moe"):
-            h_BTD, stats = self.moe(self.norm2(x_BTD), k_router, dropless=cache is not None)
+            h_BTD, stats = self.moe(self.norm2(x_BTD).astype(dtype), k_router, dropless=cache is not None)
         else:
-            h_BTD = self.mlp(self.norm2(x_BTD))
-        x_BTD = x_BTD + dropout(h_BTD, self.dropout_rate, k_mlp)
+            h_BTD = self.mlp(self.norm2(x_BTD).astype(dtype))
+        x_BTD = x_BTD + dropout(h_BTD, self.dropout_rate, k_mlp).astype(x_BTD.dtype)
         return constrain(x_BTD, ("batch", "length", "embed")), new_cache, stats
 
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llm_jax.config import load_config  # noqa: E402
 from llm_jax.data.synthetic import synthetic_rows  # noqa: E402
 from llm_jax.models.registry import model_vocab_size  # noqa: E402
+from llm_jax.train.in_flight import StepWindow  # noqa: E402
 from llm_jax.train.objectives import build_objective  # noqa: E402
 from llm_jax.train.setup import build_setup  # noqa: E402
 from llm_jax.train.state import init_state  # noqa: E402
@@ -46,10 +47,12 @@ def run(preset: str, name: str, overrides: list[str], steps: int, eval_every: in
     order = np.random.default_rng(cfg.seed).permutation(len(train))
     B = cfg.train.batch_size
     val_batches = [setup.to_global(val[i:i + B]) for i in range(0, len(val) - B + 1, B)]
+    in_flight = StepWindow()  # as `llm-jax train`: a bounded queue of dispatched steps
     start = time.perf_counter()
     for step in range(1, steps + 1):
         i = (step - 1) * B % (len(order) - B + 1)
         state, metrics = setup.train_step(state, setup.to_global(train[order[i:i + B]]))
+        in_flight.push(metrics["loss"])
         if step % eval_every == 0 or step == steps:
             total = count = hits = 0.0
             for batch in val_batches:

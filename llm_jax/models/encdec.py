@@ -74,10 +74,12 @@ class RelativeBias(nnx.Module):
 
 
 def _sublayer(x_BTD, norm: Norm, prenorm: bool, rate: float, key, fn):
-    """One residual branch: pre-norm x + drop(fn(norm(x))) or post-norm norm(x + drop(fn(x)))."""
-    if prenorm:
-        return x_BTD + dropout(fn(norm(x_BTD)), rate, key)
-    return norm(x_BTD + dropout(fn(x_BTD), rate, key))
+    """One residual branch, pre-norm x + drop(f(norm(x))) or post-norm norm(x + drop(f(x))),
+    where fn(h) returns (f(h), extra): the new x and the branch's extra output (a KV cache, MoE
+    statistics or None)."""
+    out, extra = fn(norm(x_BTD) if prenorm else x_BTD)
+    x_BTD = x_BTD + dropout(out, rate, key)
+    return (x_BTD if prenorm else norm(x_BTD)), extra
 
 
 def _attention(cfg: ModelConfig, rngs: nnx.Rngs) -> Attention:
@@ -95,20 +97,12 @@ def _add_ffn(block: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool) -> 
                         use_bias=cfg.use_bias)
 
 
-def _feed_forward(block: nnx.Module, key: jax.Array | None, dropless: bool):
-    """(fn, stats): fn(h) runs the block's MLP or MoE; after it, stats["moe"] holds the MoE's
-    routing statistics (None for an MLP). The router's key is drawn from the FFN's dropout key
-    so that dense models keep their dropout masks."""
-    stats = {"moe": None}
-
-    def fn(h):
-        if not hasattr(block, "moe"):
-            return block.mlp(h)
-        router_key = jax.random.fold_in(key, 1) if key is not None else None
-        out, stats["moe"] = block.moe(h, router_key, dropless=dropless)
-        return out
-
-    return fn, stats
+def _feed_forward(block: nnx.Module, h, key: jax.Array | None, dropless: bool) -> tuple:
+    """The block's MLP or MoE on h, and the MoE's routing statistics (None for an MLP). The
+    router's key is drawn from the branch's dropout key, so dense models keep their masks."""
+    if not hasattr(block, "moe"):
+        return block.mlp(h), None
+    return block.moe(h, jax.random.fold_in(key, 1) if key is not None else None, dropless=dropless)
 
 
 def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> Norm:
@@ -129,11 +123,11 @@ class EncoderBlock(nnx.Module):
     def __call__(self, x_BSD, *, mask_BSS, bias_BNSS, kernel, block, key, dropless=False, cache=None):
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
         attend = lambda h: self.attn(h, kernel=kernel, block=block, mask_BTS=mask_BSS, causal=False,  # noqa: E731
-                                     bias_BNTS=bias_BNSS)[0]
-        ffn, stats = _feed_forward(self, k2, dropless)
-        x_BSD = _sublayer(x_BSD, self.norm1, self.prenorm, self.dropout_rate, k1, attend)
-        x_BSD = _sublayer(x_BSD, self.norm2, self.prenorm, self.dropout_rate, k2, ffn)
-        return constrain(x_BSD, ("batch", "length", "embed")), None, stats["moe"]
+                                     bias_BNTS=bias_BNSS)
+        x_BSD, _ = _sublayer(x_BSD, self.norm1, self.prenorm, self.dropout_rate, k1, attend)
+        x_BSD, stats = _sublayer(x_BSD, self.norm2, self.prenorm, self.dropout_rate, k2,
+                                 lambda h: _feed_forward(self, h, k2, dropless))
+        return constrain(x_BSD, ("batch", "length", "embed")), None, stats
 
 
 class DecoderBlock(nnx.Module):
@@ -151,21 +145,15 @@ class DecoderBlock(nnx.Module):
     def __call__(self, x_BTD, *, memory_BSD, cross_mask_BTS, self_mask_BTS, bias_BNTS, cache, cache_index, kernel,
                  block, key):
         k1, k2, k3 = jax.random.split(key, 3) if key is not None else (None, None, None)
-        new_cache = None
-
-        def attend_self(h):
-            nonlocal new_cache
-            out, new_cache = self.self_attn(h, kernel=kernel, block=block, mask_BTS=self_mask_BTS, cache=cache,
-                                            cache_index=cache_index, causal=True, bias_BNTS=bias_BNTS)
-            return out
-
-        attend_source = lambda h: self.cross_attn(h, kv_BSD=memory_BSD, mask_BTS=cross_mask_BTS)[0]  # noqa: E731
+        attend_self = lambda h: self.self_attn(h, kernel=kernel, block=block, mask_BTS=self_mask_BTS,  # noqa: E731
+                                               cache=cache, cache_index=cache_index, causal=True, bias_BNTS=bias_BNTS)
+        attend_source = lambda h: self.cross_attn(h, kv_BSD=memory_BSD, mask_BTS=cross_mask_BTS)  # noqa: E731
+        x_BTD, new_cache = _sublayer(x_BTD, self.norm1, self.prenorm, self.dropout_rate, k1, attend_self)
+        x_BTD, _ = _sublayer(x_BTD, self.norm2, self.prenorm, self.dropout_rate, k2, attend_source)
         # A cached decode step must not drop a token to a full expert.
-        ffn, stats = _feed_forward(self, k3, dropless=cache is not None)
-        x_BTD = _sublayer(x_BTD, self.norm1, self.prenorm, self.dropout_rate, k1, attend_self)
-        x_BTD = _sublayer(x_BTD, self.norm2, self.prenorm, self.dropout_rate, k2, attend_source)
-        x_BTD = _sublayer(x_BTD, self.norm3, self.prenorm, self.dropout_rate, k3, ffn)
-        return constrain(x_BTD, ("batch", "length", "embed")), new_cache, stats["moe"]
+        x_BTD, stats = _sublayer(x_BTD, self.norm3, self.prenorm, self.dropout_rate, k3,
+                                 lambda h: _feed_forward(self, h, k3, dropless=cache is not None))
+        return constrain(x_BTD, ("batch", "length", "embed")), new_cache, stats
 
 
 class EncoderDecoder(nnx.Module):

@@ -65,16 +65,11 @@ def blocked_mlp(kind: str, w: dict, x_MD: jax.Array, sizes_E: jax.Array, block: 
     return jnp.where((rows < sizes_E.sum())[:, None], y_MD, 0).astype(x_MD.dtype)
 
 
-def loop_block_rows(rows: int, num_experts: int) -> tuple[int, int]:
-    """(block, tail) of `looped_mlp`. Each expert's rows run in whole blocks of `block` rows,
-    the power of two at or below the mean group size within [64, 512] (larger blocks make
-    fewer, more efficient matmuls), and the remainder of fewer than `block` rows in blocks of
-    `tail` = block / 4, so that an expert wastes at most a `tail` of masked rows instead of up
-    to a whole block (with 4096 rows over 8 experts, blocks of 512 alone computed about 1.5x
-    the rows used)."""
+def loop_block_rows(rows: int, num_experts: int) -> int:
+    """Block length of `looped_mlp`: the power of two at or below the mean group size, within
+    [64, 512]; larger blocks make fewer, more efficient matmuls."""
     target = max(rows // num_experts, 1)
-    block = min(512, max(64, 1 << (target.bit_length() - 1)))
-    return block, block // 4
+    return min(512, max(64, 1 << (target.bit_length() - 1)))
 
 
 class BlockTable(NamedTuple):
@@ -131,16 +126,19 @@ def _add_at(a_E: jax.Array, e: jax.Array, delta: jax.Array) -> jax.Array:
                                                e, axis=0)
 
 
-def _run_blocks(body, table: BlockTable, block: int, buffers: tuple) -> tuple:
-    """buffers = body(table, block, b, buffers) for b = 0 .. table.used - 1. The first block
-    runs outside the loop: under shard_map its outputs vary over the union of the inputs' mesh
-    axes, which gives the loop's carry its type (zeros made here would vary over none). With
-    no block used, the first one is all masked and changes nothing."""
-    def step(carry):
-        b, buffers = carry
-        return b + 1, body(table, block, b, buffers)
+def _run_passes(body, tables: tuple[BlockTable, ...], blocks: tuple[int, ...], buffers: tuple) -> tuple:
+    """buffers = body(table, block, b, buffers) for each pass's table and block length, for
+    b = 0 .. table.used - 1. Each pass's first block runs outside its loop: under shard_map its
+    outputs vary over the union of the inputs' mesh axes, which gives the loop's carry its type
+    (zeros made here would vary over none). With no block used, the first one is all masked
+    and changes nothing."""
+    for table, block in zip(tables, blocks):
+        def step(carry, table=table, block=block):
+            b, buffers = carry
+            return b + 1, body(table, block, b, buffers)
 
-    return jax.lax.while_loop(lambda carry: carry[0] < table.used, step, step((0, buffers)))[1]
+        buffers = jax.lax.while_loop(lambda carry, table=table: carry[0] < table.used, step, step((0, buffers)))[1]
+    return buffers
 
 
 def _block_rows(table: BlockTable, block: int, b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -165,11 +163,10 @@ def _looped_forward(kind: str, blocks: tuple[int, int], w: dict, x_MD: jax.Array
         return (_put_rows(y_PD, yb, s, valid), _put_rows(up_PF, up, s, valid),
                 _put_rows(gate_PF, gate, s, valid) if gate_PF is not None else None)
 
-    buffers = (jnp.zeros_like(x_PD), zeros_PF, zeros_PF if "gate" in w else None)
-    for table, block in zip(_loop_tables(sizes_E, M, *blocks), blocks):
-        buffers = _run_blocks(body, table, block, buffers)
-    y_PD, up_PF, gate_PF = buffers
-    return y_PD[:M], (x_PD, up_PF, gate_PF)
+    tables = _loop_tables(sizes_E, M, *blocks)
+    y_PD, up_PF, gate_PF = _run_passes(body, tables, blocks,
+                                       (jnp.zeros_like(x_PD), zeros_PF, zeros_PF if "gate" in w else None))
+    return y_PD[:M], (x_PD, up_PF, gate_PF, tables)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -179,11 +176,11 @@ def _looped(kind: str, blocks: tuple[int, int], w: dict, x_MD: jax.Array, sizes_
 
 def _looped_fwd(kind, blocks, w, x_MD, sizes_E):
     y, saved = _looped_forward(kind, blocks, w, x_MD, sizes_E)
-    return y, (w, saved, sizes_E)
+    return y, (w, saved)
 
 
 def _looped_bwd(kind, blocks, residuals, dy_MD):
-    w, (x_PD, up_PF, gate_PF), sizes_E = residuals
+    w, (x_PD, up_PF, gate_PF, tables) = residuals
     M = dy_MD.shape[0]
     dy_PD = jnp.pad(dy_MD, ((0, blocks[0]), (0, 0)))
     f32 = jnp.float32
@@ -207,10 +204,8 @@ def _looped_bwd(kind, blocks, residuals, dy_MD):
             dxb = dxb + d_gate @ w["gate"][e].T
         return _put_rows(dx_PD, dxb, s, valid), dw
 
-    buffers = (jnp.zeros_like(x_PD), {k: jnp.zeros(v.shape, f32) for k, v in w.items()})
-    for table, block in zip(_loop_tables(sizes_E, M, *blocks), blocks):
-        buffers = _run_blocks(body, table, block, buffers)
-    dx_PD, dw = buffers
+    dx_PD, dw = _run_passes(body, tables, blocks,
+                            (jnp.zeros_like(x_PD), {k: jnp.zeros(v.shape, f32) for k, v in w.items()}))
     dw = {k: v.astype(w[k].dtype) for k, v in dw.items()}
     return dw, dx_PD[:M], None
 
@@ -240,10 +235,13 @@ def _vary_alike(*arrays):
 
 def looped_mlp(kind: str, w: dict, x_MD: jax.Array, sizes_E: jax.Array, block: int | None = None,
                tail: int | None = None) -> jax.Array:
-    """Grouped MLP by loops over the used blocks: each expert's whole blocks of `block` rows,
-    then its remainder in blocks of `tail` rows (module docstring; defaults `loop_block_rows`)."""
+    """Grouped MLP by loops over the used blocks (module docstring): each expert's whole blocks
+    of `block` rows (default `loop_block_rows`), then its remainder of fewer rows in blocks of
+    `tail` rows (default block / 4), so that an expert computes at most a tail of masked rows
+    instead of up to a whole block (with 4096 rows over 8 experts, blocks of 512 alone computed
+    up to 1.5x the rows used)."""
     M = x_MD.shape[0]
-    block = min(block or loop_block_rows(M, sizes_E.shape[0])[0], M)
+    block = min(block or loop_block_rows(M, sizes_E.shape[0]), M)
     tail = min(tail or max(block // 4, 1), block)
     names = list(w)
     *ws, x_MD = _vary_alike(*(w[k] for k in names), x_MD)

@@ -205,11 +205,15 @@ def _spec_without_unit_axes(names, shape, mesh) -> P:
     naming them would only add collectives over one device (a weight copy forward, an
     all-reduce backward)."""
     def kept(entry):
-        listed = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        axes = tuple(a for a in listed if mesh.shape[a] > 1)
+        axes = tuple(a for a in _axis_names(entry) if mesh.shape[a] > 1)
         return axes if len(axes) > 1 else (axes[0] if axes else None)
 
     return P(*(kept(entry) for entry in logical_to_spec(names, shape, mesh)))
+
+
+def _axis_names(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 class MeshAxes:
@@ -222,17 +226,14 @@ class MeshAxes:
 
     @staticmethod
     def from_specs(w_specs: dict[str, P], mesh) -> MeshAxes:
-        def names(entry) -> tuple[str, ...]:
-            return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
         # The model dim D (up/gate dim 1, down dim 2) is gathered; the hidden dim F stays
         # split and the partial outputs are summed at the end.
         embed_dim = {"up": 1, "gate": 1, "down": 2}
-        gather = {k: {embed_dim[k]: names(spec[embed_dim[k]])} for k, spec in w_specs.items()
-                  if names(spec[embed_dim[k]])}
-        expert_axes = names(w_specs["up"][0])
+        gather = {k: {embed_dim[k]: _axis_names(spec[embed_dim[k]])} for k, spec in w_specs.items()
+                  if _axis_names(spec[embed_dim[k]])}
+        expert_axes = _axis_names(w_specs["up"][0])
         ep = math.prod(mesh.shape[a] for a in expert_axes)
-        return MeshAxes(expert_axes if ep > 1 else None, ep, gather, names(w_specs["up"][2]))
+        return MeshAxes(expert_axes if ep > 1 else None, ep, gather, _axis_names(w_specs["up"][2]))
 
 
 def _local_weights(weights: dict, axes: MeshAxes, dtype) -> dict:

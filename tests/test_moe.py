@@ -210,20 +210,25 @@ def test_expert_parallel_training_equals_one_device(mode, mesh, tmp_path):
         assert load.shape[0] == 4
 
 
-def test_expert_weights_are_split_and_tokens_move_by_all_to_all():
+def moe_step(mesh: list[str]) -> tuple[dict, str]:
+    """The initial state of a tiny MoE GPT on `mesh` and its compiled train step's HLO text."""
     from llm_jax.parallel.mesh import make_mesh
     from llm_jax.train.objectives import build_objective
     from llm_jax.train.setup import build_setup
     from llm_jax.train.state import init_state
 
-    cfg = load_config("gpt_tiny", [*MOE_RUN, "mesh.data=2", "mesh.expert=4"])
+    cfg = load_config("gpt_tiny", [*MOE_RUN, *mesh])
     setup = build_setup(cfg, 384, build_objective(cfg, 257, 384, 256), make_mesh(cfg))
     state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, 384, setup.shardings)
+    batch = setup.to_global(np.zeros((8, 33), np.int32))
+    return state, setup.train_step.lower(state, batch).compile().as_text()
+
+
+def test_expert_weights_are_split_and_tokens_move_by_all_to_all():
+    state, hlo = moe_step(["mesh.data=2", "mesh.expert=4"])
     up = state["params"]["blocks"]["moe"]["experts"]["up"]  # [layers, E, D, F]
     assert up.shape[1] == 4
     assert {s.data.shape[1] for s in up.addressable_shards} == {1}  # one expert per device
-    batch = setup.to_global(np.zeros((8, 33), np.int32))
-    hlo = setup.train_step.lower(state, batch).compile().as_text()
     assert "all-to-all" in hlo
 
 
@@ -234,16 +239,7 @@ def test_data_parallel_moe_moves_no_tokens_between_devices():
     all-reduces (gradients, routing statistics)."""
     import re
 
-    from llm_jax.parallel.mesh import make_mesh
-    from llm_jax.train.objectives import build_objective
-    from llm_jax.train.setup import build_setup
-    from llm_jax.train.state import init_state
-
-    cfg = load_config("gpt_tiny", [*MOE_RUN, "mesh.data=8"])
-    setup = build_setup(cfg, 384, build_objective(cfg, 257, 384, 256), make_mesh(cfg))
-    state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, 384, setup.shardings)
-    batch = setup.to_global(np.zeros((8, 33), np.int32))
-    hlo = setup.train_step.lower(state, batch).compile().as_text()
+    _, hlo = moe_step(["mesh.data=8"])
     collectives = set(re.findall(r"= [^=]*? (all-gather|all-to-all|collective-permute|all-reduce)(?:-start)?\(", hlo))
     assert collectives == {"all-reduce"}, collectives
 

@@ -6,7 +6,7 @@ __all__ = ["UserError", "load"]
 
 
 def load(path, **kwargs):
-    """Load a run directory; see `llm_jax.api.load`."""
-    from llm_jax.api import load as _load
+    """Load a run directory; see `llm_jax.inference.api.load`."""
+    from llm_jax.inference.api import load as _load
 
     return _load(path, **kwargs)

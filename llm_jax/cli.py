@@ -79,7 +79,7 @@ def _cmd_train(args) -> None:
     import jax
 
     from llm_jax.config import load_config
-    from llm_jax.distributed import initialize, resolve_placement
+    from llm_jax.parallel.distributed import initialize, resolve_placement
     from llm_jax.parallel.cpu_devices import split_cpu_host
     from llm_jax.paths import enable_compile_cache
     from llm_jax.train.loop import describe_eval, print_sample, train
@@ -102,7 +102,7 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_bench(args) -> None:
-    from llm_jax.bench import bench
+    from llm_jax.train.bench import bench
     from llm_jax.config import load_config
     from llm_jax.parallel.cpu_devices import split_cpu_host
     from llm_jax.paths import enable_compile_cache
@@ -119,7 +119,7 @@ def _cmd_bench(args) -> None:
 
 
 def _cmd_generate(args) -> None:
-    from llm_jax.api import load
+    from llm_jax.inference.api import load
 
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
@@ -134,14 +134,14 @@ def _cmd_generate(args) -> None:
 
 
 def _cmd_import_hf(args) -> None:
-    from llm_jax.pretrained import import_hf
+    from llm_jax.interop.pretrained import import_hf
 
     kind = import_hf(args.hf_dir, args.run_dir)
     print(f"imported {kind} from {args.hf_dir} into {args.run_dir} (checkpoint at step 0)")
 
 
 def _cmd_export_hf(args) -> None:
-    from llm_jax.pretrained import export_hf
+    from llm_jax.interop.pretrained import export_hf
 
     kind = export_hf(args.run_dir, args.out_dir)
     print(f"exported {args.run_dir} as {kind} to {args.out_dir}")
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 def _in_multiprocess_run() -> bool:
     if "jax" not in sys.modules:
         return False
-    from llm_jax.distributed import is_multiprocess
+    from llm_jax.parallel.distributed import is_multiprocess
 
     return is_multiprocess()
 

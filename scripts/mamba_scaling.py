@@ -77,7 +77,7 @@ def measure(name: str, length: int, repeats: int, decode: bool, train: bool = Tr
 def decode_step_ms(cfg, mdef, params, position: int, repeats: int) -> float:
     """Seconds of one jitted decode step (one token in, its logits and the new cache out) at
     `position`: a Mamba state, or a KV cache of position + 1 slots as `generate` would hold."""
-    from llm_jax.models.transformer import init_cache
+    from llm_jax.models.gpt import init_cache
 
     model = mdef.merge(params)
     slots = position + 1

@@ -14,7 +14,7 @@ import llm_jax
 from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.errors import UserError
-from llm_jax.metrics import flops_per_token, matmul_params
+from llm_jax.runtime.metrics import flops_per_token, matmul_params
 from llm_jax.models.registry import build_model
 from llm_jax.train.state import model_def
 from runs import REPO, TINY, cli_subprocess, losses

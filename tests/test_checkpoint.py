@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llm_jax.checkpoint import Checkpointer
+from llm_jax.runtime.checkpoint import Checkpointer
 from llm_jax.config import load_config
 
 

@@ -255,7 +255,7 @@ def test_init_from_a_run_takes_its_tokenizer(tmp_path: Path, text_dir: Path) -> 
     """A run started from another run's parameters reads text with that run's tokenizer. A
     sentencepiece model trained here on other data (another data.max_bytes) would number the
     pieces differently, and the embeddings, of the same shape, would load into the wrong rows."""
-    from llm_jax.run_dir import write_run_config
+    from llm_jax.runtime.run_dir import write_run_config
 
     def config(init_from: str = "", **data: object) -> Config:
         data = {"source": f"text:{text_dir}", "cache_dir": str(tmp_path / "cache"), **data}

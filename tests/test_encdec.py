@@ -13,10 +13,10 @@ from safetensors.numpy import load_file
 import llm_jax
 from llm_jax.cli import main
 from llm_jax.config import load_config
-from llm_jax.config_schema import SYNTHETIC_TASKS, TASK_KINDS
+from llm_jax.config.schema import SYNTHETIC_TASKS, TASK_KINDS
 from llm_jax.data.tasks import TASKS
 from llm_jax.errors import UserError
-from llm_jax.generate import generate
+from llm_jax.inference.generate import generate
 from llm_jax.models.encdec import relative_buckets
 from llm_jax.models.registry import build_model
 from llm_jax.train.objectives import (PAD, Objective, seq2seq_targets, span_corrupt_row, span_counts, span_spec,
@@ -199,7 +199,7 @@ def test_t5_pretrains_with_spans_then_fine_tunes_text_to_text(tmp_path, capsys, 
     """The documented path: `llm-jax train t5_small` (span corruption on the corpus), then a new run
     with data.task=funcname and checkpoint.init_from=<that run> fine-tunes text to text from
     exactly its parameters; the fine-tuned run generates a target for a source."""
-    import llm_jax.pretrained as pretrained
+    import llm_jax.interop.pretrained as pretrained
 
     pre, tuned = tmp_path / "pre", tmp_path / "tuned"
     assert main(["train", "t5_small", f"run.dir={pre}", "train.seq_len=64", "train.steps=4",

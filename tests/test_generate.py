@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm_jax.api import Model, load
+from llm_jax.inference.api import Model, load
 from llm_jax.config import Config, dump_yaml, load_config
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.errors import UserError
-from llm_jax.generate import generate
+from llm_jax.inference.generate import generate
 from llm_jax.models.registry import model_vocab_size
 from llm_jax.train.state import ModelDef, model_def
 
@@ -169,7 +169,7 @@ def test_load_round_trip(tmp_path: Path, learned) -> None:
     data = pytest.importorskip("llm_jax.data")
     if not hasattr(data, "load_tokenizer"):
         pytest.skip("llm_jax.data.load_tokenizer not written yet")
-    from llm_jax.checkpoint import Checkpointer
+    from llm_jax.runtime.checkpoint import Checkpointer
 
     cfg, mdef, params = learned
     cfg = load_config(None, [*BASE, f"run.dir={tmp_path}"])

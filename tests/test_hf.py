@@ -99,7 +99,7 @@ def test_mismatches_and_bad_paths_are_user_errors(tmp_path, capsys):
 
 
 def test_presets_are_gpt2_small_and_a_llama():
-    from llm_jax import hf
+    from llm_jax.interop import hf
     from llm_jax.config import load_config
     from llm_jax.train.state import model_def
 

@@ -107,7 +107,7 @@ def test_llm_jax_refuses_url_run_dir():
     """Why the launchers mount the bucket: llm-jax itself rejects a URL as run.dir."""
     from llm_jax.config import load_config
     from llm_jax.errors import UserError
-    from llm_jax.run_dir import check_run_dir
+    from llm_jax.runtime.run_dir import check_run_dir
 
     cfg = load_config("gpt_tiny", [f"run.dir=gs://{BUCKET}/runs/x"])
     with pytest.raises(UserError, match="gcsfuse"):

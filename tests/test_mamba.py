@@ -134,7 +134,7 @@ def test_layer_pattern_belongs_to_mamba(tmp_path, capsys):
 
 
 def test_flops_count_attention_only_in_attention_sublayers():
-    from llm_jax.metrics import flops_per_token
+    from llm_jax.runtime.metrics import flops_per_token
 
     pure = load_config("mamba_small", [])
     assert flops_per_token(pure, 1000) == 6 * 1000

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from llm_jax.config import load_config
-from llm_jax.metrics import flops_per_token, matmul_params
+from llm_jax.runtime.metrics import flops_per_token, matmul_params
 from llm_jax.models.attention import blockwise_causal_attention, masked_attention
 from llm_jax.models.registry import build_model
 from llm_jax.train.state import model_def

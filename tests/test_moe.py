@@ -15,7 +15,7 @@ from flax import nnx
 
 from llm_jax.cli import main
 from llm_jax.config import load_config
-from llm_jax.metrics import matmul_params
+from llm_jax.runtime.metrics import matmul_params
 from llm_jax.models import grouped_mlp
 from llm_jax.models import moe as moe_lib
 from llm_jax.models.layers import activate

@@ -11,8 +11,8 @@ from flax import nnx
 from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.data.tokenizer import ByteTokenizer
-from llm_jax.generate import generate
-from llm_jax.metrics import flops_per_token, matmul_params
+from llm_jax.inference.generate import generate
+from llm_jax.runtime.metrics import flops_per_token, matmul_params
 from llm_jax.models.recurrent import GATES, cell_step, run_cell
 from llm_jax.models.registry import build_model, model_vocab_size
 from llm_jax.train.state import model_def

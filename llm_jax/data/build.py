@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from llm_jax.config_schema import SYNTHETIC_TASKS, Config, DataConfig
+from llm_jax.config.schema import SYNTHETIC_TASKS, Config, DataConfig
 from llm_jax.data.cache import (
     CACHE_FORMAT_VERSION,
     content_key,
@@ -173,7 +173,7 @@ def _init_from_tokenizer(spec: str, init_from: str) -> Path | None:
     same size, load into the wrong rows without a word. So the source run's model is copied
     instead of training one, and a different kind of tokenizer is refused.
     """
-    from llm_jax.run_dir import CONFIG_FILE, read_run_config
+    from llm_jax.runtime.run_dir import CONFIG_FILE, read_run_config
 
     source = Path(init_from).expanduser()
     if not init_from or not (source / CONFIG_FILE).is_file():

@@ -19,7 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from llm_jax.config_schema import DataConfig
+from llm_jax.config.schema import DataConfig
 from llm_jax.data.splits import line_chunks, tail_split, validation_mask
 from llm_jax.errors import UserError
 

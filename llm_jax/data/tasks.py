@@ -52,7 +52,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from llm_jax.config_schema import TASK_KINDS
+from llm_jax.config.schema import TASK_KINDS
 from llm_jax.errors import UserError
 
 PAD = -1

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from llm_jax.config_model import ModelConfig
+from llm_jax.config.model import ModelConfig
 from llm_jax.models.grouped_mlp import blocked_mlp, looped_mlp
 from llm_jax.models.layers import MLP, activate, param
 from llm_jax.parallel.rules import current_mesh, logical_to_spec

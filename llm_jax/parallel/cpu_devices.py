@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from llm_jax.config_schema import Config
+from llm_jax.config.schema import Config
 from llm_jax.errors import UserError
 from llm_jax.parallel.mesh import check_batch, dcn_shape, mesh_shape
 from llm_jax.parallel.rules import MESH_AXES

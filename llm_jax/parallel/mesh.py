@@ -8,7 +8,7 @@ import jax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from llm_jax.config_schema import Config, MeshConfig
+from llm_jax.config.schema import Config, MeshConfig
 from llm_jax.errors import UserError
 from llm_jax.parallel.rules import MESH_AXES
 

@@ -7,14 +7,14 @@ import time
 
 import jax
 
-from llm_jax.checkpoint import Checkpointer
+from llm_jax.runtime.checkpoint import Checkpointer
 from llm_jax.config import Config
-from llm_jax.distributed import StopRequest, barrier, broadcast_flag, is_multiprocess
+from llm_jax.parallel.distributed import StopRequest, barrier, broadcast_flag, is_multiprocess
 from llm_jax.errors import UserError
-from llm_jax.metrics import MetricsWriter, peak_flops_total
+from llm_jax.runtime.metrics import MetricsWriter, peak_flops_total
 from llm_jax.models.registry import model_vocab_size
 from llm_jax.parallel.mesh import make_mesh
-from llm_jax.run_dir import check_run_dir, trim_metrics, write_run_config
+from llm_jax.runtime.run_dir import check_run_dir, trim_metrics, write_run_config
 from llm_jax.train.in_flight import StepWindow
 from llm_jax.train.objectives import tokenizer_objective
 from llm_jax.train.setup import TrainSetup, build_setup
@@ -86,7 +86,7 @@ def train(cfg: Config) -> dict:
     else:
         state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, vocab, setup.shardings)
         if cfg.checkpoint.init_from:
-            from llm_jax.pretrained import pretrained_params
+            from llm_jax.interop.pretrained import pretrained_params
 
             state["params"], fresh = pretrained_params(cfg, setup.mdef, setup.shardings["params"], state["params"])
             writer.log(f"parameters from {cfg.checkpoint.init_from}"
@@ -179,7 +179,7 @@ def print_sample(cfg: Config, result: dict) -> None:
         params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() != 0:
         return
-    from llm_jax.api import Model
+    from llm_jax.inference.api import Model
 
     model = Model.from_params(cfg, params, tokenizer=result["tokenizer"])
     if cfg.model.is_encoder_decoder:  # the prompt is the source; the sample is the decoded target

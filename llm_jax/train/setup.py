@@ -10,7 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from llm_jax.config import Config
-from llm_jax.metrics import encoder_decoder_flops_per_token, flops_per_token, matmul_params
+from llm_jax.runtime.metrics import encoder_decoder_flops_per_token, flops_per_token, matmul_params
 from llm_jax.parallel.mesh import make_mesh
 from llm_jax.train.objectives import Objective
 from llm_jax.train.optim import make_optimizer, make_schedule

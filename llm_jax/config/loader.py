@@ -15,10 +15,10 @@ import pydantic
 import yaml
 from pydantic import BaseModel
 
-from llm_jax.config_schema import Config
+from llm_jax.config.schema import Config
 from llm_jax.errors import UserError
 
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # packaged: wheels carry the presets
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # packaged: wheels carry the presets
 
 
 # Keys that fix the meaning of a run directory's checkpoints; a different value means a
@@ -54,17 +54,6 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of config keys")
     return data
-
-
-def _section_fields(model: type[BaseModel], dotted: list[str]) -> dict[str, Any]:
-    """Walk `dotted` through the config classes; return the fields at that level."""
-    fields = model.model_fields
-    for depth, part in enumerate(dotted):
-        ann = fields[part].annotation
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            raise UserError(f"config key '{'.'.join(dotted[: depth + 1])}' is a value, not a section")
-        fields = ann.model_fields
-    return fields
 
 
 def _check_known(data: dict[str, Any], model: type[BaseModel] = None, prefix: str = "") -> None:

@@ -48,7 +48,7 @@ def mamba_supported(cfg: Config) -> bool:
 
 
 def mamba_to_params(t: dict, cfg: Config) -> dict:
-    from llm_jax.hf_weights import _stack
+    from llm_jax.interop.hf_weights import _stack
 
     m = cfg.model
     D, E = m.d_model, m.d_inner
@@ -66,7 +66,7 @@ def mamba_to_params(t: dict, cfg: Config) -> dict:
 
 
 def mamba_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
-    from llm_jax.hf_weights import _unstack
+    from llm_jax.interop.hf_weights import _unstack
 
     m = cfg.model
     D = m.d_model

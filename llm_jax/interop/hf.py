@@ -20,7 +20,7 @@ import numpy as np
 
 from llm_jax.config import Config, validate
 from llm_jax.errors import UserError
-from llm_jax.hf_weights import FROM_PARAMS, params_from_hf  # noqa: F401  (callers use hf.params_from_hf)
+from llm_jax.interop.hf_weights import FROM_PARAMS, params_from_hf  # noqa: F401  (callers use hf.params_from_hf)
 from llm_jax.models.bert import NUM_SEGMENTS
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM",
@@ -54,12 +54,12 @@ def config_from_hf(hf: dict, run_dir: str = "runs/hf") -> Config:
     kind = hf["model_type"]
     seq_len = None
     if kind == "t5":
-        from llm_jax.hf_t5 import t5_model_config
+        from llm_jax.interop.hf_t5 import t5_model_config
 
         model = t5_model_config(hf)
         seq_len = 512  # relative positions: no table bounds the length
     elif kind == "mamba":
-        from llm_jax.hf_mamba import mamba_model_config
+        from llm_jax.interop.hf_mamba import mamba_model_config
 
         model = mamba_model_config(hf)
     elif kind == "gpt2":
@@ -97,7 +97,7 @@ def config_from_hf(hf: dict, run_dir: str = "runs/hf") -> Config:
                  "norm": "rmsnorm", "norm_eps": hf.get("rms_norm_eps", 1e-6), "mlp": "swiglu", "use_bias": False,
                  "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
         if kind == "mixtral":
-            from llm_jax.hf_mixtral import mixtral_model_config
+            from llm_jax.interop.hf_mixtral import mixtral_model_config
 
             model = mixtral_model_config(hf, model)
     model.update(vocab_size=hf["vocab_size"], vocab_multiple=1, dropout=0.0)
@@ -126,7 +126,7 @@ def family_of(cfg: Config) -> str:
     """Which Hugging Face class expresses this llm-jax config exactly, or a UserError saying why none does."""
     m = cfg.model
     if m.arch == "mamba":
-        from llm_jax.hf_mamba import mamba_supported
+        from llm_jax.interop.hf_mamba import mamba_supported
 
         if mamba_supported(cfg):
             return "mamba"
@@ -139,7 +139,7 @@ def family_of(cfg: Config) -> str:
         raise UserError(f"model.arch={m.arch} has no Hugging Face equivalent here: export-hf writes "
                         "GPT-2, Llama, BERT or T5")
     if m.arch == "t5":
-        from llm_jax.hf_t5 import t5_supported
+        from llm_jax.interop.hf_t5 import t5_supported
 
         if t5_supported(cfg):
             return "t5"
@@ -156,7 +156,7 @@ def family_of(cfg: Config) -> str:
                         "positions, LayerNorm, GELU, biases and multi-head attention")
     llama_like = (m.position, m.norm, m.mlp, m.use_bias) == ("rope", "rmsnorm", "swiglu", False)
     if m.moe.enabled:
-        from llm_jax.hf_mixtral import mixtral_supported
+        from llm_jax.interop.hf_mixtral import mixtral_supported
 
         if llama_like and mixtral_supported(cfg):
             return "mixtral"
@@ -176,11 +176,11 @@ def hf_config_of(cfg: Config, kind: str, eos_id: int | None, pad_id: int = 0) ->
     m = cfg.model
     vocab = m.vocab_size
     if kind == "t5":
-        from llm_jax.hf_t5 import t5_hf_config
+        from llm_jax.interop.hf_t5 import t5_hf_config
 
         return t5_hf_config(cfg, eos_id, pad_id)
     if kind == "mamba":
-        from llm_jax.hf_mamba import mamba_hf_config
+        from llm_jax.interop.hf_mamba import mamba_hf_config
 
         return mamba_hf_config(cfg, eos_id)
     if kind == "gpt2":
@@ -204,7 +204,7 @@ def hf_config_of(cfg: Config, kind: str, eos_id: int | None, pad_id: int = 0) ->
              "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
              "tie_word_embeddings": m.tie_embeddings, "bos_token_id": eos_id, "eos_token_id": eos_id}
     if kind == "mixtral":
-        from llm_jax.hf_mixtral import mixtral_hf_config
+        from llm_jax.interop.hf_mixtral import mixtral_hf_config
 
         return mixtral_hf_config(cfg, llama)
     return llama

@@ -3,7 +3,7 @@
 Each field's docstring becomes its description (`llm-jax keys`, README.md's key table).
 Validators here check what the config alone decides (heads against d_model, a task against
 model.arch); `parallel.mesh` checks what the devices decide. Loading presets, YAML files and
-KEY=VALUE overrides is `llm_jax.config`; the `model` section is `llm_jax.config_model`.
+KEY=VALUE overrides is `llm_jax.config`; the `model` section is `llm_jax.config.model`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import model_validator
 
-from llm_jax.config_model import ModelConfig, Section
+from llm_jax.config.model import ModelConfig, Section
 
 
 class RunConfig(Section):

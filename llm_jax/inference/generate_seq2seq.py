@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from llm_jax.errors import UserError
-from llm_jax.generate import BOUNDED_POSITIONS, sample_logits
+from llm_jax.inference.generate import BOUNDED_POSITIONS, sample_logits
 
 # Source lengths are rounded up to a multiple of this, so similar lengths share a program.
 SOURCE_BUCKET = 16

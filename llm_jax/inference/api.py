@@ -16,11 +16,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType
 
-from llm_jax import hf
+from llm_jax.interop import hf
 from llm_jax.config import Config
-from llm_jax.run_dir import read_run_config
+from llm_jax.runtime.run_dir import read_run_config
 from llm_jax.errors import UserError
-from llm_jax.generate import BOUNDED_POSITIONS, generate
+from llm_jax.inference.generate import BOUNDED_POSITIONS, generate
 from llm_jax.models.registry import model_vocab_size
 from llm_jax.parallel.rules import MESH_AXES
 from llm_jax.train.objectives import decoder_start_id
@@ -194,7 +194,7 @@ def single_device_mesh() -> jax.sharding.Mesh:
 def load(path: str | Path, *, step: int | None = None) -> Model:
     """Load a run directory's config, tokenizer and newest complete checkpoint (or `step`),
     or a Hugging Face checkpoint directory (config.json + safetensors; GPT-2, Llama, BERT MLM)."""
-    from llm_jax.checkpoint import Checkpointer, checkpoint_dir  # Orbax is slow to import
+    from llm_jax.runtime.checkpoint import Checkpointer, checkpoint_dir  # Orbax is slow to import
     from llm_jax.data import load_tokenizer  # the data stack is only needed for a real run
 
     run_dir = Path(path).expanduser()

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm_jax.config_model import ModelConfig
+from llm_jax.config.model import ModelConfig
 from llm_jax.models.attention import Attention
 from llm_jax.models.layers import (MLP, Embed, Norm, dropout, output_layer, output_logits, rope_angles,
                                    sinusoidal_table, stack_layers)

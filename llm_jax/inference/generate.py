@@ -195,7 +195,7 @@ def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Seq
     m = cfg.model
     dtype = getattr(model, "compute_dtype", None) or compute_dtype(cfg)
     if m.is_encoder_decoder:
-        from llm_jax.generate_seq2seq import generate_seq2seq
+        from llm_jax.inference.generate_seq2seq import generate_seq2seq
 
         # Sources end with end-of-text, as every training source did (and as T5's tokenizer adds).
         sources = [r + [eos_id] if eos_id is not None and r[-1] != eos_id else r for r in rows]

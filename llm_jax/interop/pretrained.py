@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax import hf
+from llm_jax.interop import hf
 from llm_jax.config import Config, validate
 from llm_jax.errors import UserError
 from llm_jax.train.state import ModelDef
@@ -33,9 +33,9 @@ def import_hf(hf_path: str | Path, run_path: str | Path) -> str:
     `llm-jax generate RUN_DIR` and `llm_jax.load(RUN_DIR)` then use it, a new run starts from it
     with `checkpoint.init_from=RUN_DIR`, and `llm-jax train RUN_DIR/config.yaml` trains it on.
     """
-    from llm_jax.api import hf_params, single_device_mesh
-    from llm_jax.checkpoint import Checkpointer
-    from llm_jax.run_dir import write_run_config
+    from llm_jax.inference.api import hf_params, single_device_mesh
+    from llm_jax.runtime.checkpoint import Checkpointer
+    from llm_jax.runtime.run_dir import write_run_config
     from llm_jax.train.optim import make_optimizer
     from llm_jax.train.state import model_def, param_shardings
 
@@ -65,7 +65,7 @@ def import_hf(hf_path: str | Path, run_path: str | Path) -> str:
 
 def export_hf(run_path: str | Path, out_path: str | Path) -> str:
     """Write the newest checkpoint of a run as a Hugging Face directory (GPT-2, Llama, BERT or T5)."""
-    from llm_jax.api import load
+    from llm_jax.inference.api import load
 
     out = Path(out_path).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -97,9 +97,9 @@ def pretrained_params(cfg: Config, mdef: ModelDef, shardings: dict, fresh: dict)
     (its MLM head is dropped, the pooler and classifier start fresh), as transformers'
     from_pretrained does.
     """
-    from llm_jax.api import hf_params
-    from llm_jax.checkpoint import Checkpointer
-    from llm_jax.run_dir import read_run_config
+    from llm_jax.inference.api import hf_params
+    from llm_jax.runtime.checkpoint import Checkpointer
+    from llm_jax.runtime.run_dir import read_run_config
     from llm_jax.train.state import model_def, param_shardings
 
     source = Path(cfg.checkpoint.init_from).expanduser()

@@ -91,7 +91,7 @@ def _llama_to_params(t: dict, cfg: Config) -> dict:
             "norm2": {"scale": t[h + "post_attention_layernorm.weight"]},
         })
         if m.moe.enabled:
-            from llm_jax.hf_mixtral import mixtral_moe_in
+            from llm_jax.interop.hf_mixtral import mixtral_moe_in
 
             layers[-1]["moe"] = mixtral_moe_in(t, i, m.moe.num_experts)
         else:
@@ -118,7 +118,7 @@ def _llama_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
         t[h + "input_layernorm.weight"] = layer["norm1"]["scale"]
         t[h + "post_attention_layernorm.weight"] = layer["norm2"]["scale"]
         if m.moe.enabled:
-            from llm_jax.hf_mixtral import mixtral_moe_out
+            from llm_jax.interop.hf_mixtral import mixtral_moe_out
 
             t.update(mixtral_moe_out(layer["moe"], i))
             continue
@@ -210,25 +210,25 @@ def _bert_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
 
 
 def _t5_to_params(t: dict, cfg: Config) -> dict:
-    from llm_jax.hf_t5 import t5_to_params  # hf_t5 builds on this module's helpers
+    from llm_jax.interop.hf_t5 import t5_to_params  # hf_t5 builds on this module's helpers
 
     return t5_to_params(t, cfg)
 
 
 def _t5_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
-    from llm_jax.hf_t5 import t5_from_params
+    from llm_jax.interop.hf_t5 import t5_from_params
 
     return t5_from_params(params, cfg)
 
 
 def _mamba_to_params(t: dict, cfg: Config) -> dict:
-    from llm_jax.hf_mamba import mamba_to_params  # hf_mamba builds on this module's helpers
+    from llm_jax.interop.hf_mamba import mamba_to_params  # hf_mamba builds on this module's helpers
 
     return mamba_to_params(t, cfg)
 
 
 def _mamba_from_params(params: dict, cfg: Config) -> dict[str, np.ndarray]:
-    from llm_jax.hf_mamba import mamba_from_params
+    from llm_jax.interop.hf_mamba import mamba_from_params
 
     return mamba_from_params(params, cfg)
 

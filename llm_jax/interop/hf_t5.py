@@ -14,7 +14,7 @@ import numpy as np
 
 from llm_jax.config import Config
 from llm_jax.errors import UserError
-from llm_jax.hf_weights import _stack, _unstack
+from llm_jax.interop.hf_weights import _stack, _unstack
 
 # Block `layer` indices of T5's modules, and our names for the same pieces.
 _ENCODER_LAYERS = {"norm1": "layer.0.layer_norm", "attn": "layer.0.SelfAttention",

@@ -8,5 +8,4 @@ __all__ = ["UserError", "load"]
 def load(path, **kwargs):
     """Load a run directory; see `llm_jax.inference.api.load`."""
     from llm_jax.inference.api import load as _load
-
     return _load(path, **kwargs)

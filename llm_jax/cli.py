@@ -79,8 +79,8 @@ def _cmd_train(args) -> None:
     import jax
 
     from llm_jax.config import load_config
-    from llm_jax.parallel.distributed import initialize, resolve_placement
     from llm_jax.parallel.cpu_devices import split_cpu_host
+    from llm_jax.parallel.distributed import initialize, resolve_placement
     from llm_jax.paths import enable_compile_cache
     from llm_jax.train.loop import describe_eval, print_sample, train
 
@@ -102,10 +102,10 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_bench(args) -> None:
-    from llm_jax.train.bench import bench
     from llm_jax.config import load_config
     from llm_jax.parallel.cpu_devices import split_cpu_host
     from llm_jax.paths import enable_compile_cache
+    from llm_jax.train.bench import bench
 
     cfg = load_config(args.config, args.overrides)
     split_cpu_host(cfg, single_process=True)
@@ -120,7 +120,6 @@ def _cmd_bench(args) -> None:
 
 def _cmd_generate(args) -> None:
     from llm_jax.inference.api import load
-
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     model = load(args.run_dir)

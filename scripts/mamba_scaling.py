@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llm_jax.config import load_config  # noqa: E402
-from llm_jax.train.state import model_def  # noqa: E402
+from llm_jax.models.definition import model_def  # noqa: E402
 from llm_jax.train.step import summed_loss  # noqa: E402
 
 VOCAB = 384

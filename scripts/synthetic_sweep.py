@@ -34,7 +34,6 @@ from llm_jax.train.objectives import build_objective  # noqa: E402
 from llm_jax.train.setup import build_setup  # noqa: E402
 from llm_jax.train.state import init_state  # noqa: E402
 
-
 BYTE_VOCAB = 257  # the default tokenizer's size: the model's rows, as `llm-jax train` would have
 
 

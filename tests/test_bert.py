@@ -8,16 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from runs import REPO, TINY, cli_subprocess, losses
 from safetensors.numpy import load_file
 
 import llm_jax
 from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.errors import UserError
-from llm_jax.runtime.metrics import flops_per_token, matmul_params
+from llm_jax.models.definition import model_def
 from llm_jax.models.registry import build_model
-from llm_jax.train.state import model_def
-from runs import REPO, TINY, cli_subprocess, losses
+from llm_jax.runtime.metrics import flops_per_token, matmul_params
 
 FIXTURE = REPO / "tests" / "fixtures" / "hf" / "bert"
 SMALL = ["model.arch=bert", "model.num_layers=2", "model.d_model=32", "model.num_heads=4", "train.seq_len=16"]

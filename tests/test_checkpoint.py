@@ -3,10 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from llm_jax.runtime.checkpoint import Checkpointer
 from llm_jax.config import load_config
+from llm_jax.runtime.checkpoint import Checkpointer
 
 
 def _state(mesh, spec):

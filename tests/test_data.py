@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from llm_jax.config import Config, validate
-from llm_jax.data import (BatchIterator, DataBundle, build_data, eval_batches, load_tokenizer,
-                          train_dataset)
+from llm_jax.data import BatchIterator, DataBundle, build_data, eval_batches, load_tokenizer, train_dataset
 from llm_jax.data import build as build_module
 from llm_jax.data.splits import cap_bytes, cap_prefix, line_chunks, tail_split, validation_mask
 from llm_jax.data.tokenizer import ByteTokenizer
@@ -256,7 +255,6 @@ def test_init_from_a_run_takes_its_tokenizer(tmp_path: Path, text_dir: Path) -> 
     sentencepiece model trained here on other data (another data.max_bytes) would number the
     pieces differently, and the embeddings, of the same shape, would load into the wrong rows."""
     from llm_jax.runtime.run_dir import write_run_config
-
     def config(init_from: str = "", **data: object) -> Config:
         data = {"source": f"text:{text_dir}", "cache_dir": str(tmp_path / "cache"), **data}
         return validate({"data": data, "train": {"seq_len": 16, "batch_size": 8},

@@ -2,8 +2,8 @@
 
 import pytest
 
-from llm_jax.parallel.distributed import Placement, resolve_placement
 from llm_jax.errors import UserError
+from llm_jax.parallel.distributed import Placement, resolve_placement
 
 ENV = {"LLM_JAX_COORDINATOR": "10.0.0.1:1234", "LLM_JAX_NUM_PROCESSES": "4", "LLM_JAX_PROCESS_ID": "3"}
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from runs import REPO, losses
 from safetensors.numpy import load_file
 
 import llm_jax
@@ -17,13 +18,19 @@ from llm_jax.config.schema import SYNTHETIC_TASKS, TASK_KINDS
 from llm_jax.data.tasks import TASKS
 from llm_jax.errors import UserError
 from llm_jax.inference.generate import generate
+from llm_jax.models.definition import model_def
 from llm_jax.models.encdec import relative_buckets
 from llm_jax.models.registry import build_model
-from llm_jax.train.objectives import (PAD, Objective, seq2seq_targets, span_corrupt_row, span_counts, span_spec,
-                                      span_targets)
-from llm_jax.train.state import model_def
+from llm_jax.train.objectives import (
+    PAD,
+    Objective,
+    seq2seq_targets,
+    span_corrupt_row,
+    span_counts,
+    span_spec,
+    span_targets,
+)
 from llm_jax.train.step import token_loss
-from runs import REPO, losses
 
 FIXTURE = REPO / "tests" / "fixtures" / "hf" / "t5"
 T5 = ["model.arch=t5", "model.position=relative", "model.norm=rmsnorm", "model.use_bias=false", "model.mlp=relu",
@@ -172,7 +179,6 @@ def test_the_original_transformer_learns_to_copy_its_source():
     from llm_jax.train.objectives import build_objective
     from llm_jax.train.setup import build_setup
     from llm_jax.train.state import init_state
-
     cfg = load_config("transformer_small", ["model.num_layers=2", "train.src_len=16", "train.seq_len=16",
                                             "train.batch_size=32", "model.dropout=0", "train.label_smoothing=0",
                                             "optim.warmup_steps=20", "train.steps=500"])

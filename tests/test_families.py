@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from runs import TINY, cli_subprocess, losses
 
 from llm_jax.cli import main
-from runs import TINY, cli_subprocess, losses
 
 SHRINK = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64", "train.batch_size=8",
           "train.seq_len=32", "train.steps=8", "optim.warmup_steps=2", "optim.lr=3e-3", "checkpoint.every=0"]

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm_jax.inference.api import Model, load
 from llm_jax.config import Config, dump_yaml, load_config
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.errors import UserError
+from llm_jax.inference.api import Model, load
 from llm_jax.inference.generate import generate
+from llm_jax.models.definition import ModelDef, model_def
 from llm_jax.models.registry import model_vocab_size
-from llm_jax.train.state import ModelDef, model_def
 
 BASE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "train.seq_len=32",
         "train.batch_size=4", "mesh.data=1"]

@@ -3,11 +3,11 @@ load with transformers' logits, import into runs, export back unchanged, and see
 
 import numpy as np
 import pytest
+from runs import REPO
 from safetensors.numpy import load_file
 
 import llm_jax
 from llm_jax.cli import main
-from runs import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "hf"
 FAMILIES = ["gpt2", "llama", "mixtral", "mamba"]
@@ -99,10 +99,9 @@ def test_mismatches_and_bad_paths_are_user_errors(tmp_path, capsys):
 
 
 def test_presets_are_gpt2_small_and_a_llama():
-    from llm_jax.interop import hf
     from llm_jax.config import load_config
-    from llm_jax.train.state import model_def
-
+    from llm_jax.interop import hf
+    from llm_jax.models.definition import model_def
     gpt2 = load_config("gpt2", [])
     assert hf.family_of(gpt2) == "gpt2"
     assert model_def(gpt2, 50257).num_params == 124_439_808  # GPT2LMHeadModel's count for gpt2 (small)

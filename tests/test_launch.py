@@ -108,7 +108,6 @@ def test_llm_jax_refuses_url_run_dir():
     from llm_jax.config import load_config
     from llm_jax.errors import UserError
     from llm_jax.runtime.run_dir import check_run_dir
-
     cfg = load_config("gpt_tiny", [f"run.dir=gs://{BUCKET}/runs/x"])
     with pytest.raises(UserError, match="gcsfuse"):
         check_run_dir(cfg)

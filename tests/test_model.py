@@ -7,10 +7,10 @@ import pytest
 from flax import nnx
 
 from llm_jax.config import load_config
-from llm_jax.runtime.metrics import flops_per_token, matmul_params
 from llm_jax.models.attention import blockwise_causal_attention, masked_attention
+from llm_jax.models.definition import model_def
 from llm_jax.models.registry import build_model
-from llm_jax.train.state import model_def
+from llm_jax.runtime.metrics import flops_per_token, matmul_params
 
 
 def _qkv(B=2, T=64, N=4, K=2, H=8, seed=0):

@@ -12,16 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from runs import TINY, cli_subprocess, losses
 
 from llm_jax.cli import main
 from llm_jax.config import load_config
-from llm_jax.runtime.metrics import matmul_params
 from llm_jax.models import grouped_mlp
 from llm_jax.models import moe as moe_lib
+from llm_jax.models.definition import model_def
 from llm_jax.models.layers import activate
+from llm_jax.runtime.metrics import matmul_params
 from llm_jax.train.moe_losses import moe_penalty, update_balance_bias
-from llm_jax.train.state import model_def
-from runs import TINY, cli_subprocess, losses
 
 LOGITS = np.array([[2.0, 1.0, 0.5, -1.0],
                    [0.1, 0.3, 2.5, 0.2],
@@ -216,7 +216,6 @@ def moe_step(mesh: list[str]) -> tuple[dict, str]:
     from llm_jax.train.objectives import build_objective
     from llm_jax.train.setup import build_setup
     from llm_jax.train.state import init_state
-
     cfg = load_config("gpt_tiny", [*MOE_RUN, *mesh])
     setup = build_setup(cfg, 384, build_objective(cfg, 257, 384, 256), make_mesh(cfg))
     state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, 384, setup.shardings)

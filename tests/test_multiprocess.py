@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from runs import REPO, TINY, losses
 
 LOCAL = REPO / "launch" / "local.py"

@@ -5,10 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax.errors import UserError
 from llm_jax.config import load_config
-from llm_jax.train.objectives import (MLMSpec, build_objective, mlm_key, mlm_mask, mlm_spec, mlm_targets,
-                                      tokenizer_objective)
+from llm_jax.errors import UserError
+from llm_jax.train.objectives import (
+    MLMSpec,
+    build_objective,
+    mlm_key,
+    mlm_mask,
+    mlm_spec,
+    mlm_targets,
+    tokenizer_objective,
+)
 
 SPEC = MLMSpec(mask_id=257, vocab_limit=257)
 

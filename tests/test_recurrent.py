@@ -7,16 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from runs import TINY, cli_subprocess, losses
 
 from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.inference.generate import generate
-from llm_jax.runtime.metrics import flops_per_token, matmul_params
+from llm_jax.models.definition import model_def
 from llm_jax.models.recurrent import GATES, cell_step, run_cell
 from llm_jax.models.registry import build_model, model_vocab_size
-from llm_jax.train.state import model_def
-from runs import TINY, cli_subprocess, losses
+from llm_jax.runtime.metrics import flops_per_token, matmul_params
 
 ARCHS = ("rnn", "lstm", "gru")
 

@@ -6,13 +6,13 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from runs import cli_subprocess
 
 from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.data.synthetic import CHUNK, blank_id, generate_rows, marker_id, synthetic_ids, synthetic_rows, trigger_id
 from llm_jax.errors import UserError
 from llm_jax.train.objectives import build_objective, row_width
-from runs import cli_subprocess
 
 T, V, K = 32, 8, 5
 

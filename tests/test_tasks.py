@@ -12,9 +12,21 @@ import numpy as np
 import pytest
 
 from llm_jax.data.splits import stratified_validation_mask
-from llm_jax.data.tasks import (NAME_PLACEHOLDER, PACKAGE_LABELS, PAD, TASKS, Example,
-                                encode_classify_rows, encode_seq2seq_rows, line_groups,
-                                num_classes, package_label, split_group, task_examples, task_kind)
+from llm_jax.data.tasks import (
+    NAME_PLACEHOLDER,
+    PACKAGE_LABELS,
+    PAD,
+    TASKS,
+    Example,
+    encode_classify_rows,
+    encode_seq2seq_rows,
+    line_groups,
+    num_classes,
+    package_label,
+    split_group,
+    task_examples,
+    task_kind,
+)
 from llm_jax.errors import UserError
 
 # A tiny fake standard library. Raw strings: the "\n" inside stays two characters of source.

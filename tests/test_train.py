@@ -1,18 +1,15 @@
 """End-to-end: the real CLI trains, shards with the same losses, resumes exactly, samples."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from runs import TINY, cli_subprocess, losses
 
 from llm_jax.cli import main
-from runs import TINY, cli_subprocess, losses
+
 
 def test_entry_trains_and_generates(tmp_path, capsys):
     run = tmp_path / "run"

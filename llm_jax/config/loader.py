@@ -19,6 +19,7 @@ from llm_jax.config.schema import Config
 from llm_jax.errors import UserError
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # packaged: wheels carry the presets
+CONFIG_FILE = "config.yaml"  # a run directory's record of its config
 
 
 # Keys that fix the meaning of a run directory's checkpoints; a different value means a
@@ -137,6 +138,14 @@ def validate(data: dict[str, Any]) -> Config:
         return Config.model_validate(data)
     except pydantic.ValidationError as exc:
         raise UserError(f"invalid config: {_format_validation(exc)}") from None
+
+
+def read_run_config(run_dir: str | Path) -> Config:
+    """The config a run directory was made with (its config.yaml)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not an llm-jax run directory (no {CONFIG_FILE})")
+    return validate(read_yaml_mapping(path))
 
 
 def load_config(spec: str | None, overrides: list[str] = ()) -> Config:

@@ -31,7 +31,6 @@ from llm_jax.data.cache import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from llm_jax.paths import cache_root
 from llm_jax.data.sources import Corpus, open_corpus
 from llm_jax.data.splits import cap_bytes, cap_prefix
 from llm_jax.data.tokenizer import (
@@ -44,6 +43,7 @@ from llm_jax.data.tokenizer import (
     train_sentencepiece,
 )
 from llm_jax.errors import UserError
+from llm_jax.paths import cache_root
 
 SP_MODEL = "sp.model"
 HF_FILE = "tokenizer.json"
@@ -173,8 +173,7 @@ def _init_from_tokenizer(spec: str, init_from: str) -> Path | None:
     same size, load into the wrong rows without a word. So the source run's model is copied
     instead of training one, and a different kind of tokenizer is refused.
     """
-    from llm_jax.runtime.run_dir import CONFIG_FILE, read_run_config
-
+    from llm_jax.config import CONFIG_FILE, read_run_config
     source = Path(init_from).expanduser()
     if not init_from or not (source / CONFIG_FILE).is_file():
         return None  # not a run directory: pretrained_params says what it is

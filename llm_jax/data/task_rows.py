@@ -12,7 +12,6 @@ corpus's training split may have read (without labels) some of the task's valida
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 

@@ -12,19 +12,16 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-
 from flax import nnx
-from jax.sharding import AxisType
 
-from llm_jax.interop import hf
-from llm_jax.config import Config
-from llm_jax.runtime.run_dir import read_run_config
+from llm_jax.config import Config, read_run_config
 from llm_jax.errors import UserError
 from llm_jax.inference.generate import BOUNDED_POSITIONS, generate
+from llm_jax.interop import hf
+from llm_jax.models.definition import ModelDef, model_def, param_shardings
 from llm_jax.models.registry import model_vocab_size
-from llm_jax.parallel.rules import MESH_AXES
+from llm_jax.parallel.mesh import single_device_mesh
 from llm_jax.train.objectives import decoder_start_id
-from llm_jax.train.state import ModelDef, model_def, param_shardings
 
 Prompt = str | Sequence[int]
 
@@ -186,16 +183,11 @@ class Model:
         raise UserError("prompts must all be strings or all be lists of token ids")
 
 
-def single_device_mesh() -> jax.sharding.Mesh:
-    return jax.make_mesh((1,) * len(MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=jax.devices()[:1])
-
-
 def load(path: str | Path, *, step: int | None = None) -> Model:
     """Load a run directory's config, tokenizer and newest complete checkpoint (or `step`),
     or a Hugging Face checkpoint directory (config.json + safetensors; GPT-2, Llama, BERT MLM)."""
-    from llm_jax.runtime.checkpoint import Checkpointer, checkpoint_dir  # Orbax is slow to import
     from llm_jax.data import load_tokenizer  # the data stack is only needed for a real run
+    from llm_jax.runtime.checkpoint import Checkpointer, checkpoint_dir  # Orbax is slow to import
 
     run_dir = Path(path).expanduser()
     if not run_dir.is_dir():

@@ -24,11 +24,12 @@ from flax import nnx
 
 from llm_jax.config import Config
 from llm_jax.errors import UserError
+from llm_jax.models.definition import (
+    ModelDef,  # Prompt lengths are rounded up to a multiple of this (extra left padding is free: it is masked
+)
 from llm_jax.models.recurrent import RECURRENT_ARCHS, init_state
 from llm_jax.models.registry import compute_dtype
-from llm_jax.train.state import ModelDef
 
-# Prompt lengths are rounded up to a multiple of this (extra left padding is free: it is masked
 # and shifts no positions), so prompts of similar length share one compiled program.
 PROMPT_BUCKET = 16
 # Sinusoidal tables are computed for max_seq_len rows too; only RoPE extrapolates past it.

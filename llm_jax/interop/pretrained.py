@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax.interop import hf
 from llm_jax.config import Config, validate
 from llm_jax.errors import UserError
-from llm_jax.train.state import ModelDef
+from llm_jax.interop import hf
+from llm_jax.models.definition import ModelDef
 
 TOKENIZER_FILE = "tokenizer.json"
 # Keys that change what the same parameter shapes compute; the shapes check covers the rest.
@@ -33,12 +33,12 @@ def import_hf(hf_path: str | Path, run_path: str | Path) -> str:
     `llm-jax generate RUN_DIR` and `llm_jax.load(RUN_DIR)` then use it, a new run starts from it
     with `checkpoint.init_from=RUN_DIR`, and `llm-jax train RUN_DIR/config.yaml` trains it on.
     """
-    from llm_jax.inference.api import hf_params, single_device_mesh
+    from llm_jax.inference.api import hf_params
+    from llm_jax.models.definition import model_def, param_shardings
+    from llm_jax.parallel.mesh import single_device_mesh
     from llm_jax.runtime.checkpoint import Checkpointer
     from llm_jax.runtime.run_dir import write_run_config
     from llm_jax.train.optim import make_optimizer
-    from llm_jax.train.state import model_def, param_shardings
-
     source, run_dir = _hf_dir(hf_path), Path(run_path).expanduser()
     if run_dir.exists():
         raise UserError(f"{run_dir} already exists; import-hf writes only into a new directory")
@@ -66,7 +66,6 @@ def import_hf(hf_path: str | Path, run_path: str | Path) -> str:
 def export_hf(run_path: str | Path, out_path: str | Path) -> str:
     """Write the newest checkpoint of a run as a Hugging Face directory (GPT-2, Llama, BERT or T5)."""
     from llm_jax.inference.api import load
-
     out = Path(out_path).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not empty; export-hf writes only into a new or empty directory")
@@ -97,11 +96,10 @@ def pretrained_params(cfg: Config, mdef: ModelDef, shardings: dict, fresh: dict)
     (its MLM head is dropped, the pooler and classifier start fresh), as transformers'
     from_pretrained does.
     """
+    from llm_jax.config import read_run_config
     from llm_jax.inference.api import hf_params
+    from llm_jax.models.definition import model_def, param_shardings
     from llm_jax.runtime.checkpoint import Checkpointer
-    from llm_jax.runtime.run_dir import read_run_config
-    from llm_jax.train.state import model_def, param_shardings
-
     source = Path(cfg.checkpoint.init_from).expanduser()
     if not source.is_dir():
         raise UserError(f"checkpoint.init_from: {source} is not a directory")

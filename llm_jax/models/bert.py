@@ -25,9 +25,9 @@ from flax import nnx
 
 from llm_jax.config.model import ModelConfig
 from llm_jax.models.attention import Attention
+from llm_jax.models.gpt import add_positions, keep_settings, layer_unit, run_layers
 from llm_jax.models.layers import MLP, Dense, Embed, Norm, dropout, output_layer, output_logits, param, stack_layers
 from llm_jax.models.moe import MoE
-from llm_jax.models.gpt import add_positions, keep_settings, layer_unit, run_layers
 from llm_jax.parallel.rules import constrain
 
 # Segment (token type) ids: sentence A and sentence B, as in BERT and BertConfig's default.

@@ -30,9 +30,9 @@ from flax import nnx
 
 from llm_jax.config.model import ModelConfig
 from llm_jax.models.attention import Attention
+from llm_jax.models.gpt import add_positions, group_cache, keep_settings, layer_unit, run_layers, ungroup_cache
 from llm_jax.models.layers import MLP, Embed, Norm, dropout, output_layer, output_logits, param, stack_layers
 from llm_jax.models.moe import MoE
-from llm_jax.models.gpt import add_positions, group_cache, keep_settings, layer_unit, run_layers, ungroup_cache
 from llm_jax.parallel.rules import constrain
 
 

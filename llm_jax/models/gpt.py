@@ -15,8 +15,17 @@ from flax import nnx
 
 from llm_jax.config.model import ModelConfig
 from llm_jax.models.attention import Attention
-from llm_jax.models.layers import (MLP, Embed, Norm, dropout, output_layer, output_logits, rope_angles,
-                                   sinusoidal_table, stack_layers)
+from llm_jax.models.layers import (
+    MLP,
+    Embed,
+    Norm,
+    dropout,
+    output_layer,
+    output_logits,
+    rope_angles,
+    sinusoidal_table,
+    stack_layers,
+)
 from llm_jax.models.moe import MoE
 from llm_jax.parallel.rules import constrain
 

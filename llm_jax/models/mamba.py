@@ -24,11 +24,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm_jax.config.model import ModelConfig
+from llm_jax.models.gpt import Block, keep_settings, run_layers
 from llm_jax.models.layers import MLP, Dense, Embed, Norm, dropout, output_layer, output_logits, param, stack_layers
 from llm_jax.models.moe import MoE
 from llm_jax.models.recurrent import real_tokens
 from llm_jax.models.ssm import selective_scan
-from llm_jax.models.gpt import Block, keep_settings, run_layers
 from llm_jax.parallel.rules import constrain
 
 # The reference's initialisation of delta: dt log-uniform in [DT_MIN, DT_MAX], at least DT_FLOOR.

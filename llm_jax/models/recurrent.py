@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm_jax.config.model import ModelConfig
-from llm_jax.models.layers import Dense, Embed, Norm, dropout, output_layer, output_logits, stack_layers
 from llm_jax.models.gpt import _unstack
+from llm_jax.models.layers import Dense, Embed, Norm, dropout, output_layer, output_logits, stack_layers
 from llm_jax.parallel.rules import constrain
 
 RECURRENT_ARCHS = ("rnn", "lstm", "gru")

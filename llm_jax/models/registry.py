@@ -10,9 +10,9 @@ from llm_jax.errors import UserError
 from llm_jax.models.attention import resolve_kernel
 from llm_jax.models.bert import Bert
 from llm_jax.models.encdec import EncoderDecoder
+from llm_jax.models.gpt import GPT
 from llm_jax.models.mamba import MambaLM
 from llm_jax.models.recurrent import RECURRENT_ARCHS, RecurrentLM
-from llm_jax.models.gpt import GPT
 
 
 def model_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:

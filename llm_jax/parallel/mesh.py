@@ -86,3 +86,9 @@ def check_batch(cfg: Config, sizes: dict[str, int], processes: int | None = None
     moe = cfg.model.moe
     if moe.enabled and moe.num_experts % sizes["expert"]:
         raise UserError(f"model.moe.num_experts={moe.num_experts} is not divisible by mesh.expert={sizes['expert']}")
+
+
+def single_device_mesh() -> Mesh:
+    """Every mesh axis of size 1 on the first device: inference and conversions of one model."""
+    return jax.make_mesh((1,) * len(MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=jax.devices()[:1])

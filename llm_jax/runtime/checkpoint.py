@@ -8,6 +8,7 @@ by a kill is never listed by `latest_step()` and never restored.
 from __future__ import annotations
 
 from pathlib import Path
+
 import jax
 import orbax.checkpoint as ocp
 

@@ -8,17 +8,8 @@ from pathlib import Path
 
 import jax
 
-from llm_jax.config import Config, check_compatible, dump_yaml, read_yaml_mapping, validate
+from llm_jax.config import CONFIG_FILE, Config, check_compatible, dump_yaml, read_run_config
 from llm_jax.errors import UserError
-
-CONFIG_FILE = "config.yaml"
-
-
-def read_run_config(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not an llm-jax run directory (no {CONFIG_FILE})")
-    return validate(read_yaml_mapping(path))
 
 
 def _atomic_write(path: Path, text: str) -> None:

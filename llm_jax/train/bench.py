@@ -14,8 +14,8 @@ import jax
 import numpy as np
 
 from llm_jax.config import Config
-from llm_jax.runtime.metrics import peak_flops_total
 from llm_jax.models.registry import model_vocab_size
+from llm_jax.runtime.metrics import peak_flops_total
 from llm_jax.train.in_flight import StepWindow
 from llm_jax.train.objectives import build_objective, row_width
 from llm_jax.train.setup import build_setup

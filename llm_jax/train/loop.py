@@ -7,21 +7,21 @@ import time
 
 import jax
 
-from llm_jax.runtime.checkpoint import Checkpointer
 from llm_jax.config import Config
-from llm_jax.parallel.distributed import StopRequest, barrier, broadcast_flag, is_multiprocess
 from llm_jax.errors import UserError
-from llm_jax.runtime.metrics import MetricsWriter, peak_flops_total
 from llm_jax.models.registry import model_vocab_size
+from llm_jax.parallel.distributed import StopRequest, barrier, broadcast_flag, is_multiprocess
 from llm_jax.parallel.mesh import make_mesh
+from llm_jax.runtime.checkpoint import Checkpointer
+from llm_jax.runtime.metrics import MetricsWriter, peak_flops_total
 from llm_jax.runtime.run_dir import check_run_dir, trim_metrics, write_run_config
 from llm_jax.train.in_flight import StepWindow
 from llm_jax.train.objectives import tokenizer_objective
 from llm_jax.train.setup import TrainSetup, build_setup
-from llm_jax.train.state import init_state
+from llm_jax.train.state import (
+    init_state,  # Fields of the data position that must match for a resumed run to see the same batches
+)
 
-
-# Fields of the data position that must match for a resumed run to see the same batches
 # (the process layout may change: the global batch of a step is the same on any topology).
 ORDER_KEYS = ("seed", "seq_len", "global_batch", "n_windows")
 
@@ -180,7 +180,6 @@ def print_sample(cfg: Config, result: dict) -> None:
     if jax.process_index() != 0:
         return
     from llm_jax.inference.api import Model
-
     model = Model.from_params(cfg, params, tokenizer=result["tokenizer"])
     if cfg.model.is_encoder_decoder:  # the prompt is the source; the sample is the decoded target
         tokens = min(cfg.train.sample_tokens, cfg.train.seq_len)

@@ -10,11 +10,12 @@ import optax
 from jax.sharding import Mesh
 
 from llm_jax.config import Config
-from llm_jax.runtime.metrics import encoder_decoder_flops_per_token, flops_per_token, matmul_params
+from llm_jax.models.definition import ModelDef, model_def, unsharded_large_params
 from llm_jax.parallel.mesh import make_mesh
+from llm_jax.runtime.metrics import encoder_decoder_flops_per_token, flops_per_token, matmul_params
 from llm_jax.train.objectives import Objective
 from llm_jax.train.optim import make_optimizer, make_schedule
-from llm_jax.train.state import ModelDef, abstract_state, model_def, state_shardings, unsharded_large_params
+from llm_jax.train.state import abstract_state, state_shardings
 from llm_jax.train.step import batch_sharding, make_eval_step, make_train_step
 
 

@@ -7,14 +7,15 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from llm_jax.config import Config
+from llm_jax.models.definition import ModelDef
 from llm_jax.parallel.rules import activation_mesh, logical_to_spec
 from llm_jax.train.moe_losses import moe_metrics, moe_penalty, update_balance_bias
 from llm_jax.train.objectives import EVAL_STEP, Objective
 from llm_jax.train.optim import clip_by_norm
-from llm_jax.train.state import ModelDef
 
 
 def token_loss(mdef: ModelDef, params: dict, data: tuple, dropout_key: jax.Array | None,

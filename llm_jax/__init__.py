@@ -1,5 +1,6 @@
 """llm-jax: a JAX/Flax NNX training stack for language models."""
 
+from llm_jax import models  # noqa: F401  (registers every model family before any config is read)
 from llm_jax.errors import UserError
 
 __all__ = ["UserError", "load"]

@@ -12,6 +12,8 @@ from typing import Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from llm_jax.config.families import ArchSpec, arch_spec, archs_where, either
+
 
 class Section(BaseModel):
     """Unknown keys are refused; each field's docstring is its description."""
@@ -82,8 +84,8 @@ class SSMConfig(Section):
 
 
 class ModelConfig(Section):
-    arch: Literal["gpt", "bert", "transformer", "t5", "rnn", "lstm", "gru", "mamba"] = "gpt"
-    """Model family. `gpt`: decoder-only Transformer. `transformer`: the original encoder-decoder (Vaswani et al. 2017: post-LayerNorm blocks, shared source/target embeddings scaled by sqrt(d_model) and tied to the output, sinusoidal positions by default), trained on a seq2seq `data.task`. `t5`: encoder-decoder with pre-RMSNorm blocks without biases, relative position buckets (`model.position=relative`), unscaled attention and a tied output scaled by d_model^-0.5; it pretrains with span corruption on the corpus, or fine-tunes text-to-text on a seq2seq `data.task`. `bert`: encoder-only Transformer (post-norm blocks, bidirectional attention, exact GELU, segment embeddings, tied MLM head) trained with the masked-LM objective; it does not generate. `rnn` (Elman, tanh), `lstm`, `gru`: recurrent LMs whose layers are pre-norm residual cells of hidden size d_model; they ignore the attention, position and MLP keys (num_heads, num_kv_heads, d_ff, position, rope_theta, mlp, attention, attention_block) and scan_layers/remat, and have no sequence-length limit at generation. `mamba`: selective state space blocks (Gu and Dao 2023: pre-RMSNorm residual blocks of in_proj, causal depthwise conv, selective scan gated by SiLU(z), out_proj; tied embeddings; `model.ssm.*`), optionally mixed with attention and MoE layers by `model.layer_pattern`; it ignores the position keys and generates with a constant-size state."""
+    arch: str = "gpt"
+    """Model family, one of the registered ones (`llm-jax keys`; docs/families.md): gpt, bert, transformer, t5, rnn, lstm, gru, mamba."""
     num_layers: int = pydantic.Field(4, ge=1)
     """Number of transformer blocks (recurrent layers for rnn/lstm/gru; encoder blocks for transformer/t5)."""
     num_decoder_layers: int | None = pydantic.Field(None, ge=1)
@@ -142,30 +144,27 @@ class ModelConfig(Section):
     """model.arch=mamba: the residual sublayers of one repeat of the stack, repeated to fill model.num_layers sublayers (which it must divide); default [mamba]. mamba: norm + Mamba mixer; attention: a decoder block (norm + causal attention, norm + MLP); mlp: norm + MLP; moe: norm + MoE feed-forward (model.moe.*). E.g. [mamba, mamba, attention] or Jamba-like [mamba, moe, mamba, mlp, attention, moe]."""
 
     @model_validator(mode="after")
-    def _check_heads(self) -> ModelConfig:
-        if self.arch != "mamba" and self.layer_pattern:
-            raise ValueError(f"model.layer_pattern is for model.arch=mamba, not {self.arch}")
-        if self.arch == "mamba":
-            pattern = self.pattern
-            if self.num_layers % len(pattern):
-                raise ValueError(f"model.layer_pattern has {len(pattern)} entries, which do not divide "
-                                 f"model.num_layers={self.num_layers}")
-            if "moe" in pattern and not self.moe.enabled:
-                raise ValueError("model.layer_pattern has moe layers but model.moe.num_experts is 0")
-            if self.moe.enabled and "moe" not in pattern:
-                raise ValueError("model.moe.num_experts is set but model.layer_pattern has no moe entry")
-            if "attention" not in pattern:
-                return self  # no attention heads: those keys are ignored
-        elif self.moe.enabled:
-            if self.is_recurrent:
+    def _check_family(self) -> ModelConfig:
+        try:
+            spec = arch_spec(self.arch)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        for key in ("layer_pattern",):
+            if getattr(self, key) and key not in spec.keys:
+                raise ValueError(f"model.{key} is for model.arch={either(archs_where(lambda s: key in s.keys))}, "
+                                 f"not {self.arch}")
+        if spec.check is not None:
+            spec.check(self)
+        if self.moe.enabled and "layer_pattern" not in spec.keys:
+            if not spec.moe:
                 raise ValueError(f"model.moe replaces a Transformer block's MLP; model.arch={self.arch} has none")
             if self.num_layers % self.moe.every:
                 raise ValueError(f"model.moe.every={self.moe.every} does not divide model.num_layers={self.num_layers}")
             if self.is_encoder_decoder and self.decoder_layers % self.moe.every:
                 raise ValueError(f"model.moe.every={self.moe.every} does not divide the {self.decoder_layers} "
                                  "decoder layers (model.num_decoder_layers)")
-        if self.is_recurrent:
-            return self  # no attention heads: these keys are ignored
+        if not spec.attends(self):
+            return self  # no attention heads: those keys are ignored
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}"
@@ -177,11 +176,15 @@ class ModelConfig(Section):
             )
         if self.position == "rope" and (self.d_model // self.num_heads) % 2:
             raise ValueError("model.position=rope needs an even head dimension (d_model/num_heads)")
-        if self.position == "relative" and not self.is_encoder_decoder:
-            raise ValueError(f"model.position=relative is for the encoder-decoders (transformer, t5), not model.arch={self.arch}")
-        if self.position == "rope" and self.is_encoder_decoder:
-            raise ValueError(f"model.arch={self.arch} takes model.position learned, sinusoidal or relative, not rope")
+        if spec.positions and self.position not in spec.positions:
+            raise ValueError(f"model.position={self.position} is for model.arch="
+                             f"{either(archs_where(lambda s: self.position in s.positions))}, not {self.arch}")
         return self
+
+    @property
+    def spec(self) -> ArchSpec:
+        """The family's declaration of this arch (`config.families`)."""
+        return arch_spec(self.arch)
 
     @property
     def pattern(self) -> list[str]:
@@ -198,18 +201,13 @@ class ModelConfig(Section):
 
     @property
     def has_no_positions(self) -> bool:
-        """rnn / lstm / gru / mamba: order comes from the recurrence; no table bounds the length."""
-        return self.is_recurrent or self.arch == "mamba"
-
-    @property
-    def is_recurrent(self) -> bool:
-        """rnn / lstm / gru: a recurrent state instead of attention and positions."""
-        return self.arch in ("rnn", "lstm", "gru")
+        """Order comes from a recurrence (rnn, lstm, gru, mamba): no table bounds the length."""
+        return not self.spec.positions
 
     @property
     def is_encoder_decoder(self) -> bool:
-        """transformer / t5: an encoder reads the source, a decoder cross-attends to it."""
-        return self.arch in ("transformer", "t5")
+        """An encoder reads the source, a decoder cross-attends to it (transformer, t5)."""
+        return self.spec.kind == "encoder-decoder"
 
     @property
     def decoder_layers(self) -> int:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import model_validator
 
+from llm_jax.config.families import TASK_OBJECTIVES, archs_where, either
 from llm_jax.config.model import ModelConfig, Section
 
 
@@ -23,6 +24,14 @@ class RunConfig(Section):
     """A label for the run, shown in logs."""
     compile_cache: bool = True
     """Keep compiled XLA programs in <cache root>/xla (see data.cache_dir), so a repeated run skips compiling."""
+
+
+def span_counts(length: int, density: float, mean_span: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) of a span-corruption row of `length` tokens: fixed per row, as
+    in T5, so shapes are static (the objective and the FLOP count both read it)."""
+    noise = min(max(round(length * density), 1), length - 1)
+    spans = min(max(round(noise / mean_span), 1), noise, length - noise)
+    return noise, spans
 
 
 class TrainConfig(Section):
@@ -180,7 +189,7 @@ class Config(Section):
     """Where the run lives."""
     seed: int = 0
     """Seed of initialisation, data order and dropout."""
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = pydantic.Field(default_factory=ModelConfig)  # validated when families are registered
     """The network."""
     train: TrainConfig = TrainConfig()
     """The training loop."""
@@ -200,19 +209,19 @@ class Config(Section):
     @model_validator(mode="after")
     def _check_objective(self) -> Config:
         arch, task = self.model.arch, self.data.task
-        kind = TASK_KINDS.get(task)
-        if kind == "masked_causal" and (arch == "bert" or self.model.is_encoder_decoder):
-            raise ValueError(f"data.task={task} trains a causal language model (gpt, mamba, rnn, lstm, gru), not {arch}")
+        spec = self.model.spec
         if task and task not in SYNTHETIC_TASKS and self.data.source != "stdlib":
             raise ValueError(f"data.task={task} is built from the stdlib corpus; it needs data.source=stdlib")
-        if kind == "seq2seq" and not self.model.is_encoder_decoder:
-            raise ValueError(f"data.task={task} is sequence-to-sequence: it needs model.arch=transformer or t5, not {arch}")
-        if kind == "classify" and arch != "bert":
-            raise ValueError(f"data.task={task} is a classification task: it needs model.arch=bert, not {arch}")
-        if self.train.nsp and (arch != "bert" or task):
-            raise ValueError("train.nsp (next-sentence prediction) is for model.arch=bert pretraining, without a data.task")
-        if arch == "transformer" and not task:
-            raise ValueError("model.arch=transformer trains on a sequence-to-sequence data.task: funcname or docsig")
+        if task and TASK_KINDS[task] not in spec.objectives:
+            kind = TASK_KINDS[task]
+            raise ValueError(f"data.task={task} trains the {kind} objective: it needs model.arch="
+                             f"{either(archs_where(lambda s: kind in s.objectives))}, not {arch}")
+        if self.train.nsp and (spec.objectives[0] != "mlm" or task):
+            raise ValueError(f"train.nsp (next-sentence prediction) is for masked-LM pretraining (model.arch="
+                             f"{either(archs_where(lambda s: s.objectives[0] == 'mlm'))}), without a data.task")
+        if not task and spec.objectives[0] in TASK_OBJECTIVES:
+            tasks = [t for t, kind in TASK_KINDS.items() if kind in spec.objectives]
+            raise ValueError(f"model.arch={arch} trains on a data.task: {either(tasks)}")
         return self
 
     @model_validator(mode="after")
@@ -227,7 +236,7 @@ class Config(Section):
     def max_seq_len(self) -> int:
         """Longest position the model must embed (the encoder's input too, for encoder-decoders)."""
         longest = self.train.seq_len
-        if self.model.is_encoder_decoder:
+        if self.model.is_encoder_decoder:  # the encoder embeds the source's positions too
             longest = max(longest, self.train.src_len)
         return self.model.max_seq_len or longest
 
@@ -239,7 +248,7 @@ class Config(Section):
         only where a synthetic task's answers are)."""
         if self.data.task:
             return TASK_KINDS[self.data.task]
-        return {"bert": "mlm", "t5": "span"}.get(self.model.arch, "causal")
+        return self.model.spec.objectives[0]
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -4,21 +4,14 @@
     ds = train_dataset(bundle.train_tokens, ...)  # ds[step] -> this process's rows of the batch
     it = BatchIterator(ds, start, end, prefetch, to_global)
 
-The names below load on first use: importing a light submodule (`llm_jax.data.synthetic`, say)
-must not import Grain and TFDS, which a machine that only runs `bench` or a synthetic task may lack.
+Grain and TFDS are imported where they are used, so a machine that only runs `bench` or a
+synthetic task (the GPU image has neither) imports this package.
 """
 
-from __future__ import annotations
+from llm_jax.data.build import DataBundle, build_data, load_tokenizer
+from llm_jax.data.iterator import BatchIterator
+from llm_jax.data.pipeline import eval_batches, train_dataset
+from llm_jax.data.tokenizer import Tokenizer
 
-import importlib
-
-_EXPORTS = {"DataBundle": "build", "build_data": "build", "load_tokenizer": "build",
-            "BatchIterator": "iterator", "eval_batches": "pipeline", "train_dataset": "pipeline",
-            "Tokenizer": "tokenizer"}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'llm_jax.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"llm_jax.data.{_EXPORTS[name]}"), name)
+__all__ = ["BatchIterator", "DataBundle", "Tokenizer", "build_data", "eval_batches", "load_tokenizer",
+           "train_dataset"]

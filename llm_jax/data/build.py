@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from llm_jax.config import CONFIG_FILE, read_run_config
 from llm_jax.config.schema import SYNTHETIC_TASKS, Config, DataConfig
 from llm_jax.data.cache import (
     CACHE_FORMAT_VERSION,
@@ -33,6 +34,8 @@ from llm_jax.data.cache import (
 )
 from llm_jax.data.sources import Corpus, open_corpus
 from llm_jax.data.splits import cap_bytes, cap_prefix
+from llm_jax.data.synthetic import check_layout, synthetic_rows
+from llm_jax.data.task_rows import task_rows
 from llm_jax.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
@@ -77,7 +80,6 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
     corpus = open_corpus(data, root)
     tokenizer = _build_tokenizer(data, Path(run_dir), corpus, root, cfg.checkpoint.init_from)
     if data.task:
-        from llm_jax.data.task_rows import task_rows
 
         return DataBundle(tokenizer, task_rows(cfg, corpus, tokenizer, "train", root),
                           task_rows(cfg, corpus, tokenizer, "validation", root), None)
@@ -99,7 +101,6 @@ def _synthetic_data(cfg: Config, run_dir: Path, root: Path) -> DataBundle:
     The tokenizer is still data.tokenizer's (its vocabulary sizes the model; byte: 384 rows), but
     the rows' ids are the task's own (content, blank, marker, trigger), not the tokenizer's text.
     """
-    from llm_jax.data.synthetic import check_layout, synthetic_rows
 
     data = cfg.data
     check_layout(data.task, cfg.train.seq_len, data.synthetic_copies)  # before any tokenizer work
@@ -173,7 +174,6 @@ def _init_from_tokenizer(spec: str, init_from: str) -> Path | None:
     same size, load into the wrong rows without a word. So the source run's model is copied
     instead of training one, and a different kind of tokenizer is refused.
     """
-    from llm_jax.config import CONFIG_FILE, read_run_config
     source = Path(init_from).expanduser()
     if not init_from or not (source / CONFIG_FILE).is_file():
         return None  # not a run directory: pretrained_params says what it is

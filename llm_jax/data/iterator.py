@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import grain
 import numpy as np
 
 _DONE = object()
@@ -26,7 +25,7 @@ class _Failure:
 class BatchIterator:
     """Yields (step, to_global(dataset[step])) for step in [start_step, end_step)."""
 
-    def __init__(self, dataset: grain.MapDataset, start_step: int, end_step: int, prefetch: int,
+    def __init__(self, dataset: Sequence[np.ndarray], start_step: int, end_step: int, prefetch: int,
                  to_global: Callable[[np.ndarray], Any]):
         self._dataset = dataset
         self._next_step = start_step

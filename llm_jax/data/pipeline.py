@@ -9,7 +9,6 @@ permutation per epoch and random access, so step s can be produced without repla
 
 from __future__ import annotations
 
-import grain
 import numpy as np
 
 from llm_jax.errors import UserError
@@ -79,21 +78,19 @@ def grain_seed(seed: int) -> int:
     return int(np.random.SeedSequence(seed % 2**64).generate_state(1, dtype=np.uint32)[0])
 
 
-class StepBatches(grain.MapDataset):
-    """`ds[step]` -> this process's rows of global step `step`; knows the order's parameters
-    so the iterator can record them in checkpoints."""
+class StepBatches:
+    """`ds[step]` -> this process's rows of global step `step` (a Grain MapDataset underneath);
+    knows the order's parameters so the iterator can record them in checkpoints."""
 
-    def __init__(self, parent: grain.MapDataset, order: dict[str, int]):
-        super().__init__(parent)
+    def __init__(self, dataset, order: dict[str, int]):
+        self._dataset = dataset
         self.order = order
 
     def __len__(self) -> int:
-        return len(self._parent)
+        return len(self._dataset)
 
-    def __getitem__(self, step):
-        if isinstance(step, slice):
-            return self.slice(step)
-        return self._parent[step]
+    def __getitem__(self, step: int) -> np.ndarray:
+        return self._dataset[step]
 
     def __str__(self) -> str:
         return f"StepBatches({self.order})"
@@ -103,6 +100,8 @@ def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int
                   process_index: int = 0, process_count: int = 1) -> StepBatches:
     """ds[step] -> int32 [global_batch // process_count, seq_len + 1]: rows
     p*B/P .. (p+1)*B/P of the global batch of `step`, for process p of P."""
+    import grain  # heavy, and absent where only `bench` or a synthetic task runs (the GPU image)
+
     local_batch = _rows_per_process(global_batch, process_count)
     windows = _windows(tokens, seq_len, "training")
     dataset = (

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from llm_jax.config.schema import DataConfig
+from llm_jax.data import stdlib_tfds
 from llm_jax.data.splits import line_chunks, tail_split, validation_mask
 from llm_jax.errors import UserError
 
-# Bump when the stdlib file selection or its split rule changes (names the TFDS builder config).
-STDLIB_LAYOUT_VERSION = 1
 # Enough to tell text from binary: text files have no NUL bytes near the start.
 _SNIFF_BYTES = 8192
 
@@ -62,7 +61,6 @@ def _stdlib_corpus(data: DataConfig, cache_root: Path) -> Corpus:
     import sysconfig
 
     def documents(split: str) -> Iterator[str]:
-        from llm_jax.data import stdlib_tfds  # imports TFDS: only when the stdlib is read
 
         builder = stdlib_tfds.prepared_builder(cache_root / "tfds", data.val_fraction)
         for _path, text in stdlib_tfds.stdlib_documents(builder, split):
@@ -72,7 +70,7 @@ def _stdlib_corpus(data: DataConfig, cache_root: Path) -> Corpus:
         "source": "stdlib",
         "python": sys.version,
         "stdlib": str(Path(sysconfig.get_paths()["stdlib"]).resolve()),
-        "layout": STDLIB_LAYOUT_VERSION,
+        "layout": stdlib_tfds.STDLIB_LAYOUT_VERSION,
     }
     return Corpus(data.source, fingerprint, documents)
 

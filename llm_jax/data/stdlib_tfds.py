@@ -3,7 +3,8 @@
 Documents are the `.py` files under `sysconfig.get_paths()["stdlib"]`, recursively. Skipped:
 `site-packages`/`dist-packages` (third-party code, differs between environments) and
 `__pycache__`. Kept: the `test`/`tests` packages, which are ordinary Python and roughly double
-the corpus (about 30 MB on CPython 3.11). Imported lazily: TFDS is only needed for this source.
+the corpus (about 30 MB on CPython 3.11). TFDS itself is imported only when the builder is first
+needed: it is heavy, and absent on machines that only benchmark or train synthetic tasks.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import os
 import sys
 import sysconfig
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
-
-import tensorflow_datasets as tfds
+from typing import Any
 
 from llm_jax.data.cache import content_key, file_lock, is_main_process, log
-from llm_jax.data.sources import STDLIB_LAYOUT_VERSION
 from llm_jax.data.splits import validation_mask
+
+# Bump when the stdlib corpus's layout (files kept, split rule) changes: cached tokens then miss.
+STDLIB_LAYOUT_VERSION = 1
 
 SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
@@ -41,51 +44,62 @@ def stdlib_files(root: Path) -> list[str]:
     return sorted(found)
 
 
-@dataclasses.dataclass
-class StdlibConfig(tfds.core.BuilderConfig):
-    root: str = ""
-    val_fraction: float = 0.05
+@cache
+def builder_classes() -> tuple[type, type]:
+    """(StdlibConfig, LlmJaxStdlib): defined on first use, so importing this module does not
+    import TFDS; cached, so TFDS registers the builder once."""
+    import tensorflow_datasets as tfds  # heavy; only the stdlib source needs it
+
+    @dataclasses.dataclass
+    class StdlibConfig(tfds.core.BuilderConfig):
+        root: str = ""
+        val_fraction: float = 0.05
 
 
-class LlmJaxStdlib(tfds.core.GeneratorBasedBuilder):
-    """Python standard library source files; split train/validation by a hash of the path."""
+    class LlmJaxStdlib(tfds.core.GeneratorBasedBuilder):
+        """Python standard library source files; split train/validation by a hash of the path."""
 
-    # The files are those of this interpreter: another Python version is another dataset.
-    VERSION = tfds.core.Version(PYTHON_VERSION)
-    # TFDS finds a builder's download-checksums file via `code_path`, which for a class inside
-    # an installed package touches the `importlib_resources` backport that TFDS 4.9 does not
-    # install (ModuleNotFoundError). This builder downloads nothing: no checksums file.
-    code_path = None
+        # The files are those of this interpreter: another Python version is another dataset.
+        VERSION = tfds.core.Version(PYTHON_VERSION)
+        # TFDS finds a builder's download-checksums file via `code_path`, which for a class inside
+        # an installed package touches the `importlib_resources` backport that TFDS 4.9 does not
+        # install (ModuleNotFoundError). This builder downloads nothing: no checksums file.
+        code_path = None
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        # DatasetInfo directly, not dataset_info_from_configs: that one reads metadata files
-        # from the builder's package directory, which a builder inside a library lacks.
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {"text": tfds.features.Text(), "path": tfds.features.Text()}
-            ),
-        )
+        def _info(self) -> tfds.core.DatasetInfo:
+            # DatasetInfo directly, not dataset_info_from_configs: that one reads metadata files
+            # from the builder's package directory, which a builder inside a library lacks.
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description=__doc__,
+                features=tfds.features.FeaturesDict(
+                    {"text": tfds.features.Text(), "path": tfds.features.Text()}
+                ),
+            )
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        config: StdlibConfig = self.builder_config
-        paths = stdlib_files(Path(config.root))
-        in_val = validation_mask(paths, config.val_fraction)
-        train = [p for p, v in zip(paths, in_val, strict=False) if not v]
-        val = [p for p, v in zip(paths, in_val, strict=False) if v]
-        return {"train": self._generate_examples(train), "validation": self._generate_examples(val)}
+        def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+            config: StdlibConfig = self.builder_config
+            paths = stdlib_files(Path(config.root))
+            in_val = validation_mask(paths, config.val_fraction)
+            train = [p for p, v in zip(paths, in_val, strict=False) if not v]
+            val = [p for p, v in zip(paths, in_val, strict=False) if v]
+            return {"train": self._generate_examples(train), "validation": self._generate_examples(val)}
 
-    def _generate_examples(self, paths: list[str]):
-        root = Path(self.builder_config.root)
-        for rel in paths:
-            # A few test files are deliberately not UTF-8; keep them, with replacement chars.
-            text = (root / rel).read_bytes().decode("utf-8", errors="replace")
-            yield rel, {"text": text, "path": rel}
+        def _generate_examples(self, paths: list[str]):
+            root = Path(self.builder_config.root)
+            for rel in paths:
+                # A few test files are deliberately not UTF-8; keep them, with replacement chars.
+                text = (root / rel).read_bytes().decode("utf-8", errors="replace")
+                yield rel, {"text": text, "path": rel}
+
+    return StdlibConfig, LlmJaxStdlib
 
 
-def prepared_builder(data_dir: Path, val_fraction: float) -> LlmJaxStdlib:
+def prepared_builder(data_dir: Path, val_fraction: float) -> Any:
     """The stdlib builder under `data_dir`, prepared (array_record files) if it is not yet."""
+    import tensorflow_datasets as tfds  # heavy; only the stdlib source needs it
+
+    StdlibConfig, LlmJaxStdlib = builder_classes()
     root = stdlib_dir()
     name = f"v{STDLIB_LAYOUT_VERSION}-val{val_fraction:g}-{content_key({'root': str(root)})[:8]}"
     config = StdlibConfig(name=name, root=str(root), val_fraction=val_fraction)
@@ -118,7 +132,7 @@ def _quiet_absl() -> Iterator[None]:
         absl_logger.setLevel(level)
 
 
-def stdlib_documents(builder: LlmJaxStdlib, split: str):
+def stdlib_documents(builder: Any, split: str):
     """(path, text) of one split, read back through TFDS's array_record data source."""
     source = builder.as_data_source(split=split)
     for index in range(len(source)):

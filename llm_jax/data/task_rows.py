@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from llm_jax.config import Config
+from llm_jax.data import stdlib_tfds
 from llm_jax.data.cache import CACHE_FORMAT_VERSION, content_key, file_lock, log, save_npy_atomic, write_json_atomic
 from llm_jax.data.sources import Corpus
 from llm_jax.data.splits import stratified_validation_mask
 from llm_jax.data.tasks import encode_classify_rows, encode_seq2seq_rows, split_group, task_examples, task_kind
-from llm_jax.data.tokenizer import Tokenizer, identity_of
+from llm_jax.data.tokenizer import Tokenizer, decoder_start_id, identity_of
 from llm_jax.errors import UserError
-from llm_jax.train.objectives import decoder_start_id
 
 # Bump when the examples a task cuts from the same files, or the files of each split, change.
 # 2: `package` validation files stratified by package, by bytes (were: the corpus's validation files).
@@ -54,7 +54,6 @@ def task_files(cfg: Config, root: Path, split: str) -> Iterator[tuple[str, str]]
     examples. The cap then applies per split to the files read in the corpus's order, as for
     the other tasks, so a file's split never depends on the cap.
     """
-    from llm_jax.data import stdlib_tfds
 
     builder = stdlib_tfds.prepared_builder(root / "tfds", cfg.data.val_fraction)
     group_of = split_group(cfg.data.task)

@@ -375,3 +375,8 @@ def encode_classify_rows(
         row[: len(text_ids) + 1] = [*text_ids, eos_id]
     rows[:, text_len] = labels
     return rows
+
+
+def classes_of(cfg) -> int:
+    """Labels the model's classifier head needs for `cfg` (0: a run without a classification task)."""
+    return num_classes(cfg.data.task) if cfg.objective == "classify" else 0

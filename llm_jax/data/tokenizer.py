@@ -204,3 +204,10 @@ def train_sentencepiece(docs: Iterable[str], vocab_size: int, out_path: Path) ->
     except RuntimeError as exc:
         raise UserError(f"sentencepiece training failed: {exc}".replace("\n", " ")) from None
     write_bytes_atomic(out_path, model.getvalue())
+
+
+def decoder_start_id(eos_id: int, lookup=None) -> int:
+    """The encoder-decoders' first decoder input: `<pad>` where the tokenizer has it (T5's
+    convention), else end-of-text (which also separates documents)."""
+    pad = lookup("<pad>") if lookup is not None else None
+    return int(eos_id if pad is None else pad)

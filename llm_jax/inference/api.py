@@ -21,7 +21,7 @@ from llm_jax.interop import hf
 from llm_jax.models.definition import ModelDef, model_def, param_shardings
 from llm_jax.models.registry import model_vocab_size
 from llm_jax.parallel.mesh import single_device_mesh
-from llm_jax.train.objectives import decoder_start_id
+from llm_jax.data.tokenizer import decoder_start_id
 
 Prompt = str | Sequence[int]
 

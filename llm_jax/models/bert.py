@@ -8,13 +8,13 @@ embedding plus an output bias.
 
 With `num_classes` > 0 it is a sequence classifier instead (Hugging Face's
 BertForSequenceClassification): the MLM head is replaced by the pooler (dense + tanh on the first,
-[CLS], position) and a classifier to `num_classes` logits, returned as [B, 1, C]. With `nsp` it
-keeps the MLM head and adds the pooler and a two-way next-sentence head (BertForPreTraining's
-`cls.seq_relationship`), whose logits come back as one more position (`train/nsp.py`).
+[CLS], position) and a classifier whose logits [B, C] come back as `aux["class_logits"]` (and no
+token logits). With `nsp` it keeps the MLM head and adds the pooler and a two-way next-sentence
+head (BertForPreTraining's `cls.seq_relationship`): `aux["nsp_logits"]` [B, 2].
 
 Blocks are stacked on a leading `layers` axis (`nnx.vmap`) exactly like the GPT's, so the
-sharding rules, scan/unrolled execution and remat work the same way. The model is called like
-`GPT` and returns `(logits_BTV, None)`; it has no KV cache because it does not generate.
+sharding rules, scan/unrolled execution and remat work the same way. It has no KV cache: an
+encoder does not generate.
 """
 
 from __future__ import annotations
@@ -23,11 +23,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm_jax.config.model import ModelConfig
+from llm_jax.config import Config, ModelConfig
+from llm_jax.config.families import ArchSpec
 from llm_jax.models.attention import Attention
-from llm_jax.models.gpt import add_positions, keep_settings, layer_unit, run_layers
-from llm_jax.models.layers import MLP, Dense, Embed, Norm, dropout, output_layer, output_logits, param, stack_layers
-from llm_jax.models.moe import MoE
+from llm_jax.models.base import Dims, Family, ModelOutput, register
+from llm_jax.models.layers import Dense, Embed, Norm, dropout, param
+from llm_jax.models.stack import (add_feed_forward, add_positions, attention_flops, feed_forward, keep_settings,
+                                  layer_unit, matmul_params, moe_aux, output_layer, output_logits, run_layers,
+                                  stack_layers)
 from llm_jax.parallel.rules import constrain
 
 # Segment (token type) ids: sentence A and sentence B, as in BERT and BertConfig's default.
@@ -49,35 +52,27 @@ class BertBlock(nnx.Module):
         self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, rngs=rngs,
                               std=std, out_std=std, use_bias=cfg.use_bias)
         self.norm1 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
-        if moe:
-            self.moe = MoE(cfg, rngs=rngs, std=std, out_std=std, kind=MLP_KIND[cfg.mlp])
-        else:
-            self.mlp = MLP(cfg.d_model, cfg.ff_dim, MLP_KIND[cfg.mlp], rngs=rngs, std=std, out_std=std,
-                           use_bias=cfg.use_bias)
+        add_feed_forward(self, cfg, rngs, moe=moe, std=std, out_std=std, kind=MLP_KIND[cfg.mlp])
         self.norm2 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
 
     def __call__(self, x_BTD, *, rope, kernel, block, mask_BTS, key, cache=None):
         k_attn, k_mlp, k_router = jax.random.split(key, 3) if key is not None else (None, None, None)
         h_BTD, _ = self.attn(x_BTD, rope=rope, kernel=kernel, block=block, mask_BTS=mask_BTS, causal=False)
         x_BTD = self.norm1(x_BTD + dropout(h_BTD, self.dropout_rate, k_attn))
-        stats = None
-        if hasattr(self, "moe"):
-            h_BTD, stats = self.moe(x_BTD, k_router)
-        else:
-            h_BTD = self.mlp(x_BTD)
+        h_BTD, stats = feed_forward(self, x_BTD, k_router)
         x_BTD = self.norm2(x_BTD + dropout(h_BTD, self.dropout_rate, k_mlp))
         return constrain(x_BTD, ("batch", "length", "embed")), None, stats
 
 
 class Bert(nnx.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, *, compute_dtype: str,
-                 attention_kernel: str, rngs: nnx.Rngs, num_classes: int = 0, nsp: bool = False):
+    def __init__(self, cfg: ModelConfig, dims: Dims, rngs: nnx.Rngs):
         std = cfg.init_std
+        vocab_size, num_classes, nsp = dims.vocab_size, dims.num_classes, dims.nsp
         self.num_classes = num_classes
-        keep_settings(self, cfg, max_seq_len, compute_dtype, attention_kernel)
+        keep_settings(self, cfg, dims)
 
         self.embed = Embed(vocab_size, cfg.d_model, ("vocab", "embed"), rngs=rngs, std=std)
-        self.pos_embed = (Embed(max_seq_len, cfg.d_model, ("position", "embed"), rngs=rngs, std=std)
+        self.pos_embed = (Embed(dims.max_seq_len, cfg.d_model, ("position", "embed"), rngs=rngs, std=std)
                           if cfg.position == "learned" else None)
         self.segment_embed = Embed(NUM_SEGMENTS, cfg.d_model, ("segment", "embed"), rngs=rngs, std=std)
         self.embed_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
@@ -107,17 +102,14 @@ class Bert(nnx.Module):
     def __call__(self, tokens_BT: jax.Array, *, segments_BT: jax.Array | None = None,
                  attention_mask_BT: jax.Array | None = None, positions_BT: jax.Array | None = None,
                  mask_BTS: jax.Array | None = None, cache: dict | None = None,
-                 cache_index: jax.Array | None = None, dropout_key: jax.Array | None = None,
-                 with_moe_stats: bool = False) -> tuple:
-        """MLM logits [B, T, V] in float32 (with next-sentence prediction, [B, T+1, V]: the last
-        position holds the two NSP logits; a classifier's: [B, 1, classes]), and None (an
-        encoder keeps no cache).
+                 cache_index: jax.Array | None = None, dropout_key: jax.Array | None = None) -> ModelOutput:
+        """MLM logits [B, T, V] in float32 (None for a classifier), no cache, and in `aux`: the
+        classifier's `class_logits` [B, C], the `nsp_logits` [B, 2], the MoE statistics `moe`.
 
         `segments_BT`: token type ids (0 or 1), default all 0. `attention_mask_BT` (1 = real
         token, 0 = padding, as Hugging Face's `attention_mask`) hides padded keys from every
         query; `mask_BTS` (True = may attend) gives the whole pattern instead. Without either,
-        every token attends to every token. `positions_BT` default to 0..T-1. With
-        `with_moe_stats`, a third value: the MoE layers' routing statistics (None if dense).
+        every token attends to every token. `positions_BT` default to 0..T-1.
         """
         if cache is not None or cache_index is not None:
             raise ValueError("BERT is an encoder: it has no KV cache and does not generate")
@@ -141,10 +133,10 @@ class Bert(nnx.Module):
         x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
 
         x_BTD, moe_stats = self._run_blocks(x_BTD, rope, mask_BTS, dropout_key)
-        extra = (moe_stats,) if with_moe_stats else ()
+        aux = moe_aux(moe_stats)
         if self.num_classes:
-            logits = self.classifier(self._pooled(x_BTD, dropout_key), dtype, out_dtype=jnp.float32)[:, None, :]
-            return (logits, None, *extra)
+            aux["class_logits"] = self.classifier(self._pooled(x_BTD, dropout_key), dtype, out_dtype=jnp.float32)
+            return ModelOutput(None, None, aux)
 
         # The head's activation is BERT's erf GELU whatever model.mlp says (as in BertConfig,
         # where one hidden_act serves both; only gelu is exportable anyway).
@@ -154,11 +146,8 @@ class Bert(nnx.Module):
         if self.out_bias is not None:
             logits_BTV = logits_BTV + self.out_bias[...]
         if self.nsp_head is not None:
-            # The two NSP logits ride as one more position, the other rows at -1e9 (see train/nsp.py).
-            nsp_B2 = self.nsp_head(self._pooled(x_BTD, dropout_key), dtype, out_dtype=jnp.float32)
-            row_B1V = jnp.full((B, 1, logits_BTV.shape[-1]), -1e9, jnp.float32).at[:, 0, :2].set(nsp_B2)
-            logits_BTV = jnp.concatenate([logits_BTV, row_B1V], axis=1)
-        return (constrain(logits_BTV, ("batch", "length", "vocab")), None, *extra)
+            aux["nsp_logits"] = self.nsp_head(self._pooled(x_BTD, dropout_key), dtype, out_dtype=jnp.float32)
+        return ModelOutput(constrain(logits_BTV, ("batch", "length", "vocab")), None, aux)
 
     def _pooled(self, x_BTD, dropout_key) -> jax.Array:
         """BERT's pooler: dense + tanh on the first ([CLS]) position, then dropout."""
@@ -176,3 +165,14 @@ class Bert(nnx.Module):
             return x, stats
 
         return run_layers(self, call, x_BTD, None, dropout_key)
+
+
+def bert_flops_per_token(cfg: Config, shapes: dict) -> float:
+    """6N + attention over the whole T x T score matrix (every token attends both ways)."""
+    return 6 * matmul_params(cfg, shapes) + attention_flops(cfg, cfg.model.num_layers, causal=False)
+
+
+BERT_ARCH = ArchSpec(kind="encoder", objectives=("mlm", "classify"), positions=("learned", "sinusoidal", "rope"),
+                     moe=True)
+register(Family("bert", {"bert": BERT_ARCH}, build=Bert, flops_per_token=bert_flops_per_token,
+                describe="encoder-only Transformer: masked LM, next-sentence prediction, sequence classification"))

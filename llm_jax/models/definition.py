@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from llm_jax.config import Config
-from llm_jax.models.registry import build_model
+from llm_jax.models.base import Dims, build_model, dims_of
 from llm_jax.parallel.rules import logical_to_spec, sharding_report
 
 
@@ -20,6 +20,7 @@ class ModelDef:
     """The static half of a split model and the logical axis names of its parameters."""
 
     graphdef: Any
+    dims: Dims  # what the shapes took from outside the config (vocabulary, lengths, heads)
     shapes: dict  # pure dict of jax.ShapeDtypeStruct
     logical: dict  # pure dict of tuples of logical axis names
 
@@ -31,13 +32,16 @@ class ModelDef:
         return sum(x.size for x in jax.tree.leaves(self.shapes))
 
 
-def model_def(cfg: Config, vocab_size: int) -> ModelDef:
-    abstract = nnx.eval_shape(lambda: build_model(cfg, vocab_size, nnx.Rngs(0)))
+def model_def(cfg: Config, vocab_size: int, num_classes: int = 0) -> ModelDef:
+    """The model `cfg` describes for a vocabulary of `vocab_size` rows (and `num_classes` labels
+    for a classifier), split without materialising a parameter."""
+    dims = dims_of(cfg, vocab_size, num_classes)
+    abstract = nnx.eval_shape(lambda: build_model(cfg, dims, nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     shapes = nnx.to_pure_dict(state)
     logical = nnx.to_pure_dict(jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,
                                             is_leaf=lambda x: isinstance(x, nnx.Variable)))
-    return ModelDef(graphdef, shapes, logical)
+    return ModelDef(graphdef, dims, shapes, logical)
 
 
 def _is_names(x) -> bool:

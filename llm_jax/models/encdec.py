@@ -28,11 +28,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm_jax.config.model import ModelConfig
+from llm_jax.config import Config, ModelConfig
+from llm_jax.config.families import ArchSpec
+from llm_jax.config.schema import span_counts
 from llm_jax.models.attention import Attention
-from llm_jax.models.gpt import add_positions, group_cache, keep_settings, layer_unit, run_layers, ungroup_cache
-from llm_jax.models.layers import MLP, Embed, Norm, dropout, output_layer, output_logits, param, stack_layers
-from llm_jax.models.moe import MoE
+from llm_jax.models.base import Dims, Family, ModelOutput, register
+from llm_jax.models.decoding import Seq2SeqDecoding
+from llm_jax.models.layers import Embed, Norm, dropout, param
+from llm_jax.models.stack import (add_feed_forward, add_positions, feed_forward, group_cache, keep_settings,
+                                  layer_unit, matmul_params, moe_aux, output_layer, output_logits, run_layers,
+                                  stack_layers, ungroup_cache)
 from llm_jax.parallel.rules import constrain
 
 
@@ -82,27 +87,23 @@ def _sublayer(x_BTD, norm: Norm, prenorm: bool, rate: float, key, fn):
     return (x_BTD if prenorm else norm(x_BTD)), extra
 
 
+# The two configurations of this family: T5's layout or the original Transformer's.
+T5_LAYOUT = {"t5": True, "transformer": False}
+
+
 def _attention(cfg: ModelConfig, rngs: nnx.Rngs) -> Attention:
-    t5 = cfg.arch == "t5"
     return Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, rngs=rngs, std=cfg.init_std,
-                     out_std=cfg.init_std, use_bias=cfg.use_bias, scale=1.0 if t5 else None)
+                     out_std=cfg.init_std, use_bias=cfg.use_bias, scale=1.0 if T5_LAYOUT[cfg.arch] else None)
 
 
 def _add_ffn(block: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool) -> None:
-    """The block's feed-forward: `mlp`, or with `moe` a Mixture of Experts named `moe`."""
-    if moe:
-        block.moe = MoE(cfg, rngs=rngs, std=cfg.init_std, out_std=cfg.init_std)
-    else:
-        block.mlp = MLP(cfg.d_model, cfg.ff_dim, cfg.mlp, rngs=rngs, std=cfg.init_std, out_std=cfg.init_std,
-                        use_bias=cfg.use_bias)
+    add_feed_forward(block, cfg, rngs, moe=moe, std=cfg.init_std, out_std=cfg.init_std)
 
 
 def _feed_forward(block: nnx.Module, h, key: jax.Array | None, dropless: bool) -> tuple:
     """The block's MLP or MoE on h, and the MoE's routing statistics (None for an MLP). The
     router's key is drawn from the branch's dropout key, so dense models keep their masks."""
-    if not hasattr(block, "moe"):
-        return block.mlp(h), None
-    return block.moe(h, jax.random.fold_in(key, 1) if key is not None else None, dropless=dropless)
+    return feed_forward(block, h, jax.random.fold_in(key, 1) if key is not None else None, dropless)
 
 
 def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> Norm:
@@ -114,7 +115,7 @@ class EncoderBlock(nnx.Module):
     (None for an MLP block), the signature `transformer.BlockGroup` stacks."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
-        self.prenorm = cfg.arch == "t5"
+        self.prenorm = T5_LAYOUT[cfg.arch]
         self.dropout_rate = cfg.dropout
         self.norm1, self.attn = _norm(cfg, rngs), _attention(cfg, rngs)
         self.norm2 = _norm(cfg, rngs)
@@ -135,7 +136,7 @@ class DecoderBlock(nnx.Module):
     the MoE statistics (None for an MLP block)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
-        self.prenorm = cfg.arch == "t5"
+        self.prenorm = T5_LAYOUT[cfg.arch]
         self.dropout_rate = cfg.dropout
         self.norm1, self.self_attn = _norm(cfg, rngs), _attention(cfg, rngs)
         self.norm2, self.cross_attn = _norm(cfg, rngs), _attention(cfg, rngs)
@@ -157,14 +158,14 @@ class DecoderBlock(nnx.Module):
 
 
 class EncoderDecoder(nnx.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, *, compute_dtype: str,
-                 attention_kernel: str, rngs: nnx.Rngs):
-        self.t5 = cfg.arch == "t5"
+    def __init__(self, cfg: ModelConfig, dims: Dims, rngs: nnx.Rngs):
+        self.t5 = T5_LAYOUT[cfg.arch]
         self.d_model = cfg.d_model
-        keep_settings(self, cfg, max_seq_len, compute_dtype, attention_kernel)
+        self.kv_shape = (cfg.decoder_layers, cfg.kv_heads, cfg.head_dim)
+        keep_settings(self, cfg, dims)
 
-        self.embed = Embed(vocab_size, cfg.d_model, ("vocab", "embed"), rngs=rngs, std=cfg.init_std)
-        self.pos_embed = (Embed(max_seq_len, cfg.d_model, ("position", "embed"), rngs=rngs, std=cfg.init_std)
+        self.embed = Embed(dims.vocab_size, cfg.d_model, ("vocab", "embed"), rngs=rngs, std=cfg.init_std)
+        self.pos_embed = (Embed(dims.max_seq_len, cfg.d_model, ("position", "embed"), rngs=rngs, std=cfg.init_std)
                           if cfg.position == "learned" else None)
         relative = cfg.position == "relative"
         self.encoder_bias = RelativeBias(cfg, bidirectional=True, rngs=rngs) if relative else None
@@ -175,7 +176,13 @@ class EncoderDecoder(nnx.Module):
         # Pre-norm stacks end with a norm; post-norm blocks already end normalised.
         self.encoder_norm = _norm(cfg, rngs) if self.t5 else None
         self.decoder_norm = _norm(cfg, rngs) if self.t5 else None
-        self.head = output_layer(cfg, vocab_size, rngs)
+        self.head = output_layer(cfg, dims.vocab_size, rngs)
+
+    def init_cache(self, batch: int, slots: int, dtype) -> dict:
+        """An empty decoder KV cache: k and v of shape [decoder layers, batch, slots, kv_heads, head_dim]."""
+        layers, kv_heads, head_dim = self.kv_shape
+        shape = (layers, batch, slots, kv_heads, head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def _embed(self, tokens_BT: jax.Array) -> jax.Array:
         dtype = jnp.dtype(self.compute_dtype)
@@ -217,12 +224,11 @@ class EncoderDecoder(nnx.Module):
 
     def decode(self, tgt_BT: jax.Array, memory_BSD: jax.Array, src_mask_BS: jax.Array | None = None, *,
                cache: dict | None = None, cache_index: jax.Array | None = None,
-               dropout_key: jax.Array | None = None, with_moe_stats: bool = False) -> tuple:
+               dropout_key: jax.Array | None = None) -> ModelOutput:
         """Logits [B, T, V] float32 of the decoder over target ids, attending to `memory_BSD`,
-        and the new cache (None without one); with `with_moe_stats`, a third value: the MoE
-        statistics stacked over the decoder's MoE layers (None if dense).
+        the new cache (None without one) and the decoder's MoE statistics (`aux["moe"]`).
 
-        With `cache` (from `init_decoder_cache`), the T new tokens sit at positions
+        With `cache` (from `init_cache`), the T new tokens sit at positions
         cache_index..cache_index+T-1 and attend to the cache up to themselves.
         """
         dtype = jnp.dtype(self.compute_dtype)
@@ -261,24 +267,45 @@ class EncoderDecoder(nnx.Module):
         if self.t5 and self.head is None:  # T5 v1.0 rescales before its tied output layer
             x_BTD = x_BTD * jnp.asarray(self.d_model ** -0.5, x_BTD.dtype)
         logits_BTV = constrain(output_logits(self.embed, self.head, x_BTD, dtype), ("batch", "length", "vocab"))
-        return (logits_BTV, new_cache, stats) if with_moe_stats else (logits_BTV, new_cache)
+        return ModelOutput(logits_BTV, new_cache, moe_aux(stats))
 
     def __call__(self, src_BS: jax.Array, tgt_BT: jax.Array, *, src_mask_BS: jax.Array | None = None,
-                 dropout_key: jax.Array | None = None, with_moe_stats: bool = False) -> tuple:
-        """Teacher-forced logits [B, T, V] float32 of the targets given the sources, and None (no
-        cache); with `with_moe_stats`, a third value: the encoder's then the decoder's MoE
-        statistics, stacked over all MoE layers (None if dense)."""
+                 dropout_key: jax.Array | None = None) -> ModelOutput:
+        """Teacher-forced logits [B, T, V] float32 of the targets given the sources, no cache, and
+        the encoder's then the decoder's MoE statistics stacked over all MoE layers (`aux["moe"]`)."""
         enc_key, dec_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
         memory_BSD, enc_stats = self._encode(src_BS, src_mask_BS, enc_key)
-        logits_BTV, _, dec_stats = self.decode(tgt_BT, memory_BSD, src_mask_BS, dropout_key=dec_key,
-                                               with_moe_stats=True)
-        if not with_moe_stats:
-            return logits_BTV, None
-        stats = None if enc_stats is None else jax.tree.map(lambda e, d: jnp.concatenate([e, d]), enc_stats, dec_stats)
-        return logits_BTV, None, stats
+        decoded = self.decode(tgt_BT, memory_BSD, src_mask_BS, dropout_key=dec_key)
+        if enc_stats is None:
+            return ModelOutput(decoded.logits, None, {})
+        stats = jax.tree.map(lambda e, d: jnp.concatenate([e, d]), enc_stats, decoded.aux["moe"])
+        return ModelOutput(decoded.logits, None, {"moe": stats})
 
 
-def init_decoder_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict:
-    """An empty decoder KV cache: k and v of shape [decoder layers, batch, length, kv_heads, head_dim]."""
-    shape = (cfg.decoder_layers, batch, length, cfg.kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+def encoder_decoder_flops_per_token(cfg: Config, shapes: dict) -> float:
+    """Training FLOPs per counted token (train.seq_len per row): the encoder's 6N and full
+    attention over the S source tokens, the decoder's 6N, causal self-attention and
+    cross-attention over its T tokens, divided by train.seq_len. (The cross-attention's key/value
+    projections, which run on S rather than T tokens, are counted on T.)"""
+    m = cfg.model
+    n_matmul = matmul_params(cfg, shapes)
+    n_encoder = sum(int(x.size) for x in jax.tree.leaves(shapes["encoder"]))
+    n_decoder = n_matmul - n_encoder
+    if cfg.objective == "span":
+        noise, spans = span_counts(cfg.train.seq_len, cfg.train.noise_density, cfg.train.mean_span)
+        s, t = cfg.train.seq_len - noise + spans + 1, noise + spans + 1
+    else:
+        s, t = cfg.train.src_len, cfg.train.seq_len
+    width = m.num_heads * m.head_dim
+    encoder = 6 * n_encoder * s + 12 * m.num_layers * width * s * s
+    decoder = 6 * n_decoder * t + 12 * m.decoder_layers * width * (t * t / 2 + t * s)
+    return (encoder + decoder) / cfg.train.seq_len
+
+
+# Both configurations generate; t5 also pretrains on the raw corpus by span corruption.
+ENCDEC_POSITIONS = ("learned", "sinusoidal", "relative")
+register(Family("encdec", {
+    "transformer": ArchSpec(kind="encoder-decoder", objectives=("seq2seq",), positions=ENCDEC_POSITIONS, moe=True),
+    "t5": ArchSpec(kind="encoder-decoder", objectives=("span", "seq2seq"), positions=ENCDEC_POSITIONS, moe=True),
+}, build=EncoderDecoder, flops_per_token=encoder_decoder_flops_per_token, decoding=Seq2SeqDecoding(),
+    describe="encoder-decoder Transformer: the original (post-LN) and T5 (pre-RMSNorm, relative positions)"))

@@ -146,32 +146,6 @@ def activate(kind: str, up: jax.Array, gate: jax.Array | None = None) -> jax.Arr
     return jax.nn.relu(up)
 
 
-def stack_layers(num_layers: int, build) -> nnx.Module:
-    """`num_layers` copies of `build(rngs)` with their parameters stacked on a leading `layers`
-    axis: one checkpoint layout for scanned and unrolled execution, one sharding rule per weight."""
-
-    @nnx.split_rngs(splits=num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(layer_rngs: nnx.Rngs) -> nnx.Module:
-        return build(layer_rngs)
-
-    return make
-
-
-def output_layer(cfg, vocab_size: int, rngs: nnx.Rngs) -> Dense | None:
-    """The untied output matrix [D, V], or None when the token embedding serves as it (tied)."""
-    if cfg.tie_embeddings:
-        return None
-    return Dense((cfg.d_model,), (vocab_size,), ("embed", "vocab"), rngs=rngs, std=cfg.init_std, use_bias=False)
-
-
-def output_logits(embed: Embed, head: Dense | None, x_BTD: jax.Array, dtype) -> jax.Array:
-    """Logits [B, T, V] in float32 through the tied embedding or the output matrix."""
-    if head is None:
-        return embed.attend(x_BTD, dtype)
-    return head(x_BTD, dtype, out_dtype=jnp.float32)
-
-
 def sinusoidal_table(length: int, dim: int) -> jax.Array:
     """The fixed sin/cos position table of Vaswani et al. (2017), [length, dim] float32."""
     pos = jnp.arange(length, dtype=jnp.float32)[:, None]

@@ -23,12 +23,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm_jax.config.model import ModelConfig
-from llm_jax.models.gpt import Block, keep_settings, run_layers
-from llm_jax.models.layers import MLP, Dense, Embed, Norm, dropout, output_layer, output_logits, param, stack_layers
+from llm_jax.config import Config, ModelConfig
+from llm_jax.config.families import ArchSpec
+from llm_jax.models.base import Dims, Family, ModelOutput, register
+from llm_jax.models.decoding import CausalDecoding
+from llm_jax.models.gpt import Block
+from llm_jax.models.layers import MLP, Dense, Embed, Norm, dropout, param
 from llm_jax.models.moe import MoE
 from llm_jax.models.recurrent import real_tokens
 from llm_jax.models.ssm import selective_scan
+from llm_jax.models.stack import (attention_flops, keep_settings, matmul_params, moe_aux, output_layer, output_logits,
+                                  run_layers, stack_layers)
 from llm_jax.parallel.rules import constrain
 
 # The reference's initialisation of delta: dt log-uniform in [DT_MIN, DT_MAX], at least DT_FLOOR.
@@ -188,9 +193,9 @@ class MambaLM(nnx.Module):
     """Embedding, `num_layers / len(pattern)` stacked pattern groups, RMSNorm, tied output;
     called like `GPT` (positions are ignored)."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, *, compute_dtype: str,
-                 attention_kernel: str, rngs: nnx.Rngs):
-        keep_settings(self, cfg, max_seq_len, compute_dtype, attention_kernel)
+    def __init__(self, cfg: ModelConfig, dims: Dims, rngs: nnx.Rngs):
+        vocab_size = dims.vocab_size
+        keep_settings(self, cfg, dims)
         self.cfg_pattern = tuple(cfg.pattern)
         self.num_groups = cfg.num_layers // len(cfg.pattern)
         self.ssm_shape = (cfg.d_inner, cfg.ssm.d_state, cfg.ssm.d_conv)
@@ -216,10 +221,9 @@ class MambaLM(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                  mask_BTS: jax.Array | None = None, cache: dict | None = None,
-                 cache_index: jax.Array | None = None, dropout_key: jax.Array | None = None,
-                 with_moe_stats: bool = False) -> tuple:
-        """Logits [B, T, V] float32, the new cache (when `cache` is given) and, with
-        `with_moe_stats`, the MoE statistics stacked over MoE sublayers (None without any)."""
+                 cache_index: jax.Array | None = None, dropout_key: jax.Array | None = None) -> ModelOutput:
+        """Logits [B, T, V] float32, the new cache (when `cache` is given) and the MoE statistics
+        stacked over MoE sublayers (`aux["moe"]`, when the pattern has any)."""
         del positions_BT
         dtype = jnp.dtype(self.compute_dtype)
         B, T = tokens_BT.shape
@@ -239,8 +243,33 @@ class MambaLM(nnx.Module):
         x_BTD, (new_cache, stats) = run_layers(self, call, x_BTD, cache, dropout_key)
         logits_BTV = output_logits(self.embed, self.head, self.final_norm(x_BTD).astype(dtype), dtype)
         logits_BTV = constrain(logits_BTV, ("batch", "length", "vocab"))
-        if not with_moe_stats:
-            return logits_BTV, new_cache
         if stats is not None:  # [groups, moe per group, ...] -> [moe sublayers, ...]
             stats = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stats)
-        return logits_BTV, new_cache, stats
+        return ModelOutput(logits_BTV, new_cache, moe_aux(stats))
+
+
+def check_pattern(model: ModelConfig) -> None:
+    """model.layer_pattern must tile model.num_layers and agree with model.moe."""
+    pattern = model.pattern
+    if model.num_layers % len(pattern):
+        raise ValueError(f"model.layer_pattern has {len(pattern)} entries, which do not divide "
+                         f"model.num_layers={model.num_layers}")
+    if "moe" in pattern and not model.moe.enabled:
+        raise ValueError("model.layer_pattern has moe layers but model.moe.num_experts is 0")
+    if model.moe.enabled and "moe" not in pattern:
+        raise ValueError("model.moe.num_experts is set but model.layer_pattern has no moe entry")
+
+
+def mamba_flops_per_token(cfg: Config, shapes: dict) -> float:
+    """6N + causal attention for the pattern's attention sublayers only; the scan's elementwise
+    work (about 10 * d_inner * N FLOPs per token and layer) is not a matmul and is not counted."""
+    m = cfg.model
+    attention_layers = m.num_layers // len(m.pattern) * m.pattern.count("attention")
+    return 6 * matmul_params(cfg, shapes) + attention_flops(cfg, attention_layers, causal=True)
+
+
+MAMBA_ARCH = ArchSpec(kind="decoder", objectives=("causal", "masked_causal"), keys=("layer_pattern",),
+                      attends=lambda model: "attention" in model.pattern, check=check_pattern)
+register(Family("mamba", {"mamba": MAMBA_ARCH}, build=MambaLM, flops_per_token=mamba_flops_per_token,
+                decoding=CausalDecoding(),
+                describe="selective state space model, optionally mixed with attention and MoE layers"))

@@ -11,7 +11,8 @@ nonlinearities run inside `lax.scan` over time. The recurrence runs in float32 w
 compute dtype: errors in h would otherwise compound over the sequence.
 
 The "cache" of a recurrent model is its state after the last token: {"h": [layers, B, D]}
-(plus "c" for the LSTM), float32; its size does not grow with the sequence.
+(plus "c" for the LSTM), float32; its size does not grow with the sequence. Layers ignore the
+attention, position and MLP keys, scan_layers and remat.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm_jax.config.model import ModelConfig
-from llm_jax.models.gpt import _unstack
-from llm_jax.models.layers import Dense, Embed, Norm, dropout, output_layer, output_logits, stack_layers
+from llm_jax.config import Config, ModelConfig
+from llm_jax.config.families import ArchSpec
+from llm_jax.models.base import Dims, Family, ModelOutput, register
+from llm_jax.models.decoding import CausalDecoding
+from llm_jax.models.layers import Dense, Embed, Norm, dropout
+from llm_jax.models.stack import matmul_params, output_layer, output_logits, stack_layers, unstack
 from llm_jax.parallel.rules import constrain
 
-RECURRENT_ARCHS = ("rnn", "lstm", "gru")
 # Gate blocks per cell, in PyTorch's order: lstm (input, forget, cell, output), gru (reset,
 # update, new); one weight holds all of a cell's gates so each projection is a single matmul.
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
@@ -103,11 +106,6 @@ def init_state(kind: str, num_layers: int, batch: int, width: int) -> dict:
     return {n: jnp.zeros((num_layers, batch, width), jnp.float32) for n in names}
 
 
-def init_cache(cfg: ModelConfig, batch: int) -> dict:
-    """The recurrent counterpart of `transformer.init_cache`: no length axis, always float32."""
-    return init_state(cfg.arch, cfg.num_layers, batch, cfg.d_model)
-
-
 class RecurrentLayer(nnx.Module):
     """x + dropout(Cell(Norm(x))): a pre-norm residual layer, like a Transformer block."""
 
@@ -155,14 +153,13 @@ class RecurrentLM(nnx.Module):
     attention, d_ff, mlp, ...) are ignored; so are scan_layers and remat.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, *, compute_dtype: str, rngs: nnx.Rngs):
-        if cfg.arch not in RECURRENT_ARCHS:
-            raise ValueError(f"RecurrentLM builds {RECURRENT_ARCHS}, not {cfg.arch!r}")
+    def __init__(self, cfg: ModelConfig, dims: Dims, rngs: nnx.Rngs):
+        vocab_size = dims.vocab_size
         self.kind = cfg.arch
         self.num_layers = cfg.num_layers
         self.d_model = cfg.d_model
         self.dropout_rate = cfg.dropout
-        self.compute_dtype = compute_dtype
+        self.compute_dtype = dims.compute_dtype
 
         self.embed = Embed(vocab_size, cfg.d_model, ("vocab", "embed"), rngs=rngs, std=cfg.init_std)
 
@@ -171,10 +168,15 @@ class RecurrentLM(nnx.Module):
         self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
         self.head = output_layer(cfg, vocab_size, rngs)
 
+    def init_cache(self, batch: int, slots: int, dtype) -> dict:
+        """The zero start state: no length axis (`slots` is unused), always float32."""
+        del slots, dtype
+        return init_state(self.kind, self.num_layers, batch, self.d_model)
+
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                  mask_BTS: jax.Array | None = None, cache: dict | None = None,
                  cache_index: jax.Array | None = None,
-                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+                 dropout_key: jax.Array | None = None) -> ModelOutput:
         """Logits [B, T, V] in float32, and the final state when `cache` (a start state) is given.
 
         `positions_BT` is ignored: order is implicit in the recurrence. `mask_BTS` is read only
@@ -197,8 +199,8 @@ class RecurrentLM(nnx.Module):
         # An unrolled loop over layers: each layer is already a scan over time, and a
         # recurrent stack is shallow.
         graphdef, stacked = nnx.split(self.layers)
-        layer_states = _unstack(stacked, self.num_layers)
-        states = _unstack(state, self.num_layers)
+        layer_states = unstack(stacked, self.num_layers)
+        states = unstack(state, self.num_layers)
         new_states = []
         for i in range(self.num_layers):
             layer = nnx.merge(graphdef, layer_states[i])
@@ -207,6 +209,17 @@ class RecurrentLM(nnx.Module):
 
         logits_BTV = output_logits(self.embed, self.head, self.final_norm(x_BTD), dtype)
         logits_BTV = constrain(logits_BTV, ("batch", "length", "vocab"))
-        if cache is None:
-            return logits_BTV, None
-        return logits_BTV, jax.tree.map(lambda *a: jnp.stack(a), *new_states)
+        new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_states)
+        return ModelOutput(logits_BTV, new_cache, {})
+
+
+def recurrent_flops_per_token(cfg: Config, shapes: dict) -> float:
+    """6N: every FLOP of a step is a matmul against a parameter (input and recurrent projections,
+    the output layer); no attention over the context."""
+    return 6 * matmul_params(cfg, shapes)
+
+
+RECURRENT_ARCH = ArchSpec(kind="decoder", objectives=("causal", "masked_causal"), attends=lambda model: False)
+register(Family("recurrent", {kind: RECURRENT_ARCH for kind in GATES}, build=RecurrentLM,
+                flops_per_token=recurrent_flops_per_token, decoding=CausalDecoding(),
+                describe="recurrent LMs: Elman RNN, LSTM, GRU cells in pre-norm residual layers"))

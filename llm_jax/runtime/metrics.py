@@ -1,15 +1,8 @@
-"""Metrics out of jit: FLOPs per token, MFU, and the JSONL / TensorBoard / progress-bar writer.
+"""Metrics out of jit: peak FLOP/s for MFU, and the JSONL / TensorBoard / progress-bar writer.
 
-FLOPs per token (training = forward + backward) follow Kaplan et al. and PaLM:
-    6 * N + 12 * L * H * Q * T, with the attention term halved for causal attention,
-where N counts the parameters that take part in matmuls (every parameter except the position
-table and, when the output layer is untied, the input embedding, which is a gather; of an MoE
-layer's experts only the top_k / num_experts a token uses),
-L = layers, H = query heads, Q = head dim, T = sequence length. Recurrent models (rnn, lstm,
-gru) have no attention term: every FLOP of a step is a matmul against a parameter (the input
-and recurrent projections and the output layer), so 6 * N alone. Mamba counts attention only for
-the attention sublayers of its `model.layer_pattern`; its scan's elementwise work (about
-10 * d_inner * N FLOPs per token and layer) is not counted.
+MFU = tokens/s * training FLOPs per token / peak FLOP/s, where the FLOPs per token are each model
+family's own count (`models.base.Family.flops_per_token`: 6N + the attention term, Kaplan et al.
+and PaLM) and the peak comes from a table of accelerators or, on CPU, a measured matmul.
 """
 
 from __future__ import annotations
@@ -41,63 +34,6 @@ PEAK_FLOPS = {
     "h100": 989e12,
     "h200": 989e12,
 }
-
-
-def matmul_params(cfg: Config, shapes: dict) -> int:
-    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
-    for gathered in ("pos_embed", "segment_embed"):  # table lookups, not matmuls
-        if gathered in shapes:
-            total -= int(np.prod(shapes[gathered]["embedding"].shape))
-    if not cfg.model.tie_embeddings:
-        total -= int(np.prod(shapes["embed"]["embedding"].shape))
-    return total - inactive_expert_params(cfg, shapes)
-
-
-def inactive_expert_params(cfg: Config, shapes: dict) -> int:
-    """Expert weights a token does not pass through: (E - k) / E of every MoE layer's experts.
-    MFU counts active parameters only (a sparse model gets no credit for idle experts)."""
-    moe = cfg.model.moe
-    if not moe.enabled:
-        return 0
-    experts = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
-        if any(getattr(k, "key", None) == "experts" for k in path):
-            experts += int(np.prod(leaf.shape))
-    return experts * (moe.num_experts - moe.top_k) // moe.num_experts
-
-
-def flops_per_token(cfg: Config, n_matmul_params: int, seq_len: int | None = None) -> float:
-    """Training FLOPs per token: 6N + 12*L*H*Q*T, the attention term halved when causal."""
-    m = cfg.model
-    if m.is_recurrent:
-        return 6 * n_matmul_params  # x @ W_x and h @ W_h per token, no attention over the context
-    t = seq_len or cfg.train.seq_len
-    layers = m.num_layers
-    if m.arch == "mamba":  # only the pattern's attention sublayers attend; the scan is not a matmul
-        layers = m.num_layers // len(m.pattern) * m.pattern.count("attention")
-    attention = 12 * layers * m.num_heads * m.head_dim * t
-    if cfg.objective != "mlm":  # bert attends both ways: the whole T x T score matrix counts
-        attention /= 2
-    return 6 * n_matmul_params + attention
-
-
-def encoder_decoder_flops_per_token(cfg: Config, n_encoder: int, n_decoder: int) -> float:
-    """Training FLOPs per counted token (train.seq_len per row) of an encoder-decoder: the
-    encoder's 6N and full attention over the S source tokens, the decoder's 6N, causal
-    self-attention and cross-attention over its T tokens, divided by train.seq_len. (The
-    cross-attention's key/value projections, which run on S rather than T tokens, are counted on T.)"""
-    from llm_jax.train.objectives import span_counts
-
-    m = cfg.model
-    if cfg.objective == "span":
-        noise, spans = span_counts(cfg.train.seq_len, cfg.train.noise_density, cfg.train.mean_span)
-        s, t = cfg.train.seq_len - noise + spans + 1, noise + spans + 1
-    else:
-        s, t = cfg.train.src_len, cfg.train.seq_len
-    width = m.num_heads * m.head_dim
-    encoder = 6 * n_encoder * s + 12 * m.num_layers * width * s * s
-    decoder = 6 * n_decoder * t + 12 * m.decoder_layers * width * (t * t / 2 + t * s)
-    return (encoder + decoder) / cfg.train.seq_len
 
 
 def measure_cpu_peak(size: int = 1024, repeats: int = 10) -> float:

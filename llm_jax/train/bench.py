@@ -14,14 +14,13 @@ import jax
 import numpy as np
 
 from llm_jax.config import Config
-from llm_jax.models.registry import model_vocab_size
+from llm_jax.data.tokenizer import ByteTokenizer
+from llm_jax.models.base import model_vocab_size
 from llm_jax.runtime.metrics import peak_flops_total
-from llm_jax.train.in_flight import StepWindow
-from llm_jax.train.objectives import build_objective, row_width
+from llm_jax.train.objectives import Vocab, build_objective, row_width
 from llm_jax.train.setup import build_setup
 from llm_jax.train.state import init_state
-
-BYTE_VOCAB = 257  # the default tokenizer's vocabulary, used when model.vocab_size is unset
+from llm_jax.train.trainer import Trainer
 
 
 def peak_memory_bytes() -> tuple[int, str]:
@@ -32,11 +31,12 @@ def peak_memory_bytes() -> tuple[int, str]:
 
 
 def bench(cfg: Config) -> dict:
-    vocab = model_vocab_size(cfg, BYTE_VOCAB)
+    byte_vocab = ByteTokenizer.vocab_size  # the default tokenizer's, used when model.vocab_size is unset
+    vocab = model_vocab_size(cfg, byte_vocab)
     # Objectives that need special ids (masks, sentinels) take them as for byte tokens; the cost is
     # the same for any ids.
-    setup = build_setup(cfg, vocab, build_objective(cfg, BYTE_VOCAB, vocab, eos_id=BYTE_VOCAB - 1))
-    state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, vocab, setup.shardings)
+    setup = build_setup(cfg, vocab, build_objective(cfg, Vocab(byte_vocab, vocab, eos_id=byte_vocab - 1)))
+    state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, setup.shardings)
     rng = np.random.default_rng(cfg.seed)
     local_rows = cfg.train.batch_size // jax.process_count()
     batches = [setup.to_global(rng.integers(0, vocab, (local_rows, row_width(cfg)), dtype=np.int32))
@@ -45,15 +45,11 @@ def bench(cfg: Config) -> dict:
     start = time.perf_counter()
     compiled = setup.train_step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - start
-    in_flight = StepWindow()
-    for i in range(cfg.bench.warmup):
-        state, metrics = compiled(state, batches[i % 2])
-        in_flight.push(metrics["loss"])
+    trainer = Trainer(compiled)
+    state, metrics = trainer.run(state, ((i, batches[i % 2]) for i in range(cfg.bench.warmup)))
     jax.block_until_ready(state)
     start = time.perf_counter()
-    for i in range(cfg.bench.steps):
-        state, metrics = compiled(state, batches[i % 2])
-        in_flight.push(metrics["loss"])
+    state, metrics = trainer.run(state, ((i, batches[i % 2]) for i in range(cfg.bench.steps)))
     jax.block_until_ready((state, metrics))
     elapsed = time.perf_counter() - start
 

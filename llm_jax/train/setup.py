@@ -10,9 +10,10 @@ import optax
 from jax.sharding import Mesh
 
 from llm_jax.config import Config
+from llm_jax.data.tasks import classes_of
+from llm_jax.models.base import family_of
 from llm_jax.models.definition import ModelDef, model_def, unsharded_large_params
 from llm_jax.parallel.mesh import make_mesh
-from llm_jax.runtime.metrics import encoder_decoder_flops_per_token, flops_per_token, matmul_params
 from llm_jax.train.objectives import Objective
 from llm_jax.train.optim import make_optimizer, make_schedule
 from llm_jax.train.state import abstract_state, state_shardings
@@ -45,7 +46,7 @@ class TrainSetup:
 def build_setup(cfg: Config, vocab_size: int, objective: Objective, mesh: Mesh | None = None) -> TrainSetup:
     """`objective`: from `objectives.build_objective` (or `tokenizer_objective`)."""
     mesh = mesh if mesh is not None else make_mesh(cfg)
-    mdef = model_def(cfg, vocab_size)
+    mdef = model_def(cfg, vocab_size, classes_of(cfg))
     tx = make_optimizer(cfg)
     schedule = make_schedule(cfg)
     shardings = state_shardings(mesh, tx, mdef)
@@ -55,14 +56,6 @@ def build_setup(cfg: Config, vocab_size: int, objective: Objective, mesh: Mesh |
         shardings=shardings, objective=objective,
         train_step=make_train_step(cfg, mdef, tx, schedule, mesh, shardings, objective),
         eval_step=make_eval_step(mdef, mesh, shardings["params"], objective),
-        flops_per_token=model_flops_per_token(cfg, mdef),
+        flops_per_token=family_of(cfg.model.arch).flops_per_token(cfg, mdef.shapes),
         warnings=warnings,
     )
-
-
-def model_flops_per_token(cfg: Config, mdef: ModelDef) -> float:
-    n_matmul = matmul_params(cfg, mdef.shapes)
-    if not cfg.model.is_encoder_decoder:
-        return flops_per_token(cfg, n_matmul)
-    n_encoder = sum(int(x.size) for x in jax.tree.leaves(mdef.shapes["encoder"]))
-    return encoder_decoder_flops_per_token(cfg, n_encoder, n_matmul - n_encoder)

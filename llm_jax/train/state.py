@@ -17,12 +17,12 @@ from jax.sharding import PartitionSpec as P
 
 from llm_jax.config import Config
 from llm_jax.models.definition import ModelDef, param_shardings
-from llm_jax.models.registry import build_model
+from llm_jax.models.base import build_model
 
 
-def init_params(cfg: Config, mdef: ModelDef, mesh: Mesh, vocab_size: int) -> dict:
+def init_params(cfg: Config, mdef: ModelDef, mesh: Mesh) -> dict:
     def create() -> dict:
-        return nnx.to_pure_dict(nnx.state(build_model(cfg, vocab_size, nnx.Rngs(cfg.seed))))
+        return nnx.to_pure_dict(nnx.state(build_model(cfg, mdef.dims, nnx.Rngs(cfg.seed))))
 
     return jax.jit(create, out_shardings=param_shardings(mdef, mesh))()
 
@@ -37,9 +37,8 @@ def state_shardings(mesh: Mesh, tx: optax.GradientTransformation, mdef: ModelDef
     return {"params": pshard, "opt_state": opt_shard, "step": replicated}
 
 
-def init_state(cfg: Config, mdef: ModelDef, mesh: Mesh, tx: optax.GradientTransformation,
-               vocab_size: int, shardings: dict) -> dict:
-    params = init_params(cfg, mdef, mesh, vocab_size)
+def init_state(cfg: Config, mdef: ModelDef, mesh: Mesh, tx: optax.GradientTransformation, shardings: dict) -> dict:
+    params = init_params(cfg, mdef, mesh)
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
     return {"params": params, "opt_state": opt_state, "step": step}

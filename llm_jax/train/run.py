@@ -1,27 +1,31 @@
-"""The training loop: data -> jitted step -> metrics, evals and checkpoints; resumes by step."""
+"""`llm-jax train`: a run directory, data, the sharded train state, and the Trainer with its hooks;
+resumes by step from the newest complete checkpoint."""
 
 from __future__ import annotations
 
 import math
-import time
+from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 
 from llm_jax.config import Config
+from llm_jax.data import BatchIterator, build_data, eval_batches, train_dataset
 from llm_jax.errors import UserError
-from llm_jax.models.registry import model_vocab_size
+from llm_jax.inference.api import Model
+from llm_jax.interop.pretrained import pretrained_params
+from llm_jax.models.base import family_of, model_vocab_size
 from llm_jax.parallel.distributed import StopRequest, barrier, broadcast_flag, is_multiprocess
 from llm_jax.parallel.mesh import make_mesh
 from llm_jax.runtime.checkpoint import Checkpointer
 from llm_jax.runtime.metrics import MetricsWriter, peak_flops_total
 from llm_jax.runtime.run_dir import check_run_dir, trim_metrics, write_run_config
-from llm_jax.train.in_flight import StepWindow
 from llm_jax.train.objectives import tokenizer_objective
 from llm_jax.train.setup import TrainSetup, build_setup
-from llm_jax.train.state import (
-    init_state,  # Fields of the data position that must match for a resumed run to see the same batches
-)
+from llm_jax.train.state import init_state
+from llm_jax.train.trainer import Evaluate, Hook, LogMetrics, Trainer
 
+# Fields of the data position that must match for a resumed run to see the same batches
 # (the process layout may change: the global batch of a step is the same on any topology).
 ORDER_KEYS = ("seed", "seq_len", "global_batch", "n_windows")
 
@@ -53,15 +57,32 @@ def describe_eval(ev: dict) -> str:
     return text + f", accuracy {ev['eval_accuracy']:.3f}"
 
 
+class SaveCheckpoints(Hook):
+    """Save every `checkpoint.every` steps and at the end; on SIGTERM save at once and stop."""
+
+    def __init__(self, ckpt: Checkpointer, cfg: Config, data_position, log):
+        self.ckpt, self.cfg, self.data_position, self.log = ckpt, cfg, data_position, log
+        self.stop = StopRequest()
+
+    def after_step(self, trainer: Trainer, done: int, state: Any, metrics: dict) -> bool:
+        stopping = self.stop.reached(done) and done < self.cfg.train.steps
+        if self.ckpt.should_save(done, self.cfg.train.steps) or stopping:
+            self.ckpt.save(done, state, {"next_step": done, **self.data_position()}, self.cfg, force=stopping)
+        if stopping:
+            self.log(f"step {done}: SIGTERM received; checkpoint saved, stopping")
+        return stopping
+
+    def close(self) -> None:
+        self.stop.close()
+
+
 def train(cfg: Config) -> dict:
     """Train (or resume) the run in `cfg.run.dir`; returns the final metrics."""
-    from llm_jax import data as data_lib  # heavy imports (grain, tfds) only when training
-
     run_dir, existed = check_run_dir(cfg)
     # Process 0 decides new-or-resume: another process could look after process 0 wrote config.yaml.
     existed = broadcast_flag(existed)
     mesh = make_mesh(cfg)  # validates mesh and batch against the devices before any slow work
-    bundle = data_lib.build_data(cfg, run_dir)
+    bundle = build_data(cfg, run_dir)
     vocab = model_vocab_size(cfg, bundle.tokenizer.vocab_size)
     setup = build_setup(cfg, vocab, tokenizer_objective(cfg, bundle.tokenizer, vocab), mesh)
     write_run_config(cfg, run_dir)
@@ -76,18 +97,16 @@ def train(cfg: Config) -> dict:
     writer.log(f"run {run_dir}: {setup.mdef.num_params / 1e6:.2f}M parameters, vocab {vocab}, "
                f"mesh {dict(setup.mesh.shape)}, {jax.device_count()} {jax.devices()[0].platform} devices")
 
-    dataset = data_lib.train_dataset(bundle.train_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.seed,
-                                     jax.process_index(), jax.process_count())
+    dataset = train_dataset(bundle.train_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.seed,
+                            jax.process_index(), jax.process_count())
     if start is not None:
         state, data_state = ckpt.restore(start, setup.abstract_state())
         writer.log(f"resumed from checkpoint at step {start} (data position {data_state.get('next_step')})")
         check_data_order(data_state, getattr(dataset, "order", {}))
         start = int(data_state.get("next_step", start))
     else:
-        state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, vocab, setup.shardings)
+        state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, setup.shardings)
         if cfg.checkpoint.init_from:
-            from llm_jax.interop.pretrained import pretrained_params
-
             state["params"], fresh = pretrained_params(cfg, setup.mdef, setup.shardings["params"], state["params"])
             writer.log(f"parameters from {cfg.checkpoint.init_from}"
                        + (f"; newly initialised: {', '.join(fresh)}" if fresh else ""))
@@ -98,70 +117,56 @@ def train(cfg: Config) -> dict:
     # Bits per byte is a property of next-token prediction over the text; other objectives score
     # masked positions, spans or task targets, so only their loss per scored token is reported.
     bytes_per_token = bundle.val_bytes_per_token if cfg.objective == "causal" else None
-    eval_batches = [setup.to_global(b) for b in data_lib.eval_batches(
+    held_out = [setup.to_global(b) for b in eval_batches(
         bundle.val_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches,
         jax.process_index(), jax.process_count())]
-    batches = data_lib.BatchIterator(dataset, start, cfg.train.steps, cfg.data.prefetch, setup.to_global)
+    batches = BatchIterator(dataset, start, cfg.train.steps, cfg.data.prefetch, setup.to_global)
+
+    def write_eval(record: dict) -> None:
+        writer.write(record)
+        writer.log(f"step {record['step']}: {describe_eval(record)}")
+
     peak, _ = peak_flops_total()
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-    final: dict = {}
-    timer_step, timer_start = None, None
-    stop = StopRequest()
-    in_flight = StepWindow()
+    log = LogMetrics(cfg.train.log_every, cfg.train.steps, writer.write, cfg.train.batch_size * cfg.train.seq_len,
+                     setup.flops_per_token, peak)
+    evals = Evaluate(cfg.train.eval_every, cfg.train.steps,
+                     lambda params: evaluate(setup, params, held_out, bytes_per_token), write_eval)
+    save = SaveCheckpoints(ckpt, cfg, batches.get_state, writer.log)
+    advance = ProgressAdvance(writer)
+    trainer = Trainer(setup.train_step, [advance, log, evals, save])
     try:
-        for step, batch in batches:
-            state, metrics = setup.train_step(state, batch)
-            in_flight.push(metrics["loss"])
-            done = step + 1
-            writer.advance()
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps or timer_start is None:
-                # Scalars as floats; per-layer arrays (the MoE expert load) as nested lists.
-                record = {"step": done, **{k: v.tolist() if v.ndim else float(v)
-                                           for k, v in jax.device_get(metrics).items()}}
-                now = time.perf_counter()
-                if timer_start is not None:
-                    # Throughput over the interval since the last log (compile time excluded).
-                    tps = (done - timer_step) * tokens_per_step / (now - timer_start)
-                    record["tokens_per_sec"] = tps
-                    record["mfu"] = tps * setup.flops_per_token / peak
-                if not math.isfinite(record["loss"]):
-                    raise UserError(f"loss became {record['loss']} at step {done}; try a lower optim.lr "
-                                    "or optim.clip_norm (checkpoints before this step are kept)")
-                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                    writer.write(record)
-                final.update(record)
-                timer_step, timer_start = done, now
-            if done == cfg.train.steps or (cfg.train.eval_every and done % cfg.train.eval_every == 0):
-                ev = evaluate(setup, state["params"], eval_batches, bytes_per_token)
-                writer.write({"step": done, **ev})
-                writer.log(f"step {done}: {describe_eval(ev)}")
-                final.update(ev)
-                # Eval time is not training throughput: the next interval starts here.
-                timer_step, timer_start = done, time.perf_counter()
-            stopping = stop.reached(done) and done < cfg.train.steps
-            if ckpt.should_save(done, cfg.train.steps) or stopping:
-                ckpt.save(done, state, {"next_step": done, **batches.get_state()}, cfg, force=stopping)
-            if stopping:
-                writer.log(f"step {done}: SIGTERM received; checkpoint saved, stopping")
-                final["stopped_at"] = done
-                break
+        state, _ = trainer.run(state, batches)
     finally:
-        stop.close()
+        save.close()
         batches.close()
         ckpt.close()
         writer.close()
+    final = {**log.latest, **evals.latest}
+    if trainer.stopped_at is not None:
+        final["stopped_at"] = trainer.stopped_at
     if start >= cfg.train.steps and not final:
-        final.update(evaluate(setup, state["params"], eval_batches, bytes_per_token))
+        final.update(evaluate(setup, state["params"], held_out, bytes_per_token))
     final["params"] = state["params"]
     final["tokenizer"] = bundle.tokenizer
     return final
+
+
+class ProgressAdvance(Hook):
+    """Moves the progress bar (and its ETA) by one step."""
+
+    def __init__(self, writer: MetricsWriter):
+        self.writer = writer
+
+    def after_step(self, trainer: Trainer, done: int, state: Any, metrics: dict) -> bool:
+        self.writer.advance()
+        return False
 
 
 def print_sample(cfg: Config, result: dict) -> None:
     """Print a sample from the trained model (process 0), the last line of `make train`."""
     if cfg.train.sample_tokens <= 0:
         return
-    if cfg.model.arch == "bert":
+    if family_of(cfg.model.arch).decoding is None:
         if jax.process_index() == 0:
             print(f"(no sample: model.arch={cfg.model.arch} is an encoder, it does not generate text)")
         return
@@ -174,12 +179,9 @@ def print_sample(cfg: Config, result: dict) -> None:
     if is_multiprocess():
         # Parameters are spread over the processes: every process takes part in gathering them,
         # then process 0 samples alone on its own devices.
-        from jax.experimental import multihost_utils
-
         params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() != 0:
         return
-    from llm_jax.inference.api import Model
     model = Model.from_params(cfg, params, tokenizer=result["tokenizer"])
     if cfg.model.is_encoder_decoder:  # the prompt is the source; the sample is the decoded target
         tokens = min(cfg.train.sample_tokens, cfg.train.seq_len)
@@ -198,4 +200,3 @@ def print_sample(cfg: Config, result: dict) -> None:
     print(f"--- sample (up to {tokens} tokens, temperature 0.8) ---")
     print(cfg.train.sample_prompt + text)
     print("---")
-

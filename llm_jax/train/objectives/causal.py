@@ -1,0 +1,70 @@
+"""Next-token prediction: `causal` (every position) and `masked_causal` (only a synthetic task's
+answer positions, `data.synthetic`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from llm_jax.config import Config
+from llm_jax.data.synthetic import synthetic_ids
+from llm_jax.errors import UserError
+from llm_jax.train.objectives.base import Data, TokenObjective, Vocab, register_objective
+
+
+def causal_targets(tokens_BT1: jax.Array) -> tuple[jax.Array, jax.Array, None]:
+    """Inputs are the first T tokens, targets the next ones; every position counts (weights None)."""
+    return tokens_BT1[:, :-1], tokens_BT1[:, 1:], None
+
+
+@register_objective
+@dataclass(frozen=True)
+class Causal(TokenObjective):
+    """GPT, the recurrent cells, Mamba: rows are [B, T+1] windows; inputs the first T tokens,
+    targets the next."""
+
+    name = "causal"
+
+    @classmethod
+    def from_config(cls, cfg: Config, vocab: Vocab) -> Causal:
+        return cls(smoothing=cfg.train.label_smoothing, smoothing_ids=vocab.size)
+
+    def data(self, rows: jax.Array, step) -> Data:
+        inputs_BT, targets_BT, weights = causal_targets(rows)
+        return {"tokens_BT": inputs_BT}, targets_BT, weights
+
+
+def masked_causal_targets(rows_BR: jax.Array, seq_len: int) -> tuple[dict, jax.Array, jax.Array]:
+    """Rows [B, 2T + 1] (`data.synthetic`): a window of T + 1 tokens, then T weights. Inputs are the
+    window's first T tokens, targets the next; only targets of weight 1 are scored."""
+    T = seq_len
+    return {"tokens_BT": rows_BR[:, :T]}, rows_BR[:, 1:T + 1], rows_BR[:, T + 1:].astype(jnp.float32)
+
+
+@register_objective
+@dataclass(frozen=True)
+class MaskedCausal(TokenObjective):
+    """Next-token prediction scored only where a synthetic task's answers are, so eval accuracy is
+    the task's accuracy."""
+
+    name = "masked_causal"
+    seq_len: int = 0  # T of the rows [B, 2T + 1]
+
+    @classmethod
+    def from_config(cls, cfg: Config, vocab: Vocab) -> MaskedCausal:
+        ids = synthetic_ids(cfg.data.synthetic_vocab)
+        if ids > vocab.rows:
+            raise UserError(f"data.task={cfg.data.task} uses {ids} token ids (data.synthetic_vocab="
+                            f"{cfg.data.synthetic_vocab} and 3 special ones) but the model has {vocab.rows} rows; "
+                            f"lower data.synthetic_vocab or raise model.vocab_size")
+        # Label smoothing spreads over the task's own ids, not the tokenizer's.
+        return cls(smoothing=cfg.train.label_smoothing, smoothing_ids=ids, seq_len=cfg.train.seq_len)
+
+    @staticmethod
+    def row_width(cfg: Config) -> int:
+        return 2 * cfg.train.seq_len + 1
+
+    def data(self, rows: jax.Array, step) -> Data:
+        return masked_causal_targets(rows, self.seq_len)

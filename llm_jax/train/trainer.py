@@ -1,0 +1,131 @@
+"""The one training loop: dispatch jitted steps with a bounded queue, and let hooks log, evaluate,
+checkpoint and stop.
+
+`Trainer(step_fn, hooks).run(state, batches)` serves `llm-jax train` (hooks below), `llm-jax
+bench` (no hooks: it times the loop) and the synthetic-task sweeps. Any step function with the
+signature step(state, batch) -> (state, metrics) runs in it: a preference loss or a PPO update
+is another step function, not another loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+
+from llm_jax.errors import UserError
+
+# A few steps in flight keep the devices busy (the host dispatches the next while one runs).
+# An unbounded queue (every step dispatched between two logs) deadlocks XLA:CPU's cross-device
+# collectives once some 64 steps of a multi-device mesh are queued: the all-reduce waits for a
+# device that never arrives, and XLA aborts the process after its 40 s rendezvous timeout.
+MAX_STEPS_IN_FLIGHT = 4
+
+StepFn = Callable[[Any, Any], tuple[Any, dict]]
+
+
+class StepWindow:
+    """Call `push(output)` after dispatching each step; it waits for the step `depth` back."""
+
+    def __init__(self, depth: int = MAX_STEPS_IN_FLIGHT):
+        self._depth = depth
+        self._outputs: collections.deque[jax.Array] = collections.deque()
+
+    def push(self, step_output: jax.Array) -> None:
+        self._outputs.append(step_output)
+        if len(self._outputs) > self._depth:
+            self._outputs.popleft().block_until_ready()
+
+
+class Hook:
+    """Called after every step with the step count done (1-based) and the step's outputs."""
+
+    def after_step(self, trainer: Trainer, done: int, state: Any, metrics: dict) -> bool:
+        """Return True to stop the run after this step."""
+        return False
+
+
+class Trainer:
+    """Runs `step_fn` over (step, batch) pairs, at most MAX_STEPS_IN_FLIGHT steps ahead of the devices."""
+
+    def __init__(self, step_fn: StepFn, hooks: Iterable[Hook] = ()):
+        self.step_fn = step_fn
+        self.hooks = list(hooks)
+        self.stopped_at: int | None = None
+        # Start of the current throughput interval: (steps done, time). Evaluations restart it.
+        self.interval: tuple[int, float] | None = None
+
+    def restart_interval(self, done: int) -> None:
+        """Time spent from here on counts as training again (after an evaluation, say)."""
+        self.interval = (done, time.perf_counter())
+
+    def run(self, state: Any, batches: Iterable[tuple[int, Any]]) -> tuple[Any, dict | None]:
+        """Train over `batches`; returns the last state and the last step's metrics (device arrays)."""
+        window = StepWindow()
+        metrics = None
+        for step, batch in batches:
+            state, metrics = self.step_fn(state, batch)
+            window.push(jax.tree.leaves(metrics)[0])
+            stop = False
+            for hook in self.hooks:
+                stop = hook.after_step(self, step + 1, state, metrics) or stop
+            if stop:
+                self.stopped_at = step + 1
+                break
+        return state, metrics
+
+
+def host_record(done: int, metrics: dict) -> dict:
+    """A step's metrics on the host: scalars as floats, per-layer arrays (MoE load) as lists."""
+    return {"step": done, **{k: v.tolist() if v.ndim else float(v) for k, v in jax.device_get(metrics).items()}}
+
+
+class LogMetrics(Hook):
+    """Every `every` steps (and at `last`): the metrics, tokens/s and MFU to `write`; a non-finite
+    loss stops the run with a UserError."""
+
+    def __init__(self, every: int, last: int, write: Callable[[dict], None], tokens_per_step: int,
+                 flops_per_token: float, peak_flops: float):
+        self.every, self.last, self.write = every, last, write
+        self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
+        self.latest: dict = {}
+
+    def after_step(self, trainer: Trainer, done: int, state: Any, metrics: dict) -> bool:
+        due = done % self.every == 0 or done == self.last
+        if not due and trainer.interval is not None:
+            return False
+        record = host_record(done, metrics)
+        if trainer.interval is not None:
+            # Throughput over the interval since the last log (the first, compiling step excluded).
+            start_step, start_time = trainer.interval
+            tps = (done - start_step) * self.tokens_per_step / (time.perf_counter() - start_time)
+            record["tokens_per_sec"] = tps
+            record["mfu"] = tps * self.flops_per_token / self.peak_flops
+        if not math.isfinite(record["loss"]):
+            raise UserError(f"loss became {record['loss']} at step {done}; try a lower optim.lr "
+                            "or optim.clip_norm (checkpoints before this step are kept)")
+        if due:
+            self.write(record)
+        self.latest.update(record)
+        trainer.restart_interval(done)
+        return False
+
+
+class Evaluate(Hook):
+    """Every `every` steps (0: never) and at `last`: `evaluate(params) -> dict` to `write`."""
+
+    def __init__(self, every: int, last: int, evaluate: Callable[[Any], dict], write: Callable[[dict], None]):
+        self.every, self.last, self.evaluate, self.write = every, last, evaluate, write
+        self.latest: dict = {}
+
+    def after_step(self, trainer: Trainer, done: int, state: Any, metrics: dict) -> bool:
+        if done == self.last or (self.every and done % self.every == 0):
+            result = self.evaluate(state["params"])
+            self.write({"step": done, **result})
+            self.latest.update(result)
+            trainer.restart_interval(done)  # evaluation time is not training throughput
+        return False

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -125,6 +125,13 @@ class HFTokenizer:
     def encode_documents(self, docs: Sequence[str]) -> np.ndarray:
         encodings = self._tok.encode_batch(list(docs), add_special_tokens=False)
         return _join_with_eos([e.ids for e in encodings], self.eos_id)
+
+
+def decoder_start_id(eos_id: int, lookup: Callable[[str], int | None] | None = None) -> int:
+    """The encoder-decoders' first decoder input: `<pad>` where the tokenizer has it (T5's
+    convention; `lookup` is its `token_id`), else end-of-text (which also separates documents)."""
+    pad = lookup("<pad>") if lookup is not None else None
+    return int(eos_id if pad is None else pad)
 
 
 def _join_with_eos(pieces: Sequence[Sequence[int]], eos_id: int) -> np.ndarray:

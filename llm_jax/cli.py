@@ -27,6 +27,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from llm_jax.interop import adapters
+
     p = _Parser(prog="llm-jax", description="Train, sample and benchmark language models in JAX.",
                 epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -53,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     g.add_argument("--seed", type=int, default=0)
 
-    i = sub.add_parser("import-hf", help="turn a Hugging Face checkpoint (GPT-2, Llama, Mixtral, BERT, T5, Mamba) into a new run directory")
+    families = ", ".join(a.hf_class for a in adapters())
+    i = sub.add_parser("import-hf", help=f"turn a Hugging Face checkpoint ({families}) into a new run directory")
     i.add_argument("hf_dir", help="directory with config.json and model.safetensors (and tokenizer.json)")
     i.add_argument("run_dir", help="new run directory to create")
 
@@ -133,7 +136,7 @@ def _cmd_generate(args) -> None:
 
 
 def _cmd_import_hf(args) -> None:
-    from llm_jax.interop.pretrained import import_hf
+    from llm_jax.train.import_hf import import_hf
 
     kind = import_hf(args.hf_dir, args.run_dir)
     print(f"imported {kind} from {args.hf_dir} into {args.run_dir} (checkpoint at step 0)")

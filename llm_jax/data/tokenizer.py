@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -127,6 +127,13 @@ class HFTokenizer:
         return _join_with_eos([e.ids for e in encodings], self.eos_id)
 
 
+def decoder_start_id(eos_id: int, lookup: Callable[[str], int | None] | None = None) -> int:
+    """The encoder-decoders' first decoder input: `<pad>` where the tokenizer has it (T5's
+    convention; `lookup` is its `token_id`), else end-of-text (which also separates documents)."""
+    pad = lookup("<pad>") if lookup is not None else None
+    return int(eos_id if pad is None else pad)
+
+
 def _join_with_eos(pieces: Sequence[Sequence[int]], eos_id: int) -> np.ndarray:
     lengths = [len(p) for p in pieces]
     flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=sum(lengths))
@@ -204,10 +211,3 @@ def train_sentencepiece(docs: Iterable[str], vocab_size: int, out_path: Path) ->
     except RuntimeError as exc:
         raise UserError(f"sentencepiece training failed: {exc}".replace("\n", " ")) from None
     write_bytes_atomic(out_path, model.getvalue())
-
-
-def decoder_start_id(eos_id: int, lookup=None) -> int:
-    """The encoder-decoders' first decoder input: `<pad>` where the tokenizer has it (T5's
-    convention), else end-of-text (which also separates documents)."""
-    pad = lookup("<pad>") if lookup is not None else None
-    return int(eos_id if pad is None else pad)

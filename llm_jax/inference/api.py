@@ -14,13 +14,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from llm_jax.config import Config, read_run_config
+from llm_jax.config import Config
+from llm_jax.data.tokenizer import HFTokenizer
 from llm_jax.errors import UserError
 from llm_jax.inference.generate import BOUNDED_POSITIONS, generate
-from llm_jax.interop import hf
+from llm_jax.interop.convert import read_hf_model
+from llm_jax.interop.files import TOKENIZER_FILE, is_hf_dir
 from llm_jax.models.definition import ModelDef, model_def, param_shardings
-from llm_jax.models.registry import model_vocab_size
 from llm_jax.parallel.mesh import single_device_mesh
+from llm_jax.runtime.restore import restore_params
 from llm_jax.data.tokenizer import decoder_start_id
 
 Prompt = str | Sequence[int]
@@ -184,59 +186,24 @@ class Model:
 
 
 def load(path: str | Path, *, step: int | None = None) -> Model:
-    """Load a run directory's config, tokenizer and newest complete checkpoint (or `step`),
-    or a Hugging Face checkpoint directory (config.json + safetensors; GPT-2, Llama, BERT MLM)."""
-    from llm_jax.data import load_tokenizer  # the data stack is only needed for a real run
-    from llm_jax.runtime.checkpoint import Checkpointer, checkpoint_dir  # Orbax is slow to import
-
+    """Load a run directory's config, tokenizer and newest complete checkpoint (or `step`), or a
+    Hugging Face checkpoint directory (config.json + safetensors; the classes `llm_jax.interop` adapts)."""
     run_dir = Path(path).expanduser()
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
-    if hf.is_hf_dir(run_dir):
+    if is_hf_dir(run_dir):
         if step is not None:
             raise UserError(f"{run_dir} is a Hugging Face checkpoint: it has no steps to choose from")
         return load_hf(run_dir)
-    cfg = read_run_config(run_dir)
-    if not checkpoint_dir(run_dir).is_dir():
-        raise UserError(f"{run_dir} has no checkpoints; train it first")
-    ckpt = Checkpointer(run_dir, cfg, read_only=True)
-    steps = ckpt.manager.all_steps()
-    if step is None:
-        step = ckpt.latest_step()
-        if step is None:
-            raise UserError(f"{run_dir} has no complete checkpoint; train it first")
-    elif step not in steps:
-        raise UserError(f"{run_dir} has no checkpoint at step {step} (have: {sorted(steps)})")
-
-    tokenizer = load_tokenizer(cfg, run_dir)
-    mdef = model_def(cfg, model_vocab_size(cfg, tokenizer.vocab_size))
-    shardings = param_shardings(mdef, single_device_mesh())
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            mdef.shapes, shardings)
-    params = ckpt.restore_params(step, abstract)
-    ckpt.close()
+    cfg, tokenizer, mdef, params, step = restore_params(run_dir, step)
     return Model(cfg, mdef, params, tokenizer, step=step, run_dir=run_dir)
 
 
 def load_hf(hf_dir: Path) -> Model:
-    """A Hugging Face GPT2LMHeadModel / LlamaForCausalLM / BertForMaskedLM directory as a Model on one device."""
-    from llm_jax.data.tokenizer import HFTokenizer
-
-    kind, cfg, params = hf_params(hf_dir)
+    """A Hugging Face checkpoint directory as a Model on one device, with its tokenizer.json if it has one."""
+    _, cfg, params = read_hf_model(hf_dir)
     mdef = model_def(cfg, cfg.model.vocab_size)
     params = jax.device_put(params, param_shardings(mdef, single_device_mesh()))
-    tokenizer_json = hf_dir / "tokenizer.json"
+    tokenizer_json = hf_dir / TOKENIZER_FILE
     tokenizer = HFTokenizer(tokenizer_json) if tokenizer_json.is_file() else None
     return Model(cfg, mdef, params, tokenizer, run_dir=hf_dir)
-
-
-def hf_params(hf_dir: Path, run_dir: str = "runs/hf") -> tuple[str, Config, dict]:
-    """(family, llm-jax config, numpy params) of a Hugging Face directory, shapes checked."""
-    config = hf.read_hf_config(hf_dir)
-    cfg = hf.config_from_hf(config, run_dir)
-    params = hf.params_from_hf(config["model_type"], hf.read_tensors(hf_dir), cfg)
-    want = jax.tree.map(lambda s: tuple(s.shape), model_def(cfg, cfg.model.vocab_size).shapes)
-    got = jax.tree.map(lambda a: tuple(a.shape), params)
-    if want != got:
-        raise UserError(f"{hf_dir}: tensor shapes do not match its config.json")
-    return config["model_type"], cfg, params

@@ -1,89 +1,54 @@
-"""Weights from elsewhere: `import-hf`, `export-hf` and `checkpoint.init_from`."""
+"""Weights from elsewhere, through the adapters: `export-hf` (a run, or a Hugging Face directory,
+written as a Hugging Face directory) and `checkpoint.init_from` (a new run's parameters from
+another run or a Hugging Face directory). `import-hf` writes a train state: `llm_jax.train.import_hf`."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from llm_jax.config import Config, validate
+from llm_jax.config import Config, read_run_config, validate
+from llm_jax.data.tokenizer import HFTokenizer, decoder_start_id
 from llm_jax.errors import UserError
-from llm_jax.interop import hf
-from llm_jax.models.definition import ModelDef
+from llm_jax.interop.convert import read_hf_model, write_hf_model
+from llm_jax.interop.files import TOKENIZER_FILE, is_hf_dir
+from llm_jax.models.definition import ModelDef, model_def, param_shardings
+from llm_jax.runtime.checkpoint import Checkpointer
+from llm_jax.runtime.restore import restore_params
 
-TOKENIZER_FILE = "tokenizer.json"
 # Keys that change what the same parameter shapes compute; the shapes check covers the rest.
 FUNCTION_KEYS = ("arch", "num_heads", "num_kv_heads", "position", "rope_theta", "norm", "norm_eps", "mlp",
                  "use_bias", "tie_embeddings")
 
 
-def _hf_dir(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    if not (path.is_dir() and hf.is_hf_dir(path)):
-        raise UserError(f"{path} is not a Hugging Face checkpoint directory (config.json + model.safetensors)")
-    return path
-
-
-def import_hf(hf_path: str | Path, run_path: str | Path) -> str:
-    """Write a new run directory holding the Hugging Face model as its step-0 checkpoint.
-
-    `llm-jax generate RUN_DIR` and `llm_jax.load(RUN_DIR)` then use it, a new run starts from it
-    with `checkpoint.init_from=RUN_DIR`, and `llm-jax train RUN_DIR/config.yaml` trains it on.
-    """
-    from llm_jax.inference.api import hf_params
-    from llm_jax.models.definition import model_def, param_shardings
-    from llm_jax.parallel.mesh import single_device_mesh
-    from llm_jax.runtime.checkpoint import Checkpointer
-    from llm_jax.runtime.run_dir import write_run_config
-    from llm_jax.train.optim import make_optimizer
-    source, run_dir = _hf_dir(hf_path), Path(run_path).expanduser()
-    if run_dir.exists():
-        raise UserError(f"{run_dir} already exists; import-hf writes only into a new directory")
-    kind, cfg, params = hf_params(source, str(run_dir))
-    tokenizer = source / TOKENIZER_FILE
-    if tokenizer.is_file():
-        tree = cfg.to_dict()
-        tree["data"]["tokenizer"] = f"hf:{tokenizer.resolve()}"
-        cfg = validate(tree)
-    mdef = model_def(cfg, cfg.model.vocab_size)
-    params = jax.device_put(params, param_shardings(mdef, single_device_mesh()))
-    state = {"params": params, "opt_state": jax.jit(make_optimizer(cfg).init)(params),
-             "step": jnp.zeros((), jnp.int32)}
-    run_dir.mkdir(parents=True)
-    if tokenizer.is_file():
-        (run_dir / "tokenizer").mkdir()
-        shutil.copyfile(tokenizer, run_dir / "tokenizer" / TOKENIZER_FILE)
-    write_run_config(cfg, run_dir)
-    ckpt = Checkpointer(run_dir, cfg)
-    ckpt.save(0, state, {"next_step": 0}, cfg, force=True)
-    ckpt.close()
-    return kind
-
-
 def export_hf(run_path: str | Path, out_path: str | Path) -> str:
-    """Write the newest checkpoint of a run as a Hugging Face directory (GPT-2, Llama, BERT or T5)."""
-    from llm_jax.inference.api import load
+    """Write a run's newest checkpoint (or a Hugging Face directory, re-written) as a Hugging Face
+    directory; returns the adapter's name. A config no adapter exports is refused before anything
+    is written."""
     out = Path(out_path).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not empty; export-hf writes only into a new or empty directory")
-    model = load(run_path)
-    cfg = model.config
+    source = Path(run_path).expanduser()
+    tokenizer_json: Path | None = None
+    if source.is_dir() and is_hf_dir(source):
+        _, cfg, params = read_hf_model(source)
+        if (source / TOKENIZER_FILE).is_file():
+            tokenizer_json = source / TOKENIZER_FILE
+        tokenizer = None if tokenizer_json is None else HFTokenizer(tokenizer_json)
+    else:
+        cfg, tokenizer, _, params, _ = restore_params(source)
+        if cfg.data.tokenizer.startswith("hf:"):
+            stored = source / "tokenizer" / TOKENIZER_FILE
+            tokenizer_json = stored if stored.is_file() else Path(cfg.data.tokenizer[3:]).expanduser()
     tree = cfg.to_dict()
-    tree["model"]["vocab_size"] = model.vocab_size
+    tree["model"]["vocab_size"] = int(params["embed"]["embedding"].shape[0])  # the padded table, as trained
     cfg = validate(tree)
-    hf.family_of(cfg)  # refuse before writing anything
-    tokenizer_json = None
-    if cfg.data.tokenizer.startswith("hf:"):
-        stored = Path(run_path).expanduser() / "tokenizer" / TOKENIZER_FILE
-        tokenizer_json = stored if stored.is_file() else Path(cfg.data.tokenizer[3:]).expanduser()
-        if hf.is_hf_dir(Path(run_path).expanduser()):
-            tokenizer_json = Path(run_path).expanduser() / TOKENIZER_FILE
-    eos = getattr(model.tokenizer, "eos_id", None)
-    params = jax.tree.map(np.asarray, jax.device_get(model.params))
-    return hf.write_hf(out, cfg, params, tokenizer_json, None if eos is None else int(eos), model.decoder_start_id)
+    eos = None if tokenizer is None else int(tokenizer.eos_id)
+    start = 0 if tokenizer is None else decoder_start_id(tokenizer.eos_id, getattr(tokenizer, "token_id", None))
+    params = jax.tree.map(np.asarray, jax.device_get(params))
+    return write_hf_model(out, cfg, params, tokenizer_json, eos, start)
 
 
 def pretrained_params(cfg: Config, mdef: ModelDef, shardings: dict, fresh: dict) -> tuple[dict, list[str]]:
@@ -96,15 +61,11 @@ def pretrained_params(cfg: Config, mdef: ModelDef, shardings: dict, fresh: dict)
     (its MLM head is dropped, the pooler and classifier start fresh), as transformers'
     from_pretrained does.
     """
-    from llm_jax.config import read_run_config
-    from llm_jax.inference.api import hf_params
-    from llm_jax.models.definition import model_def, param_shardings
-    from llm_jax.runtime.checkpoint import Checkpointer
     source = Path(cfg.checkpoint.init_from).expanduser()
     if not source.is_dir():
         raise UserError(f"checkpoint.init_from: {source} is not a directory")
-    if hf.is_hf_dir(source):
-        _, source_cfg, params = hf_params(source)
+    if is_hf_dir(source):
+        _, source_cfg, params = read_hf_model(source)
     else:
         source_cfg, params = read_run_config(source), None
     diffs = [f"model.{k}: {getattr(source_cfg.model, k)!r} there, {getattr(cfg.model, k)!r} here"

@@ -57,7 +57,7 @@ def test_logical_axis_table_lists_every_rule():
     text = (DOCS / "architecture.md").read_text(encoding="utf-8")
     for name, axes in LOGICAL_RULES.items():
         placed = ", ".join(f"`{a}`" for a in axes) if axes else "replicated"
-        assert f"| `{name}` | {placed} |" in text, f"docs/architecture.md's logical-axis table lacks `{name}` ({placed})"
+        assert f"| `{name}` | {placed} |" in text, f"docs/architecture.md lacks the rule `{name}` ({placed})"
 
 
 def test_readme_is_short():

@@ -124,7 +124,7 @@ def test_cli_trains_selective_copy_without_a_corpus(tmp_path, capsys):
 def test_mamba_preset_learns_selective_copying(tmp_path):
     """The `selective_copy` preset (2 Mamba blocks of width 64) on a short version of the task:
     4 tokens among blanks in 64. With the embedding at the default init_std 0.02 it sat at
-    chance here for 1,500 steps; the preset's 0.125 learns it (README, "Mamba")."""
+    chance here for 1,500 steps; the preset's 0.125 learns it (docs/mamba.md)."""
     run = tmp_path / "run"
     # One device: the point is learning, and 8 host devices would only add collectives.
     proc = cli_subprocess(["train", "selective_copy", f"run.dir={run}", "train.seq_len=64", "data.synthetic_copies=4",

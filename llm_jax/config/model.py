@@ -23,31 +23,31 @@ class Section(BaseModel):
 
 class MoEConfig(Section):
     num_experts: int = pydantic.Field(0, ge=0)
-    """Experts per MoE layer; 0 = a dense model. MoE layers replace the MLP of every `model.moe.every`-th block (gpt, bert, and both stacks of the encoder-decoders t5 and transformer, as in the Switch Transformer)."""
+    """Experts per MoE layer; 0 = dense. MoE replaces the MLP of every `model.moe.every`-th block (docs/moe.md)."""
     top_k: int = pydantic.Field(2, ge=1)
     """Experts each token is sent to."""
     every: int = pydantic.Field(1, ge=1)
-    """Every this many blocks is an MoE block (the last of each group of `every`); must divide model.num_layers. 1 = all (Mixtral), 2 = alternate (GShard, Switch)."""
+    """MoE in the last block of every group of this many; must divide num_layers. 1: all (Mixtral), 2: alternate."""
     capacity_factor: float = -1.0
-    """-1: dropless (tokens sorted by expert, grouped matmul with lax.ragged_dot). Else capacity mode: each expert takes at most ceil(capacity_factor * top_k * seq_len / num_experts) tokens of each sequence (top-1 choices first, then in order); the rest are dropped (the residual carries them) and counted in `moe_dropped`."""
+    """-1: dropless. Else each expert takes at most ceil(factor * top_k * seq_len / E) tokens per sequence."""
     grouped_matmul: Literal["auto", "ragged_dot", "blocked", "looped"] = "auto"
-    """Dropless mode's grouped matmul: ragged_dot (jax.lax.ragged_dot), blocked (each expert's rows padded to whole blocks of 64-1024 rows, one batched matmul against per-block copies of the expert weights), looped (loops over the used blocks, each multiplied by its expert's weights in place: each expert's whole blocks of 64-512 rows, then its remainder in blocks a quarter as long; with a hand-written backward pass), or auto: ragged_dot on TPU, looped on CPU, blocked elsewhere (XLA computes ragged_dot on CPU and GPU as one dense product per expert, E times the work; on an H200 it ran 2.8x slower than blocked)."""
+    """Dropless grouped matmul: ragged_dot, blocked, looped, or auto (TPU ragged_dot, CPU looped, else blocked)."""
     num_shared_experts: int = pydantic.Field(0, ge=0)
-    """Experts every token goes through besides its routed ones (DeepSeekMoE): one dense MLP of width num_shared_experts * expert_d_ff."""
+    """Experts every token goes through besides its routed ones (DeepSeekMoE), as one dense MLP."""
     expert_d_ff: int | None = pydantic.Field(None, ge=1)
     """Hidden width of each expert; default model.d_ff (its default)."""
     router_jitter: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
-    """Training only: multiply the router's input by uniform noise in [1-jitter, 1+jitter] (Switch Transformer)."""
+    """Training only: multiply the router's input by uniform noise in [1-jitter, 1+jitter] (Switch)."""
     routing: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
-    """softmax_topk: softmax over all experts, keep the top k (renormalised when model.moe.renormalize; Mixtral). topk_softmax: softmax over the top-k logits only (the same gates as softmax_topk with renormalisation, computed from fewer exponentials)."""
+    """softmax_topk: softmax over all experts, keep the top k (Mixtral); topk_softmax: softmax of the top k."""
     renormalize: bool = True
-    """softmax_topk: rescale the kept gates to sum to 1 (Mixtral); false keeps the raw probabilities (Switch, DeepSeek-V2)."""
+    """softmax_topk: rescale the kept gates to sum to 1 (Mixtral); false keeps the raw probabilities."""
     aux_loss_coef: float = pydantic.Field(0.01, ge=0.0)
-    """Weight of the Switch/GShard load-balancing loss E * sum_i f_i * P_i (f_i: share of token-expert assignments to expert i, P_i: mean router probability of i; 1 when balanced), averaged over MoE layers."""
+    """Weight of the Switch/GShard load-balancing loss (1 when balanced), averaged over MoE layers."""
     z_loss_coef: float = pydantic.Field(0.001, ge=0.0)
-    """Weight of the ST-MoE router z-loss mean(logsumexp(router logits)^2), averaged over MoE layers."""
+    """Weight of the ST-MoE router z-loss mean(logsumexp(router logits)^2)."""
     bias_update_rate: float = pydantic.Field(0.0, ge=0.0)
-    """Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for choosing experts (not to the gates), moved by this much per step towards balance, up for underloaded experts and down for overloaded ones. 0 = off; 1e-3 is DeepSeek-V3's value."""
+    """DeepSeek-V3 aux-loss-free balancing: per-step change of a per-expert choice bias; 0 = off."""
 
     @model_validator(mode="after")
     def _check(self) -> MoEConfig:
@@ -76,18 +76,18 @@ class SSMConfig(Section):
     dt_rank: int | None = pydantic.Field(None, ge=1)
     """Mamba: rank of the delta projection; default ceil(d_model / 16)."""
     scan: Literal["auto", "associative", "chunked", "sequential"] = "auto"
-    """How the selective scan runs over the sequence: auto (sequential on CPU, where the parallel forms only add work; chunked on GPU/TPU), associative (jax.lax.associative_scan over the whole sequence: parallel, memory L*D*N), chunked (sequential over chunks of model.ssm.chunk, associative inside, each chunk rematerialised: memory bounded by the chunk), sequential (lax.scan one step at a time: the reference)."""
+    """Selective scan: sequential (reference), associative, chunked, or auto (sequential on CPU, else chunked)."""
     chunk: int = pydantic.Field(64, ge=1)
     """Chunk length of model.ssm.scan=chunked."""
     selective: bool = True
-    """false: the S4-like ablation: delta, B and C are learned constants instead of functions of the input."""
+    """false: the S4-like ablation (delta, B and C learned constants, not functions of the input)."""
 
 
 class ModelConfig(Section):
     arch: str = "gpt"
-    """Model family, one of the registered ones (`llm-jax keys`; docs/families.md): gpt, bert, transformer, t5, rnn, lstm, gru, mamba."""
+    """Model family: a registered model.arch (the family table of README.md and docs/families.md)."""
     num_layers: int = pydantic.Field(4, ge=1)
-    """Number of transformer blocks (recurrent layers for rnn/lstm/gru; encoder blocks for transformer/t5)."""
+    """Blocks (recurrent layers for rnn/lstm/gru; encoder blocks for transformer/t5)."""
     num_decoder_layers: int | None = pydantic.Field(None, ge=1)
     """Decoder blocks of the encoder-decoders (transformer, t5); default num_layers."""
     d_model: int = pydantic.Field(128, ge=1)
@@ -103,9 +103,9 @@ class ModelConfig(Section):
     vocab_multiple: int = pydantic.Field(128, ge=1)
     """Pad the default vocab_size up to a multiple of this (matmul-friendly shapes)."""
     max_seq_len: int | None = pydantic.Field(None, ge=1)
-    """Longest sequence the model supports (learned position table size); default train.seq_len."""
+    """Longest sequence (learned position table size); default train.seq_len."""
     position: Literal["learned", "sinusoidal", "rope", "relative"] = "learned"
-    """Position encoding: learned table, fixed sinusoids added to the input, rotary (RoPE), or T5's relative position buckets (a learned bias per head and bucket, encoder-decoders only)."""
+    """Positions: learned table, fixed sinusoids, rotary (rope), or T5's relative buckets (encoder-decoders)."""
     relative_buckets: int = pydantic.Field(32, ge=2)
     """Buckets of model.position=relative (half per direction in the encoder); T5 uses 32."""
     relative_max_distance: int = pydantic.Field(128, ge=2)
@@ -125,15 +125,15 @@ class ModelConfig(Section):
     tie_embeddings: bool = True
     """Share the token embedding with the output layer."""
     init_std: float = 0.02
-    """Standard deviation of the normal initialiser; residual projections are scaled by 1/sqrt(2L)."""
+    """Standard deviation of the normal initialiser; residual projections scaled by 1/sqrt(2L)."""
     scan_layers: bool = False
     """Run the blocks with lax.scan (compile time flat in depth) instead of an unrolled loop."""
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    """Rematerialisation per block: none, full (keep block inputs), dots (keep matmul outputs), dots_no_batch."""
+    """Rematerialisation per block: none, full, dots (keep matmul outputs), dots_no_batch."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU. Parameters stay float32."""
     attention: Literal["auto", "xla", "cudnn", "blockwise"] = "auto"
-    """Attention kernel: auto (cudnn on GPU, blockwise causal on CPU, xla elsewhere), or force one."""
+    """Attention kernel: auto (cudnn on GPU, blockwise on CPU, xla elsewhere), or force one."""
     attention_block: int = pydantic.Field(128, ge=8)
     """Query/key block length of the blockwise causal attention (CPU path)."""
     moe: MoEConfig = MoEConfig()
@@ -141,7 +141,7 @@ class ModelConfig(Section):
     ssm: SSMConfig = SSMConfig()
     """Mamba's selective state space layers (model.arch=mamba)."""
     layer_pattern: list[Literal["mamba", "attention", "mlp", "moe"]] = []
-    """model.arch=mamba: the residual sublayers of one repeat of the stack, repeated to fill model.num_layers sublayers (which it must divide); default [mamba]. mamba: norm + Mamba mixer; attention: a decoder block (norm + causal attention, norm + MLP); mlp: norm + MLP; moe: norm + MoE feed-forward (model.moe.*). E.g. [mamba, mamba, attention] or Jamba-like [mamba, moe, mamba, mlp, attention, moe]."""
+    """mamba: sublayers (mamba, attention, mlp, moe) of one repeat, tiled to num_layers; default [mamba]."""
 
     @model_validator(mode="after")
     def _check_family(self) -> ModelConfig:

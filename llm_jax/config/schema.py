@@ -23,7 +23,7 @@ class RunConfig(Section):
     name: str = "default"
     """A label for the run, shown in logs."""
     compile_cache: bool = True
-    """Keep compiled XLA programs in <cache root>/xla (see data.cache_dir), so a repeated run skips compiling."""
+    """Keep compiled XLA programs in <cache root>/xla, so a repeated run skips compiling."""
 
 
 def span_counts(length: int, density: float, mean_span: float) -> tuple[int, int]:
@@ -42,11 +42,11 @@ class TrainConfig(Section):
     seq_len: int = pydantic.Field(256, ge=2)
     """Tokens per training sequence (windows of seq_len+1 give inputs and shifted targets)."""
     src_len: int = pydantic.Field(256, ge=2)
-    """Encoder input length (tokens, end-of-text included) of a seq2seq data.task; longer sources are cut. train.seq_len is then the target length (for a classification task, the text length)."""
+    """Encoder input length of a seq2seq data.task (end-of-text included); longer sources are cut."""
     label_smoothing: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
-    """Move this much of each target's probability uniformly onto the tokenizer's ids in the training loss (Vaswani et al. use 0.1); evaluation reports plain cross entropy."""
+    """Label smoothing of the training loss (Vaswani et al.: 0.1); evaluation reports plain cross entropy."""
     nsp: bool = False
-    """bert: also train next-sentence prediction; each window becomes [CLS] A [SEP] B [SEP] with B the continuation of A or (half the time) a span of another window."""
+    """bert: also train next-sentence prediction ([CLS] A [SEP] B [SEP]; docs/families.md)."""
     noise_density: float = pydantic.Field(0.15, gt=0.0, lt=1.0)
     """Span corruption (t5 pretraining): fraction of each window's tokens hidden in spans."""
     mean_span: float = pydantic.Field(3.0, ge=1.0)
@@ -64,7 +64,7 @@ class TrainConfig(Section):
     sample_prompt: str = "\n"
     """Prompt of the end-of-training sample."""
     progress: bool = True
-    """Progress with ETA on process 0: a live bar on a terminal, a log line per logged step otherwise."""
+    """Progress with ETA on process 0: a live bar on a terminal, a line per logged step otherwise."""
     tensorboard: bool = True
     """Write TensorBoard event files to <run.dir>/tb."""
 
@@ -123,9 +123,9 @@ class MeshConfig(Section):
     expert: int = 1
     """Expert-parallel axis (for MoE models; batch is split over it for dense models)."""
     cpu_devices: int = pydantic.Field(1, ge=-1)
-    """CPU, one process: split the host into this many devices so data parallelism uses every core; -1: as many as cores, mesh and batch allow."""
+    """CPU, one process: split the host into this many devices; -1: as many as cores, mesh and batch allow."""
     dcn_data: int = pydantic.Field(1, ge=1)
-    """Multi-slice: slices along the data axis (over the data-centre network); data=ICI size within a slice."""
+    """Multi-slice: slices along the data axis (mesh.data is then the size within a slice)."""
     dcn_fsdp: int = pydantic.Field(1, ge=1)
     """Multi-slice: slices along the fsdp axis."""
     dcn_tensor: int = pydantic.Field(1, ge=1)
@@ -136,7 +136,7 @@ class MeshConfig(Section):
 
 class DistributedConfig(Section):
     timeout_s: int = pydantic.Field(60, ge=1)
-    """When a process dies, the others exit with an error after about this many seconds (heartbeat timeout)."""
+    """When a process dies, the others exit with an error after about this many seconds."""
     connect_timeout_s: int = pydantic.Field(300, ge=1)
     """How long processes wait for each other at start-up."""
 
@@ -152,13 +152,13 @@ class DataConfig(Section):
     source: str = "stdlib"
     """stdlib | text:PATH (file, directory or glob) | jsonl:PATH | tfds:NAME."""
     task: Literal["", "funcname", "docsig", "package", "selective_copy", "induction"] = ""
-    """Empty: model the corpus. Else a supervised task built from the stdlib source files: funcname, docsig (seq2seq, for transformer/t5), package (classification, for bert); or a synthetic task of the Mamba paper, generated from the seed (no corpus read; for the causal models): selective_copy, induction; see README."""
+    """Empty: model the corpus. Else funcname, docsig, package (stdlib) or selective_copy, induction (docs/tasks.md)."""
     synthetic_vocab: int = pydantic.Field(16, ge=2)
-    """Synthetic tasks: token ids 0..synthetic_vocab-1 carry content; the next ids are the blank/noise and marker tokens."""
+    """Synthetic tasks: content token ids 0..synthetic_vocab-1; the next ids are blank and markers."""
     synthetic_copies: int = pydantic.Field(16, ge=1)
-    """selective_copy: tokens to remember (scattered among blanks) and copy out in order after the marker."""
+    """selective_copy: tokens to remember among blanks and copy out in order after the marker."""
     synthetic_examples: int = pydantic.Field(16384, ge=1)
-    """Synthetic tasks: training examples generated (validation: a separate draw of train.eval_batches * train.batch_size)."""
+    """Synthetic tasks: training rows generated (validation: eval_batches * batch_size more)."""
     tokenizer: str = "byte"
     """byte | sentencepiece | hf:PATH/tokenizer.json."""
     sp_vocab_size: int = pydantic.Field(4096, ge=512)
@@ -166,7 +166,7 @@ class DataConfig(Section):
     text_field: str = "text"
     """Field holding the text in JSONL records and TFDS examples."""
     val_fraction: float = pydantic.Field(0.05, gt=0, lt=1)
-    """Held-out fraction: a single text file's tail (nanoGPT-style, cut at a line start); else documents by name hash."""
+    """Held-out fraction: a single text file's tail (cut at a line start); else documents by name hash."""
     max_bytes: int = pydantic.Field(0, ge=0)
     """Use at most this many bytes of text per split (0: all); keeps first runs quick."""
     cache_dir: str = ""

@@ -40,9 +40,9 @@ EXPERT_WEIGHT_NAMES = {"up": ("expert", "embed", "mlp"), "gate": ("expert", "emb
 def grouped_matmul(choice: str) -> str:
     """`auto`: `ragged_dot` on TPU, `looped` on CPU, `blocked` elsewhere. XLA lowers ragged_dot
     on CPU and GPU to one dense product per expert over all rows; on an H200 (jax 0.11.2) it
-    ran the `mixtral` preset's step 2.8x slower than `blocked` (docs/gpu_moe_h200.jsonl). On
-    CPU `looped` skips the blocked form's padding and weight copies (README, "Mixture of
-    Experts"); it has not been measured on a GPU."""
+    ran the `mixtral` preset's step 2.8x slower than `blocked`
+    (experiments/results/gpu_moe_h200.jsonl). On CPU `looped` skips the blocked form's padding
+    and weight copies (docs/moe.md); it has not been measured on a GPU."""
     if choice != "auto":
         return choice
     backend = jax.default_backend()

@@ -2,9 +2,9 @@
 # The accelerator benchmark of the core stack: tokens/s and MFU of the ~1B GPT (configs/gpt_1b.yaml)
 # in bf16 at seq 2048, at a few batch sizes and remat policies. One JSON line per variant goes
 # to OUT/bench.jsonl; a variant that fails (out of memory, say) prints its error and the next runs.
-#   usage: [REPEATS=N] [VARIANTS='k=v ...|k=v ...'] scripts/gpu_bench.sh OUT [PRESET] [PER_VARIANT_TIMEOUT_S] [-- extra key=value ...]
+#   usage: [REPEATS=N] [VARIANTS='k=v ...|k=v ...'] experiments/gpu_bench.sh OUT [PRESET] [PER_VARIANT_TIMEOUT_S] [-- extra key=value ...]
 set -u
-out=${1:?usage: scripts/gpu_bench.sh OUT [PRESET] [TIMEOUT_S] [-- KEY=VALUE ...]}
+out=${1:?usage: experiments/gpu_bench.sh OUT [PRESET] [TIMEOUT_S] [-- KEY=VALUE ...]}
 preset=${2:-gpt_1b}
 per_run=${3:-200}
 shift $(( $# < 3 ? $# : 3 ))

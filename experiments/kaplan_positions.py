@@ -1,7 +1,7 @@
 """Held-out loss per token position for an LSTM and a Transformer of equal non-embedding size,
 trained on the same tokens (the comparison of Kaplan et al. 2020, figure 7 right).
 
-    .venv/bin/python scripts/kaplan_positions.py [--steps 1000] [--out runs/kaplan]
+    .venv/bin/python experiments/kaplan_positions.py [--steps 1000] [--out runs/kaplan]
 
 Trains `gpt_small` (4 layers x 128: 4 * 12 * 128^2 = 786k non-embedding matmul parameters) and
 `lstm_small` with 6 layers (6 * 8 * 128^2 = 786k) on the stdlib corpus with the same batches and

@@ -1,6 +1,6 @@
 """Exact-match accuracy of a trained seq2seq task model on held-out examples.
 
-    .venv/bin/python scripts/task_accuracy.py RUN_DIR [--examples 300] [--show 8]
+    .venv/bin/python experiments/task_accuracy.py RUN_DIR [--examples 300] [--show 8]
 
 Reads the run's validation rows (the cached `data.task` examples), decodes each source greedily
 with the KV-cache generator, and counts the outputs that equal the target exactly (the held-out

@@ -2,15 +2,15 @@
 `data/synthetic.py`, the real train and eval steps (`train/setup.py`), no grain, TFDS or
 TensorBoard, so it runs on machines that have only JAX, Flax and Optax (the device machine).
 
-    python scripts/synthetic_sweep.py PRESET [--variant NAME=KEY=VALUE,KEY=VALUE ...] [--steps N]
-                                      [--eval-every N] [-- KEY=VALUE ...]
+    python experiments/synthetic_sweep.py PRESET [--variant NAME=KEY=VALUE,KEY=VALUE ...] [--steps N]
+                                          [--eval-every N] [-- KEY=VALUE ...]
 
 Each variant trains from the preset with its overrides (plus the shared ones after `--`) and
 prints one JSON line per evaluation: step, eval loss and eval accuracy (the share of answer
 tokens the argmax predicts, teacher-forced), and the seconds so far. Example, the Mamba paper's
 Table 1 setting (selective_copy preset) with the S4-like ablation:
 
-    python scripts/synthetic_sweep.py selective_copy --variant s6= --variant s4=model.ssm.selective=false
+    python experiments/synthetic_sweep.py selective_copy --variant s6= --variant s4=model.ssm.selective=false
 """
 
 from __future__ import annotations
@@ -19,20 +19,17 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llm_jax.config import load_config  # noqa: E402
-from llm_jax.data.synthetic import synthetic_rows  # noqa: E402
-from llm_jax.models.registry import model_vocab_size  # noqa: E402
-from llm_jax.train.in_flight import StepWindow  # noqa: E402
-from llm_jax.train.objectives import build_objective  # noqa: E402
-from llm_jax.train.setup import build_setup  # noqa: E402
-from llm_jax.train.state import init_state  # noqa: E402
+from llm_jax.config import load_config
+from llm_jax.data.synthetic import synthetic_rows
+from llm_jax.models.registry import model_vocab_size
+from llm_jax.train.in_flight import StepWindow
+from llm_jax.train.objectives import build_objective
+from llm_jax.train.setup import build_setup
+from llm_jax.train.state import init_state
 
 BYTE_VOCAB = 257  # the default tokenizer's size: the model's rows, as `llm-jax train` would have
 

@@ -1,7 +1,7 @@
 """Reference throughput: Hugging Face GPT2LMHeadModel + torch AdamW on this CPU.
 
 Not part of llm-jax (PyTorch is never a runtime dependency); run it with a Python that has
-torch and transformers, next to `llm-jax bench gpt_bench`, e.g. `scripts/compare_torch.sh`.
+torch and transformers, next to `llm-jax bench gpt_bench`, e.g. `experiments/compare_torch.sh`.
 The model matches configs/gpt_bench.yaml: 6 layers, d_model 384, 6 heads, d_ff 1536,
 vocab 384 (the padded byte vocabulary), seq 256, batch 8, fp32.
 """

@@ -1,7 +1,7 @@
 """Throughput of the selective scan's three forms (issue 6's accelerator target).
 
-    python scripts/ssm_scan_bench.py [--batch 8] [--length 4096] [--channels 1536] [--state 16]
-                                     [--chunks 64 128 256] [--repeats 5] [--json OUT]
+    python experiments/ssm_scan_bench.py [--batch 8] [--length 4096] [--channels 1536] [--state 16]
+                                         [--chunks 64 128 256] [--repeats 5] [--json OUT]
 
 Times the jitted forward and forward + backward of `models.ssm.selective_scan` in float32 on
 random inputs of one Mamba layer's shapes (default: a 768-wide model's d_inner 1536, N 16, at
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -23,9 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llm_jax.models.ssm import selective_scan  # noqa: E402
+from llm_jax.models.ssm import selective_scan
 
 
 def main() -> int:

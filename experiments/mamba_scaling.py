@@ -1,7 +1,8 @@
 """Mamba against attention as the sequence grows: forward and train-step time, peak memory and
 decode time per token, on whatever device JAX has (issue 6's scaling targets).
 
-    .venv/bin/python scripts/mamba_scaling.py [--lengths 512 1024 ... 16384] [--out docs/mamba_scaling]
+    .venv/bin/python experiments/mamba_scaling.py [--lengths 512 1024 ... 16384]
+        [--out experiments/results/mamba_scaling]
 
 Models: `mamba_small` (8 Mamba blocks of width 128) and `gpt_small` (4 Transformer blocks of
 width 128: the same width and about the same parameters), batch 1, float32 on CPU. For each
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -25,11 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llm_jax.config import load_config  # noqa: E402
-from llm_jax.models.definition import model_def  # noqa: E402
-from llm_jax.train.step import summed_loss  # noqa: E402
+from llm_jax.config import load_config
+from llm_jax.models.definition import model_def
+from llm_jax.train.step import summed_loss
 
 VOCAB = 384
 MODELS = {"mamba": "mamba_small", "attention": "gpt_small"}
@@ -122,7 +120,7 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-max", type=int, default=8192, help="longest prompt for the decode timing")
-    parser.add_argument("--out", default="docs/mamba_scaling")
+    parser.add_argument("--out", default="experiments/results/mamba_scaling")
     parser.add_argument("--decode-only", action="store_true", help="time decode steps only (no training)")
     args = parser.parse_args()
     out = Path(args.out)

@@ -6,9 +6,23 @@ import argparse
 import json
 import os
 import sys
+import logging
 import traceback
 
+import absl.logging
+import jax
+
+from llm_jax.config import key_docs, load_config
 from llm_jax.errors import UserError
+from llm_jax.inference.api import load
+from llm_jax.interop import adapters
+from llm_jax.interop.pretrained import export_hf
+from llm_jax.parallel.cpu_devices import split_cpu_host
+from llm_jax.parallel.distributed import initialize, is_multiprocess, resolve_placement
+from llm_jax.paths import enable_compile_cache
+from llm_jax.train.bench import bench
+from llm_jax.train.import_hf import import_hf
+from llm_jax.train.run import describe_eval, print_sample, train
 
 USAGE_EXAMPLES = """examples:
   llm-jax train gpt_small                      # the default model on the stdlib corpus
@@ -27,7 +41,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from llm_jax.interop import adapters
 
     p = _Parser(prog="llm-jax", description="Train, sample and benchmark language models in JAX.",
                 epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,22 +83,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import logging
-
-    import absl.logging
-
     absl.logging.set_verbosity(absl.logging.ERROR)
     logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 def _cmd_train(args) -> None:
-    import jax
-
-    from llm_jax.config import load_config
-    from llm_jax.parallel.cpu_devices import split_cpu_host
-    from llm_jax.parallel.distributed import initialize, resolve_placement
-    from llm_jax.paths import enable_compile_cache
-    from llm_jax.train.loop import describe_eval, print_sample, train
 
     cfg = load_config(args.config, args.overrides)
     placement = resolve_placement(args.coordinator, args.num_processes, args.process_id)
@@ -105,10 +107,6 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_bench(args) -> None:
-    from llm_jax.config import load_config
-    from llm_jax.parallel.cpu_devices import split_cpu_host
-    from llm_jax.paths import enable_compile_cache
-    from llm_jax.train.bench import bench
 
     cfg = load_config(args.config, args.overrides)
     split_cpu_host(cfg, single_process=True)
@@ -122,7 +120,6 @@ def _cmd_bench(args) -> None:
 
 
 def _cmd_generate(args) -> None:
-    from llm_jax.inference.api import load
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     model = load(args.run_dir)
@@ -136,21 +133,18 @@ def _cmd_generate(args) -> None:
 
 
 def _cmd_import_hf(args) -> None:
-    from llm_jax.train.import_hf import import_hf
 
     kind = import_hf(args.hf_dir, args.run_dir)
     print(f"imported {kind} from {args.hf_dir} into {args.run_dir} (checkpoint at step 0)")
 
 
 def _cmd_export_hf(args) -> None:
-    from llm_jax.interop.pretrained import export_hf
 
     kind = export_hf(args.run_dir, args.out_dir)
     print(f"exported {args.run_dir} as {kind} to {args.out_dir}")
 
 
 def _cmd_keys(_args) -> None:
-    from llm_jax.config import key_docs
 
     for key, default, doc in key_docs():
         print(f"{key:<26} {default:<16} {doc}")
@@ -180,10 +174,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _in_multiprocess_run() -> bool:
-    if "jax" not in sys.modules:
-        return False
-    from llm_jax.parallel.distributed import is_multiprocess
-
     return is_multiprocess()
 
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:  # annotations only: the model section imports this module
-    from llm_jax.config.model import ModelConfig
+from typing import Any, Literal
 
 Kind = Literal["decoder", "encoder", "encoder-decoder"]
 # Objectives that read a supervised or synthetic data.task rather than the raw corpus.
@@ -33,10 +30,10 @@ class ArchSpec:
     """Whether model.moe replaces the MLP of every model.moe.every-th block."""
     keys: tuple[str, ...] = ()
     """Family-specific model keys it reads (e.g. layer_pattern); other archs refuse them."""
-    attends: Callable[[ModelConfig], bool] = lambda model: True
-    """Whether a config of this arch has attention heads (then num_heads, num_kv_heads are checked)."""
-    check: Callable[[ModelConfig], None] | None = field(default=None)
-    """Family-specific validation: raises ValueError with a message naming the keys."""
+    attends: Callable[[Any], bool] = lambda model: True
+    """model section -> whether it has attention heads (then num_heads, num_kv_heads are checked)."""
+    check: Callable[[Any], None] | None = field(default=None)
+    """Family-specific validation of the model section: raises ValueError naming the keys."""
 
     @property
     def generates(self) -> bool:

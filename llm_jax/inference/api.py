@@ -15,31 +15,25 @@ import numpy as np
 from flax import nnx
 
 from llm_jax.config import Config
-from llm_jax.data.tokenizer import HFTokenizer
+from llm_jax.data.tasks import classes_of
+from llm_jax.data.tokenizer import HFTokenizer, decoder_start_id
 from llm_jax.errors import UserError
-from llm_jax.inference.generate import BOUNDED_POSITIONS, generate
+from llm_jax.inference.generate import generate
 from llm_jax.interop.convert import read_hf_model
 from llm_jax.interop.files import TOKENIZER_FILE, is_hf_dir
+from llm_jax.models.decoding import bounded_length
 from llm_jax.models.definition import ModelDef, model_def, param_shardings
 from llm_jax.parallel.mesh import single_device_mesh
 from llm_jax.runtime.restore import restore_params
-from llm_jax.data.tokenizer import decoder_start_id
 
 Prompt = str | Sequence[int]
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
-def _forward(graphdef: Any, params: Any, tokens_BT: jax.Array, mask_BT: jax.Array | None) -> jax.Array:
-    kwargs = {} if mask_BT is None else {"attention_mask_BT": mask_BT}
-    logits_BTV, _ = nnx.merge(graphdef, params)(tokens_BT, **kwargs)
-    return logits_BTV
-
-
-@partial(jax.jit, static_argnames=("graphdef",))
-def _forward_seq2seq(graphdef: Any, params: Any, src_BS: jax.Array, tgt_BT: jax.Array,
-                     src_mask_BS: jax.Array | None) -> jax.Array:
-    logits_BTV, _ = nnx.merge(graphdef, params)(src_BS, tgt_BT, src_mask_BS=src_mask_BS)
-    return logits_BTV
+def _forward(graphdef: Any, params: Any, inputs: dict[str, jax.Array]) -> jax.Array:
+    """The LM logits [B, T, V], or a classifier's class logits [B, C]."""
+    out = nnx.merge(graphdef, params)(**inputs)
+    return out.logits if out.logits is not None else out.aux["class_logits"]
 
 
 class Model:
@@ -58,7 +52,7 @@ class Model:
     def from_params(cls, cfg: Config, params: Any, tokenizer: Any | None = None) -> Model:
         """Wrap in-memory parameters (a pure dict as made by `train.state.init_params`)."""
         vocab = params["embed"]["embedding"].shape[0]
-        mdef = model_def(cfg, vocab)
+        mdef = model_def(cfg, vocab, classes_of(cfg))
         want = jax.tree.map(lambda s: s.shape, mdef.shapes)
         got = jax.tree.map(lambda a: tuple(a.shape), params)
         if want != got:
@@ -95,17 +89,17 @@ class Model:
         """float32 logits [B, T, V] over the model's (padded) vocabulary; [T] input is one row.
 
         Decoders give next-token logits (causal); bert gives masked-LM logits at every position,
-        each token seeing the whole row (segment 0). Encoder-decoders (transformer, t5) read
+        each token seeing the whole row (segment 0), or a classifier's class logits [B, C]. Encoder-decoders (transformer, t5) read
         `input_ids` as the source and give the decoder's logits for `decoder_input_ids` (which
         start with `decoder_start_id`). `attention_mask` (1 = token, 0 = padding, as in
-        Hugging Face) hides padded inputs of bert and of an encoder-decoder's source.
+        Hugging Face) hides padded inputs of an encoder and of an encoder-decoder's source.
         """
         m = self._cfg.model
         tokens_BT = self._ids("input_ids", input_ids)
         mask_BT = None
         if attention_mask is not None:
-            if not (m.is_encoder_decoder or m.arch == "bert"):
-                raise UserError(f"attention_mask is for bert and the encoder-decoders; this {m.arch} model is "
+            if m.spec.kind == "decoder":
+                raise UserError(f"attention_mask is for encoders and encoder-decoders; this {m.arch} model is "
                                 "causal (left-pad prompts and use generate for batches of different lengths)")
             mask_BT = np.asarray(attention_mask)
             mask_BT = mask_BT[None, :] if mask_BT.ndim == 1 else mask_BT
@@ -119,11 +113,12 @@ class Model:
             tgt_BT = self._ids("decoder_input_ids", decoder_input_ids)
             if tgt_BT.shape[0] != tokens_BT.shape[0]:
                 raise UserError(f"decoder_input_ids has {tgt_BT.shape[0]} rows, input_ids {tokens_BT.shape[0]}")
-            return np.asarray(_forward_seq2seq(self._mdef.graphdef, self._params, tokens_BT, tgt_BT, mask_BT))
+            inputs = {"src_BS": tokens_BT, "tgt_BT": tgt_BT, "src_mask_BS": mask_BT}
+            return np.asarray(_forward(self._mdef.graphdef, self._params, inputs))
         if decoder_input_ids is not None:
-            kind = "encoder-only" if m.arch == "bert" else "decoder-only"
-            raise UserError(f"decoder_input_ids is for encoder-decoder models; this {m.arch} model is {kind}")
-        return np.asarray(_forward(self._mdef.graphdef, self._params, tokens_BT, mask_BT))
+            raise UserError(f"decoder_input_ids is for encoder-decoder models; this {m.arch} model is {m.spec.kind}-only")
+        inputs = {"tokens_BT": tokens_BT} if mask_BT is None else {"tokens_BT": tokens_BT, "attention_mask_BT": mask_BT}
+        return np.asarray(_forward(self._mdef.graphdef, self._params, inputs))
 
     def _ids(self, name: str, ids: Any) -> np.ndarray:
         """Token ids as int32 [B, T], checked against the vocabulary and the position table."""
@@ -137,8 +132,8 @@ class Model:
         if tokens_BT.min() < 0 or tokens_BT.max() >= self.vocab_size:
             raise UserError(f"{name} must lie in [0, {self.vocab_size})")
         T = tokens_BT.shape[1]
-        bounded = not self._cfg.model.has_no_positions and self._cfg.model.position in BOUNDED_POSITIONS
-        if bounded and T > self._cfg.max_seq_len:
+        limit = bounded_length(self._cfg)
+        if limit is not None and T > limit:
             raise UserError(f"{name} of {T} tokens is longer than the model's max_seq_len={self._cfg.max_seq_len}")
         return tokens_BT.astype(np.int32)
 

@@ -22,6 +22,7 @@ from llm_jax.errors import UserError
 from llm_jax.models.base import Decoding, compute_dtype, family_of
 from llm_jax.models.definition import ModelDef
 
+
 def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
                   top_p: jax.Array, vocab_limit: int | None) -> jax.Array:
     """Next-token ids [B] (int32): argmax when temperature is 0, else a draw after temperature,

@@ -77,7 +77,7 @@ def pretrained_params(cfg: Config, mdef: ModelDef, shardings: dict, fresh: dict)
         step = ckpt.latest_step()
         if step is None:
             raise UserError(f"checkpoint.init_from {source} has no complete checkpoint")
-        source_mdef = model_def(source_cfg, mdef.shapes["embed"]["embedding"].shape[0])
+        source_mdef = model_def(source_cfg, mdef.dims.vocab_size, classes_of(source_cfg))
         mesh = jax.tree.leaves(shardings)[0].mesh
         abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                 source_mdef.shapes, param_shardings(source_mdef, mesh))

@@ -28,9 +28,20 @@ from llm_jax.config.families import ArchSpec
 from llm_jax.models.attention import Attention
 from llm_jax.models.base import Dims, Family, ModelOutput, register
 from llm_jax.models.layers import Dense, Embed, Norm, dropout, param
-from llm_jax.models.stack import (add_feed_forward, add_positions, attention_flops, feed_forward, keep_settings,
-                                  layer_unit, matmul_params, moe_aux, output_layer, output_logits, run_layers,
-                                  stack_layers)
+from llm_jax.models.stack import (
+    add_feed_forward,
+    add_positions,
+    attention_flops,
+    feed_forward,
+    keep_settings,
+    layer_unit,
+    matmul_params,
+    moe_aux,
+    output_layer,
+    output_logits,
+    run_layers,
+    stack_layers,
+)
 from llm_jax.parallel.rules import constrain
 
 # Segment (token type) ids: sentence A and sentence B, as in BERT and BertConfig's default.

@@ -14,6 +14,7 @@ through its self-attention KV cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -35,9 +35,21 @@ from llm_jax.models.attention import Attention
 from llm_jax.models.base import Dims, Family, ModelOutput, register
 from llm_jax.models.decoding import Seq2SeqDecoding
 from llm_jax.models.layers import Embed, Norm, dropout, param
-from llm_jax.models.stack import (add_feed_forward, add_positions, feed_forward, group_cache, keep_settings,
-                                  layer_unit, matmul_params, moe_aux, output_layer, output_logits, run_layers,
-                                  stack_layers, ungroup_cache)
+from llm_jax.models.stack import (
+    add_feed_forward,
+    add_positions,
+    feed_forward,
+    group_cache,
+    keep_settings,
+    layer_unit,
+    matmul_params,
+    moe_aux,
+    output_layer,
+    output_logits,
+    run_layers,
+    stack_layers,
+    ungroup_cache,
+)
 from llm_jax.parallel.rules import constrain
 
 

@@ -19,9 +19,21 @@ from llm_jax.models.attention import Attention
 from llm_jax.models.base import Dims, Family, ModelOutput, register
 from llm_jax.models.decoding import CausalDecoding
 from llm_jax.models.layers import Embed, Norm, dropout
-from llm_jax.models.stack import (add_feed_forward, add_positions, decoder_flops_per_token, feed_forward,
-                                  group_cache, keep_settings, layer_unit, moe_aux, output_layer, output_logits,
-                                  run_layers, stack_layers, ungroup_cache)
+from llm_jax.models.stack import (
+    add_feed_forward,
+    add_positions,
+    decoder_flops_per_token,
+    feed_forward,
+    group_cache,
+    keep_settings,
+    layer_unit,
+    moe_aux,
+    output_layer,
+    output_logits,
+    run_layers,
+    stack_layers,
+    ungroup_cache,
+)
 from llm_jax.parallel.rules import constrain
 
 

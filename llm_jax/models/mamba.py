@@ -32,8 +32,16 @@ from llm_jax.models.layers import MLP, Dense, Embed, Norm, dropout, param
 from llm_jax.models.moe import MoE
 from llm_jax.models.recurrent import real_tokens
 from llm_jax.models.ssm import selective_scan
-from llm_jax.models.stack import (attention_flops, keep_settings, matmul_params, moe_aux, output_layer, output_logits,
-                                  run_layers, stack_layers)
+from llm_jax.models.stack import (
+    attention_flops,
+    keep_settings,
+    matmul_params,
+    moe_aux,
+    output_layer,
+    output_logits,
+    run_layers,
+    stack_layers,
+)
 from llm_jax.parallel.rules import constrain
 
 # The reference's initialisation of delta: dt log-uniform in [DT_MIN, DT_MAX], at least DT_FLOOR.

@@ -81,7 +81,7 @@ def check_batch(cfg: Config, sizes: dict[str, int], processes: int | None = None
             f"train.batch_size={cfg.train.batch_size} is not divisible by {processes} processes"
         )
     heads_split = sizes["tensor"]
-    if not cfg.model.is_recurrent and cfg.model.num_heads % heads_split:
+    if cfg.model.spec.attends(cfg.model) and cfg.model.num_heads % heads_split:
         raise UserError(f"model.num_heads={cfg.model.num_heads} is not divisible by mesh.tensor={heads_split}")
     moe = cfg.model.moe
     if moe.enabled and moe.num_experts % sizes["expert"]:

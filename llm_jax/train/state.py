@@ -16,8 +16,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from llm_jax.config import Config
-from llm_jax.models.definition import ModelDef, param_shardings
 from llm_jax.models.base import build_model
+from llm_jax.models.definition import ModelDef, param_shardings
 
 
 def init_params(cfg: Config, mdef: ModelDef, mesh: Mesh) -> dict:

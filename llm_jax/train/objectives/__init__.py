@@ -14,8 +14,15 @@ from typing import Any
 
 from llm_jax.config import Config
 from llm_jax.train.objectives import causal, masked_lm, span, tasks  # noqa: F401  (each registers its objectives)
-from llm_jax.train.objectives.base import (EVAL_STEP, OBJECTIVES, Objective, Vocab, build_objective, row_width,
-                                           token_losses)
+from llm_jax.train.objectives.base import (
+    EVAL_STEP,
+    OBJECTIVES,
+    Objective,
+    Vocab,
+    build_objective,
+    row_width,
+    token_losses,
+)
 
 __all__ = ["EVAL_STEP", "OBJECTIVES", "Objective", "Vocab", "build_objective", "row_width", "token_losses",
            "tokenizer_objective", "tokenizer_vocab"]

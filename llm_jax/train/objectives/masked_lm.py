@@ -27,8 +27,18 @@ import jax.numpy as jnp
 
 from llm_jax.config import Config
 from llm_jax.models.base import ModelOutput
-from llm_jax.train.objectives.base import (Data, TokenObjective, Vocab, argmax_hits, extra_id, register_objective,
-                                           scored, step_key, token_losses, weighted_sum)
+from llm_jax.train.objectives.base import (
+    Data,
+    TokenObjective,
+    Vocab,
+    argmax_hits,
+    extra_id,
+    register_objective,
+    scored,
+    step_key,
+    token_losses,
+    weighted_sum,
+)
 
 MASK_TOKEN = "[MASK]"
 CLS_TOKEN = "[CLS]"

@@ -12,8 +12,18 @@ import jax.numpy as jnp
 from llm_jax.config import Config
 from llm_jax.data.tasks import PAD
 from llm_jax.models.base import ModelOutput
-from llm_jax.train.objectives.base import (Data, Objective, TokenObjective, Vocab, argmax_hits, extra_id,
-                                           register_objective, scored, token_losses, weighted_sum)
+from llm_jax.train.objectives.base import (
+    Data,
+    Objective,
+    TokenObjective,
+    Vocab,
+    argmax_hits,
+    extra_id,
+    register_objective,
+    scored,
+    token_losses,
+    weighted_sum,
+)
 from llm_jax.train.objectives.masked_lm import CLS_TOKEN
 
 

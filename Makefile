@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: train test bench clean-venv
+.PHONY: train test lint bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -16,9 +16,14 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(VENV)/bin/llm-jax train gpt_small $(ARGS)
 
-## Run the whole test suite on CPU (8 forced host devices).
-test: $(STAMP)
+## The checks, then the whole test suite on CPU (8 forced host devices).
+test: lint $(STAMP)
 	$(VENV)/bin/python -m pytest tests -q -W ignore::DeprecationWarning $(ARGS)
+
+## Style (ruff) and the import direction between packages (import-linter, pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check llm_jax tests scripts experiments launch
+	$(VENV)/bin/lint-imports
 
 ## Throughput of the benchmark GPT on this machine.
 bench: $(STAMP)

@@ -25,38 +25,40 @@ import numpy as np
 
 from llm_jax.config import load_config
 from llm_jax.data.synthetic import synthetic_rows
-from llm_jax.models.registry import model_vocab_size
-from llm_jax.train.in_flight import StepWindow
-from llm_jax.train.objectives import build_objective
+from llm_jax.data.tokenizer import ByteTokenizer
+from llm_jax.models.base import model_vocab_size
+from llm_jax.train.objectives import Vocab, build_objective
+from llm_jax.train.run import evaluate
 from llm_jax.train.setup import build_setup
 from llm_jax.train.state import init_state
-
-BYTE_VOCAB = 257  # the default tokenizer's size: the model's rows, as `llm-jax train` would have
+from llm_jax.train.trainer import Evaluate, Trainer
 
 
 def run(preset: str, name: str, overrides: list[str], steps: int, eval_every: int) -> None:
     cfg = load_config(preset, [*overrides, f"train.steps={steps}", "train.tensorboard=false"])
-    vocab = model_vocab_size(cfg, BYTE_VOCAB)
-    setup = build_setup(cfg, vocab, build_objective(cfg, BYTE_VOCAB, vocab, eos_id=BYTE_VOCAB - 1))
-    state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, vocab, setup.shardings)
+    byte_vocab = ByteTokenizer.vocab_size  # the model's rows, as `llm-jax train` would have
+    vocab = model_vocab_size(cfg, byte_vocab)
+    setup = build_setup(cfg, vocab, build_objective(cfg, Vocab(byte_vocab, vocab, eos_id=byte_vocab - 1)))
+    state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, setup.shardings)
     train, val = synthetic_rows(cfg, "train"), synthetic_rows(cfg, "validation")
     order = np.random.default_rng(cfg.seed).permutation(len(train))
     B = cfg.train.batch_size
     val_batches = [setup.to_global(val[i:i + B]) for i in range(0, len(val) - B + 1, B)]
-    in_flight = StepWindow()  # as `llm-jax train`: a bounded queue of dispatched steps
     start = time.perf_counter()
-    for step in range(1, steps + 1):
-        i = (step - 1) * B % (len(order) - B + 1)
-        state, metrics = setup.train_step(state, setup.to_global(train[order[i:i + B]]))
-        in_flight.push(metrics["loss"])
-        if step % eval_every == 0 or step == steps:
-            total = count = hits = 0.0
-            for batch in val_batches:
-                s, c, h = setup.eval_step(state["params"], batch)
-                total, count, hits = total + float(s), count + float(c), hits + float(h)
-            print(json.dumps({"variant": name, "step": step, "train_loss": float(metrics["loss"]),
-                              "eval_loss": total / count, "eval_accuracy": hits / count,
-                              "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+
+    def report(record: dict) -> None:
+        print(json.dumps({"variant": name, "step": record["step"], "eval_loss": record["eval_loss"],
+                          "eval_accuracy": record["eval_accuracy"],
+                          "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+
+    def batches():
+        for step in range(steps):
+            i = step * B % (len(order) - B + 1)
+            yield step, setup.to_global(train[order[i:i + B]])
+
+    # The same loop as `llm-jax train` (a bounded queue of dispatched steps), with only an eval hook.
+    hook = Evaluate(eval_every, steps, lambda params: evaluate(setup, params, val_batches, None), report)
+    Trainer(setup.train_step, [hook]).run(state, batches())
 
 
 def main() -> int:

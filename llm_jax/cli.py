@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-import logging
 import traceback
 
 import absl.logging
@@ -127,7 +127,7 @@ def _cmd_generate(args) -> None:
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     for prompt, text in zip(args.prompt, texts):
         # An encoder-decoder's output is a target of its own, not a continuation of the source.
-        print(f"{prompt}\n=> {text}" if model.config.model.is_encoder_decoder else prompt + text)
+        print(prompt + text if model.continues_prompt else f"{prompt}\n=> {text}")
         if len(args.prompt) > 1:
             print("---")
 

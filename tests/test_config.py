@@ -91,8 +91,8 @@ def test_every_preset_validates(preset):
 
 
 def test_gpt_1b_preset_has_about_a_billion_parameters():
+    from llm_jax.models.base import model_vocab_size
     from llm_jax.models.definition import model_def
-    from llm_jax.models.registry import model_vocab_size
     cfg = load_config("gpt_1b", [])
     assert model_def(cfg, model_vocab_size(cfg, 257)).num_params == 1_078_472_704  # as `bench` reported
 

@@ -28,14 +28,22 @@ def _local_links(page: Path) -> list[str]:
             if not re.match(r"[a-z][a-z0-9+.-]*:", t) and not t.startswith("#")]
 
 
-def test_key_table_is_current():
+def test_generated_tables_are_current():
+    """The key table (from the config's docstrings) and the family matrix (from the registries)."""
     script = _script()
-    text = script.PAGE.read_text(encoding="utf-8")
-    assert script.START in text and script.END in text, "docs/configuration.md lost its config-keys markers"
-    assert script.updated_page(text) == text, (
-        "docs/configuration.md's config-key table differs from the config's docstrings; regenerate it with "
-        ".venv/bin/python scripts/update_docs.py"
-    )
+    for page, regenerate in script.generated():
+        text = page.read_text(encoding="utf-8")
+        assert regenerate(text) == text, (
+            f"{page.name}'s generated table differs from the code; regenerate it with "
+            ".venv/bin/python scripts/update_docs.py"
+        )
+
+
+def test_family_matrix_lists_every_registered_arch():
+    from llm_jax.config.families import ARCHS
+
+    matrix = _script().render_families()
+    assert [line.split(" | ")[1] for line in matrix.splitlines()[2:]] == [f"`{arch}`" for arch in ARCHS]
 
 
 def test_table_lists_every_key_and_escapes_cells():

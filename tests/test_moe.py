@@ -20,7 +20,7 @@ from llm_jax.models import grouped_mlp
 from llm_jax.models import moe as moe_lib
 from llm_jax.models.definition import model_def
 from llm_jax.models.layers import activate
-from llm_jax.runtime.metrics import matmul_params
+from llm_jax.models.stack import matmul_params
 from llm_jax.train.moe_losses import moe_penalty, update_balance_bias
 
 LOGITS = np.array([[2.0, 1.0, 0.5, -1.0],
@@ -63,7 +63,8 @@ def test_balancing_and_z_losses_equal_hand_computation():
     np.testing.assert_allclose(moe_lib.router_z_loss(jnp.asarray(LOGITS)), np.mean(lse ** 2), rtol=1e-6)
     # Uniform routing gives a balancing loss of exactly 1.
     uniform = jnp.zeros((8, 4))
-    np.testing.assert_allclose(moe_lib.balance_loss(jax.nn.softmax(uniform), moe_lib.expert_load(jnp.arange(16).reshape(8, 2) % 4, 4)), 1.0)
+    balanced_load = moe_lib.expert_load(jnp.arange(16).reshape(8, 2) % 4, 4)
+    np.testing.assert_allclose(moe_lib.balance_loss(jax.nn.softmax(uniform), balanced_load), 1.0)
     stats = {"aux_loss": jnp.array([1.0, 3.0]), "z_loss": jnp.array([2.0, 4.0])}
     np.testing.assert_allclose(moe_penalty(stats, 0.01, 0.001), 0.01 * 2.0 + 0.001 * 3.0)
 
@@ -213,12 +214,12 @@ def test_expert_parallel_training_equals_one_device(mode, mesh, tmp_path):
 def moe_step(mesh: list[str]) -> tuple[dict, str]:
     """The initial state of a tiny MoE GPT on `mesh` and its compiled train step's HLO text."""
     from llm_jax.parallel.mesh import make_mesh
-    from llm_jax.train.objectives import build_objective
+    from llm_jax.train.objectives import Vocab, build_objective
     from llm_jax.train.setup import build_setup
     from llm_jax.train.state import init_state
     cfg = load_config("gpt_tiny", [*MOE_RUN, *mesh])
-    setup = build_setup(cfg, 384, build_objective(cfg, 257, 384, 256), make_mesh(cfg))
-    state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, 384, setup.shardings)
+    setup = build_setup(cfg, 384, build_objective(cfg, Vocab(257, 384, 256)), make_mesh(cfg))
+    state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, setup.shardings)
     batch = setup.to_global(np.zeros((8, 33), np.int32))
     return state, setup.train_step.lower(state, batch).compile().as_text()
 
@@ -288,8 +289,10 @@ def test_mfu_counts_active_expert_parameters_only():
     (["model.moe.num_experts=4", "model.moe.top_k=5"], "model.moe.top_k=5 exceeds model.moe.num_experts=4"),
     (["model.moe.num_experts=4", "model.moe.every=3"], "model.moe.every=3 does not divide model.num_layers=2"),
     (["model.moe.num_experts=4", "model.moe.capacity_factor=0"], "must be -1 (dropless) or positive"),
-    (["model.moe.num_experts=6", "mesh.expert=4", "mesh.data=2"], "model.moe.num_experts=6 is not divisible by mesh.expert=4"),
-    (["model.moe.num_experts=4", "model.arch=lstm"], "model.moe replaces a Transformer block's MLP; model.arch=lstm has none"),
+    (["model.moe.num_experts=6", "mesh.expert=4", "mesh.data=2"],
+     "model.moe.num_experts=6 is not divisible by mesh.expert=4"),
+    (["model.moe.num_experts=4", "model.arch=lstm"],
+     "model.moe replaces a Transformer block's MLP; model.arch=lstm has none"),
     (["model.moe.num_experts=4", "model.moe.every=2", "model.arch=t5", "model.num_decoder_layers=3"],
      "model.moe.every=2 does not divide the 3 decoder layers"),
 ])

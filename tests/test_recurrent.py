@@ -13,10 +13,10 @@ from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.inference.generate import generate
+from llm_jax.models.base import build_model, family_of, model_vocab_size
 from llm_jax.models.definition import model_def
 from llm_jax.models.recurrent import GATES, cell_step, run_cell
-from llm_jax.models.registry import build_model, model_vocab_size
-from llm_jax.runtime.metrics import flops_per_token, matmul_params
+from llm_jax.models.stack import matmul_params
 
 ARCHS = ("rnn", "lstm", "gru")
 
@@ -104,28 +104,16 @@ def test_lstm_forget_bias_starts_at_one():
 
 
 @pytest.mark.parametrize("kind", ARCHS)
-def test_logits_are_causal_and_state_carries(kind):
+def test_state_carries(kind):
     cfg = load_config(None, [f"model.arch={kind}", "model.num_layers=2", "model.d_model=32", "train.seq_len=16",
                              "model.tie_embeddings=false"])
     model = build_model(cfg, 128, nnx.Rngs(0))
     a = jnp.arange(16)[None] % 100
-    b = a.at[0, 10].set(99)
-    la, lb = model(a)[0], model(b)[0]
-    np.testing.assert_allclose(la[0, :10], lb[0, :10], atol=1e-6)
-    assert not np.allclose(la[0, 10:], lb[0, 10:])
+    la = model(a).logits
     # Two halves with the state carried between them equal one pass over the whole.
-    from llm_jax.models.recurrent import init_cache
-    l1, s = model(a[:, :9], cache=init_cache(cfg.model, 1))
-    l2, _ = model(a[:, 9:], cache=s)
+    l1, s, _ = model(a[:, :9], cache=model.init_cache(1, 0, jnp.float32))
+    l2 = model(a[:, 9:], cache=s).logits
     np.testing.assert_allclose(jnp.concatenate([l1, l2], 1), la, atol=1e-5)
-
-
-def test_every_parameter_has_logical_axes():
-    for kind in ARCHS:
-        mdef = model_def(load_config(None, [f"model.arch={kind}", "model.tie_embeddings=false"]), 256)
-        leaves = jax.tree.leaves(mdef.logical, is_leaf=lambda x: isinstance(x, tuple))
-        for names, shape in zip(leaves, jax.tree.leaves(mdef.shapes)):
-            assert len(names) == len(shape.shape) and all(isinstance(n, str) for n in names)
 
 
 def test_flops_are_six_times_matmul_params():
@@ -137,7 +125,7 @@ def test_flops_are_six_times_matmul_params():
     n = vocab * d + L * per_layer + 2 * d  # tied embedding + layers + final norm
     mdef = model_def(cfg, vocab)
     assert matmul_params(cfg, mdef.shapes) == n == mdef.num_params
-    assert flops_per_token(cfg, n) == 6 * n  # no attention term
+    assert family_of(cfg.model.arch).flops_per_token(cfg, mdef.shapes) == 6 * n  # no attention term
     gru = load_config("gpt_tiny", ["model.arch=gru", "model.tie_embeddings=false"])
     n_gru = vocab * d + L * (2 * (d * 3 * d + 3 * d) + 2 * d) + 2 * d  # head, layers, final norm
     assert matmul_params(gru, model_def(gru, vocab).shapes) == n_gru
@@ -168,23 +156,13 @@ def test_same_losses_on_every_mesh(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ARCHS)
-def test_carried_state_greedy_equals_recompute(kind):
+def test_generation_runs_past_train_seq_len(kind):
+    """A recurrent model has no position table: it generates beyond train.seq_len (cached
+    generation equals recomputation for every family: test_families.py)."""
     cfg = load_config(None, [f"model.arch={kind}", "model.num_layers=2", "model.d_model=32", "train.seq_len=32"])
-    vocab = model_vocab_size(cfg, ByteTokenizer.vocab_size)
-    mdef = model_def(cfg, vocab)
-    # Large random weights give peaked logits, so a state wrongly touched by padding shows up.
+    mdef = model_def(cfg, model_vocab_size(cfg, ByteTokenizer.vocab_size))
     rng = np.random.default_rng(ARCHS.index(kind))
     params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.5, s.shape), s.dtype), mdef.shapes)
-    prompts = [[5, 17, 3, 99, 42], list(range(30, 42)), [7]]  # different lengths: different padding
-    n = 10
-    got = generate((mdef, params), cfg, prompts, max_new_tokens=n, temperature=0.0)
-    forward = jax.jit(lambda p, t: mdef.merge(p)(t)[0])
-    for prompt, row in zip(prompts, got):
-        seq = list(prompt)
-        for _ in range(n):  # the obvious algorithm: the whole sequence again, from the zero state
-            seq.append(int(jnp.argmax(forward(params, jnp.asarray([seq], jnp.int32))[0, -1])))
-        assert row == seq[len(prompt):]
-    # Longer than train.seq_len is fine: a recurrent model has no position table.
     assert len(generate((mdef, params), cfg, [[1, 2]], max_new_tokens=40, temperature=0.0)[0]) == 40
 
 

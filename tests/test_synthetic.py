@@ -12,7 +12,7 @@ from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.data.synthetic import CHUNK, blank_id, generate_rows, marker_id, synthetic_ids, synthetic_rows, trigger_id
 from llm_jax.errors import UserError
-from llm_jax.train.objectives import build_objective, row_width
+from llm_jax.train.objectives import Vocab, build_objective, row_width
 
 T, V, K = 32, 8, 5
 
@@ -91,13 +91,13 @@ def test_split_sizes_and_masked_causal_objective():
     assert cfg.objective == "masked_causal" and row_width(cfg) == 2 * T + 1
     train, val = synthetic_rows(cfg, "train"), synthetic_rows(cfg, "validation")
     assert train.shape == (40, 2 * T + 1) and val.shape == (24, 2 * T + 1)
-    objective = build_objective(cfg, 257, 384, 256)
+    objective = build_objective(cfg, Vocab(257, 384, 256))
     inputs, targets, weights = objective.data(jnp.asarray(val), 0)
     np.testing.assert_array_equal(inputs["tokens_BT"], val[:, :T])
     np.testing.assert_array_equal(targets, val[:, 1:T + 1])
     assert weights.dtype == jnp.float32 and float(weights.sum()) == 24 and list(inputs) == ["tokens_BT"]
     with pytest.raises(UserError, match="uses 11 token ids"):
-        build_objective(cfg, 4, 10, 3)
+        build_objective(cfg, Vocab(4, 10, 3))
     small = load_config("gpt_tiny", ["data.task=selective_copy", "data.synthetic_examples=4"])
     with pytest.raises(UserError, match="fewer than train.batch_size"):
         synthetic_rows(small, "train")

@@ -21,6 +21,7 @@ from llm_jax.errors import UserError
 from llm_jax.inference.generate import generate
 from llm_jax.interop.convert import read_hf_model
 from llm_jax.interop.files import TOKENIZER_FILE, is_hf_dir
+from llm_jax.models.base import family_of
 from llm_jax.models.decoding import bounded_length
 from llm_jax.models.definition import ModelDef, model_def, param_shardings
 from llm_jax.parallel.mesh import single_device_mesh
@@ -77,6 +78,13 @@ class Model:
         return self._params["embed"]["embedding"].shape[0]
 
     @property
+    def continues_prompt(self) -> bool:
+        """Whether generated text continues the prompt (decoders) or is a text of its own (the
+        target an encoder-decoder decodes from its source)."""
+        decoding = family_of(self._cfg.model.arch).decoding
+        return decoding is not None and decoding.continues_prompt
+
+    @property
     def decoder_start_id(self) -> int:
         """An encoder-decoder's first decoder input: the tokenizer's `<pad>` (T5's convention)
         if it has one, else its end-of-text id (0 without a tokenizer)."""
@@ -89,9 +97,9 @@ class Model:
         """float32 logits [B, T, V] over the model's (padded) vocabulary; [T] input is one row.
 
         Decoders give next-token logits (causal); bert gives masked-LM logits at every position,
-        each token seeing the whole row (segment 0), or a classifier's class logits [B, C]. Encoder-decoders (transformer, t5) read
-        `input_ids` as the source and give the decoder's logits for `decoder_input_ids` (which
-        start with `decoder_start_id`). `attention_mask` (1 = token, 0 = padding, as in
+        each token seeing the whole row (segment 0), or a classifier's class logits [B, C].
+        Encoder-decoders (transformer, t5) read `input_ids` as the source and give the decoder's
+        logits for `decoder_input_ids` (which start with `decoder_start_id`). `attention_mask` (1 = token, 0 = padding, as in
         Hugging Face) hides padded inputs of an encoder and of an encoder-decoder's source.
         """
         m = self._cfg.model
@@ -106,7 +114,7 @@ class Model:
             if mask_BT.shape != tokens_BT.shape:
                 raise UserError(f"attention_mask has shape {mask_BT.shape}, input_ids {tokens_BT.shape}")
             mask_BT = mask_BT.astype(bool)
-        if m.is_encoder_decoder:
+        if m.spec.kind == "encoder-decoder":
             if decoder_input_ids is None:
                 raise UserError(f"model.arch={m.arch} is an encoder-decoder: give decoder_input_ids too "
                                 f"(the decoder's inputs, starting with {self.decoder_start_id})")
@@ -116,8 +124,11 @@ class Model:
             inputs = {"src_BS": tokens_BT, "tgt_BT": tgt_BT, "src_mask_BS": mask_BT}
             return np.asarray(_forward(self._mdef.graphdef, self._params, inputs))
         if decoder_input_ids is not None:
-            raise UserError(f"decoder_input_ids is for encoder-decoder models; this {m.arch} model is {m.spec.kind}-only")
-        inputs = {"tokens_BT": tokens_BT} if mask_BT is None else {"tokens_BT": tokens_BT, "attention_mask_BT": mask_BT}
+            raise UserError(f"decoder_input_ids is for encoder-decoder models; this {m.arch} model is "
+                            f"{m.spec.kind}-only")
+        inputs = {"tokens_BT": tokens_BT}
+        if mask_BT is not None:
+            inputs["attention_mask_BT"] = mask_BT
         return np.asarray(_forward(self._mdef.graphdef, self._params, inputs))
 
     def _ids(self, name: str, ids: Any) -> np.ndarray:

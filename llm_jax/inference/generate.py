@@ -144,11 +144,9 @@ def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Seq
     rows = _prepare_prompts(prompts, vocab, eos_id)
     if max_new_tokens == 0:
         return [[] for _ in rows]
-    if cfg.model.is_encoder_decoder and eos_id is not None:
-        rows = [r + [eos_id] if r[-1] != eos_id else r for r in rows]
     if start_id is None:
         start_id = 0 if eos_id is None else eos_id
-    arrays = decoding.prepare(cfg, rows, max_new_tokens, start_id)
+    arrays = decoding.prepare(cfg, rows, max_new_tokens, start_id, eos_id)
     dtype = getattr(model, "compute_dtype", None) or compute_dtype(cfg)
     out_BN = _generate_jit(
         graphdef, params, arrays, jax.random.key(seed), np.float32(temperature), np.int32(min(top_k, vocab)),

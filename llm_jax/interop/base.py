@@ -54,6 +54,7 @@ class Adapter(ABC):
 
 
 _REGISTRY: dict[str, Adapter] = {}
+_BY_ARCH: dict[str, list[Adapter]] = {}  # model.arch -> the adapters that write it
 
 
 def register(adapter: Adapter) -> Adapter:
@@ -62,6 +63,7 @@ def register(adapter: Adapter) -> Adapter:
         if adapter.name == other.name or adapter.model_type == other.model_type:
             raise ValueError(f"adapter {adapter.name!r} (model_type {adapter.model_type!r}) is registered twice")
     _REGISTRY[adapter.name] = adapter
+    _BY_ARCH.setdefault(adapter.arch, []).append(adapter)
     return adapter
 
 
@@ -87,7 +89,7 @@ def adapter_for_config(cfg: Config) -> Adapter:
     """The adapter that exports `cfg` exactly, or one UserError saying why none does: the reasons
     of the adapters for its `model.arch`, or which architectures can be exported at all."""
     arch = cfg.model.arch
-    same_arch = [a for a in adapters() if a.arch == arch]
+    same_arch = adapters_for_arch(arch)
     reasons = []
     for adapter in same_arch:
         reason = adapter.unsupported(cfg)
@@ -100,9 +102,14 @@ def adapter_for_config(cfg: Config) -> Adapter:
     raise UserError(f"this {arch} model has no Hugging Face equivalent here: {'; '.join(reasons)}")
 
 
+def adapters_for_arch(arch: str) -> list[Adapter]:
+    """The adapters that write models of `model.arch` `arch` (in registration order)."""
+    return list(_BY_ARCH.get(arch, ()))
+
+
 def wrong_arch(adapter: Adapter, cfg: Config) -> str | None:
     """The reason when `cfg` is not of the adapter's `model.arch`."""
-    if cfg.model.arch != adapter.arch:
+    if adapter not in adapters_for_arch(cfg.model.arch):
         return f"{adapter.hf_class} is model.arch={adapter.arch}, not {cfg.model.arch}"
     return None
 

@@ -48,8 +48,6 @@ def llama_model_config(hf: dict[str, Any]) -> dict[str, Any]:
 def llama_unsupported(hf_class: str, cfg: Config) -> str | None:
     """Why `cfg` is not a Llama decoder (RoPE, RMSNorm, SwiGLU, no biases), or None."""
     m = cfg.model
-    if m.arch != "gpt":
-        return f"{hf_class} is model.arch=gpt, not {m.arch}"
     return needs(hf_class, {"model.position": (m.position, "rope"), "model.norm": (m.norm, "rmsnorm"),
                             "model.mlp": (m.mlp, "swiglu"), "model.use_bias": (m.use_bias, False)})
 

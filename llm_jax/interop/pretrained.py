@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from llm_jax.config import Config, read_run_config, validate
+from llm_jax.data.tasks import classes_of
 from llm_jax.data.tokenizer import HFTokenizer, decoder_start_id
 from llm_jax.errors import UserError
 from llm_jax.interop.convert import read_hf_model, write_hf_model

@@ -57,11 +57,14 @@ class Decoding(Protocol):
     `prepare` pads the prompts on the host (and checks them against the model's limits);
     `start` runs the model over the prepared prompts and returns the logits [B, V] of the first
     new token with the loop's state; `step` feeds token i-1 ([B] int32) and returns the logits of
-    token i and the new state.
+    token i and the new state. `continues_prompt`: the output continues the prompt's text (a
+    decoder) rather than being a text of its own (an encoder-decoder's target).
     """
 
-    def prepare(self, cfg: Config, rows: list[list[int]], max_new_tokens: int,
-                start_id: int) -> dict[str, np.ndarray]: ...
+    continues_prompt: bool
+
+    def prepare(self, cfg: Config, rows: list[list[int]], max_new_tokens: int, start_id: int,
+                eos_id: int | None) -> dict[str, np.ndarray]: ...
 
     def start(self, model: nnx.Module, arrays: dict[str, jax.Array], max_new_tokens: int,
               cache_dtype: str) -> tuple[jax.Array, Any]: ...
@@ -130,5 +133,11 @@ def dims_of(cfg: Config, vocab_size: int, num_classes: int = 0) -> Dims:
                 nsp=cfg.train.nsp)
 
 
-def build_model(cfg: Config, dims: Dims, rngs: nnx.Rngs) -> nnx.Module:
+def build(cfg: Config, dims: Dims, rngs: nnx.Rngs) -> nnx.Module:
+    """The network of `cfg` with the outside values `dims`, by its family's builder."""
     return family_of(cfg.model.arch).build(cfg.model, dims, rngs)
+
+
+def build_model(cfg: Config, vocab_size: int, rngs: nnx.Rngs, num_classes: int = 0) -> nnx.Module:
+    """The network of `cfg` for a vocabulary of `vocab_size` rows (a live NNX module)."""
+    return build(cfg, dims_of(cfg, vocab_size, num_classes), rngs)

@@ -46,7 +46,10 @@ class CausalDecoding:
     """Prefill the left-padded prompts into the cache, then feed one token per step. The model
     provides `init_cache(batch, slots, dtype)`: KV slots, or a fixed-size recurrent state."""
 
-    def prepare(self, cfg: Config, rows: list[list[int]], max_new_tokens: int, start_id: int) -> dict:
+    continues_prompt = True
+
+    def prepare(self, cfg: Config, rows: list[list[int]], max_new_tokens: int, start_id: int,
+                eos_id: int | None) -> dict:
         longest = max(len(r) for r in rows)
         limit = bounded_length(cfg)
         if limit is not None and longest + max_new_tokens > limit:
@@ -91,7 +94,12 @@ class Seq2SeqDecoding:
     provides `encode(src, mask)`, `decode(tgt, memory, mask, cache=, cache_index=)` and
     `init_cache(batch, slots, dtype)` (the decoder's self-attention KV cache)."""
 
-    def prepare(self, cfg: Config, rows: list[list[int]], max_new_tokens: int, start_id: int) -> dict:
+    continues_prompt = False
+
+    def prepare(self, cfg: Config, rows: list[list[int]], max_new_tokens: int, start_id: int,
+                eos_id: int | None) -> dict:
+        if eos_id is not None:  # sources end with end-of-text, as every training source did
+            rows = [r + [eos_id] if r[-1] != eos_id else r for r in rows]
         longest = max(len(r) for r in rows)
         limit = bounded_length(cfg)
         if limit is not None and max(longest, max_new_tokens) > limit:

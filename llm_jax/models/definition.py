@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from llm_jax.config import Config
-from llm_jax.models.base import Dims, build_model, dims_of
+from llm_jax.models.base import Dims, build, dims_of
 from llm_jax.parallel.rules import logical_to_spec, sharding_report
 
 
@@ -36,7 +36,7 @@ def model_def(cfg: Config, vocab_size: int, num_classes: int = 0) -> ModelDef:
     """The model `cfg` describes for a vocabulary of `vocab_size` rows (and `num_classes` labels
     for a classifier), split without materialising a parameter."""
     dims = dims_of(cfg, vocab_size, num_classes)
-    abstract = nnx.eval_shape(lambda: build_model(cfg, dims, nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: build(cfg, dims, nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     shapes = nnx.to_pure_dict(state)
     logical = nnx.to_pure_dict(jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,

@@ -183,7 +183,7 @@ def print_sample(cfg: Config, result: dict) -> None:
     if jax.process_index() != 0:
         return
     model = Model.from_params(cfg, params, tokenizer=result["tokenizer"])
-    if cfg.model.is_encoder_decoder:  # the prompt is the source; the sample is the decoded target
+    if not model.continues_prompt:  # an encoder-decoder: the prompt is the source, the sample its target
         tokens = min(cfg.train.sample_tokens, cfg.train.seq_len)
         text = model.generate(cfg.train.sample_prompt, max_new_tokens=tokens, temperature=0)
         print(f"--- sample (greedy decoding of train.sample_prompt, up to {tokens} tokens) ---")

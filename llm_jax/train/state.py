@@ -16,13 +16,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from llm_jax.config import Config
-from llm_jax.models.base import build_model
+from llm_jax.models.base import build
 from llm_jax.models.definition import ModelDef, param_shardings
 
 
 def init_params(cfg: Config, mdef: ModelDef, mesh: Mesh) -> dict:
     def create() -> dict:
-        return nnx.to_pure_dict(nnx.state(build_model(cfg, mdef.dims, nnx.Rngs(cfg.seed))))
+        return nnx.to_pure_dict(nnx.state(build(cfg, mdef.dims, nnx.Rngs(cfg.seed))))
 
     return jax.jit(create, out_shardings=param_shardings(mdef, mesh))()
 

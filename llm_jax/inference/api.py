@@ -99,8 +99,9 @@ class Model:
         Decoders give next-token logits (causal); bert gives masked-LM logits at every position,
         each token seeing the whole row (segment 0), or a classifier's class logits [B, C].
         Encoder-decoders (transformer, t5) read `input_ids` as the source and give the decoder's
-        logits for `decoder_input_ids` (which start with `decoder_start_id`). `attention_mask` (1 = token, 0 = padding, as in
-        Hugging Face) hides padded inputs of an encoder and of an encoder-decoder's source.
+        logits for `decoder_input_ids` (which start with `decoder_start_id`). `attention_mask`
+        (1 = token, 0 = padding, as in Hugging Face) hides padded inputs of an encoder and of an
+        encoder-decoder's source.
         """
         m = self._cfg.model
         tokens_BT = self._ids("input_ids", input_ids)

@@ -1,9 +1,11 @@
-"""Where llm-jax keeps machine-wide caches (kept free of heavy imports: the bench path uses it)."""
+"""Where llm-jax keeps machine-wide caches (the tokenised corpora, compiled programs, the measured CPU peak)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import jax
 
 
 def cache_root(cache_dir: str = "") -> Path:
@@ -24,7 +26,6 @@ def enable_compile_cache(cfg) -> None:
     """
     if not cfg.run.compile_cache:
         return
-    import jax
 
     jax.config.update("jax_compilation_cache_dir", str(cache_root(cfg.data.cache_dir) / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 # Bump when the meaning of cached token arrays changes (document order, EOS placement, split
@@ -91,7 +92,6 @@ def is_main_process() -> bool:
 
     Asks jax.process_index() only once jax.distributed is up: before that, the call would
     initialise the backends and make a later jax.distributed.initialize() fail."""
-    import jax
 
     return not jax.distributed.is_initialized() or jax.process_index() == 0
 

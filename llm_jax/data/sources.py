@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import sys
+import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -58,8 +59,6 @@ def open_corpus(data: DataConfig, cache_root: Path) -> Corpus:
 
 
 def _stdlib_corpus(data: DataConfig, cache_root: Path) -> Corpus:
-    import sysconfig
-
     def documents(split: str) -> Iterator[str]:
 
         builder = stdlib_tfds.prepared_builder(cache_root / "tfds", data.val_fraction)
@@ -194,7 +193,7 @@ def _jsonl_text(line: str, path: Path, line_number: int, field: str) -> str:
 
 
 def _tfds_corpus(spec: str, name: str, data: DataConfig) -> Corpus:
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy; only a tfds: source needs it
 
     data_dir = data.tfds_data_dir or None
     try:

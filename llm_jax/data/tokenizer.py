@@ -67,7 +67,7 @@ class SentencePieceTokenizer:
     name = "sentencepiece"
 
     def __init__(self, model_path: Path):
-        import sentencepiece
+        import sentencepiece  # only the sentencepiece tokenizer needs it
 
         self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
         self.vocab_size = int(self._sp.get_piece_size())
@@ -94,7 +94,7 @@ class HFTokenizer:
     EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "[SEP]")
 
     def __init__(self, path: Path):
-        import tokenizers
+        import tokenizers  # only a Hugging Face tokenizer.json needs it
 
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(path))
@@ -180,7 +180,7 @@ def train_sentencepiece(docs: Iterable[str], vocab_size: int, out_path: Path) ->
 
     Normalisation is off and whitespace is kept verbatim so decode(encode(x)) == x for source
     code (the defaults collapse runs of spaces, destroying indentation)."""
-    import sentencepiece
+    import sentencepiece  # only training a sentencepiece model needs it
 
     if vocab_size < 512:
         raise UserError(

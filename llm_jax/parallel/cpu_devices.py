@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from llm_jax.config.schema import Config
 from llm_jax.errors import UserError
 from llm_jax.parallel.mesh import check_batch, dcn_shape, mesh_shape
@@ -56,7 +58,6 @@ def split_cpu_host(cfg: Config, single_process: bool) -> int | None:
     count = cpu_device_count(cfg, usable_cores())
     if count == 1:
         return None
-    import jax
 
     jax.config.update("jax_num_cpu_devices", count)
     return count

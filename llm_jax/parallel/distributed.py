@@ -16,6 +16,10 @@ import os
 import signal
 from dataclasses import dataclass
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from llm_jax.errors import UserError
 
 ENV_COORDINATOR = "LLM_JAX_COORDINATOR"
@@ -106,7 +110,6 @@ def initialize(placement: Placement, timeout_s: int, connect_timeout_s: int) -> 
     """
     if placement.single_process:
         return
-    import jax
 
     if jax.distributed.is_initialized():
         return
@@ -122,8 +125,6 @@ def initialize(placement: Placement, timeout_s: int, connect_timeout_s: int) -> 
 
 
 def is_multiprocess() -> bool:
-    import jax
-
     return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
@@ -131,8 +132,6 @@ def broadcast_flag(value: bool) -> bool:
     """Process 0's value of `value`, on every process (so all take the same branch)."""
     if not is_multiprocess():
         return value
-    import numpy as np
-    from jax.experimental import multihost_utils
 
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
 
@@ -140,8 +139,6 @@ def broadcast_flag(value: bool) -> bool:
 def barrier(name: str) -> None:
     """Wait until every process gets here (no-op in a single process)."""
     if is_multiprocess():
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -165,8 +162,6 @@ class StopRequest:
 
     def reached(self, step: int) -> bool:
         if self._multi:
-            from jax.experimental import multihost_utils
-
             return multihost_utils.reached_preemption_sync_point(step)
         return self._signalled
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from llm_jax.config import Config
 from llm_jax.paths import cache_root
@@ -109,8 +110,6 @@ class MetricsWriter:
             self.tb = SummaryWriter(str(run_dir / "tb"))
         # A live bar on a terminal; in logs (CI, batch jobs) a line per logged step with the ETA.
         if cfg.train.progress and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             file=sys.stderr, mininterval=1.0, smoothing=0.1)
 

@@ -20,7 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+
+import llm_jax
+from llm_jax.data import build_data, eval_batches
 
 RUNS = {
     "Transformer": ["gpt_small"],
@@ -40,8 +44,6 @@ def train(name: str, args: list[str], out: Path, steps: int) -> Path:
 
 
 def non_embedding_params(model) -> int:
-    import jax
-
     total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(model.params):
         keys = [getattr(k, "key", "") for k in path]
@@ -51,10 +53,6 @@ def non_embedding_params(model) -> int:
 
 
 def loss_per_position(run: Path) -> tuple[np.ndarray, int]:
-    import llm_jax
-    from llm_jax.data import build_data
-    from llm_jax.data.pipeline import eval_batches
-
     model = llm_jax.load(run)
     cfg = model.config
     bundle = build_data(cfg, run)
@@ -83,7 +81,7 @@ def main() -> int:
         print(f"{name}: {params:,} non-embedding parameters; mean loss by position: "
               + ", ".join(f"{k}: {v:.3f}" for k, v in binned.items()), flush=True)
 
-    import matplotlib
+    import matplotlib  # plotting only: matplotlib is a dev extra
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -27,7 +27,7 @@ import numpy as np
 
 from llm_jax.config import load_config
 from llm_jax.models.definition import model_def
-from llm_jax.train.step import summed_loss
+from llm_jax.train.objectives import token_losses
 
 VOCAB = 384
 MODELS = {"mamba": "mamba_small", "attention": "gpt_small"}
@@ -52,11 +52,10 @@ def measure(name: str, length: int, repeats: int, decode: bool, train: bool = Tr
     params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.02, s.shape), s.dtype), mdef.shapes)
     tokens = jnp.asarray(rng.integers(0, 256, (1, length + 1)), jnp.int32)
 
-    forward = jax.jit(lambda p, t: mdef.merge(p)(t[:, :-1])[0])
+    forward = jax.jit(lambda p, t: mdef.merge(p)(t[:, :-1]).logits)
 
     def loss(p, t):
-        total, count = summed_loss(mdef.merge(p)(t[:, :-1])[0], t[:, 1:], None)
-        return total / count
+        return token_losses(mdef.merge(p)(t[:, :-1]).logits, t[:, 1:]).mean()
 
     row = {"model": name, "preset": preset, "length": length, "params": mdef.num_params}
     if train:
@@ -75,23 +74,18 @@ def measure(name: str, length: int, repeats: int, decode: bool, train: bool = Tr
 def decode_step_ms(cfg, mdef, params, position: int, repeats: int) -> float:
     """Seconds of one jitted decode step (one token in, its logits and the new cache out) at
     `position`: a Mamba state, or a KV cache of position + 1 slots as `generate` would hold."""
-    from llm_jax.models.gpt import init_cache
-
     model = mdef.merge(params)
     slots = position + 1
-    if cfg.model.arch == "mamba":
-        cache = model.init_cache(1, slots, jnp.float32)
-    else:
-        cache = init_cache(cfg.model, 1, slots, jnp.float32)
+    cache = model.init_cache(1, slots, jnp.float32)
     step = jax.jit(lambda p, c, t: mdef.merge(p)(t, positions_BT=jnp.full((1, 1), position), cache=c,
                                                    mask_BTS=jnp.ones((1, 1, slots), bool),
-                                                   cache_index=jnp.int32(position))[0])
+                                                   cache_index=jnp.int32(position)).logits)
     token = jnp.zeros((1, 1), jnp.int32)
     return timed(step, params, cache, token, repeats=max(repeats, 20))
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # plotting only: matplotlib is a dev extra
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

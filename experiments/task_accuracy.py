@@ -20,8 +20,8 @@ import numpy as np
 import llm_jax
 from llm_jax.data.sources import open_corpus
 from llm_jax.data.task_rows import task_rows
+from llm_jax.data.tasks import PAD
 from llm_jax.paths import cache_root
-from llm_jax.train.objectives import PAD
 
 
 def target_nll(model, src_BS: np.ndarray, dec_BT1: np.ndarray) -> tuple[float, int]:

@@ -136,7 +136,7 @@ def test_a_masked_lm_starts_a_classifier_that_learns_the_package_task(tmp_path, 
     zero = llm_jax.load(tmp_path / "zero")
     np.testing.assert_allclose(zero.params["embed"]["embedding"], source.params["embed"]["embedding"], atol=1e-6)
     logits = tuned.logits(np.array([[258, 100, 101, 102]]))
-    assert logits.shape == (1, 1, 8)
+    assert logits.shape == (1, 8)  # a classifier's logits: one per class
 
 
 def test_next_sentence_prediction_trains_and_shards_with_the_same_losses(tmp_path, capsys):

@@ -114,6 +114,15 @@ def wrong_arch(adapter: Adapter, cfg: Config) -> str | None:
     return None
 
 
+def not_dense(adapter: Adapter, cfg: Config) -> str | None:
+    """The reason a dense adapter cannot write `cfg`: another model.arch, or MoE layers."""
+    if wrong := wrong_arch(adapter, cfg):
+        return wrong
+    if cfg.model.moe.enabled:
+        return f"{adapter.hf_class} has dense MLPs, not MoE layers"
+    return None
+
+
 def needs(hf_class: str, checks: dict[str, tuple[Any, Any]]) -> str | None:
     """"HFClass needs model.x=want (not got), ..." for each `key: (got, want)` that differs."""
     wrong = [f"{key}={_show(want)} (not {_show(got)})" for key, (got, want) in checks.items() if got != want]

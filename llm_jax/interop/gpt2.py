@@ -13,7 +13,7 @@ import numpy as np
 
 from llm_jax.config import Config
 from llm_jax.errors import UserError
-from llm_jax.interop.base import Adapter, needs, register, wrong_arch
+from llm_jax.interop.base import Adapter, needs, not_dense, register
 from llm_jax.interop.tree import stack_layers, unstack_layers
 
 _P = "transformer."
@@ -38,10 +38,8 @@ class GPT2(Adapter):
 
     def unsupported(self, cfg: Config) -> str | None:
         m = cfg.model
-        if wrong := wrong_arch(self, cfg):
-            return wrong
-        if m.moe.enabled:
-            return f"{self.hf_class} has dense MLPs, not MoE layers"
+        if reason := not_dense(self, cfg):
+            return reason
         return needs(self.hf_class, {"model.position": (m.position, "learned"), "model.norm": (m.norm, "layernorm"),
                                      "model.mlp": (m.mlp, "gelu"), "model.use_bias": (m.use_bias, True),
                                      "model.tie_embeddings": (m.tie_embeddings, True),

@@ -14,7 +14,7 @@ import numpy as np
 
 from llm_jax.config import Config
 from llm_jax.errors import UserError
-from llm_jax.interop.base import Adapter, needs, register, wrong_arch
+from llm_jax.interop.base import Adapter, needs, not_dense, register
 from llm_jax.interop.tree import kernel_from_linear, linear_from_kernel, stack_layers, unstack_layers
 
 # Layer i's feed-forward part: (tensors, "model.layers.{i}.", cfg) -> our entries of that layer,
@@ -121,10 +121,8 @@ class Llama(Adapter):
         return llama_model_config(hf)
 
     def unsupported(self, cfg: Config) -> str | None:
-        if wrong := wrong_arch(self, cfg):
-            return wrong
-        if cfg.model.moe.enabled:
-            return f"{self.hf_class} has dense MLPs, not MoE layers"
+        if reason := not_dense(self, cfg):
+            return reason
         return llama_unsupported(self.hf_class, cfg)
 
     def hf_config(self, cfg: Config, eos_id: int | None, pad_id: int) -> dict[str, Any]:

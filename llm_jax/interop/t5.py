@@ -14,7 +14,7 @@ import numpy as np
 
 from llm_jax.config import Config
 from llm_jax.errors import UserError
-from llm_jax.interop.base import Adapter, needs, register, wrong_arch
+from llm_jax.interop.base import Adapter, needs, not_dense, register
 from llm_jax.interop.tree import kernel_from_linear, linear_from_kernel, stack_layers, unstack_layers
 
 # Block `layer` indices of T5's modules, and our names for the same pieces.
@@ -98,10 +98,8 @@ class T5(Adapter):
 
     def unsupported(self, cfg: Config) -> str | None:
         m = cfg.model
-        if wrong := wrong_arch(self, cfg):
-            return wrong
-        if m.moe.enabled:
-            return f"{self.hf_class} has dense MLPs, not MoE layers"
+        if reason := not_dense(self, cfg):
+            return reason
         return needs(f"{self.hf_class} (v1.0)", {
             "model.position": (m.position, "relative"), "model.norm": (m.norm, "rmsnorm"), "model.mlp": (m.mlp, "relu"),
             "model.use_bias": (m.use_bias, False), "model.tie_embeddings": (m.tie_embeddings, True),

@@ -35,10 +35,6 @@ class ArchSpec:
     check: Callable[[Any], None] | None = field(default=None)
     """Family-specific validation of the model section: raises ValueError naming the keys."""
 
-    @property
-    def generates(self) -> bool:
-        return self.kind != "encoder"
-
 
 ARCHS: dict[str, ArchSpec] = {}
 

@@ -1,10 +1,10 @@
-# The two commands: `make train` and `make test`. Both create .venv on first use.
+# The two commands: `make train` and `make test` (`make test-fast` skips the slow tests). Both create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: train test bench clean-venv
+.PHONY: train test test-fast bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ train: $(STAMP)
 ## Run the whole test suite on CPU (8 forced host devices).
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -q -W ignore::DeprecationWarning $(ARGS)
+
+## The quick loop: every test not marked slow (no process spawning, no long training).
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest tests -q -W ignore::DeprecationWarning -m "not slow" $(ARGS)
 
 ## Throughput of the benchmark GPT on this machine.
 bench: $(STAMP)

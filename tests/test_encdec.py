@@ -172,6 +172,7 @@ def test_objective_and_task_are_checked_against_the_arch():
     assert set(TASKS) | set(SYNTHETIC_TASKS) == set(TASK_KINDS) and not set(TASKS) & set(SYNTHETIC_TASKS)
 
 
+@pytest.mark.slow
 def test_the_original_transformer_learns_to_copy_its_source():
     """The whole seq2seq path (rows, masks, cross-attention, loss, step) learns a task that only the
     source can solve: the target is the source's 10 random tokens. Before it finds the alignment
@@ -201,6 +202,7 @@ T5_SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "mode
             "train.eval_batches=2", "train.progress=false"]
 
 
+@pytest.mark.slow
 def test_t5_pretrains_with_spans_then_fine_tunes_text_to_text(tmp_path, capsys, monkeypatch):
     """The documented path: `llm-jax train t5_small` (span corruption on the corpus), then a new run
     with data.task=funcname and checkpoint.init_from=<that run> fine-tunes text to text from

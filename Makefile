@@ -1,10 +1,10 @@
-# The two commands: `make train` and `make test`. Both create .venv on first use.
+# The two commands: `make train` and `make test` (`make test-fast` skips the slow tests). Both create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: train test lint bench clean-venv
+.PHONY: train test test-fast lint bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: lint $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check llm_jax tests scripts experiments launch
 	$(VENV)/bin/lint-imports
+
+## The quick loop: every test not marked slow (no process spawning, no long training).
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest tests -q -W ignore::DeprecationWarning -m "not slow" $(ARGS)
 
 ## Throughput of the benchmark GPT on this machine.
 bench: $(STAMP)

@@ -1,4 +1,5 @@
-"""Test set-up: 8 forced host devices, set before JAX is imported anywhere."""
+"""Test set-up: 8 forced host devices and a shared compilation cache, set before JAX is imported
+anywhere."""
 
 import os
 
@@ -8,3 +9,10 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keep tokenised-corpus caches inside the test session, never in the user's home.
 os.environ.setdefault("LLM_JAX_CACHE", "/tmp/llm_jax_test_cache")
+# JAX's persistent compilation cache, in the directory the CLI itself uses (run.compile_cache:
+# <cache root>/xla, llm_jax.paths.enable_compile_cache), so in-process tests and the CLI
+# subprocesses they start (which inherit this environment) load each other's compiled programs
+# instead of compiling the same tiny models again. No size bound: JAX's evicting cache needs an
+# access-time file beside every entry, which runs of the CLI outside the tests do not write.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["LLM_JAX_CACHE"], "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")

@@ -57,6 +57,7 @@ def test_flops_count_both_directions():
 STEPS = ["model.arch=bert", "train.batch_size=8", "checkpoint.every=0", "optim.warmup_steps=5"]
 
 
+@pytest.mark.slow
 def test_cli_training_lowers_the_masked_lm_loss(tmp_path, capsys):
     assert main(["train", "gpt_tiny", f"run.dir={tmp_path}", *TINY, *STEPS, "train.steps=30",
                  "train.sample_tokens=16"]) == 0
@@ -67,6 +68,7 @@ def test_cli_training_lowers_the_masked_lm_loss(tmp_path, capsys):
     assert "eval loss" in out and "no sample" in out and "does not generate" in out
 
 
+@pytest.mark.slow
 def test_same_losses_on_every_mesh_and_with_accumulation(tmp_path):
     steps = [*STEPS, "train.steps=6"]
     single = cli_subprocess(["train", "gpt_tiny", f"run.dir={tmp_path / 'one'}", "mesh.data=1", *TINY, *steps],
@@ -113,6 +115,7 @@ def test_classify_rows_read_cls_then_the_text():
     assert weights is None
 
 
+@pytest.mark.slow
 def test_a_masked_lm_starts_a_classifier_that_learns_the_package_task(tmp_path, capsys):
     small = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64", "train.seq_len=64",
              "train.batch_size=16", "checkpoint.every=0", "train.eval_batches=4", "data.max_bytes=2000000",
@@ -139,6 +142,7 @@ def test_a_masked_lm_starts_a_classifier_that_learns_the_package_task(tmp_path, 
     assert logits.shape == (1, 8)  # a classifier's logits: one per class
 
 
+@pytest.mark.slow
 def test_next_sentence_prediction_trains_and_shards_with_the_same_losses(tmp_path, capsys):
     steps = [*STEPS, "train.nsp=true", "train.steps=8", "train.seq_len=32", "optim.lr=3e-3", "optim.warmup_steps=2"]
     single = cli_subprocess(["train", "gpt_tiny", f"run.dir={tmp_path / 'one'}", "mesh.data=1", *TINY, *steps],

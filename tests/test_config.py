@@ -81,7 +81,20 @@ def test_identity_allows_more_steps_refuses_new_model():
                                                  "model.remat=full", "model.dtype=bfloat16"]), "runs/x")
     with pytest.raises(UserError, match="model.d_model"):
         check_compatible(a, load_config("gpt_tiny", ["model.d_model=128"]), "runs/x")
-    assert isinstance(Config(), Config)
+
+
+def test_defaults_validate_and_are_the_documented_ones():
+    defaults = Config()
+    # No preset and no overrides: the schema's defaults, through the same validation as a file.
+    assert load_config(None) == defaults
+    assert Config.model_validate(defaults.to_dict()) == defaults  # what config.yaml holds reads back
+    documented = {key: default for key, default, _ in key_docs()}  # what `llm-jax keys` prints
+    for key in all_keys():
+        value = defaults
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert repr(value) == documented[key], key
+    assert defaults.train.steps > 0 and defaults.model.d_model % defaults.model.num_heads == 0
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))

@@ -18,7 +18,7 @@ from llm_jax.data.tasks import PAD, TASKS
 from llm_jax.errors import UserError
 from llm_jax.models.base import build_model
 from llm_jax.models.definition import model_def
-from llm_jax.models.encdec import relative_buckets
+from llm_jax.models.encdec import EncoderBlock, relative_buckets
 from llm_jax.train.objectives import Vocab, build_objective
 from llm_jax.train.objectives.causal import Causal
 from llm_jax.train.objectives.span import SpanCorruption, span_corrupt_row, span_spec, span_targets
@@ -119,6 +119,7 @@ def test_objective_and_task_are_checked_against_the_arch():
     assert set(TASKS) | set(SYNTHETIC_TASKS) == set(TASK_KINDS) and not set(TASKS) & set(SYNTHETIC_TASKS)
 
 
+@pytest.mark.slow
 def test_the_original_transformer_learns_to_copy_its_source():
     """The whole seq2seq path (rows, masks, cross-attention, loss, step) learns a task that only the
     source can solve: the target is the source's 10 random tokens. Before it finds the alignment
@@ -147,6 +148,7 @@ T5_SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "mode
             "train.eval_batches=2", "train.progress=false"]
 
 
+@pytest.mark.slow
 def test_t5_pretrains_with_spans_then_fine_tunes_text_to_text(tmp_path, capsys, monkeypatch):
     """The documented path: `llm-jax train t5_small` (span corruption on the corpus), then a new run
     with data.task=funcname and checkpoint.init_from=<that run> fine-tunes text to text from
@@ -205,3 +207,58 @@ def test_t5_pretrains_with_spans_then_fine_tunes_text_to_text(tmp_path, capsys, 
     np.testing.assert_array_equal(np.argmax(logits[0, :, :tok.vocab_size], -1), expected)
     assert main(["generate", str(tuned), "--prompt", body, "--max-new-tokens", "8", "--temperature", "0"]) == 0
     assert capsys.readouterr().out == f"{body}\n=> {name}\n"
+
+
+def _layernorm(x, scale, bias, eps):
+    x = x - x.mean(-1, keepdims=True)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * scale + bias
+
+
+def _rmsnorm(x, scale, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * scale
+
+
+@pytest.mark.parametrize("arch", ["transformer", "t5"])
+def test_encoder_block_applies_its_norms_in_its_arch_order(arch):
+    cfg = load_config("gpt_tiny", [*(TRANSFORMER if arch == "transformer" else T5), "model.init_std=0.3"])
+    block = EncoderBlock(cfg.model, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    for norm in (block.norm1, block.norm2):  # not the identity 1 and 0 they start as
+        norm.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, norm.scale.shape), jnp.float32)
+        if norm.bias is not None:
+            norm.bias[...] = jnp.asarray(rng.normal(size=norm.bias.shape), jnp.float32)
+    B, S, D, N = 2, 6, cfg.model.d_model, cfg.model.num_heads
+    x = rng.normal(size=(B, S, D)).astype(np.float32)
+    mask = np.ones((B, S, S), bool)
+    mask[1, :, 4:] = False  # the second row's last two source tokens are padding
+    bias = jnp.asarray(rng.normal(size=(1, N, S, S)), jnp.float32) if arch == "t5" else None
+    got, cache, stats = block(jnp.asarray(x), mask_BSS=jnp.asarray(mask), bias_BNSS=bias, kernel="xla", block=128,
+                              key=None)
+    assert cache is None and stats is None
+
+    eps = cfg.model.norm_eps
+
+    def norm(module, h):
+        scale = np.asarray(module.scale[...])
+        if arch == "t5":
+            return _rmsnorm(h, scale, eps)
+        return _layernorm(h, scale, np.asarray(module.bias[...]), eps)
+
+    def attend(h):
+        return np.asarray(block.attn(jnp.asarray(h, jnp.float32), mask_BTS=jnp.asarray(mask), causal=False,
+                                     bias_BNTS=bias)[0])
+
+    def ffn(h):
+        return np.asarray(block.mlp(jnp.asarray(h, jnp.float32)))
+
+    def post_norm(h):  # Vaswani et al.: x = LN(x + F(x))
+        h = norm(block.norm1, h + attend(h))
+        return norm(block.norm2, h + ffn(h))
+
+    def pre_norm(h):  # T5: x = x + F(norm(x))
+        h = h + attend(norm(block.norm1, h))
+        return h + ffn(norm(block.norm2, h))
+
+    want, other = (post_norm(x), pre_norm(x)) if arch == "transformer" else (pre_norm(x), post_norm(x))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    assert np.abs(want - other).max() > 0.1  # the other order would give a different block

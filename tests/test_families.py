@@ -21,6 +21,8 @@ from llm_jax.inference.generate import generate
 from llm_jax.models.base import family_of
 from llm_jax.models.definition import model_def
 
+pytestmark = pytest.mark.slow  # two training runs per family, one in a subprocess
+
 SHRINK = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64", "train.batch_size=8",
           "train.seq_len=32", "train.steps=8", "optim.warmup_steps=2", "optim.lr=3e-3", "checkpoint.every=0"]
 # What a family's preset needs besides SHRINK to fit it (position tables, key/value heads, task lengths).

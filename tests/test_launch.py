@@ -422,7 +422,7 @@ def test_tpu_setup_copies_checkout_and_installs(stub_bin, tmp_path):
     assert scp["argv"][:4] == ["compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp["argv"]
     with tarfile.open(scp["tarball"]) as tar:
         names = set(tar.getnames())
-    assert {"pyproject.toml", "llm_jax/config.py", "llm_jax/configs/gpt_small.yaml"} <= names
+    assert {"pyproject.toml", "llm_jax/config/__init__.py", "llm_jax/configs/gpt_small.yaml"} <= names
     assert not [n for n in names if n.startswith((".venv/", "runs/", ".git/"))]
     command = flag(ssh["argv"], "command")
     assert "--worker=all" in ssh["argv"] and "pip install" in command and "'.[tpu]'" in command

@@ -90,14 +90,20 @@ def tiny_mamba(*overrides: str) -> MambaLM:
 
 
 def test_initialisation_follows_the_reference():
-    mixer = nnx.state(tiny_mamba())
-    params = nnx.to_pure_dict(mixer)["blocks"]["l0"]["mixer"]
+    # dt_rank 3 differs from the 2 stacked layers, so a bound read off the wrong axis shows.
+    cfg = load_config("mamba_small", ["model.num_layers=2", "model.d_model=32", "model.ssm.dt_rank=3"])
+    params = nnx.to_pure_dict(nnx.state(tiny_mamba("model.ssm.dt_rank=3")))["blocks"]["l0"]["mixer"]
     N = params["A_log"].shape[-1]
     np.testing.assert_allclose(params["A_log"][0, 0], np.log(np.arange(1, N + 1)), rtol=1e-6)  # S4D-real
     np.testing.assert_array_equal(params["D"], 1.0)
     dt = jax.nn.softplus(params["dt_bias"])
     assert float(dt.min()) >= 1e-3 * 0.999 and float(dt.max()) <= 0.1 * 1.001
-    assert float(jnp.abs(params["dt_proj"]).max()) <= params["dt_proj"].shape[1 - 1] ** -0.5
+    # dt_proj ~ U(-dt_rank^-0.5, dt_rank^-0.5) per layer (the reference's dt_init="random").
+    R = cfg.model.dt_rank
+    assert R == 3 and params["dt_proj"].shape == (2, R, cfg.model.d_inner)
+    bound = R ** -0.5
+    assert float(jnp.abs(params["dt_proj"]).max()) <= bound
+    assert float(jnp.abs(params["dt_proj"]).max()) > 0.9 * bound  # spans the range, not a narrower one
 
 
 def test_the_s4_like_ablation_has_constant_delta_b_c():

@@ -9,6 +9,7 @@ from llm_jax.config import load_config
 from llm_jax.models.attention import blockwise_causal_attention, masked_attention
 from llm_jax.models.base import family_of
 from llm_jax.models.definition import model_def
+from llm_jax.models.layers import sinusoidal_table
 from llm_jax.models.stack import matmul_params
 
 
@@ -54,3 +55,18 @@ def test_mfu_formula_matches_hand_count():
     expected = 6 * n + 12 * L * 4 * 16 * T / 2
     assert family_of(cfg.model.arch).flops_per_token(cfg, mdef.shapes) == pytest.approx(expected)
     assert mdef.num_params == n + T * d  # the position table is a parameter but no matmul
+
+
+@pytest.mark.parametrize("length,dim", [(50, 16), (37, 7)], ids=["even-dim", "odd-dim"])
+def test_sinusoidal_table_follows_the_formula(length, dim):
+    # Vaswani et al. 3.5: PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(pos / 10000^(2i/d)),
+    # written out per entry in float64; an odd d ends on a sine column.
+    want = np.zeros((length, dim))
+    for pos in range(length):
+        for j in range(dim):
+            angle = pos / 10000.0 ** ((j - j % 2) / dim)
+            want[pos, j] = np.sin(angle) if j % 2 == 0 else np.cos(angle)
+    got = sinusoidal_table(length, dim)
+    assert got.shape == (length, dim) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.arange(dim) % 2)  # sin 0 = 0, cos 0 = 1

@@ -174,6 +174,7 @@ MOE_RUN = [*TINY, "model.num_layers=2", "model.d_model=32", "model.num_heads=4",
            "checkpoint.every=0", "model.moe.num_experts=4", "model.moe.top_k=2", "model.mlp=swiglu"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,mesh", [
     # One device runs the looped grouped matmul (the CPU default), the mesh the blocked one.
     (["model.moe.capacity_factor=-1"], ["mesh.data=2", "mesh.expert=4", "model.moe.grouped_matmul=blocked"]),
@@ -258,6 +259,7 @@ def band_run(tmp_path, coef: float) -> np.ndarray:
     return np.array([r["moe_load"] for r in records if "moe_load" in r and r["step"] >= 50])
 
 
+@pytest.mark.slow
 def test_balancing_keeps_expert_load_in_band(tmp_path):
     """With the balancing loss (coefficient 0.1), every expert's share of the assignments over
     steps 50-100 stays within [0.5, 1.5] x its fair share 1/8; without it the router collapses

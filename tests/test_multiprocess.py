@@ -10,7 +10,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from runs import REPO, TINY, losses
+
+pytestmark = pytest.mark.slow  # every test here starts several processes
 
 LOCAL = REPO / "launch" / "local.py"
 MESH = ["mesh.data=2", "mesh.fsdp=2"]

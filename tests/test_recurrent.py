@@ -134,6 +134,7 @@ def test_flops_are_six_times_matmul_params():
 STEPS = ["train.steps=30", "train.batch_size=8", "checkpoint.every=0", "optim.warmup_steps=5"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ARCHS)
 def test_cli_training_lowers_the_loss(tmp_path, kind):
     assert main(["train", "gpt_tiny", f"run.dir={tmp_path}", f"model.arch={kind}", *TINY, *STEPS]) == 0
@@ -142,6 +143,7 @@ def test_cli_training_lowers_the_loss(tmp_path, kind):
     assert np.mean([got[s] for s in range(26, 31)]) < got[1] - 1.0  # byte-level loss starts near ln(384)
 
 
+@pytest.mark.slow
 def test_same_losses_on_every_mesh(tmp_path):
     steps = ["model.arch=lstm", "train.steps=6", "train.batch_size=8", "checkpoint.every=0"]
     single = cli_subprocess(["train", "gpt_tiny", f"run.dir={tmp_path / 'one'}", "mesh.data=1", *TINY, *steps],
@@ -155,6 +157,7 @@ def test_same_losses_on_every_mesh(tmp_path):
     np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ARCHS)
 def test_generation_runs_past_train_seq_len(kind):
     """A recurrent model has no position table: it generates beyond train.seq_len (cached
@@ -166,6 +169,7 @@ def test_generation_runs_past_train_seq_len(kind):
     assert len(generate((mdef, params), cfg, [[1, 2]], max_new_tokens=40, temperature=0.0)[0]) == 40
 
 
+@pytest.mark.slow
 def test_generate_cli_on_a_trained_run(tmp_path, capsys):
     assert main(["train", "gpt_tiny", f"run.dir={tmp_path}", "model.arch=gru", *TINY,
                  "train.steps=3", "checkpoint.every=0"]) == 0

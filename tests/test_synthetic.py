@@ -121,6 +121,7 @@ def test_cli_trains_selective_copy_without_a_corpus(tmp_path, capsys):
     assert 0.0 <= evals[-1]["eval_accuracy"] <= 1.0 and (evals[-1]["eval_accuracy"] * 128) % 1 < 1e-6
 
 
+@pytest.mark.slow
 def test_mamba_preset_learns_selective_copying(tmp_path):
     """The `selective_copy` preset (2 Mamba blocks of width 64) on a short version of the task:
     4 tokens among blanks in 64. With the embedding at the default init_std 0.02 it sat at

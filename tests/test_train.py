@@ -11,6 +11,7 @@ from runs import TINY, cli_subprocess, losses
 from llm_jax.cli import main
 
 
+@pytest.mark.slow
 def test_entry_trains_and_generates(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "gpt_tiny", f"run.dir={run}", "train.steps=30", "train.log_every=5",
@@ -33,6 +34,7 @@ def test_entry_trains_and_generates(tmp_path, capsys):
     assert lines.startswith("import ") and "class" in lines
 
 
+@pytest.mark.slow
 def test_same_losses_on_every_mesh(tmp_path):
     steps = ["train.steps=6", "train.batch_size=8", "checkpoint.every=0"]
     single = cli_subprocess(["train", "gpt_tiny", f"run.dir={tmp_path / 'one'}", "mesh.data=1", *TINY, *steps],
@@ -49,6 +51,7 @@ def test_same_losses_on_every_mesh(tmp_path):
         np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     args = ["train", "gpt_tiny", "train.steps=150", "checkpoint.every=10", "checkpoint.keep=3", *TINY]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
@@ -77,6 +80,7 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     assert all(got[s] == ref[s] for s in ref)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_stops_cleanly_and_resumes_exactly(tmp_path):
     args = ["train", "gpt_tiny", "train.steps=150", "checkpoint.every=0", *TINY]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "stopped"
@@ -100,6 +104,7 @@ def test_sigterm_checkpoints_stops_cleanly_and_resumes_exactly(tmp_path):
     assert losses(run_dir) == losses(ref_dir)  # exactly
 
 
+@pytest.mark.slow
 def test_checkpoint_resumes_on_another_mesh(tmp_path):
     base = ["train", "gpt_tiny", *TINY, "checkpoint.every=5"]
     assert main([*base, f"run.dir={tmp_path / 'ref'}", "train.steps=10", "mesh.data=8"]) == 0
@@ -155,6 +160,7 @@ def test_run_directories_are_never_clobbered(tmp_path, capsys):
     assert "missing" in _error_of(["generate", str(tmp_path / "missing"), "--prompt", "x"], capsys)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     base = ["train", "gpt_tiny", *TINY, "train.steps=4", "train.batch_size=16", "checkpoint.every=0", "mesh.data=8"]
     assert main([*base, f"run.dir={tmp_path / 'full'}"]) == 0
@@ -163,6 +169,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     np.testing.assert_allclose([accum[s] for s in full], list(full.values()), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_cpu_host_split_into_devices_matches_one_device(tmp_path):
     # mesh.cpu_devices=2 makes two CPU devices of this host (no forced count in XLA_FLAGS), and
     # 400 steps run with no log in between: an unbounded dispatch queue deadlocked XLA:CPU's

@@ -92,12 +92,18 @@ PROMPTS = [[5, 17, 3, 90, 42], list(range(30, 42)), [7]]  # different lengths: t
 
 def contract_model(name: str, *extra: str):
     """(cfg, model definition, params): plain normal draws (std 0.3), far larger than the training
-    init, so attention is sharp and a wrong mask or cache slot changes the argmax."""
+    init, so attention is sharp and a wrong mask or cache slot changes the argmax; norm scales
+    stay 1 (random ones let a single direction dominate, and every row repeats one token)."""
     cfg = load_config(None, [*SMALL, *CONTRACT[name], *extra])
     mdef = model_def(cfg, VOCAB, 3 if cfg.objective == "classify" else 0)
     rng = np.random.default_rng(sum(map(ord, name)))
-    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), s.dtype), mdef.shapes)
-    return cfg, mdef, params
+
+    def draw(path, shape):
+        if getattr(path[-1], "key", None) == "scale":
+            return jnp.ones(shape.shape, shape.dtype)
+        return jnp.asarray(rng.normal(0.0, 0.3, shape.shape), shape.dtype)
+
+    return cfg, mdef, jax.tree_util.tree_map_with_path(draw, mdef.shapes)
 
 
 def inputs_for(cfg, tokens_BT: jax.Array) -> dict:
@@ -132,8 +138,11 @@ def test_scan_equals_unrolled_and_remat(name):
         out = model_def(cfg, VOCAB, mdef.dims.num_classes).merge(params)(**inputs_for(cfg, tokens))
         outs.append(np.asarray(out.logits if out.logits is not None else out.aux["class_logits"]))
     assert outs[0].dtype == np.float32
+    # fp32 rounding of another op order, amplified by the large random weights: within 5e-5 of
+    # the logits' scale (a wrong layer order or a dropped layer is off by far more).
+    scale = np.abs(outs[0]).max()
     for o in outs[1:]:
-        np.testing.assert_allclose(o, outs[0], atol=2e-5)
+        np.testing.assert_allclose(o, outs[0], atol=5e-5 * scale)
 
 
 @pytest.mark.parametrize("name", CONTRACT)

@@ -50,8 +50,8 @@ def test_load_gives_the_transformers_logits(name):
             model.logits(ref["input_ids"])
     if "logits_segments_padding" in ref:  # segments and a padding mask, through the module itself
         module = model._mdef.merge(model.params)
-        got, _ = module(jnp.asarray(ref["input_ids"], jnp.int32), segments_BT=jnp.asarray(ref["token_type_ids"]),
-                        attention_mask_BT=jnp.asarray(ref["attention_mask"]))
+        got = module(jnp.asarray(ref["input_ids"], jnp.int32), segments_BT=jnp.asarray(ref["token_type_ids"]),
+                     attention_mask_BT=jnp.asarray(ref["attention_mask"])).logits
         np.testing.assert_allclose(got, ref["logits_segments_padding"], atol=2e-4)
 
 

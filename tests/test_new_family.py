@@ -62,6 +62,7 @@ RUN = [*TINY, "model.arch=bigram", "model.d_model=32", "model.d_ff=64", "train.b
        "train.steps=12", "optim.warmup_steps=2", "optim.lr=1e-2", "checkpoint.every=0", "train.eval_batches=2"]
 
 
+@pytest.mark.slow
 def test_a_family_registered_in_a_test_file_trains_shards_and_generates(bigram_registered, tmp_path, capsys):
     data_parallel, sharded = tmp_path / "dp", tmp_path / "sharded"
     assert main(["train", "gpt_tiny", f"run.dir={data_parallel}", "mesh.data=8", *RUN]) == 0

@@ -13,7 +13,7 @@ from llm_jax.config import Config
 from llm_jax.data import BatchIterator, build_data, eval_batches, train_dataset
 from llm_jax.errors import UserError
 from llm_jax.inference.api import Model
-from llm_jax.interop.pretrained import pretrained_params
+from llm_jax.interop import pretrained
 from llm_jax.models.base import family_of, model_vocab_size
 from llm_jax.parallel.distributed import StopRequest, barrier, broadcast_flag, is_multiprocess
 from llm_jax.parallel.mesh import make_mesh
@@ -107,7 +107,7 @@ def train(cfg: Config) -> dict:
     else:
         state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, setup.shardings)
         if cfg.checkpoint.init_from:
-            state["params"], fresh = pretrained_params(cfg, setup.mdef, setup.shardings["params"], state["params"])
+            state["params"], fresh = pretrained.pretrained_params(cfg, setup.mdef, setup.shardings["params"], state["params"])
             writer.log(f"parameters from {cfg.checkpoint.init_from}"
                        + (f"; newly initialised: {', '.join(fresh)}" if fresh else ""))
         start = 0

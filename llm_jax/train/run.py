@@ -107,7 +107,8 @@ def train(cfg: Config) -> dict:
     else:
         state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, setup.shardings)
         if cfg.checkpoint.init_from:
-            state["params"], fresh = pretrained.pretrained_params(cfg, setup.mdef, setup.shardings["params"], state["params"])
+            state["params"], fresh = pretrained.pretrained_params(cfg, setup.mdef, setup.shardings["params"],
+                                                                  state["params"])
             writer.log(f"parameters from {cfg.checkpoint.init_from}"
                        + (f"; newly initialised: {', '.join(fresh)}" if fresh else ""))
         start = 0

@@ -15,7 +15,7 @@ import numpy as np
 
 from llm_jax.config import Config
 from llm_jax.errors import UserError
-from llm_jax.interop.base import Adapter, needs, not_dense, register, wrong_arch
+from llm_jax.interop.base import Adapter, needs, not_dense, register
 from llm_jax.interop.tree import kernel_from_linear, linear_from_kernel, stack_layers, unstack_layers
 from llm_jax.models.bert import NUM_SEGMENTS
 
@@ -69,13 +69,11 @@ class Bert(Adapter):
 
     def unsupported(self, cfg: Config) -> str | None:
         m = cfg.model
-        if wrong := wrong_arch(self, cfg):
-            return wrong
+        if reason := not_dense(self, cfg):
+            return reason
         if cfg.objective == "classify":
             return (f"this bert model is a classifier (data.task); export-hf writes {self.hf_class}, "
                     "which has the masked-LM head it replaced")
-        if reason := not_dense(self, cfg):
-            return reason
         return needs(self.hf_class, {"model.position": (m.position, "learned"), "model.norm": (m.norm, "layernorm"),
                                      "model.mlp": (m.mlp, "gelu"), "model.use_bias": (m.use_bias, True),
                                      "model.num_kv_heads": (m.kv_heads, m.num_heads)})

@@ -76,6 +76,17 @@ class SaveCheckpoints(Hook):
         self.stop.close()
 
 
+class ProgressAdvance(Hook):
+    """Moves the progress bar (and its ETA) by one step."""
+
+    def __init__(self, writer: MetricsWriter):
+        self.writer = writer
+
+    def after_step(self, trainer: Trainer, done: int, state: Any, metrics: dict) -> bool:
+        self.writer.advance()
+        return False
+
+
 def train(cfg: Config) -> dict:
     """Train (or resume) the run in `cfg.run.dir`; returns the final metrics."""
     run_dir, existed = check_run_dir(cfg)
@@ -150,17 +161,6 @@ def train(cfg: Config) -> dict:
     final["params"] = state["params"]
     final["tokenizer"] = bundle.tokenizer
     return final
-
-
-class ProgressAdvance(Hook):
-    """Moves the progress bar (and its ETA) by one step."""
-
-    def __init__(self, writer: MetricsWriter):
-        self.writer = writer
-
-    def after_step(self, trainer: Trainer, done: int, state: Any, metrics: dict) -> bool:
-        self.writer.advance()
-        return False
 
 
 def print_sample(cfg: Config, result: dict) -> None:

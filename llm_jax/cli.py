@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import absl.logging
 import jax
@@ -20,6 +21,8 @@ from llm_jax.interop.pretrained import export_hf
 from llm_jax.parallel.cpu_devices import split_cpu_host
 from llm_jax.parallel.distributed import initialize, is_multiprocess, resolve_placement
 from llm_jax.paths import enable_compile_cache
+from llm_jax.scaling.launchers import submit_runs
+from llm_jax.scaling.sweep import LAUNCHERS, run_sweep
 from llm_jax.train.bench import bench
 from llm_jax.train.import_hf import import_hf
 from llm_jax.train.run import describe_eval, print_sample, train
@@ -31,6 +34,7 @@ USAGE_EXAMPLES = """examples:
   llm-jax bench gpt_small train.batch_size=8
   llm-jax import-hf path/to/hf_gpt2 runs/gpt2   # a Hugging Face checkpoint as a run
   llm-jax export-hf runs/try out/hf_try         # a run as a Hugging Face checkpoint
+  llm-jax sweep isoflop_tiny --dir sweeps/tiny  # an IsoFLOP grid, its fits, plots and report
   llm-jax keys                                 # every config key with its default
 """
 
@@ -76,6 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export-hf", help="write a run's newest checkpoint as a Hugging Face directory")
     e.add_argument("run_dir")
     e.add_argument("out_dir", help="new or empty directory")
+
+    w = sub.add_parser("sweep", help="run an IsoFLOP sweep (model sizes x compute budgets) and fit scaling laws")
+    w.add_argument("spec", help="sweep preset name (llm_jax/sweeps/NAME.yaml) or a YAML path")
+    w.add_argument("--dir", required=True, help="the sweep's directory: runs, results.csv, plots, report.md")
+    w.add_argument("--parallel", type=int, default=1, metavar="N", help="local runs at once (default 1)")
+    w.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                   help="run here, or submit one job per run to a cluster (docs/scaling.md)")
+    w.add_argument("--collect", action="store_true",
+                   help="start nothing: gather the finished runs into results.csv, fit and report")
 
     sub.add_parser("keys", help="list every config key, its default and meaning")
     return p
@@ -144,6 +157,12 @@ def _cmd_export_hf(args) -> None:
     print(f"exported {args.run_dir} as {kind} to {args.out_dir}")
 
 
+def _cmd_sweep(args) -> int:
+
+    return run_sweep(args.spec, Path(args.dir), args.parallel, args.launcher, args.collect,
+                     submit=lambda runs, sweep_dir: submit_runs(args.launcher, runs, sweep_dir))
+
+
 def _cmd_keys(_args) -> None:
 
     for key, default, doc in key_docs():
@@ -151,14 +170,14 @@ def _cmd_keys(_args) -> None:
 
 
 COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "generate": _cmd_generate, "import-hf": _cmd_import_hf,
-            "export-hf": _cmd_export_hf, "keys": _cmd_keys}
+            "export-hf": _cmd_export_hf, "sweep": _cmd_sweep, "keys": _cmd_keys}
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         _quiet_libraries()
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return _exit_code(2)
@@ -170,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         traceback.print_exc()
         return _exit_code(1)
-    return 0
+    return code or 0
 
 
 def _in_multiprocess_run() -> bool:

@@ -1,0 +1,1 @@
+"""Scaling laws: sweeps over model sizes and compute budgets, and the fits of L(N, D)."""

@@ -1,0 +1,5 @@
+"""Placeholder: cluster launchers."""
+
+
+def submit_runs(launcher, runs, sweep_dir):
+    raise NotImplementedError

@@ -37,7 +37,8 @@ def _run_one(run: PlannedRun, log_dir: Path) -> Outcome:
     return Outcome(run, code, time.monotonic() - start, log)
 
 
-def run_locally(runs: list[PlannedRun], log_dir: Path, parallel: int, report: Callable[[Outcome], None]) -> list[Outcome]:
+def run_locally(runs: list[PlannedRun], log_dir: Path, parallel: int,
+                report: Callable[[Outcome], None]) -> list[Outcome]:
     """Run every run (at most `parallel` at once); `report` hears of each as it ends."""
     log_dir.mkdir(parents=True, exist_ok=True)
     outcomes = []

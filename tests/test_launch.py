@@ -13,7 +13,6 @@ FUSE mount of the bucket, which must be mounted before training starts.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import posixpath
@@ -27,10 +26,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-LAUNCH = ROOT / "launch"
-BASH = shutil.which("bash") or "/bin/bash"
+from launch_stubs import (
+    BASH,
+    LAUNCH,
+    OPERATOR_CHARS,
+    ROOT,
+    flag,
+    make_stub_bin,
+    run_launcher,
+    shell_words,
+    train_args,
+)
 
 SCRIPTS = sorted([*LAUNCH.rglob("*.sh"), *LAUNCH.rglob("*.sbatch")])
 MANIFESTS = sorted(LAUNCH.rglob("*.yaml"))
@@ -54,7 +60,7 @@ def _rel(path: Path) -> str:
 
 def test_launchers_exist():
     names = {_rel(p) for p in SCRIPTS + MANIFESTS}
-    assert {"tpu_vm.sh", "tpu_queued.sh", "tpu_multislice.sh", "slurm/train.sbatch",
+    assert {"tpu_vm.sh", "tpu_queued.sh", "tpu_multislice.sh", "slurm/train.sbatch", "slurm/sweep.sbatch",
             "gke/jobset-tpu.yaml", "gke/jobset-gpu.yaml"} <= names
 
 
@@ -123,78 +129,12 @@ def test_every_launcher_is_documented():
 
 # --- running the scripts against stubs ------------------------------------------------------
 
-# Each stub appends one JSON line per call: its name, argv, working directory and the JAX and
-# llm-jax environment it saw. It also keeps a copy of any tarball it is handed (setup's scp),
-# because the script deletes its own copy afterwards.
-_STUB = """#!{python}
-import json, os, shutil, sys
-log = os.environ["STUB_LOG"]
-record = {{"tool": os.path.basename(sys.argv[0]), "argv": sys.argv[1:], "cwd": os.getcwd(),
-          "env": {{k: v for k, v in os.environ.items() if k.startswith(("JAX_", "LLM_JAX_"))}}}}
-for arg in sys.argv[1:]:
-    if arg.endswith(".tar.gz") and os.path.isfile(arg):
-        record["tarball"] = shutil.copy(arg, log + ".tar.gz")
-with open(log, "a") as f:
-    f.write(json.dumps(record) + "\\n")
-sys.exit(int(os.environ.get("STUB_EXIT", "0")))
-"""
-# Every cloud or cluster command a launcher might call; none of the real ones may run.
-_STUBBED = ("gcloud", "srun", "sbatch", "scontrol", "kubectl", "nvidia-smi")
+# The stubs and the argv parsers live in launch_stubs.py, shared with test_sweep_launch.py.
 
 
 @pytest.fixture(scope="module")
 def stub_bin(tmp_path_factory):
-    bin_dir = tmp_path_factory.mktemp("stub_bin")
-    for name in _STUBBED:
-        path = bin_dir / name
-        path.write_text(_STUB.format(python=sys.executable))
-        path.chmod(0o755)
-    return bin_dir
-
-
-def run_launcher(stub_bin, tmp_path, rel, args=(), env=None, stub_exit=0):
-    """Run launch/REL with the stubs first on PATH; return (process, recorded calls)."""
-    log = tmp_path / f"calls-{len(list(tmp_path.glob('calls-*')))}.jsonl"
-    full_env = {
-        "PATH": f"{stub_bin}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
-        "HOME": str(tmp_path),  # nothing from the user's own gcloud or shell setup
-        "STUB_LOG": str(log),
-        "STUB_EXIT": str(stub_exit),
-        **(env or {}),
-    }
-    proc = subprocess.run([BASH, str(LAUNCH / rel), *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=60)
-    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    return proc, calls
-
-
-# Shell tokens that end a command's arguments: redirections, pipes, `&`, `;`.
-_OPERATOR_CHARS = set(";&|<>()")
-
-
-def shell_words(command: str) -> list[str]:
-    """Split a shell command line like bash does: quotes and escapes honoured, operators apart."""
-    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
-    lexer.whitespace_split = True
-    return list(lexer)
-
-
-def train_args(argv: list[str]) -> list[str] | None:
-    """CONFIG and overrides after `llm-jax train` in an argv, or in a shell command inside it
-    (gcloud's --command=..., a container's `bash -c ...`); None if there is no such command."""
-    for i, token in enumerate(argv):
-        if Path(token).name == "llm-jax" and argv[i + 1 : i + 2] == ["train"]:
-            args = []
-            for word in argv[i + 2 :]:
-                if word and set(word) <= _OPERATOR_CHARS:
-                    break
-                args.append(word)
-            return args
-        if "llm-jax train" in token and token != "llm-jax train":
-            found = train_args(shell_words(token.split("=", 1)[1] if token.startswith("--") else token))
-            if found is not None:
-                return found
-    return None
+    return make_stub_bin(tmp_path_factory.mktemp("stub_bin"))
 
 
 def training_call(calls: list[dict]) -> tuple[dict, list[str]]:
@@ -257,13 +197,6 @@ def tpu_chips(accelerator_type: str) -> int:
     return int(count) if family in ("v5litepod", "v5e", "v6e") else int(count) // 2
 
 
-def flag(argv: list[str], name: str, default: str | None = None) -> str | None:
-    for token in argv:
-        if token.startswith(f"--{name}="):
-            return token.split("=", 1)[1]
-    return default
-
-
 def run_dir_arg(train: list[str]) -> str:
     """The run.dir a `llm-jax train` argument list ends up with (a later override wins)."""
     values = [a.split("=", 1)[1] for a in train if a.startswith("run.dir=")]
@@ -298,7 +231,7 @@ def gcsfuse_mounts(command: str) -> list[tuple[int, list[str], list[str]]]:
     for i in command_positions(words, "gcsfuse"):
         args = []
         for w in words[i + 1 :]:
-            if w and set(w) <= _OPERATOR_CHARS:
+            if w and set(w) <= OPERATOR_CHARS:
                 break
             args.append(w)
         mounts.append((i, [a for a in args if a.startswith("-")], [a for a in args if not a.startswith("-")]))
@@ -619,7 +552,8 @@ def test_gke_gpu_jobset_names_its_process_group():
 
 def test_every_training_script_is_exercised():
     """A new launcher that runs `llm-jax train` must get a case above, not slip through."""
-    covered = {s for s, _, _ in TPU_CASES} | {"slurm/train.sbatch"}
+    # slurm/sweep.sbatch runs the sweep's job arrays; tests/test_sweep_launch.py checks its commands.
+    covered = {s for s, _, _ in TPU_CASES} | {"slurm/train.sbatch", "slurm/sweep.sbatch"}
     runnable = {_rel(p) for p in SCRIPTS
                 if p.read_text().startswith("#!") and "llm-jax train" in p.read_text()}
     assert runnable <= covered, f"no train-command check for {sorted(runnable - covered)}"

@@ -80,6 +80,9 @@ def test_short_pairs_are_left_out(tmp_path):
     plan = plan_sweep(load_spec(str(write_spec(tmp_path, budgets=[1.5e9, 1e10], min_steps=50))), tmp_path)
     assert [r.name for r in plan.runs] == ["gpt_C1.5e9_d16_L1", "gpt_C1e10_d16_L1", "gpt_C1e10_d32_L2"]
     assert len(plan.left_out) == 1 and plan.left_out[0].startswith("gpt_C1.5e9_d32_L2")
+    plan = plan_sweep(load_spec(str(write_spec(tmp_path, max_steps=600))), tmp_path)
+    assert [r.name for r in plan.runs] == ["gpt_C3e9_d16_L1", "gpt_C3e9_d32_L2", "gpt_C1e10_d32_L2"]
+    assert plan.left_out == ["gpt_C1e10_d16_L1: 653 steps > max_steps=600"]
 
 
 def test_arch_axis_shares_one_spec(tmp_path):

@@ -150,6 +150,9 @@ def plan_sweep(spec: SweepSpec, sweep_dir: Path) -> SweepPlan:
                 if steps < spec.min_steps:
                     left_out.append(f"{label}: {steps} steps < min_steps={spec.min_steps}")
                     continue
+                if spec.max_steps is not None and steps > spec.max_steps:
+                    left_out.append(f"{label}: {steps} steps > max_steps={spec.max_steps}")
+                    continue
                 warmup = min(math.ceil(params / tokens_per_step), int(spec.warmup_max_fraction * steps))
                 run_dir = sweep_dir / "runs" / label
                 overrides = (f"run.dir={run_dir}", *RUN_DEFAULTS, *spec.overrides, *arch_args, *shape_args,

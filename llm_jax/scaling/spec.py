@@ -71,6 +71,9 @@ class SweepSpec(_Strict):
     al. 2024), capped at this fraction of the run's steps."""
     min_steps: int = pydantic.Field(20, ge=1)
     """A (budget, size) pair whose run would be shorter than this is left out of the grid."""
+    max_steps: int | None = pydantic.Field(None, ge=1)
+    """A (budget, size) pair whose run would be longer than this is left out: a model far below
+    the budget's optimum, whose many short steps would cost the most time on a host."""
 
     @model_validator(mode="after")
     def _check(self) -> SweepSpec:

@@ -73,7 +73,7 @@ def run_sweep(spec_name: str, sweep_dir: Path, parallel: int = 1, launcher: str 
         f"({len(spec.budgets)} budgets x {len({r.shape['d_model'] for r in plan.runs})} sizes"
         f" x {len({r.arch for r in plan.runs})} archs)")
     for note in plan.left_out:
-        say(f"  left out (too few steps) {note}")
+        say(f"  left out: {note}")
     done = [r for r in plan.runs if final_eval(r) is not None]
     todo = [r for r in plan.runs if final_eval(r) is None]
     if done:

@@ -81,7 +81,7 @@ def main() -> int:
         print(f"{name}: {params:,} non-embedding parameters; mean loss by position: "
               + ", ".join(f"{k}: {v:.3f}" for k, v in binned.items()), flush=True)
 
-    import matplotlib  # plotting only: matplotlib is a dev extra
+    import matplotlib  # plotting only: imported where used, it is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -85,7 +85,7 @@ def decode_step_ms(cfg, mdef, params, position: int, repeats: int) -> float:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib  # plotting only: matplotlib is a dev extra
+    import matplotlib  # plotting only: imported where used, it is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

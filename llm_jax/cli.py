@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -21,7 +22,10 @@ from llm_jax.interop.pretrained import export_hf
 from llm_jax.parallel.cpu_devices import split_cpu_host
 from llm_jax.parallel.distributed import initialize, is_multiprocess, resolve_placement
 from llm_jax.paths import enable_compile_cache
+from llm_jax.scaling.fit import fit_all, format_fit, read_results, select_arch
 from llm_jax.scaling.launchers import submit_runs
+from llm_jax.scaling.plots import write_plots
+from llm_jax.scaling.report import write_report
 from llm_jax.scaling.sweep import LAUNCHERS, run_sweep
 from llm_jax.train.bench import bench
 from llm_jax.train.import_hf import import_hf
@@ -36,6 +40,7 @@ USAGE_EXAMPLES = """examples:
   llm-jax export-hf runs/try out/hf_try         # a run as a Hugging Face checkpoint
   llm-jax sweep isoflop_tiny --dir sweeps/tiny  # an IsoFLOP grid, its fits, plots and report
   llm-jax keys                                 # every config key with its default
+  llm-jax fit results.csv --budget 1e21        # scaling laws of a sweep (--plots DIR: figures)
 """
 
 
@@ -91,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="start nothing: gather the finished runs into results.csv, fit and report")
 
     sub.add_parser("keys", help="list every config key, its default and meaning")
+
+    f = sub.add_parser("fit", help="fit scaling laws (Chinchilla approaches 2 and 3, Kaplan) to a sweep's results")
+    f.add_argument("results", help="CSV with the columns params, tokens, loss (optional: name, arch, flops, ...)")
+    f.add_argument("--budget", type=float, metavar="C",
+                   help="also print the compute-optimal N, D and loss for C training FLOPs, e.g. 1e21")
+    f.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    f.add_argument("--plots", metavar="DIR", help="write PNG figures and report.md to DIR (created if missing)")
+    f.add_argument("--arch", help="fit only the runs of this arch (needed when the CSV holds several)")
     return p
 
 
@@ -169,8 +182,26 @@ def _cmd_keys(_args) -> None:
         print(f"{key:<26} {default:<16} {doc}")
 
 
+def _cmd_fit(args) -> None:
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+        raise UserError(f"--budget must be a positive number of FLOPs, e.g. 1e21; got {args.budget}")
+    # Refuse a bad --plots before fitting; create the directory only once the fit has succeeded.
+    if args.plots is not None and Path(args.plots).exists() and not Path(args.plots).is_dir():
+        raise UserError(f"--plots {args.plots} exists and is not a directory")
+    points = select_arch(read_results(args.results), args.arch)
+    result = fit_all(points, args.budget)
+    print(json.dumps(result) if args.json else format_fit(result))
+    if args.plots is None:
+        return
+    plots = write_plots(points, result, args.plots)
+    report = write_report(result, args.plots, plots, title=f"Scaling-law fit of {Path(args.results).name}",
+                          extra_lines=[f"Fitted by `llm-jax fit` from `{args.results}`."])
+    # With --json, stdout stays one JSON object.
+    print(f"wrote {report} and {len(plots)} figures", file=sys.stderr if args.json else sys.stdout)
+
+
 COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "generate": _cmd_generate, "import-hf": _cmd_import_hf,
-            "export-hf": _cmd_export_hf, "sweep": _cmd_sweep, "keys": _cmd_keys}
+            "export-hf": _cmd_export_hf, "sweep": _cmd_sweep, "keys": _cmd_keys, "fit": _cmd_fit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,10 +22,11 @@ from llm_jax.interop.pretrained import export_hf
 from llm_jax.parallel.cpu_devices import split_cpu_host
 from llm_jax.parallel.distributed import initialize, is_multiprocess, resolve_placement
 from llm_jax.paths import enable_compile_cache
-from llm_jax.scaling.fit import fit_all, format_fit, read_results, select_arch
+from llm_jax.scaling.fit import fit_all, format_fit
 from llm_jax.scaling.launchers import submit_runs
 from llm_jax.scaling.plots import write_plots
 from llm_jax.scaling.report import write_report
+from llm_jax.scaling.results import read_results, select_arch
 from llm_jax.scaling.sweep import LAUNCHERS, run_sweep
 from llm_jax.train.bench import bench
 from llm_jax.train.import_hf import import_hf

@@ -12,20 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llm_jax.cli import main
 from llm_jax.errors import UserError
-from llm_jax.scaling.fit import (
-    ParametricLaw,
-    Points,
-    fit_all,
-    fit_approach2,
-    fit_approach3,
-    fit_kaplan,
-    format_fit,
-    read_results,
-    select_arch,
-)
+from llm_jax.scaling.approach3 import ParametricLaw, fit_approach3
+from llm_jax.scaling.fit import fit_all, format_fit
+from llm_jax.scaling.isoflop import fit_approach2
+from llm_jax.scaling.kaplan import fit_kaplan
 from llm_jax.scaling.plots import write_plots
 from llm_jax.scaling.report import write_report
+from llm_jax.scaling.results import Points, read_results, select_arch
 
 HOFFMANN_LAW = ParametricLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 BESIROGLU_LAW = ParametricLaw(E=1.82, A=482.0, B=2085.0, alpha=0.348, beta=0.366)
@@ -292,8 +287,6 @@ def test_a_law_without_optimum_gives_none_not_a_crash(tmp_path):
 
 
 def test_cli_fit(tmp_path, capsys):
-    from llm_jax.cli import main
-
     results = _write_csv(tmp_path / "results.csv", _rows(_realistic_grid(HOFFMANN_LAW, sigma=0.01)))
     out = tmp_path / "out"
     assert main(["fit", str(results), "--json", "--budget", "1e21", "--plots", str(out)]) == 0

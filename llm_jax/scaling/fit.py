@@ -29,6 +29,10 @@ from llm_jax.scaling.results import MIN_POINTS, Points, select_arch
 HOFFMANN = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28, "a": 0.50, "b": 0.50}
 BESIROGLU = {"E": 1.82, "A": 482.0, "B": 2085.0, "alpha": 0.348, "beta": 0.366}
 KAPLAN = {"alpha_N": 0.076, "alpha_D": 0.095, "alpha_C": 0.050, "a": 0.73}
+# What N counts, in words, for each key of PARAM_COUNTS: the summary and the report say it, since
+# the published values beside the fit count differently (Hoffmann all, Kaplan non-embedding).
+PARAMS_COUNTED = {"total": "all parameters (as Hoffmann et al.)",
+                  "nonembed": "non-embedding parameters (as Kaplan et al.)"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,7 +47,8 @@ def fit_all(points: Points, budget: float | None = None, arch: str | None = None
     and b3 = alpha/(alpha+beta); approach 2's a and b (N_opt ~ C^a, D_opt ~ C^b) with their
     offsets (ln N_opt = a ln C + a_offset); each with `_se`. `a` and `b` always come from approach 2 and
     are None when it cannot run (the notes say why); a3 and b3 are always there, so the two
-    estimates are never confused. Also `kaplan`, `points`, `budgets` (per IsoFLOP budget), `notes`,
+    estimates are never confused. Also `kaplan`, `points`, `params_counted` (the points'
+    parameter count, "total" or "nonembed"), `budgets` (per IsoFLOP budget), `notes`,
     and with `budget`: approach 3's N_opt, D_opt, tokens_per_param and loss_opt at that C.
     Unavailable or non-finite numbers are None."""
     if budget is not None and not (math.isfinite(budget) and budget > 0):
@@ -57,7 +62,8 @@ def fit_all(points: Points, budget: float | None = None, arch: str | None = None
     second = fit_approach2(points, resamples, seed)
     kaplan, kaplan_notes = fit_kaplan(points)
     result: dict[str, Any] = {"points": len(points), "arch": points.archs[0] or None,
-                              "huber_delta": HUBER_DELTA, "resamples": third.resamples}
+                              "params_counted": points.params_counted, "huber_delta": HUBER_DELTA,
+                              "resamples": third.resamples}
     result.update(_approach3_entries(third))
     result.update({key: second[key] for key in ("a", "a_se", "a_offset", "b", "b_se", "b_offset")})
     result.update({"kaplan": kaplan, "budgets": second["budgets"],
@@ -123,7 +129,7 @@ def _with_se(result: dict, key: str, digits: int = 4) -> str:
 def format_fit(result: dict) -> str:
     """A readable summary of fit_all's result, with published values beside the fitted ones."""
     arch = f" (arch {result['arch']})" if result.get("arch") else ""
-    lines = [f"scaling-law fit of {result['points']} runs{arch}",
+    lines = [f"scaling-law fit of {result['points']} runs{arch}; N counts {PARAMS_COUNTED[result['params_counted']]}",
              "", f"approach 3: L = E + A/N^alpha + B/D^beta (Huber delta {result['huber_delta']:g}, "
              f"SE by {result['resamples']} bootstrap resamples)",
              f"  {'':<6} {'fit ± SE':<24} {'Hoffmann':>9} {'Besiroglu':>10}"]

@@ -22,10 +22,11 @@ from llm_jax.interop.pretrained import export_hf
 from llm_jax.parallel.cpu_devices import split_cpu_host
 from llm_jax.parallel.distributed import initialize, is_multiprocess, resolve_placement
 from llm_jax.paths import enable_compile_cache
-from llm_jax.scaling.fit import fit_all, format_fit, read_results, select_arch
+from llm_jax.scaling.fit import fit_all, format_fit
 from llm_jax.scaling.launchers import submit_runs
 from llm_jax.scaling.plots import write_plots
 from llm_jax.scaling.report import write_report
+from llm_jax.scaling.results import PARAM_COUNTS, read_results, select_arch
 from llm_jax.scaling.sweep import LAUNCHERS, run_sweep
 from llm_jax.train.bench import bench
 from llm_jax.train.import_hf import import_hf
@@ -104,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     f.add_argument("--plots", metavar="DIR", help="write PNG figures and report.md to DIR (created if missing)")
     f.add_argument("--arch", help="fit only the runs of this arch (needed when the CSV holds several)")
+    f.add_argument("--params", choices=tuple(PARAM_COUNTS), default="total",
+                   help="N counts all parameters (column params, as Hoffmann et al.; the default) or the "
+                        "non-embedding ones (column params_nonembed, as Kaplan et al.)")
     return p
 
 
@@ -188,7 +192,7 @@ def _cmd_fit(args) -> None:
     # Refuse a bad --plots before fitting; create the directory only once the fit has succeeded.
     if args.plots is not None and Path(args.plots).exists() and not Path(args.plots).is_dir():
         raise UserError(f"--plots {args.plots} exists and is not a directory")
-    points = select_arch(read_results(args.results), args.arch)
+    points = select_arch(read_results(args.results, PARAM_COUNTS[args.params]), args.arch)
     result = fit_all(points, args.budget)
     print(json.dumps(result) if args.json else format_fit(result))
     if args.plots is None:

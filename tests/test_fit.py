@@ -12,20 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llm_jax.cli import main
 from llm_jax.errors import UserError
-from llm_jax.scaling.fit import (
-    ParametricLaw,
-    Points,
-    fit_all,
-    fit_approach2,
-    fit_approach3,
-    fit_kaplan,
-    format_fit,
-    read_results,
-    select_arch,
-)
+from llm_jax.scaling.approach3 import ParametricLaw, fit_approach3
+from llm_jax.scaling.fit import fit_all, format_fit
+from llm_jax.scaling.isoflop import fit_approach2
+from llm_jax.scaling.kaplan import fit_kaplan
 from llm_jax.scaling.plots import write_plots
 from llm_jax.scaling.report import write_report
+from llm_jax.scaling.results import Points, read_results, select_arch
 
 HOFFMANN_LAW = ParametricLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 BESIROGLU_LAW = ParametricLaw(E=1.82, A=482.0, B=2085.0, alpha=0.348, beta=0.366)
@@ -135,6 +130,7 @@ def test_fit_all_reports_the_optimum_of_its_own_law():
     json.dumps(result, allow_nan=False)  # None, never NaN
     text = format_fit(result)
     assert "0.34" in text and "0.73" in text and f"{result['alpha']:.4g}" in text
+    assert result["params_counted"] == "total" and "N counts all parameters" in text
 
 
 # --- approach 2 ------------------------------------------------------------------------------
@@ -233,6 +229,34 @@ def test_read_results_errors_name_the_problem(tmp_path):
         read_results(tmp_path / "empty.csv")
 
 
+def test_read_results_counts_total_or_nonembed_params(tmp_path):
+    """N comes from params or params_nonembed; a missing flops is 6 N D with that N."""
+    total, nonembed = [1e6, 2e6, 4e6, 8e6, 1.6e7], [4e5, 1.4e6, 3.4e6, 7.4e6, 1.54e7]
+    tokens = [2e7, 4e7, 8e7, 1.6e8, 3.2e8]
+    rows = [{"name": f"r{i}", "params": f"{n:g}", "params_nonembed": f"{m:g}", "tokens": f"{d:g}", "loss": "3.0",
+             "flops": "1e15" if i == 0 else ""} for i, (n, m, d) in enumerate(zip(total, nonembed, tokens))]
+    path = _write_csv(tmp_path / "results.csv", rows)
+    by_total, by_nonembed = read_results(path), read_results(path, "params_nonembed")
+    assert by_total.N.tolist() == total and by_nonembed.N.tolist() == nonembed
+    assert by_total.D.tolist() == by_nonembed.D.tolist() == tokens
+    assert by_total.C[0] == by_nonembed.C[0] == 1e15  # a recorded flops stays whatever N counts
+    assert by_total.C[1:].tolist() == [6.0 * n * d for n, d in zip(total[1:], tokens[1:])]
+    assert by_nonembed.C[1:].tolist() == [6.0 * n * d for n, d in zip(nonembed[1:], tokens[1:])]
+    assert (by_total.params_counted, by_nonembed.params_counted) == ("total", "nonembed")
+    assert select_arch(by_nonembed, "").params_counted == "nonembed"
+
+
+def test_read_results_nonembed_needs_its_column(tmp_path):
+    rows = _rows(_realistic_grid(HOFFMANN_LAW, sigma=0.0))
+    old = _write_csv(tmp_path / "old.csv", rows, ["name", "params", "tokens", "loss"])
+    with pytest.raises(UserError, match=r"lacks the required column\(s\) params_nonembed \(has: loss, name, params, "):
+        read_results(old, "params_nonembed")
+    with pytest.raises(UserError, match=r"row 2: column 'params_nonembed' is empty"):
+        read_results(_write_csv(tmp_path / "blank.csv", rows), "params_nonembed")
+    with pytest.raises(ValueError, match="params_column must be one of params, params_nonembed"):
+        read_results(old, "nonembed")
+
+
 def test_several_archs_need_a_choice():
     points = _realistic_grid(HOFFMANN_LAW, sigma=0.0)
     mixed = Points(points.N, points.D, points.L, points.C, points.names,
@@ -292,8 +316,6 @@ def test_a_law_without_optimum_gives_none_not_a_crash(tmp_path):
 
 
 def test_cli_fit(tmp_path, capsys):
-    from llm_jax.cli import main
-
     results = _write_csv(tmp_path / "results.csv", _rows(_realistic_grid(HOFFMANN_LAW, sigma=0.01)))
     out = tmp_path / "out"
     assert main(["fit", str(results), "--json", "--budget", "1e21", "--plots", str(out)]) == 0
@@ -302,6 +324,7 @@ def test_cli_fit(tmp_path, capsys):
     for key in ("E", "A", "B", "alpha", "beta", "a", "b"):
         assert isinstance(result[key], float) and isinstance(result[f"{key}_se"], float), key
     assert result["points"] == 35 and result["budget"] == 1e21 and "kaplan" in result
+    assert result["params_counted"] == "total"
     assert "report.md" in captured.err
     assert (out / "report.md").is_file() and len(list(out.glob("*.png"))) == 4
 
@@ -311,3 +334,31 @@ def test_cli_fit(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
     assert main(["fit", str(tmp_path / "nope.csv")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_fit_params_counts_nonembed(tmp_path, capsys):
+    """--params nonembed takes N from params_nonembed, here exactly half of params with the flops
+    recorded: every budget's N_opt halves, D_opt and the exponents stay."""
+    points = _realistic_grid(HOFFMANN_LAW, sigma=0.01)
+    rows = [dict(row, params_nonembed=f"{n / 2:.17g}", flops=f"{c:.17g}")
+            for row, n, c in zip(_rows(points), points.N, points.C)]
+    results = _write_csv(tmp_path / "results.csv", rows)
+    fits = {}
+    for count in ("total", "nonembed"):
+        assert main(["fit", str(results), "--json", "--params", count]) == 0
+        fits[count] = json.loads(capsys.readouterr().out)
+    total, nonembed = fits["total"], fits["nonembed"]
+    assert (total["params_counted"], nonembed["params_counted"]) == ("total", "nonembed")
+    assert all(entry["N_opt"] is not None for entry in total["budgets"])
+    for mine, theirs in zip(nonembed["budgets"], total["budgets"], strict=True):
+        assert mine["N_opt"] == pytest.approx(theirs["N_opt"] / 2, rel=1e-9)
+        assert mine["D_opt"] == pytest.approx(theirs["D_opt"], rel=1e-9)
+    assert nonembed["alpha"] == pytest.approx(total["alpha"], rel=1e-6)
+    assert "N counts non-embedding parameters" in format_fit(nonembed)
+    assert "N counts non-embedding parameters" in write_report(nonembed, tmp_path, [], "t").read_text(encoding="utf-8")
+
+    assert main(["fit", str(results), "--params", "embed"]) == 2
+    assert "invalid choice: 'embed'" in capsys.readouterr().err
+    old = _write_csv(tmp_path / "old.csv", rows, ["name", "params", "tokens", "loss"])
+    assert main(["fit", str(old), "--params", "nonembed"]) == 2
+    assert "lacks the required column(s) params_nonembed" in capsys.readouterr().err

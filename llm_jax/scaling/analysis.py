@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from llm_jax.errors import UserError
-from llm_jax.scaling.fit import MIN_POINTS, Points, fit_all, format_fit, read_results, select_arch
+from llm_jax.scaling.fit import fit_all, format_fit
 from llm_jax.scaling.plots import write_comparison_plot, write_plots
 from llm_jax.scaling.report import write_report
-from llm_jax.scaling.results import RESULTS_FILE
+from llm_jax.scaling.results import MIN_POINTS, RESULTS_FILE, Points, read_results, select_arch
 
 # Columns of the comparison table in a several-arch report: (JSON key, heading).
 COMPARED = (("points", "runs"), ("a", "a (N_opt ~ C^a)"), ("b", "b (D_opt ~ C^b)"), ("alpha", "alpha"),

@@ -9,7 +9,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from llm_jax.scaling.fit import BUDGET_TOLERANCE, ParametricLaw, Points, frontier, group_by_budget
+from llm_jax.scaling.approach3 import ParametricLaw
+from llm_jax.scaling.isoflop import BUDGET_TOLERANCE, group_by_budget
+from llm_jax.scaling.kaplan import frontier
+from llm_jax.scaling.results import Points
 
 FIGURE_SIZE = (6.4, 4.8)
 DPI = 100

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from llm_jax.scaling.fit import BESIROGLU, HOFFMANN, KAPLAN, format_number
+from llm_jax.scaling.fit import BESIROGLU, HOFFMANN, KAPLAN, PARAMS_COUNTED, format_number
 
 # Exponents of the compute-optimal allocation that the published approach-3 fits imply.
 HOFFMANN_A3 = HOFFMANN["beta"] / (HOFFMANN["alpha"] + HOFFMANN["beta"])
@@ -39,8 +39,8 @@ def _header(*names: str) -> list[str]:
 
 def _summary(result: dict) -> str:
     arch = f" of arch `{result['arch']}`" if result.get("arch") else ""
-    return (f"{result['points']} finished runs{arch}. Standard errors (SE) of approach 3 are the spread of "
-            f"{result['resamples']} bootstrap refits.")
+    return (f"{result['points']} finished runs{arch}; N counts {PARAMS_COUNTED[result['params_counted']]}. "
+            f"Standard errors (SE) of approach 3 are the spread of {result['resamples']} bootstrap refits.")
 
 
 def _approach3(result: dict) -> list[str]:

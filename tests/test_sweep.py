@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from runs import cli_subprocess
 
 from llm_jax.cli import main
 from llm_jax.config import load_config
@@ -21,7 +22,6 @@ from llm_jax.scaling import local, sweep
 from llm_jax.scaling.plan import RUN_DEFAULTS, budget_label, plan_sweep
 from llm_jax.scaling.results import RESULT_COLUMNS
 from llm_jax.scaling.spec import SweepSpec, load_spec
-from tests.runs import cli_subprocess
 
 
 def write_spec(tmp_path: Path, **fields) -> Path:

@@ -20,7 +20,7 @@ from llm_jax.scaling.isoflop import fit_approach2
 from llm_jax.scaling.kaplan import fit_kaplan
 from llm_jax.scaling.plots import write_plots
 from llm_jax.scaling.report import write_report
-from llm_jax.scaling.results import Points, read_results, select_arch
+from llm_jax.scaling.results import Points, group_by_budget, read_results, select_arch
 
 HOFFMANN_LAW = ParametricLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 BESIROGLU_LAW = ParametricLaw(E=1.82, A=482.0, B=2085.0, alpha=0.348, beta=0.366)
@@ -148,6 +148,17 @@ def test_approach2_exponents_on_a_noise_free_isoflop_grid(law):
     assert result["a_se"] is not None and result["a_se"] < 0.01
 
 
+def test_approach2_parabola_follows_the_minimum_on_a_skewed_grid(law=HOFFMANN_LAW):
+    """Sizes from half to 1000 times the optimum: the profile climbs slowly on the large side, so a
+    parabola through all nine sizes puts its vertex ~1.6x too high; through the best size and two
+    neighbours each side it lands within 2%."""
+    N = np.concatenate([law.compute_optimal(c)[0] * np.geomspace(0.5, 1000.0, 9) for c in BUDGETS])
+    C = np.repeat(BUDGETS, 9)
+    result = fit_approach2(_points(N, C / (6.0 * N), law.loss(N, C / (6.0 * N)), C), resamples=0)
+    for entry in result["budgets"]:
+        assert entry["N_opt"] == pytest.approx(law.compute_optimal(entry["C"])[0], rel=0.02)
+
+
 def test_approach2_skips_budgets_without_a_minimum_and_says_why():
     """A budget sampled only on the small-model side has its minimum outside the sizes."""
     law = HOFFMANN_LAW
@@ -182,7 +193,8 @@ def test_kaplan_recovers_a_pure_power_law(variable):
     kaplan, notes = fit_kaplan(_points(N, D, (scale / x) ** alpha))
     assert kaplan[f"alpha_{variable}"] == pytest.approx(alpha, rel=1e-9)
     assert kaplan[f"{variable}_c"] == pytest.approx(scale, rel=1e-6)
-    assert len(kaplan[f"frontier_{variable}"]) == 20  # a falling law: every run is on its frontier
+    # A falling law: every run is on its frontier (on the C frontier, every budget's best run).
+    assert len(kaplan[f"frontier_{variable}"]) == (len(group_by_budget(C)) if variable == "C" else 20)
     assert not any(note.startswith(f"Kaplan L({variable})") for note in notes)
 
 
@@ -190,6 +202,16 @@ def test_kaplan_frontier_leaves_out_beaten_runs():
     # run2 is bigger than run1 but worse: not on the N frontier.
     kaplan, _ = fit_kaplan(_points([1e7, 2e7, 4e7, 8e7], [1e9] * 4, [3.0, 2.8, 2.9, 2.5]))
     assert kaplan["frontier_N"] == ["run0", "run1", "run3"]
+
+
+def test_kaplan_compute_frontier_keeps_one_run_per_budget():
+    """Runs planned for one budget differ in C by a fraction of a percent; only each budget's best
+    run may stand on the C frontier, however the others' C falls."""
+    C = [1.003e12, 1.001e12, 0.998e12, 3.004e12, 2.997e12, 3.001e12]
+    L = [2.0, 2.4, 2.9, 1.8, 2.2, 1.6]  # ascending C inside a budget with falling loss: 2.9, 2.4, 2.0
+    N = np.full(6, 1e5)
+    kaplan, _ = fit_kaplan(_points(N, np.asarray(C) / (6.0 * N), L, C))
+    assert kaplan["frontier_C"] == ["run0", "run5"]
 
 
 # --- reading the table -----------------------------------------------------------------------

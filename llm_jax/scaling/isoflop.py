@@ -14,24 +14,14 @@ from typing import Any
 import numpy as np
 
 from llm_jax.scaling.numerics import DEFAULT_RESAMPLES, DEFAULT_SEED, exp_or_none, finite_or_none, one_blas_thread
-from llm_jax.scaling.results import Points
+from llm_jax.scaling.results import Points, group_by_budget
 
-# Points whose compute agrees within this relative difference form one IsoFLOP budget.
-BUDGET_TOLERANCE = 0.05
 MIN_SIZES_PER_BUDGET = 3
-
-
-def group_by_budget(C: np.ndarray) -> list[np.ndarray]:
-    """Indices of the points of each compute budget, smallest budget first: sorted by C, a point
-    joins the current group while its C is within BUDGET_TOLERANCE of the group's smallest."""
-    order = np.argsort(C, kind="stable")
-    groups: list[list[int]] = []
-    for index in order:
-        if groups and C[index] <= C[groups[-1][0]] * (1.0 + BUDGET_TOLERANCE):
-            groups[-1].append(int(index))
-        else:
-            groups.append([int(index)])
-    return [np.array(group) for group in groups]
+# The parabola at a budget is fitted to the size with the least loss and at most this many sizes
+# on each side of it. Over a wide grid the profile is not symmetric in ln N (it climbs steeply on the large side,
+# where D becomes small), and a parabola through every size puts its vertex off the real minimum,
+# often outside the grid; near the minimum a parabola is a good local model.
+PARABOLA_NEIGHBOURS = 2
 
 
 @dataclass(frozen=True)
@@ -44,7 +34,18 @@ class _Vertex:
     problem: str | None
 
 
+def near_minimum(x: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The points whose size lies within PARABOLA_NEIGHBOURS distinct sizes (in rank) of the size with
+    the least loss: fewer at the grid's edges, where the vertex then tends to fall outside."""
+    sizes = np.unique(x)
+    best = int(np.searchsorted(sizes, x[np.argmin(loss)]))
+    low, high = max(0, best - PARABOLA_NEIGHBOURS), min(len(sizes) - 1, best + PARABOLA_NEIGHBOURS)
+    keep = (x >= sizes[low]) & (x <= sizes[high])
+    return x[keep], loss[keep]
+
+
 def _parabola_vertex(x: np.ndarray, loss: np.ndarray) -> _Vertex:
+    x, loss = near_minimum(x, loss)
     c2, c1, c0 = (float(c) for c in np.polyfit(x, loss, 2))
     if not c2 > 0:
         return _Vertex((c2, c1, c0), None, None, "the parabola opens downward")
@@ -94,7 +95,8 @@ def _slope_or_none(log_c: list[float], log_opt: list[float | None]) -> float | N
 @one_blas_thread
 def fit_approach2(points: Points, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> dict:
     """IsoFLOP profiles: per budget (>= 3 distinct sizes) the vertices of parabolas of loss in
-    ln N and in ln D, then N_opt ~ C^a and D_opt ~ C^b by least squares over the budgets.
+    ln N and in ln D over the sizes within PARABOLA_NEIGHBOURS of the best run, then N_opt ~ C^a
+    and D_opt ~ C^b by least squares over the budgets.
 
     Standard errors of a and b: bootstrap, resampling the points within each budget with replacement
     (fixed seed) and redoing both steps; where fewer than half the resamples give a slope (too few

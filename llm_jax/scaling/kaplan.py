@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from llm_jax.scaling.numerics import exp_or_none, one_blas_thread
-from llm_jax.scaling.results import Points
+from llm_jax.scaling.results import Points, group_by_budget
 
 
 def frontier(x: np.ndarray, loss: np.ndarray) -> np.ndarray:
@@ -24,6 +24,16 @@ def frontier(x: np.ndarray, loss: np.ndarray) -> np.ndarray:
             on_frontier.append(int(index))
             best_so_far = float(loss[index])
     return np.array(on_frontier, dtype=int)
+
+
+def compute_frontier(points: Points) -> np.ndarray:
+    """Indices (ascending C) of the compute frontier: the best run of each budget (runs whose C
+    agree within BUDGET_TOLERANCE), kept where no smaller budget's best matches or beats it. Taking
+    one run per budget first matters: runs planned for one budget differ in C by a fraction of a
+    percent, and a frontier over raw C would keep every run of a budget that beats its cheaper
+    neighbours, whatever its size."""
+    best = np.array([group[np.argmin(points.L[group])] for group in group_by_budget(points.C)], dtype=int)
+    return best[frontier(points.C[best], points.L[best])]
 
 
 def _power_law(x: np.ndarray, loss: np.ndarray) -> tuple[float, float | None] | None:
@@ -52,7 +62,7 @@ def fit_kaplan(points: Points) -> tuple[dict[str, Any], list[str]]:
     result: dict[str, Any] = {}
     notes = []
     for variable, values in (("N", points.N), ("D", points.D), ("C", points.C)):
-        on_frontier = frontier(values, points.L)
+        on_frontier = compute_frontier(points) if variable == "C" else frontier(values, points.L)
         fitted = _power_law(values[on_frontier], points.L[on_frontier])
         if fitted is None:
             notes.append(f"Kaplan L({variable}) unavailable: {len(on_frontier)} frontier point(s) give no falling law")

@@ -10,9 +10,9 @@ from typing import Any, Callable
 import numpy as np
 
 from llm_jax.scaling.approach3 import ParametricLaw
-from llm_jax.scaling.isoflop import BUDGET_TOLERANCE, group_by_budget
-from llm_jax.scaling.kaplan import frontier
-from llm_jax.scaling.results import Points
+from llm_jax.scaling.isoflop import near_minimum
+from llm_jax.scaling.kaplan import compute_frontier
+from llm_jax.scaling.results import BUDGET_TOLERANCE, Points, group_by_budget
 
 FIGURE_SIZE = (6.4, 4.8)
 DPI = 100
@@ -87,7 +87,8 @@ def _entry_for(group_budget: float, budgets: list[dict]) -> dict | None:
 
 
 def _draw_isoflop(ax: Any, points: Points, result: dict) -> None:
-    """Loss against N per budget, with each budget's parabola in ln N and its minimum."""
+    """Loss against N per budget, with each budget's parabola in ln N (over the sizes it was fitted
+    to) and its minimum."""
     groups = group_by_budget(points.C)
     for group, colour in zip(groups, _budget_colours(len(groups))):
         budget = float(np.exp(np.log(points.C[group]).mean()))
@@ -95,7 +96,8 @@ def _draw_isoflop(ax: Any, points: Points, result: dict) -> None:
         entry = _entry_for(budget, result["budgets"])
         if entry is None:
             continue
-        x = np.linspace(np.log(points.N[group].min()), np.log(points.N[group].max()), 100)
+        fitted, _ = near_minimum(np.log(points.N[group]), points.L[group])  # the sizes the parabola saw
+        x = np.linspace(fitted.min(), fitted.max(), 100)
         ax.plot(np.exp(x), np.polyval(entry["parabola_N"], x), color=colour, linewidth=1)
         if entry["N_opt"] is not None and entry["loss_fit"] is not None:
             ax.scatter([entry["N_opt"]], [entry["loss_fit"]], color=colour, marker="*", s=120, edgecolor="black")
@@ -109,7 +111,7 @@ def _draw_isoflop(ax: Any, points: Points, result: dict) -> None:
 def _draw_compute_frontier(ax: Any, points: Points, result: dict) -> None:
     """Loss against C, the lower envelope with Kaplan's L(C), and approach 3's best loss at each C."""
     ax.scatter(points.C, points.L, color="0.6", s=14, label="runs")
-    on_frontier = frontier(points.C, points.L)
+    on_frontier = compute_frontier(points)
     ax.scatter(points.C[on_frontier], points.L[on_frontier], color="black", s=22, label="frontier")
     C = _compute_range(points)
     kaplan = result["kaplan"]
@@ -192,9 +194,8 @@ def write_comparison_plot(by_arch: dict[str, Points], out_dir: str | Path) -> Pa
     try:
         for colour, (arch, points) in zip(_budget_colours(len(by_arch)), sorted(by_arch.items())):
             ax.scatter(points.C, points.L, s=14, color=colour, alpha=0.5)
-            best = frontier(points.C, points.L)
-            order = np.argsort(points.C[best])
-            ax.plot(points.C[best][order], points.L[best][order], "-o", color=colour, label=f"{arch} frontier")
+            best = compute_frontier(points)
+            ax.plot(points.C[best], points.L[best], "-o", color=colour, label=f"{arch} frontier")
         ax.set_xscale("log")
         ax.set_yscale("log")
         _log_y_plain_labels(ax)

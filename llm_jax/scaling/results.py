@@ -28,6 +28,8 @@ COUNT_OF_COLUMN = {column: count for count, column in PARAM_COUNTS.items()}
 REQUIRED_COLUMNS = ("tokens", "loss")
 # Approach 3 has five free parameters; fewer finished runs cannot pin them down.
 MIN_POINTS = 5
+# Points whose compute agrees within this relative difference form one IsoFLOP budget.
+BUDGET_TOLERANCE = 0.05
 
 
 def final_eval(run: PlannedRun) -> dict | None:
@@ -176,3 +178,16 @@ def select_arch(points: Points, arch: str | None) -> Points:
     if len(chosen) < MIN_POINTS:
         raise UserError(f"arch {arch!r} has {len(chosen)} finished runs; fitting needs at least {MIN_POINTS}")
     return chosen
+
+
+def group_by_budget(C: np.ndarray) -> list[np.ndarray]:
+    """Indices of the points of each compute budget, smallest budget first: sorted by C, a point
+    joins the current group while its C is within BUDGET_TOLERANCE of the group's smallest."""
+    order = np.argsort(C, kind="stable")
+    groups: list[list[int]] = []
+    for index in order:
+        if groups and C[index] <= C[groups[-1][0]] * (1.0 + BUDGET_TOLERANCE):
+            groups[-1].append(int(index))
+        else:
+            groups.append([int(index)])
+    return [np.array(group) for group in groups]

@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="run here, or submit one job per run to a cluster (docs/scaling.md)")
     w.add_argument("--collect", action="store_true",
                    help="start nothing: gather the finished runs into results.csv, fit and report")
+    w.add_argument("--resubmit", action="store_true",
+                   help="also start the unfinished runs an earlier command submitted to a cluster "
+                        "(after their jobs have ended, e.g. failed)")
 
     sub.add_parser("keys", help="list every config key, its default and meaning")
 
@@ -176,8 +179,9 @@ def _cmd_export_hf(args) -> None:
 
 def _cmd_sweep(args) -> int:
 
-    return run_sweep(args.spec, Path(args.dir), args.parallel, args.launcher, args.collect,
-                     submit=lambda runs, sweep_dir: submit_runs(args.launcher, runs, sweep_dir))
+    return run_sweep(args.spec, Path(args.dir), args.parallel, args.launcher, args.collect, resubmit=args.resubmit,
+                     submit=lambda runs, sweep_dir, submitted: submit_runs(args.launcher, runs, sweep_dir,
+                                                                           submitted=submitted))
 
 
 def _cmd_keys(_args) -> None:

@@ -378,10 +378,32 @@ def test_failing_submission(runs, stubs, tmp_path, monkeypatch, launcher):
     monkeypatch.setenv("SWEEP_GKE_TEMPLATE", str(filled_template(tmp_path)))
     monkeypatch.setenv("BUCKET", BUCKET)
     monkeypatch.setenv("STUB_EXIT", "1")
+    submitted = []
     with pytest.raises(UserError, match="failed \\(exit 1\\): .*: error: the stub fails as asked") as exc:
-        submit_runs(launcher, runs, SWEEP_DIR, tmp_path / launcher)
+        submit_runs(launcher, runs, SWEEP_DIR, tmp_path / launcher, submitted=submitted.append)
     assert "\n" not in str(exc.value)
     assert len(stubs.calls()) == 1  # the first submission failed; nothing after it was tried
+    assert submitted == []  # so no run counts as submitted
+
+
+@pytest.mark.parametrize("launcher", ["gke", "tpu"])
+def test_submission_failing_part_way_reports_the_jobs_it_made(runs, stubs, tmp_path, monkeypatch, launcher):
+    monkeypatch.setenv("SWEEP_GKE_TEMPLATE", str(filled_template(tmp_path)))
+    monkeypatch.setenv("BUCKET", BUCKET)
+    monkeypatch.setattr(launchers, "start_detached", lambda *args: 0)  # no TPU chains in the background
+    real_command, commands = launchers.run_command, []
+
+    def third_refused(argv, what, **kwargs):
+        commands.append(argv)
+        if len(commands) == 3:
+            raise UserError(f"{what} failed (exit 1): quota exceeded")
+        return real_command(argv, what, **kwargs)
+
+    monkeypatch.setattr(launchers, "run_command", third_refused)
+    submitted = []
+    with pytest.raises(UserError, match="quota exceeded \\(2 of 6 runs were submitted before it\\)"):
+        submit_runs(launcher, runs, SWEEP_DIR, tmp_path / launcher, submitted=submitted.append)
+    assert submitted == runs[:2]
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -411,3 +433,27 @@ def test_launchers_module_knows_the_launchers():
     assert set(sweep.LAUNCHERS) - {"local"} == {"slurm", "gke", "tpu"}
     with pytest.raises(UserError, match="no cluster launcher"):
         launchers.submit_runs("local", [], SWEEP_DIR)
+
+
+def test_a_later_sweep_leaves_submitted_runs_to_their_jobs(stubs, tmp_path, monkeypatch, capsys):
+    """Submitted runs are recorded; the same command again, on the cluster or here, starts none of
+    them a second time (two jobs would train into one run directory) until --resubmit."""
+    def no_local_runs(*args):
+        raise AssertionError("a run submitted to the cluster was started here")
+
+    monkeypatch.setattr(sweep, "_run_local", no_local_runs)
+    stubs.reply(sbatch="777")
+    sweep_dir = tmp_path / "tiny"
+    command = ["sweep", "isoflop_tiny", "--dir", str(sweep_dir)]
+    assert cli.main([*command, "--launcher", "slurm"]) == 0
+    records = [json.loads(line) for line in (sweep_dir / sweep.SUBMITTED_RECORD).read_text().splitlines()]
+    assert sorted(r["run"] for r in records) == sorted(r.name for r in plan_sweep(load_spec("isoflop_tiny"),
+                                                                                    sweep_dir.resolve()).runs)
+    assert {r["launcher"] for r in records} == {"slurm"}
+    capsys.readouterr()
+    assert cli.main([*command, "--launcher", "slurm"]) == 0
+    assert cli.main(command) == 0
+    assert capsys.readouterr().out.count("6 runs were submitted before") == 2
+    assert len(stubs.calls("sbatch")) == 1
+    assert cli.main([*command, "--launcher", "slurm", "--resubmit"]) == 0
+    assert len(stubs.calls("sbatch")) == 2 and (sweep_dir / "slurm" / "runs-2.txt").is_file()

@@ -24,7 +24,7 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -48,14 +48,21 @@ TPU_SETTINGS = ("ZONE", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "PROJECT", "BUCKE
 BUCKET_NAME = re.compile(r"[a-z0-9._-]+")
 
 
-def submit_runs(launcher: str, runs: list[PlannedRun], sweep_dir: Path, files_dir: Path | None = None) -> None:
+# Told of each run as soon as its job is submitted (the sweep records it; see sweep.py).
+Submitted = Callable[[PlannedRun], None]
+
+
+def submit_runs(launcher: str, runs: list[PlannedRun], sweep_dir: Path, files_dir: Path | None = None,
+                submitted: Submitted | None = None) -> None:
     """Submit one job per run (one job array for SLURM). The job files (SLURM's list of runs,
-    the manifests, the TPU chain scripts and logs) go to `files_dir`, by default DIR/LAUNCHER."""
+    the manifests, the TPU chain scripts and logs) go to `files_dir`, by default DIR/LAUNCHER.
+    `submitted(run)` is called for each run once its job is in, also when a later one fails."""
     submitters = {"slurm": submit_slurm, "gke": submit_gke, "tpu": submit_tpu}
     if launcher not in submitters:
         raise UserError(f"no cluster launcher {launcher!r}; choose one of {', '.join(submitters)}")
     if runs:
-        submitters[launcher](runs, sweep_dir, files_dir or sweep_dir.resolve() / launcher)
+        submitters[launcher](runs, sweep_dir, files_dir or sweep_dir.resolve() / launcher,
+                             submitted or (lambda run: None))
 
 
 # --- shared -----------------------------------------------------------------------------------
@@ -166,7 +173,7 @@ def write_runs_file(runs: list[PlannedRun], files_dir: Path) -> Path:
     return path
 
 
-def submit_slurm(runs: list[PlannedRun], sweep_dir: Path, files_dir: Path) -> None:
+def submit_slurm(runs: list[PlannedRun], sweep_dir: Path, files_dir: Path, submitted: Submitted) -> None:
     sbatch = require_command("sbatch", "slurm")
     root = checkout()
     logs = files_dir / "logs"
@@ -181,6 +188,7 @@ def submit_slurm(runs: list[PlannedRun], sweep_dir: Path, files_dir: Path) -> No
     job = run_command(argv, "sbatch (slurm launcher)", cwd=root).strip().split(";")[0]
     say(f"slurm: job array {job or '(no id printed)'}: {len(runs)} runs listed in {runs_file}, logs in {logs}")
     for i, run in enumerate(runs):
+        submitted(run)
         say(f"  {job}_{i} {run.name}" if job else f"  task {i} {run.name}")
 
 
@@ -284,7 +292,7 @@ def jobset_for(template: dict[str, Any], run: PlannedRun, name: str, label: str)
     return doc
 
 
-def submit_gke(runs: list[PlannedRun], sweep_dir: Path, files_dir: Path) -> None:
+def submit_gke(runs: list[PlannedRun], sweep_dir: Path, files_dir: Path, submitted: Submitted) -> None:
     kubectl = require_command("kubectl", "gke")
     require_mount(runs, sweep_dir, "gke")
     path = Path(os.environ.get("SWEEP_GKE_TEMPLATE") or checkout() / "launch" / "gke" / "jobset-gpu.yaml")
@@ -301,6 +309,7 @@ def submit_gke(runs: list[PlannedRun], sweep_dir: Path, files_dir: Path) -> None
             out = run_command([kubectl, "apply", "-f", str(manifest)], f"kubectl apply -f {manifest}")
         except UserError as exc:
             raise failed_after(exc, i, len(runs)) from None
+        submitted(run)
         say(f"gke: {run.name}: {out.strip() or f'jobset {name} applied'}")
 
 
@@ -352,7 +361,7 @@ def start_detached(script: Path, log: Path, cwd: Path) -> int:
     return proc.pid
 
 
-def submit_tpu(runs: list[PlannedRun], sweep_dir: Path, files_dir: Path) -> None:
+def submit_tpu(runs: list[PlannedRun], sweep_dir: Path, files_dir: Path, submitted: Submitted) -> None:
     require_command("gcloud", "tpu")
     require_mount(runs, sweep_dir, "tpu")
     require_bucket()
@@ -370,6 +379,7 @@ def submit_tpu(runs: list[PlannedRun], sweep_dir: Path, files_dir: Path) -> None
             run_command(["bash", str(script), "create"], f"tpu_queued.sh create {name}", cwd=root, env=env)
         except UserError as exc:
             raise failed_after(exc, i, len(runs)) from None
+        submitted(run)  # the queued resource exists: submitting again would only be refused
         log = files_dir / f"{name}.log"
         pid = start_detached(chain, log, root)
         say(f"tpu: {run.name}: queued resource {name} created; wait, setup, train go on in the background "

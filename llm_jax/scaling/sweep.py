@@ -7,7 +7,10 @@ spec is refused (its runs would be mixed with the old ones). Runs live in `DIR/r
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -20,6 +23,10 @@ from llm_jax.scaling.results import RESULTS_FILE, final_eval, result_row, write_
 from llm_jax.scaling.spec import load_spec, spec_path
 
 SPEC_RECORD = "sweep.yaml"
+# One JSON line per run submitted to a cluster. A later sweep command leaves those runs alone
+# until they finish (or --resubmit): their jobs may still be queued or running, and a second job
+# would train into the same run directory.
+SUBMITTED_RECORD = "submitted.jsonl"
 LAUNCHERS = ("local", "slurm", "gke", "tpu")
 
 
@@ -41,6 +48,24 @@ def claim_dir(sweep_dir: Path, spec_text: str) -> None:
     record.write_text(spec_text)
 
 
+def submitted_before(sweep_dir: Path) -> set[str]:
+    path = sweep_dir / SUBMITTED_RECORD
+    if not path.is_file():
+        return set()
+    return {json.loads(line)["run"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def recorder(sweep_dir: Path, launcher: str) -> Callable[[PlannedRun], None]:
+    """Append a run to DIR/submitted.jsonl as soon as its job is in, so that a submission that
+    stops part-way still records the jobs it made."""
+    def record(run: PlannedRun) -> None:
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        entry = {"run": run.name, "launcher": launcher, "time": now}
+        with (sweep_dir / SUBMITTED_RECORD).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+    return record
+
+
 def describe_run(run: PlannedRun) -> str:
     return (f"{run.name}: {run.params / 1e6:.3g}M params ({run.params_nonembed / 1e6:.3g}M non-embedding), "
             f"{run.steps} steps, {run.tokens / 1e6:.3g}M tokens, {run.flops:.3g} FLOPs, lr {run.lr:.3g}, "
@@ -59,9 +84,11 @@ def collect(plan: SweepPlan, sweep_dir: Path) -> list[dict]:
 
 
 def run_sweep(spec_name: str, sweep_dir: Path, parallel: int = 1, launcher: str = "local",
-              collect_only: bool = False, submit=None) -> int:
+              collect_only: bool = False, submit=None, resubmit: bool = False) -> int:
     """Returns the exit code: 0, or 1 when a run failed (the others still ran and were collected).
-    `submit(runs, sweep_dir) -> None` sends runs to a cluster launcher."""
+    `submit(runs, sweep_dir, submitted) -> None` sends runs to a cluster launcher, calling
+    `submitted(run)` for each job it made. Unfinished runs submitted by an earlier command are
+    left alone unless `resubmit`."""
     if parallel < 1:
         raise UserError("--parallel must be at least 1")
     if launcher not in LAUNCHERS:
@@ -78,12 +105,19 @@ def run_sweep(spec_name: str, sweep_dir: Path, parallel: int = 1, launcher: str 
     todo = [r for r in plan.runs if final_eval(r) is None]
     if done:
         say(f"{len(done)} runs finished before; skipped")
+    pending = submitted_before(sweep_dir)
+    if pending and not resubmit and not collect_only:
+        waiting = [r for r in todo if r.name in pending]
+        todo = [r for r in todo if r.name not in pending]
+        if waiting:
+            say(f"{len(waiting)} runs were submitted before ({sweep_dir / SUBMITTED_RECORD}) and have not finished; "
+                "left to their jobs: once those have ended, --resubmit submits the ones that failed")
     failed: list[Outcome] = []
     if todo and not collect_only:
         if launcher == "local":
             failed = _run_local(todo, sweep_dir, parallel)
         else:
-            submit(todo, sweep_dir)
+            submit(todo, sweep_dir, recorder(sweep_dir, launcher))
             say(f"submitted {len(todo)} runs through the {launcher} launcher; when they have finished, "
                 f"collect them with: llm-jax sweep {spec_name} --dir {sweep_dir} --collect")
     rows = collect(plan, sweep_dir)

@@ -94,6 +94,29 @@ def test_arch_axis_shares_one_spec(tmp_path):
     assert cfg.model.arch == "lstm" and cfg.optim.lr == pytest.approx(0.003)  # the sweep's lr rule comes last
 
 
+def test_arch_axis_takes_variants_defined_by_their_overrides(tmp_path):
+    """Dense, MoE and Mamba in one spec: `moe` is no model.arch, so its overrides define it on the
+    base config's gpt; its runs count every expert in params but only the routed ones in FLOPs."""
+    moe = ["model.moe.num_experts=4", "model.moe.top_k=1"]
+    spec = load_spec(str(write_spec(tmp_path, archs=["gpt", "moe", "mamba"], arch_overrides={"moe": moe})))
+    runs = {(r.arch, r.shape["d_model"], r.budget): r for r in plan_sweep(spec, tmp_path).runs}
+    assert {arch for arch, _, _ in runs} == {"gpt", "moe", "mamba"}
+    dense, routed = runs["gpt", 32, 1e10], runs["moe", 32, 1e10]
+    cfg = load_config(routed.config, list(routed.overrides))
+    assert cfg.model.arch == "gpt" and cfg.model.moe.num_experts == 4 and routed.name.startswith("moe_C1e10_d32")
+    # Per layer the dense MLP (d_ff = 4 x 32, with biases) gives way to 4 bias-free experts and a router.
+    dense_mlp, expert, router = 2 * 32 * 128 + 128 + 32, 2 * 32 * 128, 32 * 4
+    assert routed.params - dense.params == cfg.model.num_layers * (4 * expert + router - dense_mlp)
+    # Each token goes through one expert and the router: 6 FLOPs per parameter it uses.
+    assert routed.flops_per_token - dense.flops_per_token == 6 * cfg.model.num_layers * (expert + router - dense_mlp)
+    assert runs["mamba", 32, 1e10].flops_per_token != dense.flops_per_token
+
+
+def test_arch_axis_names_an_undefined_variant(tmp_path):
+    with pytest.raises(UserError, match="unknown model.arch 'moe'.*needs arch_overrides"):
+        plan_sweep(load_spec(str(write_spec(tmp_path, archs=["gpt", "moe"]))), tmp_path)
+
+
 def test_budget_labels():
     assert [budget_label(c) for c in (1e12, 3.2e13, 5e9, 1.25e20)] == ["1e12", "3.2e13", "5e9", "1.25e20"]
 

@@ -103,6 +103,21 @@ def _shape_overrides(shape: dict, attends: bool) -> list[str]:
     return [f"model.{k}={v}" for k, v in shape.items() if k not in skip]
 
 
+def _arch_args(spec: SweepSpec, label: str) -> list[str]:
+    """The overrides that make the base config one entry of the arch axis: a registered model.arch
+    by name, plus its arch_overrides; or a variant (moe, a hybrid, ...) that only its arch_overrides
+    define, on top of the base config's model.arch."""
+    extra = list(spec.arch_overrides.get(label, []))
+    try:
+        arch_spec(label)
+    except ValueError as exc:
+        if not extra:
+            raise UserError(f"sweep archs: {exc}; a variant name needs arch_overrides that say what it is "
+                            "(e.g. moe: [model.moe.num_experts=8])") from None
+        return extra
+    return [f"model.arch={label}", *extra]
+
+
 def _counts(cfg: Config) -> tuple[int, int, float]:
     """(params, params_nonembed, flops_per_token) of the model `cfg` describes."""
     mdef = model_def(cfg, model_vocab_size(cfg, tokenizer_vocab(cfg)))
@@ -127,11 +142,12 @@ def plan_sweep(spec: SweepSpec, sweep_dir: Path) -> SweepPlan:
     peak_lr = spec.lr or base.optim.lr
     runs, left_out = [], []
     for arch in archs:
+        arch_args = _arch_args(spec, arch)
         try:
-            attends = arch_spec(arch).attends(base.model.model_copy(update={"arch": arch}))
-        except ValueError as exc:
-            raise UserError(f"sweep archs: {exc}") from None
-        arch_args = [f"model.arch={arch}", *spec.arch_overrides.get(arch, [])]
+            model = load_config(spec.base, [*spec.overrides, *arch_args]).model
+        except UserError as exc:
+            raise UserError(f"sweep arch {arch}: {exc}") from None
+        attends = arch_spec(model.arch).attends(model)
         for i, shape in enumerate(shapes):
             shape_args = _shape_overrides(shape, attends)
             try:

@@ -53,9 +53,11 @@ class SweepSpec(_Strict):
     budgets: list[float] = pydantic.Field(min_length=1)
     """Training compute budgets C in FLOPs (the project's count: flops_per_token * tokens)."""
     archs: list[str] = []
-    """The arch axis: model.arch of each sub-sweep (default: the base config's)."""
+    """The arch axis: each sub-sweep's name, a registered model.arch (gpt, lstm, mamba, ...) or a
+    variant that `arch_overrides` defines (e.g. moe); default: the base config's model.arch."""
     arch_overrides: dict[str, list[str]] = {}
-    """Extra KEY=VALUE overrides per arch (e.g. an LSTM's learning rate)."""
+    """Extra KEY=VALUE overrides per arch (e.g. an LSTM's learning rate), or a variant's definition
+    (moe: [model.moe.num_experts=8, model.moe.top_k=2])."""
     sizes: SizeRule | None = None
     """The shape rule: one model per width. Give this or `shapes`."""
     shapes: list[dict[str, int | str | float]] = []

@@ -35,7 +35,7 @@ DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 # Everything the launchers read from the environment: each test starts without the caller's.
 SETTINGS = ("BUCKET", "ZONE", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "PROJECT", "REPO_URL", "SPOT", "NODE_COUNT",
             "PYTHON_VERSION", "LLM_JAX_DIR", "SWEEP_MAX_PARALLEL", "SWEEP_SBATCH_ARGS", "SWEEP_GKE_TEMPLATE",
-            "STUB_EXIT", "STUB_STDOUT")
+            "SWEEP_TPU_KEEP", "SWEEP_TPU_POLL", "STUB_EXIT", "STUB_STDOUT")
 
 
 @pytest.fixture(scope="module")
@@ -355,6 +355,37 @@ def test_tpu_chain_script(runs, stubs, tmp_path, tpu_env, capsys):
     (call,) = stubs.calls()
     assert call["argv"][:5] == ["compute", "tpus", "queued-resources", "delete", name]
     assert "--force" in call["argv"] and flag(call["argv"], "zone") == "us-west4-a"
+
+
+def test_tpu_chain_deletes_the_queued_resource_once_its_run_finished(stubs, tmp_path, tpu_env, monkeypatch, capsys):
+    """The chain polls the run directory (the bucket, mounted here too) and deletes the queued
+    resource when the run's final evaluation is there: not before."""
+    mount = tmp_path / "mnt"
+    monkeypatch.setattr(launchers, "MOUNT_POINT", str(mount))
+    monkeypatch.setenv("SWEEP_TPU_POLL", "0.2")
+    (run,) = plan_sweep(load_spec("isoflop_tiny"), mount / "sweeps" / "tiny").runs[:1]
+    submit_tpu([run], stubs, tmp_path, tpu_env, capsys)
+    name = job_name(run.name)
+    log = tmp_path / "tpu" / f"{name}.log"
+    run.run_dir.mkdir(parents=True)
+    metrics = run.run_dir / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": run.steps, "loss": 3.0}) + "\n"  # a train line: not finished
+                       + json.dumps({"step": run.steps - 1, "eval_loss": 2.9}) + "\n")
+    time.sleep(1.0)  # five polls
+    assert "deleted" not in log.read_text()
+    assert not any("delete" in c["argv"] for c in stubs.calls("gcloud"))
+    with metrics.open("a") as handle:
+        handle.write(json.dumps({"step": run.steps, "eval_loss": 2.5}) + "\n")
+    wait_for(log, f"sweep run {run.name}: finished; queued resource {name} deleted")
+    deletes = [c["argv"] for c in stubs.calls("gcloud") if "delete" in c["argv"]]
+    assert [a[:5] for a in deletes] == [["compute", "tpus", "queued-resources", "delete", name]]
+
+
+def test_tpu_keep_leaves_the_queued_resource(runs, stubs, tmp_path, tpu_env, monkeypatch, capsys):
+    monkeypatch.setenv("SWEEP_TPU_KEEP", "1")
+    submit_tpu(runs[:1], stubs, tmp_path, tpu_env, capsys)
+    chain = (tmp_path / "tpu" / f"{job_name(runs[0].name)}.sh").read_text()
+    assert "delete" not in chain.split("set -euo pipefail", 1)[1].replace('"$@"', "")
 
 
 def test_tpu_needs_a_bucket(runs, stubs, tmp_path):

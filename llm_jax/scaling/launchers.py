@@ -6,7 +6,8 @@ job through the scripts and manifests in launch/ (launch/README.md, "Sweeps on a
 - gke: one JobSet per run, made from launch/gke/jobset-gpu.yaml (or $SWEEP_GKE_TEMPLATE), written
   to DIR/gke/NAME.yaml and applied with kubectl.
 - tpu: one queued resource per run through launch/tpu_queued.sh: `create` here and now, then
-  `wait`, `setup` and `train` chained in DIR/tpu/NAME.sh, started in the background.
+  `wait`, `setup` and `train` chained in DIR/tpu/NAME.sh, started in the background, which deletes
+  the queued resource once the run has finished.
 
 The sweep only submits; `llm-jax sweep SPEC --dir DIR --collect` reads the results later. So run
 directories must be where both the jobs and this machine see them: a shared filesystem for
@@ -23,6 +24,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -349,7 +351,28 @@ def chain_script(run: PlannedRun, name: str, script: Path) -> str:
             f'if [ $# -gt 0 ]; then exec bash "$launcher" "$@"; fi\n'
             f'bash "$launcher" wait\nbash "$launcher" setup\n'
             f'bash "$launcher" train {shlex.join(tpu_train_args(run))}\n'
-            f"echo {shlex.quote(f'sweep run {run.name}: training started on {name}')}\n")
+            f"echo {shlex.quote(f'sweep run {run.name}: training started on {name}')}\n"
+            f"{delete_when_finished(run, name)}")
+
+
+# How the chain script tells that its run has finished: the run's final evaluation is in its
+# metrics.jsonl, which the bucket mount shows on this machine (the sweep's own test, final_eval).
+FINISHED_CHECK = ("import sys; from pathlib import Path; from llm_jax.scaling.results import final_eval_in; "
+                  "sys.exit(final_eval_in(Path(sys.argv[1]), int(sys.argv[2])) is None)")
+
+
+def delete_when_finished(run: PlannedRun, name: str) -> str:
+    """The chain's last part: poll the run directory (every $SWEEP_TPU_POLL seconds, default 300)
+    until the run's final evaluation is there, then delete the queued resource, whose TPUs cost
+    until then. SWEEP_TPU_KEEP=1 at submission keeps them; a run that crashes is never finished,
+    so its queued resource stays for `DIR/tpu/NAME.sh logs`, and the chain keeps polling."""
+    if os.environ.get("SWEEP_TPU_KEEP") == "1":
+        return ""
+    probe = shlex.join([sys.executable, "-c", FINISHED_CHECK, str(run.run_dir), str(run.steps)])
+    return (f"echo {shlex.quote(f'waiting for {run.name} to finish, then deleting {name}')}\n"
+            f"until {probe}; do sleep \"${{SWEEP_TPU_POLL:-300}}\"; done\n"
+            f'bash "$launcher" delete\n'
+            f"echo {shlex.quote(f'sweep run {run.name}: finished; queued resource {name} deleted')}\n")
 
 
 def start_detached(script: Path, log: Path, cwd: Path) -> int:
@@ -384,6 +407,10 @@ def submit_tpu(runs: list[PlannedRun], sweep_dir: Path, files_dir: Path, submitt
         pid = start_detached(chain, log, root)
         say(f"tpu: {run.name}: queued resource {name} created; wait, setup, train go on in the background "
             f"(pid {pid}, log {log})")
-    # Nothing deletes a queued resource when its training ends, and its TPUs cost until then.
-    say(f"tpu: each queued resource keeps its TPUs after training; delete it with {files_dir}/NAME.sh delete "
-        "once --collect lists its run")
+    if os.environ.get("SWEEP_TPU_KEEP") == "1":  # then nothing deletes them, and their TPUs cost until then
+        say(f"tpu: SWEEP_TPU_KEEP=1: each queued resource keeps its TPUs after training; delete it with "
+            f"{files_dir}/NAME.sh delete once --collect lists its run")
+    else:
+        say("tpu: each chain deletes its queued resource once its run has finished (the final evaluation is in "
+            "its run directory); keep this machine up until then, or delete them yourself with "
+            f"{files_dir}/NAME.sh delete")

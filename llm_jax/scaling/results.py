@@ -34,7 +34,11 @@ BUDGET_TOLERANCE = 0.05
 
 def final_eval(run: PlannedRun) -> dict | None:
     """The run's held-out evaluation at its last step, or None if it has not got there."""
-    path = run.run_dir / "metrics.jsonl"
+    return final_eval_in(run.run_dir, run.steps)
+
+
+def final_eval_in(run_dir: Path, steps: int) -> dict | None:
+    path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
     final = None
@@ -44,7 +48,7 @@ def final_eval(run: PlannedRun) -> dict | None:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a killed run
                 continue
-            if record.get("step") == run.steps and "eval_loss" in record:
+            if record.get("step") == steps and "eval_loss" in record:
                 final = record
     return final
 

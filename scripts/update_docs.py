@@ -28,7 +28,8 @@ END = "<!-- config-keys:end -->"
 FAMILY_PAGES = (ROOT / "README.md", ROOT / "docs" / "families.md")
 FAMILIES_START = "<!-- families:start -->"
 FAMILIES_END = "<!-- families:end -->"
-OBJECTIVE_NAMES = {"causal": "causal LM", "masked_causal": "next token at a synthetic task's answers",
+OBJECTIVE_NAMES = {"causal": "causal LM",
+                   "masked_causal": "next token at weighted positions (synthetic answers, completions)",
                    "mlm": "masked LM (+ next sentence with `train.nsp`)", "classify": "classification task",
                    "span": "span corruption", "seq2seq": "seq2seq task"}
 

@@ -43,6 +43,8 @@ class TrainConfig(Section):
     """Tokens per training sequence (windows of seq_len+1 give inputs and shifted targets)."""
     src_len: int = pydantic.Field(256, ge=2)
     """Encoder input length of a seq2seq data.task (end-of-text included); longer sources are cut."""
+    loss_on: Literal["completion", "all"] = "completion"
+    """data.format prompt_completion, chat: score the completions (assistant turns) and their EOS, or all tokens."""
     label_smoothing: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
     """Label smoothing of the training loss (Vaswani et al.: 0.1); evaluation reports plain cross entropy."""
     nsp: bool = False
@@ -146,6 +148,8 @@ TASK_KINDS = {"funcname": "seq2seq", "docsig": "seq2seq", "package": "classify",
               "selective_copy": "masked_causal", "induction": "masked_causal"}
 # Tasks generated from a seed rather than cut from the corpus (data.source is not read).
 SYNTHETIC_TASKS = ("selective_copy", "induction")
+# data.format values whose JSONL records are supervised examples (objective masked_causal).
+SUPERVISED_FORMATS = ("prompt_completion", "chat")
 
 
 class DataConfig(Section):
@@ -165,6 +169,10 @@ class DataConfig(Section):
     """Vocabulary size of the sentencepiece BPE model trained on the training split."""
     text_field: str = "text"
     """Field holding the text in JSONL records and TFDS examples."""
+    format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"
+    """jsonl: text (data.text_field), prompt_completion or chat records (docs/sft.md); auto: from the first record."""
+    skip_bad_records: bool = False
+    """prompt_completion, chat: skip (and count) bad or too long records instead of stopping at the first."""
     val_fraction: float = pydantic.Field(0.05, gt=0, lt=1)
     """Held-out fraction: a single text file's tail (cut at a line start); else documents by name hash."""
     max_bytes: int = pydantic.Field(0, ge=0)
@@ -210,6 +218,17 @@ class Config(Section):
     def _check_objective(self) -> Config:
         arch, task = self.model.arch, self.data.task
         spec = self.model.spec
+        fmt = self.data.format
+        if fmt in SUPERVISED_FORMATS:
+            if task:
+                raise ValueError(f"data.format={fmt} reads examples from data.source; data.task={task} builds its "
+                                 "own rows: set one of them")
+            if not self.data.source.startswith("jsonl:"):
+                raise ValueError(f"data.format={fmt} reads JSONL records; it needs data.source=jsonl:PATH, "
+                                 f"not {self.data.source!r}")
+            if "masked_causal" not in spec.objectives:
+                raise ValueError(f"data.format={fmt} trains a decoder on its completions: it needs model.arch="
+                                 f"{either(archs_where(lambda s: 'masked_causal' in s.objectives))}, not {arch}")
         if task and task not in SYNTHETIC_TASKS and self.data.source != "stdlib":
             raise ValueError(f"data.task={task} is built from the stdlib corpus; it needs data.source=stdlib")
         if task and TASK_KINDS[task] not in spec.objectives:
@@ -242,10 +261,13 @@ class Config(Section):
 
     @property
     def objective(self) -> str:
-        """What the trainer optimises, from model.arch and data.task: `causal` (next token),
-        `mlm` (bert's masked LM), `span` (t5's span corruption), `seq2seq` (a task's target
-        given its source), `classify` (a task's label) or `masked_causal` (next token, scored
-        only where a synthetic task's answers are)."""
+        """What the trainer optimises, from model.arch, data.task and data.format: `causal` (next
+        token), `mlm` (bert's masked LM), `span` (t5's span corruption), `seq2seq` (a task's
+        target given its source), `classify` (a task's label) or `masked_causal` (next token,
+        scored only where a synthetic task's answers or a supervised example's completion are).
+        data.format=auto counts as text until training resolves it (`data.formats.resolve_format`)."""
+        if self.data.format in SUPERVISED_FORMATS:
+            return "masked_causal"
         if self.data.task:
             return TASK_KINDS[self.data.task]
         return self.model.spec.objectives[0]

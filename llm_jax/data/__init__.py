@@ -11,7 +11,8 @@ synthetic task (the GPU image has neither) imports this package.
 from llm_jax.data.build import DataBundle, build_data, load_tokenizer
 from llm_jax.data.iterator import BatchIterator
 from llm_jax.data.pipeline import eval_batches, train_dataset
+from llm_jax.data.sft_rows import resolve_format
 from llm_jax.data.tokenizer import Tokenizer
 
 __all__ = ["BatchIterator", "DataBundle", "Tokenizer", "build_data", "eval_batches", "load_tokenizer",
-           "train_dataset"]
+           "resolve_format", "train_dataset"]

@@ -8,6 +8,8 @@ A split's stream is its documents, each followed by EOS; for a single text file 
 corpus) it is the split's whole text followed by one EOS.
 
 A synthetic `data.task` (`data/synthetic.py`) opens no corpus: its rows are generated from the seed.
+A supervised JSONL source (data.format prompt_completion or chat, `data/sft_rows.py`) gives rows
+of examples instead of a token stream.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from llm_jax.config import CONFIG_FILE, read_run_config
-from llm_jax.config.schema import SYNTHETIC_TASKS, Config, DataConfig
+from llm_jax.config.schema import SUPERVISED_FORMATS, SYNTHETIC_TASKS, Config, DataConfig
 from llm_jax.data.cache import (
     CACHE_FORMAT_VERSION,
     content_key,
@@ -32,6 +34,7 @@ from llm_jax.data.cache import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from llm_jax.data.sft_rows import resolve_format, supervised_rows
 from llm_jax.data.sources import Corpus, open_corpus
 from llm_jax.data.splits import cap_bytes, cap_prefix
 from llm_jax.data.synthetic import check_layout, synthetic_rows
@@ -66,17 +69,21 @@ class DataBundle:
     """The same for the held-out split."""
     val_bytes_per_token: float | None
     """UTF-8 bytes of the validation text / validation tokens (EOS included): bits per byte =
-    loss per token / ln 2 / bytes per token. None for a data.task, whose rows are examples
-    (train_tokens / val_tokens are then 2-D rows, see `task_rows` and `synthetic`)."""
+    loss per token / ln 2 / bytes per token. None for a data.task or a supervised data.format,
+    whose rows are examples (train_tokens / val_tokens are then 2-D rows, see `task_rows`,
+    `synthetic` and `sft_rows`)."""
 
 
 def build_data(cfg: Config, run_dir: Path) -> DataBundle:
     """Tokenizer (trained or copied into run_dir/tokenizer/) and both splits' token streams,
     tokenised on first use and memory-mapped from the cache afterwards."""
+    cfg = resolve_format(cfg)  # a no-op when the caller (train) has resolved it already
     data = cfg.data
     root = cache_root(data.cache_dir)
     if data.task in SYNTHETIC_TASKS:
         return _synthetic_data(cfg, Path(run_dir), root)
+    if data.format in SUPERVISED_FORMATS:
+        return _supervised_data(cfg, Path(run_dir), root)
     corpus = open_corpus(data, root)
     tokenizer = _build_tokenizer(data, Path(run_dir), corpus, root, cfg.checkpoint.init_from)
     if data.task:
@@ -114,6 +121,19 @@ def _synthetic_data(cfg: Config, run_dir: Path, root: Path) -> DataBundle:
     train, val = synthetic_rows(cfg, "train"), synthetic_rows(cfg, "validation")
     log(f"{data.task}: {len(train)} training and {len(val)} validation rows generated "
         f"in {time.perf_counter() - start:.1f} s")
+    return DataBundle(tokenizer, train, val, None)
+
+
+def _supervised_data(cfg: Config, run_dir: Path, root: Path) -> DataBundle:
+    """Prompt/completion or chat examples of a JSONL file as masked rows (`data/sft_rows.py`)."""
+
+    def no_corpus() -> Corpus:
+        raise UserError(f"data.format={cfg.data.format} reads examples, not a text corpus to train a sentencepiece "
+                        "tokenizer on; use data.tokenizer=byte or hf:PATH/tokenizer.json, or checkpoint.init_from "
+                        "a run whose sentencepiece model it then takes")
+
+    tokenizer = _build_tokenizer(cfg.data, run_dir, no_corpus, root, cfg.checkpoint.init_from)
+    train, val = supervised_rows(cfg, tokenizer, root)
     return DataBundle(tokenizer, train, val, None)
 
 

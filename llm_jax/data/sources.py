@@ -159,21 +159,32 @@ def _jsonl_corpus(spec: str, arg: str, val_fraction: float, field: str) -> Corpu
     path = Path(arg).expanduser()
     if not path.is_file():
         raise UserError(f"JSONL file not found: {path} (data.source '{spec}')")
-    stat = path.stat()
-    fingerprint = {"source": "jsonl", "file": str(path.resolve()), "size": stat.st_size,
-                   "mtime_ns": stat.st_mtime_ns}
+    fingerprint = jsonl_fingerprint(path)
 
     def documents(split: str) -> Iterator[str]:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            line_numbers = [i for i, line in enumerate(f) if line.strip()]
-        mask = validation_mask([f"line{i}" for i in line_numbers], val_fraction)
-        selected = {i for i, v in zip(line_numbers, mask, strict=False) if v == (split == "validation")}
+        held_out = jsonl_held_out_lines(path, val_fraction)
         with open(path, encoding="utf-8", errors="replace") as f:
             for i, line in enumerate(f):
-                if i in selected:
+                if line.strip() and (i in held_out) == (split == "validation"):
                     yield _jsonl_text(line, path, i + 1, field)
 
     return Corpus(spec, fingerprint, documents)
+
+
+def jsonl_held_out_lines(path: Path, val_fraction: float) -> set[int]:
+    """0-based numbers of the non-empty lines of a JSONL file that are validation records: a
+    hash of the line number against val_fraction (`splits.validation_mask`), at least one
+    record on each side when there are two."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        line_numbers = [i for i, line in enumerate(f) if line.strip()]
+    mask = validation_mask([f"line{i}" for i in line_numbers], val_fraction)
+    return {i for i, v in zip(line_numbers, mask, strict=True) if v}
+
+
+def jsonl_fingerprint(path: Path) -> dict[str, Any]:
+    """Identity of a JSONL file for cache keys: its resolved path, size and mtime."""
+    stat = path.stat()
+    return {"source": "jsonl", "file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def _jsonl_text(line: str, path: Path, line_number: int, field: str) -> str:

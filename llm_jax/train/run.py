@@ -10,7 +10,8 @@ import jax
 from jax.experimental import multihost_utils
 
 from llm_jax.config import Config
-from llm_jax.data import BatchIterator, build_data, eval_batches, train_dataset
+from llm_jax.config.schema import SYNTHETIC_TASKS
+from llm_jax.data import BatchIterator, build_data, eval_batches, resolve_format, train_dataset
 from llm_jax.errors import UserError
 from llm_jax.inference.api import Model
 from llm_jax.interop import pretrained
@@ -89,6 +90,7 @@ class ProgressAdvance(Hook):
 
 def train(cfg: Config) -> dict:
     """Train (or resume) the run in `cfg.run.dir`; returns the final metrics."""
+    cfg = resolve_format(cfg)  # data.format=auto decides the objective and the run's identity
     run_dir, existed = check_run_dir(cfg)
     # Process 0 decides new-or-resume: another process could look after process 0 wrote config.yaml.
     existed = broadcast_flag(existed)
@@ -171,7 +173,7 @@ def print_sample(cfg: Config, result: dict) -> None:
         if jax.process_index() == 0:
             print(f"(no sample: model.arch={cfg.model.arch} is an encoder, it does not generate text)")
         return
-    if cfg.objective == "masked_causal":
+    if cfg.data.task in SYNTHETIC_TASKS:
         if jax.process_index() == 0:
             print(f"(no sample: data.task={cfg.data.task} is a synthetic task whose token ids are not text; "
                   "eval accuracy above is its accuracy on the answer tokens)")

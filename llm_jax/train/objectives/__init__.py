@@ -1,7 +1,8 @@
 """Training objectives: a registry of small classes (`base.Objective`), one per `Config.objective`.
 
     causal         next token (gpt, recurrent, mamba)             objectives/causal.py
-    masked_causal  next token at a synthetic task's answers       objectives/causal.py
+    masked_causal  next token where the rows' weights are 1        objectives/causal.py
+                   (synthetic answers; prompt/completion, chat)
     mlm            masked LM, optionally + next sentence (bert)   objectives/masked_lm.py
     span           span corruption (t5 pretraining)               objectives/span.py
     seq2seq        a task's target given its source               objectives/tasks.py

@@ -1,5 +1,6 @@
-"""Next-token prediction: `causal` (every position) and `masked_causal` (only a synthetic task's
-answer positions, `data.synthetic`)."""
+"""Next-token prediction: `causal` (every position) and `masked_causal` (only the positions a row's
+weights select: a synthetic task's answers, `data.synthetic`, or a supervised example's
+completion, `data.formats`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import Config
+from llm_jax.config.schema import SYNTHETIC_TASKS
 from llm_jax.data.synthetic import synthetic_ids
 from llm_jax.errors import UserError
 from llm_jax.train.objectives.base import Data, TokenObjective, Vocab, register_objective
@@ -37,8 +39,8 @@ class Causal(TokenObjective):
 
 
 def masked_causal_targets(rows_BR: jax.Array, seq_len: int) -> tuple[dict, jax.Array, jax.Array]:
-    """Rows [B, 2T + 1] (`data.synthetic`): a window of T + 1 tokens, then T weights. Inputs are the
-    window's first T tokens, targets the next; only targets of weight 1 are scored."""
+    """Rows [B, 2T + 1] (`data.synthetic`, `data.formats`): a window of T + 1 tokens, then T weights.
+    Inputs are the window's first T tokens, targets the next; only targets of weight 1 are scored."""
     T = seq_len
     return {"tokens_BT": rows_BR[:, :T]}, rows_BR[:, 1:T + 1], rows_BR[:, T + 1:].astype(jnp.float32)
 
@@ -46,14 +48,17 @@ def masked_causal_targets(rows_BR: jax.Array, seq_len: int) -> tuple[dict, jax.A
 @register_objective
 @dataclass(frozen=True)
 class MaskedCausal(TokenObjective):
-    """Next-token prediction scored only where a synthetic task's answers are, so eval accuracy is
-    the task's accuracy."""
+    """Next-token prediction scored only where the row's weights are 1: a synthetic task's answers
+    (eval accuracy is then the task's accuracy) or a prompt/completion or chat example's scored
+    tokens (eval loss is then per completion token)."""
 
     name = "masked_causal"
     seq_len: int = 0  # T of the rows [B, 2T + 1]
 
     @classmethod
     def from_config(cls, cfg: Config, vocab: Vocab) -> MaskedCausal:
+        if cfg.data.task not in SYNTHETIC_TASKS:  # text examples: smoothing over the tokenizer's ids
+            return cls(smoothing=cfg.train.label_smoothing, smoothing_ids=vocab.size, seq_len=cfg.train.seq_len)
         ids = synthetic_ids(cfg.data.synthetic_vocab)
         if ids > vocab.rows:
             raise UserError(f"data.task={cfg.data.task} uses {ids} token ids (data.synthetic_vocab="

@@ -1,0 +1,139 @@
+"""Supervised JSONL records (`data.format`): prompt/completion pairs and chats, as masked rows.
+
+An example becomes a list of segments, (text or end-of-text, scored) pairs, each tokenised on
+its own and joined, so a prompt encodes to the same ids here as when it is given to `generate`.
+
+prompt_completion: {"prompt": str, "completion": str (not empty)}
+
+    prompt | completion | EOS              scored: completion and EOS (loss_on=all: everything)
+
+chat: {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}, at least
+one assistant turn. Each message is rendered as its header line, then its content, then a newline
+(system, user) or end-of-text (assistant):
+
+    <|system|>\\n{content}\\n  <|user|>\\n{content}\\n  <|assistant|>\\n{content}EOS
+
+    scored: each assistant turn's content and its EOS (loss_on=all: everything)
+
+`chat_prompt_ids(messages, encode, eos_id)` renders a conversation followed by the assistant's
+header: the prompt whose continuation (stopped at EOS) is the model's next assistant turn.
+
+A row (objective `masked_causal`, T = train.seq_len) is int32 of width 2T + 1: the example's L
+tokens padded with EOS to T + 1, then T weights, weight j scoring target token j + 1 (token 0 is
+never a target). Padding has weight 0. An example needs L <= T + 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+EOS = None  # a segment of this "text" is the tokenizer's end-of-text id
+ROLES = ("system", "user", "assistant")
+# Bump when the rendering of records into tokens and weights changes (cached rows are then rebuilt).
+TEMPLATE_VERSION = 1
+
+Segment = tuple[str | None, bool]  # (text, or EOS; scored with loss_on=completion)
+
+
+class BadRecord(ValueError):
+    """A record that cannot be an example; the message says why (the caller adds FILE:LINE)."""
+
+
+def header(role: str) -> str:
+    return f"<|{role}|>\n"
+
+
+def detect_format(first_line: str) -> str:
+    """The data.format a JSONL file's first record implies: prompt_completion, chat or text."""
+    try:
+        record = json.loads(first_line)
+    except json.JSONDecodeError:
+        return "text"  # the text reader reports the line with its number
+    if isinstance(record, dict) and "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    if isinstance(record, dict) and "messages" in record:
+        return "chat"
+    return "text"
+
+
+def _text_field(record: dict, name: str) -> str:
+    if name not in record:
+        raise BadRecord(f"no field '{name}'")
+    value = record[name]
+    if not isinstance(value, str):
+        raise BadRecord(f"field '{name}' is {type(value).__name__}, not text")
+    return value
+
+
+def prompt_completion_segments(record: dict) -> list[Segment]:
+    prompt, completion = _text_field(record, "prompt"), _text_field(record, "completion")
+    if not completion:
+        raise BadRecord("empty completion")
+    return [(prompt, False), (completion, True), (EOS, True)]
+
+
+def chat_segments(record: dict) -> list[Segment]:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord("field 'messages' must be a non-empty list of {role, content} objects"
+                        if "messages" in record else "no field 'messages'")
+    segments: list[Segment] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRecord(f"messages[{i}] is {type(message).__name__}, not an object with role and content")
+        role = message.get("role")
+        if role not in ROLES:
+            raise BadRecord(f"messages[{i}] has role {role!r}; use one of {', '.join(ROLES)}")
+        try:
+            content = _text_field(message, "content")
+        except BadRecord as exc:
+            raise BadRecord(f"messages[{i}]: {exc}") from None
+        answer = role == "assistant"
+        segments += [(header(role), False), (content, answer), (EOS, True) if answer else ("\n", False)]
+    if not any(message["role"] == "assistant" for message in messages):
+        raise BadRecord("no assistant turn (nothing to learn)")
+    return segments
+
+
+SEGMENTERS: dict[str, Callable[[dict], list[Segment]]] = {
+    "prompt_completion": prompt_completion_segments, "chat": chat_segments}
+
+
+def chat_prompt_ids(messages: Sequence[dict[str, str]], encode: Callable[[str], list[int]],
+                    eos_id: int) -> list[int]:
+    """Token ids of a conversation rendered as in training, then the assistant's header: the
+    prompt whose continuation up to EOS is the model's next assistant turn. (Token ids, not
+    text: an assistant turn's EOS has no text.)"""
+    ids: list[int] = []
+    for message in messages:
+        ids += encode(header(message["role"])) + encode(message["content"])  # pieces apart, as in training
+        ids += [eos_id] if message["role"] == "assistant" else encode("\n")
+    return ids + encode(header("assistant"))
+
+
+def encode_example(line: str, fmt: str, encode: Callable[[str], list[int]], eos_id: int,
+                   loss_on: str, seq_len: int) -> np.ndarray:
+    """One JSONL line as a row of width 2 * seq_len + 1 (see the module docstring)."""
+    try:
+        record: Any = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise BadRecord(f"not valid JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise BadRecord(f"a JSON {type(record).__name__}, not an object")
+    ids: list[int] = []
+    scored: list[bool] = []
+    for text, is_answer in SEGMENTERS[fmt](record):
+        piece = [eos_id] if text is EOS else encode(text)
+        ids += piece
+        scored += [is_answer or loss_on == "all"] * len(piece)
+    if len(ids) > seq_len + 1:
+        raise BadRecord(f"{len(ids)} tokens, longer than train.seq_len+1={seq_len + 1}")
+    row = np.zeros(2 * seq_len + 1, np.int32)
+    row[:seq_len + 1] = eos_id
+    row[:len(ids)] = ids
+    row[seq_len + 1:seq_len + len(ids)] = scored[1:]  # weight j scores token j + 1
+    return row

@@ -265,7 +265,7 @@ class Config(Section):
         token), `mlm` (bert's masked LM), `span` (t5's span corruption), `seq2seq` (a task's
         target given its source), `classify` (a task's label) or `masked_causal` (next token,
         scored only where a synthetic task's answers or a supervised example's completion are).
-        data.format=auto counts as text until training resolves it (`data.formats.resolve_format`)."""
+        data.format=auto counts as text until training resolves it (`data.sft_rows.resolve_format`)."""
         if self.data.format in SUPERVISED_FORMATS:
             return "masked_causal"
         if self.data.task:

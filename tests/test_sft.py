@@ -183,6 +183,8 @@ def test_auto_format_detection_and_arch_errors(tmp_path):
     inputs, targets, weights = objective.data(rows, 0)
     assert targets[0, 2].item() == ord("a") and weights[0].tolist()[:5] == [0, 0, 1, 1, 1]
     # Explicit formats that cannot apply, and an arch that cannot take the detected one.
+    for arch_preset in ("lstm_small", "mamba_small"):  # the recurrent cells and Mamba take them too
+        assert load_config(arch_preset, [f"data.source={chat}", "data.format=chat"]).objective == "masked_causal"
     with pytest.raises(UserError, match="needs data.source=jsonl:PATH"):
         load_config("gpt_tiny", ["data.format=chat"])
     with pytest.raises(UserError, match=r"needs model.arch=.*gpt.*, not bert"):
@@ -247,6 +249,33 @@ def test_scoring_the_noisy_prompts_too_keeps_the_loss_high(tmp_path):
     completion-only run's (which the test above brings under 0.05)."""
     final = [r for r in train_noisy(tmp_path, "all", "train.loss_on=all") if "eval_loss" in r][-1]
     assert final["eval_loss"] > 1.5, final
+
+
+@pytest.mark.slow  # trains (about 10 s here)
+def test_chat_replies_are_learnt_and_generated_after_the_assistant_header(tmp_path):
+    """Chats: a system turn, a user turn of noise and a marker, the assistant's reply picked by the
+    marker. The reply to a held-out chat, prompted with `chat_prompt_ids`, is exactly its own."""
+    rng = random.Random(1)
+    chats = []
+    for _ in range(200):
+        marker = rng.choice("ABC")
+        noise = "".join(rng.choice("abcdefghij") for _ in range(8))
+        chats.append({"messages": [{"role": "system", "content": "Reply."},
+                                   {"role": "user", "content": f"{noise} {marker}"},
+                                   {"role": "assistant", "content": COMPLETIONS[marker].strip()}]})
+    source = write_jsonl(tmp_path / "chat.jsonl", chats)
+    run = tmp_path / "run"
+    assert main(["train", "gpt_tiny", f"run.dir={run}", f"data.source={source}", f"data.cache_dir={tmp_path / 'c'}",
+                 "data.val_fraction=0.1", "train.seq_len=64", "train.steps=150", "train.eval_every=150",
+                 "optim.lr=1e-2", "train.sample_tokens=0", "checkpoint.every=0", "train.tensorboard=false"]) == 0
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["step"] == 150 and final["eval_loss"] < 0.05 and final["eval_accuracy"] == 1.0, final
+    model = llm_jax.load(run)
+    tok = model.tokenizer
+    held_out = [chats[i]["messages"] for i in sorted(jsonl_held_out_lines(tmp_path / "chat.jsonl", 0.1))]
+    prompts = [chat_prompt_ids(messages[:2], tok.encode, tok.eos_id) for messages in held_out]
+    replies = model.generate(prompts, max_new_tokens=10, temperature=0)
+    assert [tok.decode(r) for r in replies] == [messages[2]["content"] for messages in held_out]
 
 
 @pytest.mark.slow  # trains (about 10 s here)

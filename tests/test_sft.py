@@ -4,6 +4,7 @@ generate for held-out prompts."""
 
 import json
 import random
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -162,6 +163,28 @@ def test_rows_are_cached_by_what_decides_them(tmp_path):
     assert len(list((cache / "sft").glob("*.json"))) == 3
     np.testing.assert_array_equal(rows(), completion)
     assert len(list((cache / "sft").glob("*.json"))) == 3  # the first entry was reused
+
+
+def test_rows_use_the_runs_tokenizer(tmp_path):
+    """A Hugging Face tokenizer's own ids and end-of-text; sentencepiece has no corpus to train on."""
+    from llm_jax.data.tokenizer import HFTokenizer
+
+    hf = Path(__file__).parent / "fixtures" / "hf" / "gpt2" / "tokenizer.json"
+    record = {"prompt": "def add(a, b):", "completion": " return a + b"}
+    source = write_jsonl(tmp_path / "pc.jsonl", [record] * 4)
+    cfg = load_config("gpt_tiny", [f"data.source={source}", f"data.cache_dir={tmp_path / 'cache'}",
+                                   f"data.tokenizer=hf:{hf}"])
+    bundle = build_data(cfg, tmp_path / "run")
+    tok = HFTokenizer(hf)
+    example = tok.encode(record["prompt"]) + tok.encode(record["completion"]) + [tok.eos_id]
+    assert tok.eos_id != EOS and len(example) < len(byte_ids(record["prompt"] + record["completion"]))
+    tokens, weights = split_row(np.asarray(bundle.train_tokens)[0])
+    assert tokens == example + [tok.eos_id] * (T + 1 - len(example))
+    n_prompt = len(tok.encode(record["prompt"]))
+    assert weights == [0] * (n_prompt - 1) + [1] * (len(example) - n_prompt) + [0] * (T + 1 - len(example))
+    with pytest.raises(UserError, match="use data.tokenizer=byte or hf:"):
+        build_data(load_config("gpt_tiny", [f"data.source={source}", f"data.cache_dir={tmp_path / 'cache'}",
+                                            "data.tokenizer=sentencepiece"]), tmp_path / "sp")
 
 
 def test_auto_format_detection_and_arch_errors(tmp_path):

@@ -134,6 +134,7 @@ def test_budget_labels():
     ({"archs": ["gpt", "transformerx"]}, "unknown model.arch 'transformerx'"),
     ({"budgets": [-1.0]}, "budgets must be positive"),
     ({"arch_overrides": {"lstm": []}}, "arch_overrides names lstm"),
+    ({"overrides": ["data.source=jsonl:x.jsonl", "data.format=chat"]}, "the base config sets data.format=chat"),
 ])
 def test_bad_specs_give_one_error_line(tmp_path, capsys, fields, message):
     path = write_spec(tmp_path, **fields)

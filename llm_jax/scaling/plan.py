@@ -19,6 +19,7 @@ import numpy as np
 
 from llm_jax.config import Config, load_config
 from llm_jax.config.families import arch_spec
+from llm_jax.config.schema import SUPERVISED_FORMATS
 from llm_jax.data.tokenizer import ByteTokenizer, HFTokenizer
 from llm_jax.errors import UserError
 from llm_jax.models.base import family_of, model_vocab_size
@@ -156,6 +157,8 @@ def plan_sweep(spec: SweepSpec, sweep_dir: Path) -> SweepPlan:
                 raise UserError(f"sweep size {i} ({', '.join(shape_args)}) for {arch}: {exc}") from None
             if cfg.data.task:
                 raise UserError(f"a sweep models a corpus; the base config sets data.task={cfg.data.task}")
+            if cfg.data.format in SUPERVISED_FORMATS:  # (format=auto is resolved only when a run starts)
+                raise UserError(f"a sweep models a corpus; the base config sets data.format={cfg.data.format}")
             params, nonembed, per_token = _counts(cfg)
             width = int(cfg.model.d_model)
             lr = peak_lr * (smallest / width if spec.lr_scaling == "inverse_width" else 1.0)

@@ -15,6 +15,7 @@ the whole input iterator into the task queue.)
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -106,6 +107,10 @@ def _start_worker(tokenizer: Tokenizer, identity: dict[str, Any]) -> None:
     # A tokenizer pickles as its model file's path: refuse a file changed since the parent read it.
     if identity_of(tokenizer) != identity:
         raise RuntimeError(f"the tokenizer reloaded in a worker is not the parent's: {identity_of(tokenizer)}")
+    # N workers are the parallelism: each one's tokenizer encodes in one thread, not one per core.
+    if hasattr(tokenizer, "threads"):
+        tokenizer.threads = 1
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # Hugging Face tokenizers' own thread pool
     _worker_tokenizer = tokenizer
 
 

@@ -81,6 +81,8 @@ class SentencePieceTokenizer:
         if self.eos_id < 0:
             raise UserError(f"sentencepiece model {model_path} has no EOS piece")
         self.fingerprint = {"name": self.name, "sha256": file_sha256(model_path)}
+        self.threads = os.cpu_count() or 1
+        """Encoding threads of `encode_documents`; a tokenising worker process uses one."""
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled as its model file's path (tokenising worker processes reload it there); the
@@ -94,7 +96,7 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def encode_documents(self, docs: Sequence[str]) -> np.ndarray:
-        pieces = self._sp.encode(list(docs), num_threads=os.cpu_count() or 1)
+        pieces = self._sp.encode(list(docs), num_threads=self.threads)
         return _join_with_eos(pieces, self.eos_id)
 
 

@@ -19,15 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from llm_jax.config import CONFIG_FILE, read_run_config
 from llm_jax.config.schema import SYNTHETIC_TASKS, Config, DataConfig
 from llm_jax.data.cache import CACHE_FORMAT_VERSION, content_key, file_lock, log, write_bytes_atomic
 from llm_jax.data.encode_groups import encoded_stream, token_dtype
 from llm_jax.data.sources import Corpus, open_corpus
 from llm_jax.data.splits import cap_bytes, cap_prefix
-from llm_jax.data.store import StoreWriter, TokenStore, is_complete, remove_stale_builds
+from llm_jax.data.store import StoreWriter, TokenStore, TokenStream, is_complete, remove_stale_builds
 from llm_jax.data.synthetic import check_layout, synthetic_rows
 from llm_jax.data.task_rows import task_rows
 from llm_jax.data.tokenizer import (
@@ -49,11 +47,11 @@ SPLITS = ("train", "validation")
 @dataclass
 class DataBundle:
     tokenizer: Tokenizer
-    train_tokens: TokenStore | np.ndarray
+    train_tokens: TokenStream
     """1-D token stream of the training split (docs concatenated, EOS after each; a single text
     file's split is one doc): a read-only `TokenStore`, uint16 when the vocabulary fits
     (windows are widened to int32 when read), else int32."""
-    val_tokens: TokenStore | np.ndarray
+    val_tokens: TokenStream
     """The same for the held-out split."""
     val_bytes_per_token: float | None
     """UTF-8 bytes of the validation text / validation tokens (EOS included): bits per byte =

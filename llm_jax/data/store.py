@@ -293,3 +293,7 @@ class TokenStore:
                 if len(self._cache) > _CACHED_CHUNKS:
                     self._cache.popitem(last=False)
             return chunk
+
+
+TokenStream = TokenStore | np.ndarray
+"""What the pipeline reads windows from: a token store, or an in-memory array (tests, a data.task's rows)."""

@@ -6,10 +6,10 @@ Documents are encoded in groups of about `ENCODE_GROUP_CHARS` characters, and th
 the same whatever the number of workers, so 1 and N workers give the same tokens (a joined
 text's tokens can depend on where it is cut into groups, so the cut must not move).
 
-With workers, the parent reads documents and hands groups out with `apply_async`, keeping at
+With workers, the parent reads documents and hands groups out with `submit`, keeping at
 most `IN_FLIGHT_PER_WORKER` x workers of them submitted but not yet consumed, and yields the
-results in submission order. (`Pool.imap` would not bound memory: its feeder thread drains
-the whole input iterator into the task queue.)
+results in submission order. (`multiprocessing.Pool.imap` would not bound memory: its feeder
+thread drains the whole input iterator into the task queue.)
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing.pool import AsyncResult
 from typing import Any
 
 import numpy as np
@@ -127,12 +127,18 @@ def _in_workers(groups: Iterator[list[str]], tokenizer: Tokenizer, joined: bool,
     # starts at once.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    pending: deque[AsyncResult] = deque()
-    with context.Pool(workers, initializer=_start_worker, initargs=(tokenizer, identity_of(tokenizer))) as pool:
+    # A process pool from concurrent.futures rather than multiprocessing.Pool: a worker that dies
+    # (killed for memory, say) fails the build with BrokenProcessPool instead of hanging it.
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                               initargs=(tokenizer, identity_of(tokenizer)))
+    pending: deque[Future[EncodedGroup]] = deque()
+    try:
         for group in groups:
-            pending.append(pool.apply_async(_encode_in_worker, (group, joined)))
+            pending.append(pool.submit(_encode_in_worker, group, joined))
             del group  # the pool holds its own pickled copy until a worker takes it
             if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # an error or an early stop: drop the queue

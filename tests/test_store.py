@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from llm_jax.data.build import prepare_data
 from llm_jax.data.encode_groups import encoded_stream, token_dtype
 from llm_jax.data.sources import open_corpus
 from llm_jax.data.store import StoreWriter, TokenStore, write_store
-from llm_jax.data.tokenizer import ByteTokenizer, encode_documents
+from llm_jax.data.tokenizer import ByteTokenizer, HFTokenizer, encode_documents
 from llm_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,6 +167,34 @@ def test_joined_text_gives_the_same_tokens_with_workers(tmp_path: Path, monkeypa
     two = np.concatenate([g.tokens for g in encoded_stream(pieces, ByteTokenizer(), joined=True, workers=2)])
     np.testing.assert_array_equal(one, two)
     np.testing.assert_array_equal(one, byte_stream(["".join(pieces)]))  # one text, one EOS
+
+
+def test_hugging_face_tokenizer_travels_to_workers(monkeypatch) -> None:
+    monkeypatch.setattr(encode_module, "ENCODE_GROUP_CHARS", 400)
+    tokenizer = HFTokenizer(ROOT / "tests" / "fixtures" / "hf" / "gpt2" / "tokenizer.json")
+    docs = random_docs(8, 120)
+    one = np.concatenate([g.tokens for g in encoded_stream(docs, tokenizer, joined=False)])
+    two = np.concatenate([g.tokens for g in encoded_stream(docs, tokenizer, joined=False, workers=2)])
+    np.testing.assert_array_equal(two, one)
+    np.testing.assert_array_equal(one, encode_documents(tokenizer, docs))
+
+
+class DyingTokenizer(ByteTokenizer):
+    """Kills the worker process that meets the document "die" (as the kernel's OOM killer would)."""
+
+    def encode_documents(self, docs):
+        if "die" in docs:
+            os._exit(1)
+        return super().encode_documents(docs)
+
+
+def test_a_killed_worker_fails_the_build_instead_of_hanging_it(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(encode_module, "ENCODE_GROUP_CHARS", 1)  # one document per group
+    docs = ["a", "b", "die", "c", "d"]
+    with pytest.raises(BrokenProcessPool):
+        write_store(tmp_path / "s", (g.tokens for g in encoded_stream(docs, DyingTokenizer(), False, workers=2)),
+                    np.dtype(np.uint16), 256, {})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_workers_read_ahead_a_bounded_number_of_groups(monkeypatch) -> None:

@@ -91,6 +91,10 @@ def test_round_trip_across_records_and_shards(tmp_path: Path, dtype: type) -> No
     copy = pickle.loads(pickle.dumps(store))  # as Grain may copy a source: reopens lazily
     np.testing.assert_array_equal(copy[40:90], expected[40:90])
 
+    (tmp_path / "s" / shards[1]["file"]).unlink()  # a damaged store is a user error naming it
+    with pytest.raises(UserError, match="shard-00001.array_record.*delete the directory"):
+        TokenStore(tmp_path / "s")[21:30]
+
 
 def test_empty_stream_and_dtype_choice(tmp_path: Path) -> None:
     store = write_store(tmp_path / "empty", [], np.dtype(np.uint16), 256, {})

@@ -282,12 +282,21 @@ class TokenStore:
                 self._cache.move_to_end(index)
                 return cached
             shard, record = divmod(index, self._chunks_per_shard)
-            reader = self._readers.get(shard)
-            if reader is None:
-                reader = _array_record().ArrayRecordReader(str(self._files[shard]), _READER_OPTIONS)
-                self._readers[shard] = reader
-            raw = reader.read([record])[0]
+            expected = min(self._chunk_tokens, self._length - index * self._chunk_tokens)
+            try:
+                reader = self._readers.get(shard)
+                if reader is None:
+                    reader = _array_record().ArrayRecordReader(str(self._files[shard]), _READER_OPTIONS)
+                    self._readers[shard] = reader
+                raw = reader.read([record])[0]
+            except (RuntimeError, OSError, IndexError, ValueError) as exc:
+                reason = str(exc).replace("\n", " ")
+                raise UserError(f"token store {self.path} is damaged ({self._files[shard].name}, record {record}: "
+                                f"{reason}); delete the directory to rebuild it") from None
             chunk = np.frombuffer(raw, dtype=self.dtype.newbyteorder("<")).astype(self.dtype, copy=False)
+            if len(chunk) != expected:
+                raise UserError(f"token store {self.path} is damaged ({self._files[shard].name}, record {record} "
+                                f"has {len(chunk)} tokens, not {expected}); delete the directory to rebuild it")
             if keep:
                 self._cache[index] = chunk
                 if len(self._cache) > _CACHED_CHUNKS:

@@ -15,6 +15,7 @@ import absl.logging
 import jax
 
 from llm_jax.config import key_docs, load_config
+from llm_jax.data.build import describe_prepared, prepare_data
 from llm_jax.errors import UserError
 from llm_jax.inference.api import load
 from llm_jax.interop import adapters
@@ -22,6 +23,7 @@ from llm_jax.interop.pretrained import export_hf
 from llm_jax.parallel.cpu_devices import split_cpu_host
 from llm_jax.parallel.distributed import initialize, is_multiprocess, resolve_placement
 from llm_jax.paths import enable_compile_cache
+from llm_jax.runtime.run_dir import check_run_dir
 from llm_jax.scaling.fit import fit_all, format_fit
 from llm_jax.scaling.launchers import submit_runs
 from llm_jax.scaling.plots import write_plots
@@ -37,6 +39,7 @@ USAGE_EXAMPLES = """examples:
   llm-jax train gpt_tiny train.steps=50 run.dir=runs/try
   llm-jax generate runs/try --prompt "def " --max-new-tokens 100
   llm-jax bench gpt_small train.batch_size=8
+  llm-jax prepare gpt_small --workers 4        # tokenise the corpus into the cache ahead of training
   llm-jax import-hf path/to/hf_gpt2 runs/gpt2   # a Hugging Face checkpoint as a run
   llm-jax export-hf runs/try out/hf_try         # a run as a Hugging Face checkpoint
   llm-jax sweep isoflop_tiny --dir sweeps/tiny  # an IsoFLOP grid, its fits, plots and report
@@ -68,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("config")
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    r = sub.add_parser("prepare", help="tokenise a config's corpus into the token cache (both splits)")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    r.add_argument("--workers", type=int, default=1, metavar="N", help="tokenising processes (default 1)")
 
     g = sub.add_parser("generate", help="sample text from a trained run")
     g.add_argument("run_dir")
@@ -152,6 +160,14 @@ def _cmd_bench(args) -> None:
         print(f"{key:>16}: {value:.4g}" if isinstance(value, float) else f"{key:>16}: {value}")
 
 
+def _cmd_prepare(args) -> None:
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir, _ = check_run_dir(cfg)  # sentencepiece / hf tokenizers are kept in the run directory
+    for prepared in prepare_data(cfg, run_dir, args.workers):
+        print(describe_prepared(prepared))
+
+
 def _cmd_generate(args) -> None:
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
@@ -208,8 +224,9 @@ def _cmd_fit(args) -> None:
     print(f"wrote {report} and {len(plots)} figures", file=sys.stderr if args.json else sys.stdout)
 
 
-COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "generate": _cmd_generate, "import-hf": _cmd_import_hf,
-            "export-hf": _cmd_export_hf, "sweep": _cmd_sweep, "keys": _cmd_keys, "fit": _cmd_fit}
+COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "prepare": _cmd_prepare, "generate": _cmd_generate,
+            "import-hf": _cmd_import_hf, "export-hf": _cmd_export_hf, "sweep": _cmd_sweep, "keys": _cmd_keys,
+            "fit": _cmd_fit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -381,7 +381,7 @@ def test_stdlib_build_with_max_bytes_and_cache_reuse(tmp_path: Path, monkeypatch
         n_docs = int((np.asarray(tokens) == 256).sum())
         assert 150_000 < len(tokens) - n_docs <= 200_000  # whole files up to the cap
     assert "def " in bundle.tokenizer.decode(bundle.train_tokens[:20000])
-    cached = sorted((tmp_path / "cache" / "tokens").glob("*.npy"))
+    cached = sorted((tmp_path / "cache" / "tokens").glob("*/manifest.json"))
     assert len(cached) == 2
     mtimes = [p.stat().st_mtime_ns for p in cached]
 
@@ -399,14 +399,14 @@ def test_half_written_cache_is_not_used(tmp_path: Path, text_dir: Path) -> None:
     cfg = make_config(tmp_path, source=f"text:{text_dir}")
     expected = np.array(build_data(cfg, tmp_path / "run").train_tokens)
     folder = tmp_path / "cache" / "tokens"
-    for meta in folder.glob("*.json"):
-        meta.unlink()  # as if killed between writing the array and its metadata
-    for npy in folder.glob("*.npy"):
-        npy.unlink()  # a new file, not truncation: the old one is still memory-mapped
-        npy.write_bytes(b"garbage")
+    for store in [p for p in folder.iterdir() if p.is_dir()]:
+        # As if killed mid-build: only the temporary directory beside the destination remains.
+        store.rename(folder / f".{store.name}.killed.tmp")
+        (folder / f".{store.name}.killed.tmp" / "manifest.json").unlink()
+        (folder / f".{store.name}.killed.tmp" / "shard-00000.array_record").write_bytes(b"garbage")
     second = build_data(cfg, tmp_path / "run")
     np.testing.assert_array_equal(second.train_tokens, expected)
-    assert not list(folder.glob("*.tmp*"))
+    assert not list(folder.glob("*.tmp*"))  # the leftovers are cleared by the next build
 
 
 def test_changed_file_invalidates_the_cache(tmp_path: Path, text_dir: Path) -> None:

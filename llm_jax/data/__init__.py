@@ -1,6 +1,6 @@
-"""Data: corpus sources, tokenizers, the token cache and the Grain pipeline.
+"""Data: corpus sources, tokenizers, the token store (cache) and the Grain pipeline.
 
-    bundle = build_data(cfg, run_dir)            # tokenizer + cached token streams
+    bundle = build_data(cfg, run_dir)            # tokenizer + cached token streams (TokenStore)
     ds = train_dataset(bundle.train_tokens, ...)  # ds[step] -> this process's rows of the batch
     it = BatchIterator(ds, start, end, prefetch, to_global)
 

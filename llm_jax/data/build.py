@@ -1,8 +1,9 @@
-"""From config to token arrays: read the source, build or load the tokenizer, tokenise once.
+"""From config to token streams: read the source, build or load the tokenizer, tokenise once.
 
-Tokenised splits are cached as `.npy` (uint16 when the vocabulary fits, else int32) plus a
-JSON with counts, keyed by everything that determines their content; a second run with the
-same data and tokenizer memory-maps them instead of tokenising again.
+Tokenised splits are cached as token stores (`data/store.py`: ArrayRecord shards plus a
+manifest) keyed by everything that determines their content; a second run with the same data
+and tokenizer reads them instead of tokenising again. `llm-jax prepare` builds them ahead of
+training, with several tokenising processes.
 
 A split's stream is its documents, each followed by EOS; for a single text file (a "joined"
 corpus) it is the split's whole text followed by one EOS.
@@ -14,29 +15,20 @@ of examples instead of a token stream.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from llm_jax.config import CONFIG_FILE, read_run_config
 from llm_jax.config.schema import SUPERVISED_FORMATS, SYNTHETIC_TASKS, Config, DataConfig
-from llm_jax.data.cache import (
-    CACHE_FORMAT_VERSION,
-    content_key,
-    file_lock,
-    log,
-    save_npy_atomic,
-    write_bytes_atomic,
-    write_json_atomic,
-)
+from llm_jax.data.cache import CACHE_FORMAT_VERSION, content_key, file_lock, log, write_bytes_atomic
+from llm_jax.data.encode_groups import encoded_stream, token_dtype
 from llm_jax.data.sft_rows import resolve_format, supervised_rows
 from llm_jax.data.sources import Corpus, open_corpus
 from llm_jax.data.splits import cap_bytes, cap_prefix
+from llm_jax.data.store import StoreWriter, TokenStore, TokenStream, is_complete, remove_stale_builds
 from llm_jax.data.synthetic import check_layout, synthetic_rows
 from llm_jax.data.task_rows import task_rows
 from llm_jax.data.tokenizer import (
@@ -44,7 +36,6 @@ from llm_jax.data.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
-    encode_documents,
     identity_of,
     train_sentencepiece,
 )
@@ -53,19 +44,17 @@ from llm_jax.paths import cache_root
 
 SP_MODEL = "sp.model"
 HF_FILE = "tokenizer.json"
-# Documents are encoded in groups of about this many characters: large enough for the
-# batched encoders to pay off, small enough that Python-level id lists stay modest.
-_ENCODE_GROUP_CHARS = 8_000_000
+SPLITS = ("train", "validation")
 
 
 @dataclass
 class DataBundle:
     tokenizer: Tokenizer
-    train_tokens: np.ndarray
+    train_tokens: TokenStream
     """1-D token stream of the training split (docs concatenated, EOS after each; a single text
-    file's split is one doc). Read-only memmap,
-    uint16 when the vocabulary fits (windows are widened to int32 when read), else int32."""
-    val_tokens: np.ndarray
+    file's split is one doc): a read-only `TokenStore`, uint16 when the vocabulary fits
+    (windows are widened to int32 when read), else int32."""
+    val_tokens: TokenStream
     """The same for the held-out split."""
     val_bytes_per_token: float | None
     """UTF-8 bytes of the validation text / validation tokens (EOS included): bits per byte =
@@ -76,7 +65,7 @@ class DataBundle:
 
 def build_data(cfg: Config, run_dir: Path) -> DataBundle:
     """Tokenizer (trained or copied into run_dir/tokenizer/) and both splits' token streams,
-    tokenised on first use and memory-mapped from the cache afterwards."""
+    tokenised on first use and read from the cache's token stores afterwards."""
     cfg = resolve_format(cfg)  # a no-op when the caller (train) has resolved it already
     data = cfg.data
     root = cache_root(data.cache_dir)
@@ -91,7 +80,7 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
         return DataBundle(tokenizer, task_rows(cfg, corpus, tokenizer, "train", root),
                           task_rows(cfg, corpus, tokenizer, "validation", root), None)
     train, _ = _split_tokens(corpus, tokenizer, "train", data, root)
-    val, val_meta = _split_tokens(corpus, tokenizer, "validation", data, root)
+    val, _ = _split_tokens(corpus, tokenizer, "validation", data, root)
     for split, tokens in (("train", train), ("validation", val)):
         if len(tokens) < cfg.train.seq_len + 1:
             raise UserError(
@@ -99,7 +88,50 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
                 f"than train.seq_len+1={cfg.train.seq_len + 1}; use more data (data.max_bytes?) "
                 "or a shorter train.seq_len"
             )
-    return DataBundle(tokenizer, train, val, val_meta["n_bytes"] / val_meta["n_tokens"])
+    return DataBundle(tokenizer, train, val, val.manifest["bytes"] / len(val))
+
+
+@dataclass
+class PreparedSplit:
+    split: str
+    store: TokenStore
+    seconds: float | None
+    """How long tokenising and writing took; None when the store was already in the cache."""
+
+
+def describe_prepared(prepared: PreparedSplit) -> str:
+    """One line: counts, throughput of the build (or that it was cached) and the store's path."""
+    store, manifest = prepared.store, prepared.store.manifest
+    counts = (f"{manifest['documents']} documents, {manifest['bytes'] / 1e6:.1f} MB of text, "
+              f"{len(store)} tokens, {len(manifest['shards'])} shards")
+    if prepared.seconds is None:
+        return f"{prepared.split}: exists ({counts}): {store.path}"
+    seconds = max(prepared.seconds, 1e-9)
+    return (f"{prepared.split}: {counts} in {prepared.seconds:.1f} s ({manifest['bytes'] / 1e6 / seconds:.1f} MB/s, "
+            f"{len(store) / seconds:,.0f} tokens/s): {store.path}")
+
+
+def prepare_data(cfg: Config, run_dir: Path, workers: int = 1) -> list[PreparedSplit]:
+    """Both splits' token stores in the cache, built with `workers` tokenising processes where
+    missing (`llm-jax prepare`); the tokenizer lands in run_dir/tokenizer as for training."""
+    cfg = resolve_format(cfg)
+    data = cfg.data
+    if data.task:
+        raise UserError(f"data.task={data.task} builds its examples when training starts; "
+                        "prepare makes token streams only (unset data.task)")
+    if data.format in SUPERVISED_FORMATS:
+        raise UserError(f"data.format={data.format}: {data.source} holds examples, whose rows are built when training "
+                        "starts; prepare makes token streams of text only")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    root = cache_root(data.cache_dir)
+    corpus = open_corpus(data, root)
+    tokenizer = _build_tokenizer(data, Path(run_dir), corpus, root, cfg.checkpoint.init_from)
+    prepared = []
+    for split in SPLITS:
+        store, seconds = _split_tokens(corpus, tokenizer, split, data, root, workers)
+        prepared.append(PreparedSplit(split, store, seconds))
+    return prepared
 
 
 def _synthetic_data(cfg: Config, run_dir: Path, root: Path) -> DataBundle:
@@ -235,26 +267,31 @@ def _trained_sp_model(data: DataConfig, corpus: Corpus, root: Path) -> Path:
     return path
 
 
-def _split_tokens(corpus: Corpus, tokenizer: Tokenizer, split: str, data: DataConfig,
-                  root: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """The split's token stream (memory-mapped from the cache, tokenising first if needed)."""
-    key = content_key({"corpus": corpus.fingerprint, "tokenizer": identity_of(tokenizer),
+def _split_tokens(corpus: Corpus, tokenizer: Tokenizer, split: str, data: DataConfig, root: Path,
+                  workers: int = 1) -> tuple[TokenStore, float | None]:
+    """The split's token store and the seconds its build took (None: it was in the cache)."""
+    identity = identity_of(tokenizer)
+    key = content_key({"corpus": corpus.fingerprint, "tokenizer": identity,
                        "split": split, "val_fraction": data.val_fraction,
                        "max_bytes": data.max_bytes, "text_field": data.text_field,
                        "format": CACHE_FORMAT_VERSION})
-    folder = root / "tokens"
-    npy, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
-    if not meta_path.is_file():
-        with file_lock(folder / f".{key}.lock"):
+    dest = root / "tokens" / key
+    seconds = None
+    if not is_complete(dest):
+        with file_lock(root / "tokens" / f".{key}.lock"):
             # Another process may have finished it while this one waited for the lock.
-            if not meta_path.is_file():
-                tokens, meta = _tokenise(corpus, tokenizer, split, data.max_bytes)
-                meta.update(source=corpus.label, split=split, tokenizer=tokenizer.name)
-                # The .npy lands first: a .json always vouches for a complete .npy beside it.
-                save_npy_atomic(npy, tokens)
-                write_json_atomic(meta_path, meta)
-    meta = json.loads(meta_path.read_text())
-    return np.load(npy, mmap_mode="r"), meta
+            if not is_complete(dest):
+                if dest.exists():
+                    raise UserError(f"{dest} is not a complete token store (no manifest.json) and not one "
+                                    "this build left; remove it to rebuild")
+                remove_stale_builds(dest)
+                header = {"source": corpus.label, "source_fingerprint": corpus.fingerprint, "split": split,
+                          "tokenizer": identity, "val_fraction": data.val_fraction,
+                          "max_bytes": data.max_bytes, "text_field": data.text_field}
+                start = time.perf_counter()
+                _tokenise(corpus, tokenizer, split, data.max_bytes, dest, header, workers)
+                seconds = time.perf_counter() - start
+    return TokenStore(dest), seconds
 
 
 def _capped_documents(corpus: Corpus, split: str, max_bytes: int) -> Iterator[str]:
@@ -264,37 +301,25 @@ def _capped_documents(corpus: Corpus, split: str, max_bytes: int) -> Iterator[st
     return cap(corpus.documents(split), max_bytes)
 
 
-def _tokenise(corpus: Corpus, tokenizer: Tokenizer, split: str,
-              max_bytes: int) -> tuple[np.ndarray, dict[str, Any]]:
-    log(f"tokenising the {corpus.label} {split} split with the {tokenizer.name} tokenizer...")
+def _tokenise(corpus: Corpus, tokenizer: Tokenizer, split: str, max_bytes: int, dest: Path,
+              header: dict[str, Any], workers: int) -> TokenStore:
+    """Stream the split's tokens into a new store at `dest`, `workers` processes tokenising."""
+    log(f"tokenising the {corpus.label} {split} split with the {tokenizer.name} tokenizer"
+        f"{f' in {workers} processes' if workers > 1 else ''}...")
     start = time.perf_counter()
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
     joined = corpus.joined()
-    parts: list[np.ndarray] = []
-    group: list[str] = []
-    group_chars = n_bytes = n_docs = 0
-
-    def encode_group() -> None:
-        if joined:  # consecutive pieces of one text: one string, its EOS dropped (added at the end)
-            parts.append(encode_documents(tokenizer, ["".join(group)])[:-1].astype(dtype))
-        else:
-            parts.append(encode_documents(tokenizer, group).astype(dtype))
-
-    for doc in _capped_documents(corpus, split, max_bytes):
-        group.append(doc)
-        group_chars += len(doc)
-        n_bytes += len(doc.encode("utf-8"))
-        n_docs += 1
-        if group_chars >= _ENCODE_GROUP_CHARS:
-            encode_group()
-            group, group_chars = [], 0
-    if group:
-        encode_group()
-    if joined and n_docs:
-        parts.append(np.array([tokenizer.eos_id], dtype))
-        n_docs = 1
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype)
+    counts = {"documents": 0, "bytes": 0}
+    groups = encoded_stream(_capped_documents(corpus, split, max_bytes), tokenizer, joined, workers)
+    with StoreWriter(dest, token_dtype(tokenizer.vocab_size), tokenizer.eos_id) as writer:
+        for group in groups:
+            writer.append(group.tokens)
+            counts["documents"] += group.n_docs
+            counts["bytes"] += group.n_bytes
+            del group  # not held while the next group is encoded
+        if joined and counts["documents"]:
+            counts["documents"] = 1  # the pieces were one text
+        store = writer.finish({**header, **counts})
     seconds = time.perf_counter() - start
-    log(f"{split}: {n_docs} documents, {n_bytes / 1e6:.1f} MB -> {len(tokens) / 1e6:.2f} M tokens "
-        f"in {seconds:.1f} s")
-    return tokens, {"n_tokens": int(len(tokens)), "n_bytes": int(n_bytes), "n_docs": n_docs}
+    log(f"{split}: {counts['documents']} documents, {counts['bytes'] / 1e6:.1f} MB -> "
+        f"{len(store) / 1e6:.2f} M tokens in {seconds:.1f} s")
+    return store

@@ -23,7 +23,8 @@ import numpy as np
 # Bump when the meaning of cached token arrays changes (document order, EOS placement, split
 # rules, ...), so old caches are ignored instead of silently reused.
 # 2: a single text file is split by position (head train, tail validation), not by chunk hash.
-CACHE_FORMAT_VERSION = 2
+# 3: token streams are token stores (ArrayRecord shards + manifest directories), not .npy files.
+CACHE_FORMAT_VERSION = 3
 
 
 def content_key(parts: dict[str, Any]) -> str:

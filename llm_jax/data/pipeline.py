@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from llm_jax.data.store import TokenStream
 from llm_jax.errors import UserError
 
 
 class TokenWindows:
     """Random-access source of int32 windows `tokens[i*seq_len : i*seq_len + seq_len + 1]`."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
+    def __init__(self, tokens: TokenStream, seq_len: int):
         self._tokens = tokens
         self._seq_len = seq_len
         self._length = max(0, (len(tokens) - 1) // seq_len)
@@ -27,7 +28,7 @@ class TokenWindows:
 
     def __getitem__(self, index: int) -> np.ndarray:
         start = int(index) * self._seq_len
-        # Cached arrays may be uint16 memmaps: widen only the rows actually read.
+        # Cached streams may be uint16 token stores: widen only the rows actually read.
         return np.asarray(self._tokens[start : start + self._seq_len + 1], dtype=np.int32)
 
     def __repr__(self) -> str:
@@ -50,7 +51,7 @@ class Rows:
         return f"Rows(n={len(self._rows)}, width={self._rows.shape[1]})"
 
 
-def _windows(tokens: np.ndarray, seq_len: int, what: str) -> TokenWindows | Rows:
+def _windows(tokens: TokenStream, seq_len: int, what: str) -> TokenWindows | Rows:
     """Windows of a 1-D token stream, or the rows of a 2-D array of examples."""
     windows = Rows(tokens) if tokens.ndim == 2 else TokenWindows(tokens, seq_len)
     if len(windows) == 0:
@@ -96,7 +97,7 @@ class StepBatches:
         return f"StepBatches({self.order})"
 
 
-def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int,
+def train_dataset(tokens: TokenStream, seq_len: int, global_batch: int, seed: int,
                   process_index: int = 0, process_count: int = 1) -> StepBatches:
     """ds[step] -> int32 [global_batch // process_count, seq_len + 1]: rows
     p*B/P .. (p+1)*B/P of the global batch of `step`, for process p of P."""
@@ -121,7 +122,7 @@ def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int
     return StepBatches(dataset, order)
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, global_batch: int, num_batches: int,
+def eval_batches(tokens: TokenStream, seq_len: int, global_batch: int, num_batches: int,
                  process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
     """Fixed held-out batches (windows in order, wrapping around if too few); this process's rows."""
     local_batch = _rows_per_process(global_batch, process_count)

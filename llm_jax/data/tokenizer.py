@@ -55,10 +55,15 @@ class ByteTokenizer:
     def encode_documents(self, docs: Sequence[str]) -> np.ndarray:
         """All docs, each followed by EOS, as one uint16 array; vectorised (tens of MB in ~1 s)."""
         encoded = [d.encode("utf-8") for d in docs]
-        body = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.uint16)
-        ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
-        # np.insert puts each EOS before the element at that position: i.e. right after each doc.
-        return np.insert(body, ends, np.uint16(self.eos_id))
+        # Filled in place: joining the bytes and inserting the EOS ids would copy the group twice
+        # more, and a group's copies are the peak memory of tokenising (see data/store.py).
+        tokens = np.empty(sum(len(b) for b in encoded) + len(encoded), np.uint16)
+        position = 0
+        for raw in encoded:
+            tokens[position : position + len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+            tokens[position + len(raw)] = self.eos_id
+            position += len(raw) + 1
+        return tokens
 
 
 class SentencePieceTokenizer:
@@ -69,12 +74,20 @@ class SentencePieceTokenizer:
     def __init__(self, model_path: Path):
         import sentencepiece  # only the sentencepiece tokenizer needs it
 
+        self._path = Path(model_path)
         self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
         self.vocab_size = int(self._sp.get_piece_size())
         self.eos_id = int(self._sp.eos_id())
         if self.eos_id < 0:
             raise UserError(f"sentencepiece model {model_path} has no EOS piece")
         self.fingerprint = {"name": self.name, "sha256": file_sha256(model_path)}
+        self.threads = os.cpu_count() or 1
+        """Encoding threads of `encode_documents`; a tokenising worker process uses one."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as its model file's path (tokenising worker processes reload it there); the
+        # processor itself does not pickle.
+        return (type(self), (self._path,))
 
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text))
@@ -83,7 +96,7 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def encode_documents(self, docs: Sequence[str]) -> np.ndarray:
-        pieces = self._sp.encode(list(docs), num_threads=os.cpu_count() or 1)
+        pieces = self._sp.encode(list(docs), num_threads=self.threads)
         return _join_with_eos(pieces, self.eos_id)
 
 
@@ -96,6 +109,7 @@ class HFTokenizer:
     def __init__(self, path: Path):
         import tokenizers  # only a Hugging Face tokenizer.json needs it
 
+        self._path = Path(path)
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as exc:  # the library raises bare Exceptions on malformed files
@@ -109,6 +123,9 @@ class HFTokenizer:
             )
         self.eos_id = int(found[0])
         self.fingerprint = {"name": self.name, "sha256": file_sha256(path)}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self._path,))  # as SentencePieceTokenizer: reloaded from its file
 
     def token_id(self, token: str) -> int | None:
         """The id of a token (e.g. BERT's "[MASK]"), or None when the vocabulary lacks it."""

@@ -15,8 +15,8 @@ from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.data.build import build_data
 from llm_jax.data.formats import BadRecord, chat_prompt_ids, encode_example
+from llm_jax.data.jsonl_files import jsonl_held_out_lines
 from llm_jax.data.sft_rows import resolve_format
-from llm_jax.data.sources import jsonl_held_out_lines
 from llm_jax.errors import UserError
 from llm_jax.train.objectives import Vocab, build_objective, row_width
 

@@ -154,7 +154,7 @@ SUPERVISED_FORMATS = ("prompt_completion", "chat")
 
 class DataConfig(Section):
     source: str = "stdlib"
-    """stdlib | text:PATH (file, directory or glob) | jsonl:PATH | tfds:NAME."""
+    """stdlib | text:PATH | jsonl:PATH (.gz, .zst) | parquet:PATH | hf_disk:DIR (save_to_disk) | tfds:NAME."""
     task: Literal["", "funcname", "docsig", "package", "selective_copy", "induction"] = ""
     """Empty: model the corpus. Else funcname, docsig, package (stdlib) or selective_copy, induction (docs/tasks.md)."""
     synthetic_vocab: int = pydantic.Field(16, ge=2)
@@ -168,11 +168,11 @@ class DataConfig(Section):
     sp_vocab_size: int = pydantic.Field(4096, ge=512)
     """Vocabulary size of the sentencepiece BPE model trained on the training split."""
     text_field: str = "text"
-    """Field holding the text in JSONL records and TFDS examples."""
+    """Field holding the text in JSONL records, TFDS examples and Parquet / hf_disk columns."""
     format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"
     """jsonl: text (data.text_field), prompt_completion or chat records (docs/sft.md); auto: from the first record."""
     skip_bad_records: bool = False
-    """prompt_completion, chat: skip (and count) bad or too long records instead of stopping at the first."""
+    """Skip (and count) bad or too long supervised records, and null Parquet / hf_disk texts, instead of stopping."""
     val_fraction: float = pydantic.Field(0.05, gt=0, lt=1)
     """Held-out fraction: a single text file's tail (cut at a line start); else documents by name hash."""
     max_bytes: int = pydantic.Field(0, ge=0)

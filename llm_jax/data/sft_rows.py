@@ -3,7 +3,7 @@
 `resolve_format` turns data.format=auto into the format the file's first record implies, before
 anything else reads the config (the objective, the run directory's identity). `supervised_rows`
 reads the file in one pass: each non-empty line is an example (`formats.encode_example`) in the
-split its line number hashes to, as for a text JSONL corpus (`sources.jsonl_held_out_lines`). A
+split its line number hashes to, as for a text JSONL corpus (`jsonl_files.jsonl_held_out_lines`; plain, .gz or .zst). A
 bad record stops the build with `FILE:LINE: reason`, or with data.skip_bad_records is counted
 and skipped. Both splits' rows are cached as `.npy` under `<cache>/sft/`, keyed by everything
 that decides them, and memory-mapped afterwards; the `.json` beside them is written last, so it
@@ -21,7 +21,7 @@ from llm_jax.config import Config, validate
 from llm_jax.config.schema import SUPERVISED_FORMATS
 from llm_jax.data.cache import CACHE_FORMAT_VERSION, content_key, file_lock, log, save_npy_atomic, write_json_atomic
 from llm_jax.data.formats import TEMPLATE_VERSION, BadRecord, detect_format, encode_example
-from llm_jax.data.sources import jsonl_fingerprint, jsonl_held_out_lines
+from llm_jax.data.jsonl_files import first_line, jsonl_fingerprint, jsonl_held_out_lines, jsonl_lines
 from llm_jax.data.tokenizer import Tokenizer, identity_of
 from llm_jax.errors import UserError
 
@@ -33,7 +33,7 @@ _QUOTED_BAD = 3
 def jsonl_path(source: str) -> Path:
     path = Path(source.removeprefix("jsonl:")).expanduser()
     if not path.is_file():
-        raise UserError(f"JSONL file not found: {path} (data.source '{source}')")
+        raise UserError(f"JSONL file not found: {path} (data.source '{source}'; supervised formats read one file)")
     return path
 
 
@@ -44,10 +44,10 @@ def resolve_format(cfg: Config) -> Config:
     data = cfg.data
     if data.format != "auto" or data.task or not data.source.startswith("jsonl:"):
         return cfg
-    path = jsonl_path(data.source)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        first = next((line for line in f if line.strip()), "")
-    found = detect_format(first)
+    path = Path(data.source.removeprefix("jsonl:")).expanduser()
+    if not path.is_file():  # a directory or glob of JSONL files is a text corpus (or missing: said there)
+        return cfg
+    found = detect_format(first_line(path))
     if found not in SUPERVISED_FORMATS:
         return cfg
     settings = cfg.to_dict()
@@ -88,18 +88,15 @@ def _build(cfg: Config, tokenizer: Tokenizer, path: Path) -> tuple[dict[str, np.
     held_out = jsonl_held_out_lines(path, cfg.data.val_fraction)
     rows: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
     bad: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                row = encode_example(line, fmt, tokenizer.encode, tokenizer.eos_id, cfg.train.loss_on, seq_len)
-            except BadRecord as exc:
-                if not cfg.data.skip_bad_records:
-                    raise UserError(f"{path}:{i + 1}: {exc} (data.skip_bad_records=true skips such records)") from None
-                bad.append(f"line {i + 1}: {exc}")
-                continue
-            rows["validation" if i in held_out else "train"].append(row)
+    for i, line in jsonl_lines(path):
+        try:
+            row = encode_example(line, fmt, tokenizer.encode, tokenizer.eos_id, cfg.train.loss_on, seq_len)
+        except BadRecord as exc:
+            if not cfg.data.skip_bad_records:
+                raise UserError(f"{path}:{i + 1}: {exc} (data.skip_bad_records=true skips such records)") from None
+            bad.append(f"line {i + 1}: {exc}")
+            continue
+        rows["validation" if i in held_out else "train"].append(row)
     for split in SPLITS:
         if not rows[split]:
             raise UserError(f"{path}: no {split} examples left ({sum(map(len, rows.values()))} good and {len(bad)} "

@@ -1,0 +1,94 @@
+"""JSONL files, plain or compressed: the one place that opens them and decides their split.
+
+`jsonl_lines` reads a `.jsonl`, `.jsonl.gz` (stdlib gzip) or `.jsonl.zst` (zstandard's
+streaming reader) file line by line, never whole; text corpora (`sources`) and supervised
+formats (`sft_rows`) both read through it, so both accept every compression. A record's split
+is a hash of its line number (`jsonl_held_out_lines`): the same for a file and its compressed
+copy, so compressing a corpus changes neither split.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import IO, Any
+
+import zstandard
+
+from llm_jax.data.splits import validation_mask
+from llm_jax.errors import UserError
+
+# What a directory or glob of JSONL files keeps.
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
+
+
+def _open_text(path: Path, stack: ExitStack) -> IO[str]:
+    if path.name.endswith(".gz"):
+        return stack.enter_context(gzip.open(path, "rt", encoding="utf-8", errors="replace"))
+    raw = stack.enter_context(open(path, "rb"))
+    if path.name.endswith(".zst"):
+        # read_across_frames: `zstd` of a concatenation (or pzstd) writes several frames.
+        reader = stack.enter_context(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+        return stack.enter_context(io.TextIOWrapper(reader, encoding="utf-8", errors="replace"))
+    return stack.enter_context(io.TextIOWrapper(raw, encoding="utf-8", errors="replace"))
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(0-based line number, line) of each non-empty line, decompressing as it goes. A damaged
+    or truncated compressed file is a one-line UserError naming it."""
+    with ExitStack() as stack:
+        try:
+            f = _open_text(path, stack)
+            for i, line in enumerate(f):
+                if line.strip():
+                    yield i, line
+        except (OSError, EOFError, zstandard.ZstdError) as exc:
+            raise UserError(f"{path}: cannot be read as {_kind(path)} ({exc})") from None
+
+
+def _kind(path: Path) -> str:
+    if path.name.endswith(".gz"):
+        return "gzip-compressed JSONL"
+    return "zstd-compressed JSONL" if path.name.endswith(".zst") else "JSONL"
+
+
+def first_line(path: Path) -> str:
+    """The first non-empty line ("" for an empty file), without reading the rest."""
+    lines = jsonl_lines(path)
+    try:
+        return next((line for _, line in lines), "")
+    finally:
+        lines.close()
+
+
+def jsonl_held_out_lines(path: Path, val_fraction: float) -> set[int]:
+    """0-based numbers of the non-empty lines of a JSONL file that are validation records: a
+    hash of the line number against val_fraction (`splits.validation_mask`), at least one
+    record on each side when there are two."""
+    line_numbers = [i for i, _ in jsonl_lines(path)]
+    mask = validation_mask([f"line{i}" for i in line_numbers], val_fraction)
+    return {i for i, v in zip(line_numbers, mask, strict=True) if v}
+
+
+def jsonl_fingerprint(path: Path) -> dict[str, Any]:
+    """Identity of a JSONL file for cache keys: its resolved path, size and mtime."""
+    stat = path.stat()
+    return {"source": "jsonl", "file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def jsonl_text(line: str, path: Path, line_number: int, field: str) -> str:
+    """The text in `field` of one JSONL record; anything else is a UserError naming FILE:LINE."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
+    if not isinstance(record, dict) or field not in record:
+        raise UserError(f"{path}:{line_number}: no field '{field}' (set data.text_field)")
+    value = record[field]
+    if not isinstance(value, str):
+        raise UserError(f"{path}:{line_number}: field '{field}' is {type(value).__name__}, not text")
+    return value

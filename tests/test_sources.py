@@ -143,6 +143,14 @@ def test_supervised_prompt_completion_jsonl_works_compressed(tmp_path: Path) -> 
             np.testing.assert_array_equal(got, want)
 
 
+def test_supervised_formats_refuse_a_jsonl_directory(tmp_path: Path) -> None:
+    write_compressed(tmp_path / "pc.jsonl", jsonl_bytes([{"prompt": "q:", "completion": "a"}] * 4))
+    cfg = make_config(tmp_path, source=f"jsonl:{tmp_path}", format="prompt_completion")
+    with pytest.raises(UserError) as info:
+        build_data(cfg, tmp_path / "run")
+    assert_one_line_error(info, "one JSONL file", f"jsonl:{tmp_path}")
+
+
 # ---------------------------------------------------------------- Parquet
 
 

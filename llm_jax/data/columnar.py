@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from llm_jax.config.schema import DataConfig
 from llm_jax.data.cache import log
 from llm_jax.data.corpus import Corpus, file_stats, relative_name, resolve_files
-from llm_jax.data.splits import validation_mask
+from llm_jax.data.splits import streamed_validation_mask
 from llm_jax.errors import UserError
 
 # Rows per batch read from a Parquet row group: bounded memory whatever the row group's size.
@@ -119,8 +119,8 @@ def _hashed_split(root: Path, files: list[Path], counts: list[int], split: str, 
                   rows_of: Callable[[Path, _Skipped], Iterator[tuple[int, str]]]) -> Iterator[str]:
     """The texts of `split` when each row goes to validation by a hash of `FILE:rowN` over all
     rows of all files (`counts`: rows per file); `rows_of(file, skipped)` yields (row, text)."""
-    names = [f"{relative_name(f, root)}:row{i}" for f, n in zip(files, counts, strict=True) for i in range(n)]
-    mask = validation_mask(names, data.val_fraction)
+    names = (f"{relative_name(f, root)}:row{i}" for f, n in zip(files, counts, strict=True) for i in range(n))
+    mask = streamed_validation_mask(names, data.val_fraction)
     want_val, skipped, start = split == "validation", _Skipped(), 0
     for path, count in zip(files, counts, strict=True):
         yield from (text for row, text in rows_of(path, skipped) if mask[start + row] == want_val)

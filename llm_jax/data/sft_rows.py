@@ -12,6 +12,7 @@ always vouches for complete arrays, and an error leaves nothing behind.
 
 from __future__ import annotations
 
+import glob
 import json
 from pathlib import Path
 
@@ -32,8 +33,11 @@ _QUOTED_BAD = 3
 
 def jsonl_path(source: str) -> Path:
     path = Path(source.removeprefix("jsonl:")).expanduser()
+    if path.is_dir() or glob.has_magic(str(path)):
+        raise UserError(f"supervised formats read one JSONL file (plain, .gz or .zst), not a directory or glob: "
+                        f"data.source '{source}'")
     if not path.is_file():
-        raise UserError(f"JSONL file not found: {path} (data.source '{source}'; supervised formats read one file)")
+        raise UserError(f"JSONL file not found: {path} (data.source '{source}')")
     return path
 
 

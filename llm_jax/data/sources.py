@@ -28,7 +28,7 @@ from llm_jax.data.jsonl_files import (
     jsonl_lines,
     jsonl_text,
 )
-from llm_jax.data.splits import line_chunks, tail_split, validation_mask
+from llm_jax.data.splits import line_chunks, streamed_validation_mask, tail_split, validation_mask
 from llm_jax.errors import UserError
 
 __all__ = ["SOURCE_KINDS", "Corpus", "open_corpus"]
@@ -124,12 +124,11 @@ def _jsonl_corpus(spec: str, arg: str, val_fraction: float, field: str) -> Corpu
     def documents(split: str) -> Iterator[str]:
         # Names are file + line number over all files at once, so a line's split depends on its
         # file and number only, and the small-corpus rule sees the whole corpus.
-        lines = [(f, i) for f in files for i, _ in jsonl_lines(f)]
-        mask = validation_mask([f"{relative_name(f, root)}:line{i}" for f, i in lines], val_fraction)
-        held_out = {place for place, v in zip(lines, mask, strict=True) if v}
+        names = (f"{relative_name(f, root)}:line{i}" for f in files for i, _ in jsonl_lines(f))
+        mask = iter(streamed_validation_mask(names, val_fraction))
         for f in files:
             for i, line in jsonl_lines(f):
-                if ((f, i) in held_out) == (split == "validation"):
+                if next(mask) == (split == "validation"):
                     yield jsonl_text(line, f, i + 1, field)
 
     return Corpus(spec, fingerprint, documents)

@@ -21,6 +21,8 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 
+import numpy as np
+
 CHUNK_BYTES = 64 * 1024
 
 
@@ -37,12 +39,18 @@ def validation_mask(names: Sequence[str], val_fraction: float) -> list[bool]:
     validation (or the highest back to train), so both splits are non-empty when there are at
     least two documents. Large corpora never hit this, so it does not disturb stability there.
     """
-    hashes = [name_hash(n) for n in names]
-    mask = [h < val_fraction for h in hashes]
-    if len(names) >= 2 and not any(mask):
-        mask[min(range(len(names)), key=hashes.__getitem__)] = True
-    if len(names) >= 2 and all(mask):
-        mask[max(range(len(names)), key=hashes.__getitem__)] = False
+    return streamed_validation_mask(names, val_fraction).tolist()
+
+
+def streamed_validation_mask(names: Iterable[str], val_fraction: float) -> np.ndarray:
+    """`validation_mask` of names given one at a time, as a bool array: keeps 8 bytes per name
+    (its hash) instead of the names, for sources of many millions of rows."""
+    hashes = np.fromiter((name_hash(n) for n in names), dtype=np.float64)
+    mask = hashes < val_fraction
+    if len(hashes) >= 2 and not mask.any():
+        mask[np.argmin(hashes)] = True  # the first of equal hashes, as min() takes
+    if len(hashes) >= 2 and mask.all():
+        mask[np.argmax(hashes)] = False
     return mask
 
 

@@ -297,4 +297,4 @@ def test_unknown_source_kind_lists_every_kind(tmp_path: Path) -> None:
     with pytest.raises(UserError) as info:
         splits(tmp_path, "csv:/data.csv")
     assert_one_line_error(info, "csv:/data.csv", "stdlib", "text:PATH", "jsonl:PATH", "parquet:PATH",
-                          "hf_disk:PATH", "tfds:NAME")
+                          "hf_disk:DIR", "tfds:NAME")

@@ -1,12 +1,12 @@
 """Columnar corpora: Parquet files (`parquet:PATH`) and Hugging Face datasets saved with
-`save_to_disk` (`hf_disk:PATH`), read with pyarrow a record batch at a time.
+`save_to_disk` (`hf_disk:DIR`), read with pyarrow a record batch at a time.
 
 The text is the column `data.text_field`. A null in it stops the build with `FILE: row N`, or
 with data.skip_bad_records is skipped and counted; a column that is not text at all is an error
 either way. Rows are named `FILE:rowN` (FILE relative to the source's root, N the 0-based row in
 that file) for the split hash, so adding files or rows never moves existing ones.
 
-`hf_disk:PATH` is read without the `datasets` library, from the layout its `save_to_disk`
+`hf_disk:DIR` is read without the `datasets` library, from the layout its `save_to_disk`
 writes (datasets 2.x and later):
 
     PATH/dataset_dict.json          {"splits": ["train", "validation", ...]}   (a DatasetDict)

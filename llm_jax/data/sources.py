@@ -1,4 +1,4 @@
-"""Corpus sources: `stdlib`, `text:PATH`, `jsonl:PATH`, `parquet:PATH`, `hf_disk:PATH`, `tfds:NAME`.
+"""Corpus sources: `stdlib`, `text:PATH`, `jsonl:PATH`, `parquet:PATH`, `hf_disk:DIR`, `tfds:NAME`.
 
 Opening a source is cheap (paths, sizes, mtimes, versions: its fingerprint, used in cache
 keys); the documents are only read when a split is not cached yet. Each split yields its
@@ -34,7 +34,7 @@ from llm_jax.errors import UserError
 __all__ = ["SOURCE_KINDS", "Corpus", "open_corpus"]
 
 # Every data.source form, for the message that refuses an unknown one.
-SOURCE_KINDS = ("stdlib", "text:PATH", "jsonl:PATH", "parquet:PATH", "hf_disk:PATH", "tfds:NAME")
+SOURCE_KINDS = ("stdlib", "text:PATH", "jsonl:PATH", "parquet:PATH", "hf_disk:DIR", "tfds:NAME")
 
 # Enough to tell text from binary: text files have no NUL bytes near the start.
 _SNIFF_BYTES = 8192

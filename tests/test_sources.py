@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from llm_jax.cli import main
 from llm_jax.config import Config, load_config, validate
 from llm_jax.data import DataBundle, build_data
 from llm_jax.data.jsonl_files import jsonl_held_out_lines
@@ -98,12 +99,17 @@ def test_zst_of_several_frames_is_read_whole(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
-def test_damaged_compressed_jsonl_is_a_one_line_error(tmp_path: Path, suffix: str) -> None:
+@pytest.mark.parametrize("damage", ["not compressed", "truncated"])
+def test_damaged_compressed_jsonl_is_a_one_line_error(tmp_path: Path, suffix: str, damage: str) -> None:
     path = tmp_path / f"docs{suffix}"
-    path.write_bytes(b"this is not compressed at all\n" * 4)
+    if damage == "not compressed":
+        path.write_bytes(b"this is not compressed at all\n" * 4)
+    else:  # cut in the middle: an error, never a silently shorter corpus
+        whole = write_compressed(tmp_path / f"whole{suffix}", jsonl_bytes([{"text": d} for d in documents(400)]))
+        path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with pytest.raises(UserError) as info:
         splits(tmp_path, f"jsonl:{path}")
-    assert_one_line_error(info, str(path))
+    assert_one_line_error(info, str(path), "cannot be read as")
 
 
 def test_jsonl_directory_and_glob_split_by_file_and_line(tmp_path: Path) -> None:
@@ -291,6 +297,18 @@ def test_hf_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError) as info:
         splits(tmp_path, f"hf_disk:{saved}", run="escape")
     assert_one_line_error(info, str(state), "bad _data_files entry")
+
+
+def test_cli_prepare_of_a_bad_parquet_file_is_one_error_line(tmp_path: Path, capsys) -> None:
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("just text\n")
+    args = ["prepare", "gpt_tiny", f"data.source=parquet:{fake}", f"data.cache_dir={tmp_path / 'cache'}",
+            f"run.dir={tmp_path / 'run'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # Progress lines of a cold cache may come first; the error is one line, the last.
+    assert [line for line in err if line.startswith("error: ")] == err[-1:] and str(fake) in err[-1]
+    assert fake.read_text() == "just text\n"  # bad input is never touched
 
 
 def test_unknown_source_kind_lists_every_kind(tmp_path: Path) -> None:

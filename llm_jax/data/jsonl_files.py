@@ -26,14 +26,52 @@ from llm_jax.errors import UserError
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
 
 
+# Compressed bytes read at a time from a .zst file.
+_ZSTD_READ_BYTES = 1 << 16
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of every zstd frame of a binary file, in order (`cat a.zst b.zst`
+    and pzstd write several frames). zstandard's own `stream_reader` ends quietly when the file
+    ends inside a frame; this raises ZstdError instead, so a truncated download is an error and
+    not a silently shorter corpus."""
+
+    def __init__(self, compressed: IO[bytes]) -> None:
+        super().__init__()
+        self._compressed = compressed
+        self._frame: Any = None  # the decompressobj of the frame being read
+        self._pending = b""
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._offset == len(self._pending):
+            chunk = self._compressed.read(_ZSTD_READ_BYTES)
+            if not chunk:
+                if self._frame is not None and not self._frame.eof:
+                    raise zstandard.ZstdError("the file ends inside a zstd frame (truncated?)")
+                return 0
+            self._pending, self._offset = b"", 0
+            while chunk:
+                if self._frame is None or self._frame.eof:
+                    self._frame = zstandard.ZstdDecompressor().decompressobj()
+                self._pending += self._frame.decompress(chunk)
+                chunk = self._frame.unused_data if self._frame.eof else b""
+        size = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:size] = self._pending[self._offset:self._offset + size]
+        self._offset += size
+        return size
+
+
 def _open_text(path: Path, stack: ExitStack) -> IO[str]:
     if path.name.endswith(".gz"):
         return stack.enter_context(gzip.open(path, "rt", encoding="utf-8", errors="replace"))
     raw = stack.enter_context(open(path, "rb"))
     if path.name.endswith(".zst"):
-        # read_across_frames: `zstd` of a concatenation (or pzstd) writes several frames.
-        reader = stack.enter_context(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
-        return stack.enter_context(io.TextIOWrapper(reader, encoding="utf-8", errors="replace"))
+        frames = stack.enter_context(io.BufferedReader(_ZstdFrames(raw)))
+        return stack.enter_context(io.TextIOWrapper(frames, encoding="utf-8", errors="replace"))
     return stack.enter_context(io.TextIOWrapper(raw, encoding="utf-8", errors="replace"))
 
 

@@ -71,6 +71,11 @@ def _texts(column: pa.Array | pa.ChunkedArray, path: Path, first_row: int, field
         yield row, value
 
 
+def _reason(exc: BaseException) -> str:
+    """The first line of pyarrow's message, for a one-line error."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _missing_column(path: Path, field: str, names: list[str]) -> UserError:
     return UserError(f"{path}: no column '{field}' (it has: {', '.join(names)}); set data.text_field")
 
@@ -79,25 +84,32 @@ def _missing_column(path: Path, field: str, names: list[str]) -> UserError:
 
 
 def _parquet_file(path: Path, field: str) -> pq.ParquetFile:
+    """The open file (the caller closes it: `with`), its footer checked for the text column."""
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not a readable Parquet file ({_reason(exc)})") from None
     names = parquet.schema_arrow.names
     if field not in names:
+        parquet.close()
         raise _missing_column(path, field, names)
     return parquet
 
 
+def _parquet_row_count(path: Path, field: str) -> int:
+    with _parquet_file(path, field) as parquet:
+        return parquet.metadata.num_rows
+
+
 def _parquet_rows(path: Path, field: str, skip_bad: bool, skipped: _Skipped) -> Iterator[tuple[int, str]]:
-    parquet = _parquet_file(path, field)
-    first_row = 0
-    try:
-        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field]):
-            yield from _texts(batch.column(0), path, first_row, field, skip_bad, skipped)
-            first_row += batch.num_rows
-    except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"{path}: damaged Parquet file ({str(exc).splitlines()[0]})") from None
+    with _parquet_file(path, field) as parquet:
+        first_row = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field]):
+                yield from _texts(batch.column(0), path, first_row, field, skip_bad, skipped)
+                first_row += batch.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"{path}: damaged Parquet file ({_reason(exc)})") from None
 
 
 def parquet_corpus(spec: str, arg: str, data: DataConfig) -> Corpus:
@@ -109,7 +121,7 @@ def parquet_corpus(spec: str, arg: str, data: DataConfig) -> Corpus:
 
     def documents(split: str) -> Iterator[str]:
         # Row counts come from the footers, so the split is known before any text is read.
-        counts = [_parquet_file(f, data.text_field).metadata.num_rows for f in files]
+        counts = [_parquet_row_count(f, data.text_field) for f in files]
         yield from _hashed_split(root, files, counts, split, data, spec, rows_of)
 
     return Corpus(spec, fingerprint, documents)
@@ -143,7 +155,7 @@ def _arrow_batches(path: Path, field: str) -> Iterator[pa.RecordBatch]:
             for batch in reader:
                 yield batch.select([index])
     except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"{path}: not a readable Arrow IPC stream file ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not a readable Arrow IPC stream file ({_reason(exc)})") from None
 
 
 def _arrow_rows(path: Path, field: str, skip_bad: bool, skipped: _Skipped) -> Iterator[tuple[int, str]]:

@@ -7,7 +7,7 @@ either way. Rows are named `FILE:rowN` (FILE relative to the source's root, N th
 that file) for the split hash, so adding files or rows never moves existing ones.
 
 `hf_disk:DIR` is read without the `datasets` library, from the layout its `save_to_disk`
-writes (datasets 2.x and later):
+writes (recent versions; checked with datasets 5.2.0):
 
     PATH/dataset_dict.json          {"splits": ["train", "validation", ...]}   (a DatasetDict)
     PATH/<split>/state.json         {"_data_files": [{"filename": "data-00000-of-00001.arrow"}, ...]}

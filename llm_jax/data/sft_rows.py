@@ -69,6 +69,8 @@ def resolve_format(cfg: Config) -> Config:
     try:
         resolved = validate(settings)
     except UserError as exc:
+        if data.format != "auto":
+            raise
         raise UserError(f"{exc} (data.format=auto found {found} records in {path}"
                         f"{'' if found == 'text' else '; data.format=text reads them as text'})") from None
     return cfg if found not in SUPERVISED_FORMATS else resolved

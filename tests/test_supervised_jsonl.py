@@ -16,7 +16,7 @@ from llm_jax.data.formats import BadRecord
 from llm_jax.data.sft_rows import resolve_format
 from llm_jax.data.sources import jsonl_held_out_lines
 from llm_jax.data.task_formats import encode_classify_line, encode_seq2seq_line
-from llm_jax.data.tasks import PAD, classes_of
+from llm_jax.data.tasks import PACKAGE_LABELS, PAD, classes_of, labels_of
 from llm_jax.errors import UserError
 
 EOS = 256
@@ -113,6 +113,12 @@ def test_auto_detection_labels_and_arch_errors(tmp_path):
         assert (cfg.data.format, cfg.objective) == (fmt, objective)
     cfg = resolve_format(load_config("gpt_tiny", [*BERT, f"data.source={cls}", "data.val_fraction=0.2"]))
     assert cfg.data.labels == [2, 10, "a", "b"] and classes_of(cfg) == 4  # integers by value, then strings
+    assert labels_of(cfg) == [2, 10, "a", "b"]
+    # The built-in task's classes are its packages; models without a classifier have no labels.
+    assert labels_of(load_config("bert_package", ["checkpoint.init_from="])) == list(PACKAGE_LABELS)
+    assert labels_of(load_config("gpt_tiny", [*BERT])) == []
+    with pytest.raises(UserError, match="data.labels is empty; it is filled from the training split"):
+        classes_of(load_config("gpt_tiny", [*BERT, f"data.source={cls}", "data.format=classify"]))
     # `label` beside data.text_field, whatever it is called.
     assert resolve_format(load_config("gpt_tiny", [*BERT, f"data.source={body}", "data.text_field=body"])
                           ).data.labels == [0, 1]

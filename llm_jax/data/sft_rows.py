@@ -95,7 +95,8 @@ def training_labels(path: Path, text_field: str, val_fraction: float) -> list:
 
 
 def supervised_rows(cfg: Config, tokenizer: Tokenizer, root: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(training rows, validation rows), int32 [N, 2 * train.seq_len + 1], memory-mapped."""
+    """(training rows, validation rows), int32 [N, width], memory-mapped; the width is the
+    objective's `row_width` (2 * seq_len + 1; src_len + seq_len + 1 for seq2seq; seq_len + 1 for classify)."""
     data, path = cfg.data, jsonl_path(cfg.data.source)
     key = content_key({"file": jsonl_fingerprint(path), "tokenizer": identity_of(tokenizer), "format": data.format,
                        **_row_settings(cfg), "seq_len": cfg.train.seq_len, "val_fraction": data.val_fraction,

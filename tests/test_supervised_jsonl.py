@@ -144,8 +144,11 @@ def test_auto_detection_labels_and_arch_errors(tmp_path):
     with pytest.raises(UserError, match=r"model.arch=transformer trains on a data.task .* or on JSONL records "
                                         r"\(data.format=seq2seq\) .*found text"):
         resolve_format(load_config("gpt_tiny", [*TRANSFORMER, f"data.source={text}"]))
-    with pytest.raises(UserError, match="data.labels names the classes of data.format=classify"):
-        load_config("gpt_tiny", [f"data.source={s2s}", "data.labels=[a, b]"])
+    with pytest.raises(UserError, match="data.labels names the classes of data.format=classify, not of "
+                                        "data.format=seq2seq"):
+        load_config("gpt_tiny", [*TRANSFORMER, f"data.source={s2s}", "data.format=seq2seq", "data.labels=[a, b]"])
+    with pytest.raises(UserError, match=r"not of data.format=seq2seq .*data.format=auto found seq2seq"):
+        resolve_format(load_config("gpt_tiny", [*TRANSFORMER, f"data.source={s2s}", "data.labels=[a, b]"]))
     one = write_jsonl(tmp_path / "one.jsonl", labelled(9, ("x",)))
     with pytest.raises(UserError, match="at least two labels in the training split"):
         resolve_format(load_config("gpt_tiny", [*BERT, f"data.source={one}"]))
@@ -304,3 +307,8 @@ def test_cli_names_the_file_and_line_of_a_bad_record_and_writes_nothing(tmp_path
     assert len(bundle.train_tokens) + len(bundle.val_tokens) == 18
     rows = np.asarray(bundle.train_tokens)
     assert rows.shape[1] == 33 and set(rows[:, -1].tolist()) == {0, 1}
+    # data.labels given in another order: the classes follow it (a new cache entry, not the old rows).
+    flipped = build_data(resolve_format(load_config("gpt_tiny", [*base[2:], "data.skip_bad_records=true",
+                                                                 "data.labels=[pos, neg]"])), tmp_path / "run2")
+    np.testing.assert_array_equal(np.asarray(flipped.train_tokens)[:, -1], 1 - rows[:, -1])
+    np.testing.assert_array_equal(np.asarray(flipped.train_tokens)[:, :-1], rows[:, :-1])

@@ -223,7 +223,7 @@ class Config(Section):
         arch, task = self.model.arch, self.data.task
         spec = self.model.spec
         fmt = self.data.format
-        if self.data.labels and fmt != "classify":
+        if self.data.labels and fmt not in ("classify", "auto"):  # (auto: `resolve_format` checks it again)
             raise ValueError(f"data.labels names the classes of data.format=classify, not of data.format={fmt}")
         if len(set(map(repr, self.data.labels))) < len(self.data.labels):
             raise ValueError(f"data.labels has a label twice: {self.data.labels}")

@@ -104,7 +104,8 @@ def test_label_smoothing_spreads_mass_over_the_tokenizer_ids():
 
 
 def test_objective_and_task_are_checked_against_the_arch():
-    with pytest.raises(UserError, match="model.arch=transformer trains on a data.task: funcname or docsig"):
+    with pytest.raises(UserError, match=r"model.arch=transformer trains on a data.task \(funcname or docsig\) or on "
+                                        r"JSONL records \(data.format=seq2seq\)"):
         load_config("gpt_tiny", ["model.arch=transformer"])
     with pytest.raises(UserError, match="needs model.arch=transformer or t5, not gpt"):
         load_config("gpt_tiny", ["data.task=funcname"])

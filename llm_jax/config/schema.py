@@ -148,8 +148,10 @@ TASK_KINDS = {"funcname": "seq2seq", "docsig": "seq2seq", "package": "classify",
               "selective_copy": "masked_causal", "induction": "masked_causal"}
 # Tasks generated from a seed rather than cut from the corpus (data.source is not read).
 SYNTHETIC_TASKS = ("selective_copy", "induction")
-# data.format values whose JSONL records are supervised examples (objective masked_causal).
-SUPERVISED_FORMATS = ("prompt_completion", "chat")
+# data.format values whose JSONL records are supervised examples, and the objective each trains.
+FORMAT_OBJECTIVES = {"prompt_completion": "masked_causal", "chat": "masked_causal", "seq2seq": "seq2seq",
+                     "classify": "classify"}
+SUPERVISED_FORMATS = tuple(FORMAT_OBJECTIVES)
 
 
 class DataConfig(Section):
@@ -169,8 +171,10 @@ class DataConfig(Section):
     """Vocabulary size of the sentencepiece BPE model trained on the training split."""
     text_field: str = "text"
     """Field holding the text in JSONL records, TFDS examples and Parquet / hf_disk columns."""
-    format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"
-    """jsonl: text (data.text_field), prompt_completion or chat records (docs/sft.md); auto: from the first record."""
+    format: Literal["auto", "text", "prompt_completion", "chat", "seq2seq", "classify"] = "auto"
+    """jsonl: text, prompt_completion, chat, seq2seq or classify records (docs/sft.md); auto: from the first record."""
+    labels: list[str | int] = []
+    """classify: class i is labels[i]; empty: the training split's labels, sorted (then kept in config.yaml)."""
     skip_bad_records: bool = False
     """Skip (and count) bad or too long supervised records, and null Parquet / hf_disk texts, instead of stopping."""
     val_fraction: float = pydantic.Field(0.05, gt=0, lt=1)
@@ -219,6 +223,10 @@ class Config(Section):
         arch, task = self.model.arch, self.data.task
         spec = self.model.spec
         fmt = self.data.format
+        if self.data.labels and fmt not in ("classify", "auto"):  # (auto: `resolve_format` checks it again)
+            raise ValueError(f"data.labels names the classes of data.format=classify, not of data.format={fmt}")
+        if len(set(map(repr, self.data.labels))) < len(self.data.labels):
+            raise ValueError(f"data.labels has a label twice: {self.data.labels}")
         if fmt in SUPERVISED_FORMATS:
             if task:
                 raise ValueError(f"data.format={fmt} reads examples from data.source; data.task={task} builds its "
@@ -226,9 +234,10 @@ class Config(Section):
             if not self.data.source.startswith("jsonl:"):
                 raise ValueError(f"data.format={fmt} reads JSONL records; it needs data.source=jsonl:PATH, "
                                  f"not {self.data.source!r}")
-            if "masked_causal" not in spec.objectives:
-                raise ValueError(f"data.format={fmt} trains a decoder on its completions: it needs model.arch="
-                                 f"{either(archs_where(lambda s: 'masked_causal' in s.objectives))}, not {arch}")
+            kind = FORMAT_OBJECTIVES[fmt]
+            if kind not in spec.objectives:
+                raise ValueError(f"data.format={fmt} trains the {kind} objective: it needs model.arch="
+                                 f"{either(archs_where(lambda s: kind in s.objectives))}, not {arch}")
         if task and task not in SYNTHETIC_TASKS and self.data.source != "stdlib":
             raise ValueError(f"data.task={task} is built from the stdlib corpus; it needs data.source=stdlib")
         if task and TASK_KINDS[task] not in spec.objectives:
@@ -238,9 +247,13 @@ class Config(Section):
         if self.train.nsp and (spec.objectives[0] != "mlm" or task):
             raise ValueError(f"train.nsp (next-sentence prediction) is for masked-LM pretraining (model.arch="
                              f"{either(archs_where(lambda s: s.objectives[0] == 'mlm'))}), without a data.task")
-        if not task and spec.objectives[0] in TASK_OBJECTIVES:
+        # (data.format=auto of a JSONL file may turn out supervised: `sft_rows.resolve_format` decides.)
+        undecided = fmt == "auto" and self.data.source.startswith("jsonl:")
+        if not task and fmt not in SUPERVISED_FORMATS and not undecided and spec.objectives[0] in TASK_OBJECTIVES:
             tasks = [t for t, kind in TASK_KINDS.items() if kind in spec.objectives]
-            raise ValueError(f"model.arch={arch} trains on a data.task: {either(tasks)}")
+            formats = [f for f, kind in FORMAT_OBJECTIVES.items() if kind in spec.objectives]
+            raise ValueError(f"model.arch={arch} trains on a data.task ({either(tasks)}) or on JSONL records "
+                             f"(data.format={either(formats)})")
         return self
 
     @model_validator(mode="after")
@@ -263,11 +276,12 @@ class Config(Section):
     def objective(self) -> str:
         """What the trainer optimises, from model.arch, data.task and data.format: `causal` (next
         token), `mlm` (bert's masked LM), `span` (t5's span corruption), `seq2seq` (a task's
-        target given its source), `classify` (a task's label) or `masked_causal` (next token,
-        scored only where a synthetic task's answers or a supervised example's completion are).
-        data.format=auto counts as text until training resolves it (`data.sft_rows.resolve_format`)."""
+        target given its source, of a task or a seq2seq record), `classify` (a task's or a record's
+        label) or `masked_causal` (next token, scored only where a synthetic task's answers or a
+        supervised example's completion are). data.format=auto counts as text until training
+        resolves it (`data.sft_rows.resolve_format`)."""
         if self.data.format in SUPERVISED_FORMATS:
-            return "masked_causal"
+            return FORMAT_OBJECTIVES[self.data.format]
         if self.data.task:
             return TASK_KINDS[self.data.task]
         return self.model.spec.objectives[0]

@@ -47,20 +47,38 @@ def header(role: str) -> str:
     return f"<|{role}|>\n"
 
 
-def detect_format(first_line: str) -> str:
-    """The data.format a JSONL file's first record implies: prompt_completion, chat or text."""
+def detect_format(first_line: str, text_field: str = "text") -> str:
+    """The data.format a JSONL file's first record implies: prompt_completion, chat, seq2seq,
+    classify (a `label` beside the `text_field`) or text."""
     try:
         record = json.loads(first_line)
     except json.JSONDecodeError:
         return "text"  # the text reader reports the line with its number
-    if isinstance(record, dict) and "prompt" in record and "completion" in record:
+    if not isinstance(record, dict):
+        return "text"
+    if "prompt" in record and "completion" in record:
         return "prompt_completion"
-    if isinstance(record, dict) and "messages" in record:
+    if "messages" in record:
         return "chat"
+    if "source" in record and "target" in record:
+        return "seq2seq"
+    if "label" in record and text_field in record:
+        return "classify"
     return "text"
 
 
-def _text_field(record: dict, name: str) -> str:
+def parse_record(line: str) -> dict:
+    """One JSONL line as a JSON object, else BadRecord."""
+    try:
+        record: Any = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise BadRecord(f"not valid JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise BadRecord(f"a JSON {type(record).__name__}, not an object")
+    return record
+
+
+def string_field(record: dict, name: str) -> str:
     if name not in record:
         raise BadRecord(f"no field '{name}'")
     value = record[name]
@@ -70,7 +88,7 @@ def _text_field(record: dict, name: str) -> str:
 
 
 def prompt_completion_segments(record: dict) -> list[Segment]:
-    prompt, completion = _text_field(record, "prompt"), _text_field(record, "completion")
+    prompt, completion = string_field(record, "prompt"), string_field(record, "completion")
     if not completion:
         raise BadRecord("empty completion")
     return [(prompt, False), (completion, True), (EOS, True)]
@@ -89,7 +107,7 @@ def chat_segments(record: dict) -> list[Segment]:
         if role not in ROLES:
             raise BadRecord(f"messages[{i}] has role {role!r}; use one of {', '.join(ROLES)}")
         try:
-            content = _text_field(message, "content")
+            content = string_field(message, "content")
         except BadRecord as exc:
             raise BadRecord(f"messages[{i}]: {exc}") from None
         answer = role == "assistant"
@@ -118,12 +136,7 @@ def chat_prompt_ids(messages: Sequence[dict[str, str]], encode: Callable[[str], 
 def encode_example(line: str, fmt: str, encode: Callable[[str], list[int]], eos_id: int,
                    loss_on: str, seq_len: int) -> np.ndarray:
     """One JSONL line as a row of width 2 * seq_len + 1 (see the module docstring)."""
-    try:
-        record: Any = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise BadRecord(f"not valid JSON ({exc.msg})") from None
-    if not isinstance(record, dict):
-        raise BadRecord(f"a JSON {type(record).__name__}, not an object")
+    record = parse_record(line)
     ids: list[int] = []
     scored: list[bool] = []
     for text, is_answer in SEGMENTERS[fmt](record):

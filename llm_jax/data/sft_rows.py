@@ -1,19 +1,23 @@
-"""The rows of a supervised JSONL source (data.format prompt_completion or chat), built once.
+"""The rows of a supervised JSONL source (data.format prompt_completion, chat, seq2seq,
+classify), built once.
 
-`resolve_format` turns data.format=auto into the format the file's first record implies, before
-anything else reads the config (the objective, the run directory's identity). `supervised_rows`
-reads the file in one pass: each non-empty line is an example (`formats.encode_example`) in the
-split its line number hashes to, as for a text JSONL corpus (`jsonl_files.jsonl_held_out_lines`; plain, .gz or .zst). A
-bad record stops the build with `FILE:LINE: reason`, or with data.skip_bad_records is counted
-and skipped. Both splits' rows are cached as `.npy` under `<cache>/sft/`, keyed by everything
-that decides them, and memory-mapped afterwards; the `.json` beside them is written last, so it
-always vouches for complete arrays, and an error leaves nothing behind.
+`resolve_format` turns data.format=auto into the format the file's first record implies, and
+fills data.labels of a classify source with the training split's labels, before anything else
+reads the config (the objective, the classifier's size, the run directory's identity).
+`supervised_rows` reads the file (plain, .gz or .zst) in one pass: each non-empty line is an
+example (`formats.encode_example`, `task_formats`) in the split its line number hashes to, as for
+a text JSONL corpus (`jsonl_files.jsonl_held_out_lines`). A bad record stops the build with
+`FILE:LINE: reason`, or with data.skip_bad_records is counted and skipped. Both splits' rows are
+cached as `.npy` under `<cache>/sft/`, keyed by everything that decides them, and memory-mapped
+afterwards; the `.json` beside them is written last, so it always vouches for complete arrays,
+and an error leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +27,14 @@ from llm_jax.config.schema import SUPERVISED_FORMATS
 from llm_jax.data.cache import CACHE_FORMAT_VERSION, content_key, file_lock, log, save_npy_atomic, write_json_atomic
 from llm_jax.data.formats import TEMPLATE_VERSION, BadRecord, detect_format, encode_example
 from llm_jax.data.jsonl_files import first_line, jsonl_fingerprint, jsonl_held_out_lines, jsonl_lines
-from llm_jax.data.tokenizer import Tokenizer, identity_of
+from llm_jax.data.task_formats import (
+    classify_record,
+    encode_classify_line,
+    encode_seq2seq_line,
+    scored_targets,
+    sorted_labels,
+)
+from llm_jax.data.tokenizer import Tokenizer, decoder_start_id, identity_of
 from llm_jax.errors import UserError
 
 SPLITS = ("train", "validation")
@@ -42,32 +53,54 @@ def jsonl_path(source: str) -> Path:
 
 
 def resolve_format(cfg: Config) -> Config:
-    """`cfg` with data.format=auto replaced by prompt_completion or chat when data.source is a
-    JSONL file whose first record has those fields (then validated again: the arch must take
-    it). Auto stays auto where it means text, so it is what a run's config.yaml records."""
+    """`cfg` with data.format=auto replaced by the supervised format (prompt_completion, chat,
+    seq2seq, classify) that the first record of a data.source=jsonl: file implies (then
+    validated again: the arch must take it), and with data.labels of a classify source filled.
+    Auto stays auto where it means text, so it is what a run's config.yaml records."""
     data = cfg.data
-    if data.format != "auto" or data.task or not data.source.startswith("jsonl:"):
+    if data.task or not data.source.startswith("jsonl:") or data.format not in ("auto", "classify"):
         return cfg
-    path = Path(data.source.removeprefix("jsonl:")).expanduser()
-    if not path.is_file():  # a directory or glob of JSONL files is a text corpus (or missing: said there)
-        return cfg
-    found = detect_format(first_line(path))
-    if found not in SUPERVISED_FORMATS:
-        return cfg
+    if data.format == "auto" and not Path(data.source.removeprefix("jsonl:")).expanduser().is_file():
+        return cfg  # a directory or glob of JSONL files is a text corpus (or missing: said there)
+    path = jsonl_path(data.source)
+    found = data.format if data.format != "auto" else detect_format(first_line(path), data.text_field)
     settings = cfg.to_dict()
-    settings["data"]["format"] = found
+    settings["data"]["format"] = "text" if found not in SUPERVISED_FORMATS else found
+    if found == "classify" and not data.labels:
+        settings["data"]["labels"] = training_labels(path, data.text_field, data.val_fraction)
     try:
-        return validate(settings)
+        resolved = validate(settings)
     except UserError as exc:
-        raise UserError(f"{exc} (data.format=auto found {found} records in {path}; "
-                        "data.format=text reads them as text)") from None
+        if data.format != "auto":
+            raise
+        raise UserError(f"{exc} (data.format=auto found {found} records in {path}"
+                        f"{'' if found == 'text' else '; data.format=text reads them as text'})") from None
+    return cfg if found not in SUPERVISED_FORMATS else resolved
+
+
+def training_labels(path: Path, text_field: str, val_fraction: float) -> list:
+    """The distinct labels of the training split's good records, sorted (`task_formats.sorted_labels`);
+    bad records are left to the build, which reports or skips them."""
+    held_out = jsonl_held_out_lines(path, val_fraction)
+    labels = set()
+    for i, line in jsonl_lines(path):
+        if i not in held_out:
+            try:
+                labels.add(classify_record(line, text_field)[1])
+            except BadRecord:
+                continue
+    if len(labels) < 2:
+        raise UserError(f"{path}: data.format=classify needs at least two labels in the training split, found "
+                        f"{sorted_labels(labels) or 'none'}")
+    return sorted_labels(labels)
 
 
 def supervised_rows(cfg: Config, tokenizer: Tokenizer, root: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(training rows, validation rows), int32 [N, 2 * train.seq_len + 1], memory-mapped."""
+    """(training rows, validation rows), int32 [N, width], memory-mapped; the width is the
+    objective's `row_width` (2 * seq_len + 1; src_len + seq_len + 1 for seq2seq; seq_len + 1 for classify)."""
     data, path = cfg.data, jsonl_path(cfg.data.source)
     key = content_key({"file": jsonl_fingerprint(path), "tokenizer": identity_of(tokenizer), "format": data.format,
-                       "loss_on": cfg.train.loss_on, "seq_len": cfg.train.seq_len, "val_fraction": data.val_fraction,
+                       **_row_settings(cfg), "seq_len": cfg.train.seq_len, "val_fraction": data.val_fraction,
                        "skip_bad_records": data.skip_bad_records, "template": TEMPLATE_VERSION,
                        "cache_format": CACHE_FORMAT_VERSION})
     folder = root / "sft"
@@ -81,20 +114,45 @@ def supervised_rows(cfg: Config, tokenizer: Tokenizer, root: Path) -> tuple[np.n
                 write_json_atomic(meta_path, meta)
     meta = json.loads(meta_path.read_text())
     skipped = f"; {meta['bad']} bad records skipped ({'; '.join(meta['bad_quoted'])})" if meta["bad"] else ""
+    scored = f"{meta['scored']} scored tokens" if data.format != "classify" else (
+        f"{len(data.labels)} labels ({', '.join(map(str, data.labels[:8]))}{', ...' if len(data.labels) > 8 else ''})")
     log(f"{path} ({data.format}): {meta['train']} training and {meta['validation']} validation examples, "
-        f"{meta['scored']} scored tokens{skipped}")
+        f"{scored}{skipped}")
     train, val = (np.load(folder / f"{key}.{split}.npy", mmap_mode="r") for split in SPLITS)
     return train, val
 
 
+def _row_settings(cfg: Config) -> dict:
+    """The settings besides the file, tokenizer and seq_len that decide a format's rows."""
+    if cfg.data.format == "seq2seq":
+        return {"src_len": cfg.train.src_len}
+    if cfg.data.format == "classify":
+        return {"text_field": cfg.data.text_field, "labels": cfg.data.labels}
+    return {"loss_on": cfg.train.loss_on}
+
+
+def row_encoder(cfg: Config, tokenizer: Tokenizer) -> Callable[[str], np.ndarray]:
+    """line -> the format's row (raises BadRecord)."""
+    encode, eos, seq_len = tokenizer.encode, tokenizer.eos_id, cfg.train.seq_len
+    fmt = cfg.data.format
+    if fmt == "seq2seq":
+        start = decoder_start_id(eos, getattr(tokenizer, "token_id", None))
+        return lambda line: encode_seq2seq_line(line, encode, cfg.train.src_len, seq_len, eos, start)
+    if fmt == "classify":
+        index = {label: i for i, label in enumerate(cfg.data.labels)}
+        return lambda line: encode_classify_line(line, cfg.data.text_field, index, encode, seq_len, eos)
+    return lambda line: encode_example(line, fmt, encode, eos, cfg.train.loss_on, seq_len)
+
+
 def _build(cfg: Config, tokenizer: Tokenizer, path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    seq_len, fmt = cfg.train.seq_len, cfg.data.format
+    fmt = cfg.data.format
+    encode_line = row_encoder(cfg, tokenizer)
     held_out = jsonl_held_out_lines(path, cfg.data.val_fraction)
     rows: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
     bad: list[str] = []
     for i, line in jsonl_lines(path):
         try:
-            row = encode_example(line, fmt, tokenizer.encode, tokenizer.eos_id, cfg.train.loss_on, seq_len)
+            row = encode_line(line)
         except BadRecord as exc:
             if not cfg.data.skip_bad_records:
                 raise UserError(f"{path}:{i + 1}: {exc} (data.skip_bad_records=true skips such records)") from None
@@ -109,5 +167,11 @@ def _build(cfg: Config, tokenizer: Tokenizer, path: Path) -> tuple[dict[str, np.
     arrays = {split: np.stack(rows[split]) for split in SPLITS}
     meta = {split: len(arrays[split]) for split in SPLITS}
     meta.update(bad=len(bad), bad_quoted=bad[:_QUOTED_BAD], format=fmt, source=str(path),
-                scored=int(sum(a[:, seq_len + 1:].sum() for a in arrays.values())))
+                scored=sum(_scored(a, cfg) for a in arrays.values()))
     return arrays, meta
+
+
+def _scored(rows: np.ndarray, cfg: Config) -> int:
+    if cfg.data.format in ("seq2seq", "classify"):
+        return scored_targets(rows, cfg.data.format, cfg.train.src_len)
+    return int(rows[:, cfg.train.seq_len + 1:].sum())  # the weights

@@ -377,6 +377,21 @@ def encode_classify_rows(
     return rows
 
 
+def labels_of(cfg) -> list[str | int]:
+    """The class names of a classifier for `cfg`, class i first: data.labels, or a task's labels."""
+    if cfg.objective != "classify":
+        return []
+    return list(cfg.data.labels) if cfg.data.format == "classify" else list(PACKAGE_LABELS)
+
+
 def classes_of(cfg) -> int:
-    """Labels the model's classifier head needs for `cfg` (0: a run without a classification task)."""
-    return num_classes(cfg.data.task) if cfg.objective == "classify" else 0
+    """Labels the model's classifier head needs for `cfg` (0: a run without classification): the
+    task's, or data.labels of data.format=classify (filled when a run starts: `sft_rows.resolve_format`)."""
+    if cfg.objective != "classify":
+        return 0
+    if cfg.data.format == "classify":
+        if not cfg.data.labels:
+            raise UserError("data.format=classify: data.labels is empty; it is filled from the training split "
+                            "when a run starts (llm_jax.data.resolve_format)")
+        return len(cfg.data.labels)
+    return num_classes(cfg.data.task)

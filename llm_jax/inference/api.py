@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from llm_jax.config import Config
-from llm_jax.data.tasks import classes_of
+from llm_jax.data.tasks import classes_of, labels_of
 from llm_jax.data.tokenizer import HFTokenizer, decoder_start_id
 from llm_jax.errors import UserError
 from llm_jax.inference.generate import generate
@@ -71,6 +71,12 @@ class Model:
     @property
     def params(self) -> Any:
         return self._params
+
+    @property
+    def labels(self) -> list[str | int]:
+        """A classifier's labels, class i (column i of its logits) first; empty for other models.
+        For data.format=classify they are data.labels, as the run's config.yaml recorded them."""
+        return labels_of(self._cfg)
 
     @property
     def vocab_size(self) -> int:

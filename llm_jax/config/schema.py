@@ -239,7 +239,7 @@ class DataConfig(Section):
     prefetch: int = pydantic.Field(2, ge=0)
     """Batches prepared ahead of the training step."""
     mixture: list[MixtureEntry] | None = None
-    """Train on several sources: a list of {source, weight, name} (docs/data.md, Mixtures); replaces data.source."""
+    """None: train on data.source. Else several sources, a list of {source, weight, name} (docs/data.md, Mixtures)."""
 
     @model_validator(mode="after")
     def _check_mixture(self) -> DataConfig:

@@ -85,6 +85,20 @@ def test_shares_over_many_steps_match_the_weights() -> None:
         assert abs(found.count(0) - 0.7 * 8) < 2
 
 
+def test_config_weights_are_exact_fractions() -> None:
+    def three(exact: bool) -> list[MixtureSource]:
+        sources = [source("a", 10, 1 / 6, 0), source("b", 3, 1 / 6, OFFSET), source("c", 5, 4 / 6, 2 * OFFSET)]
+        if exact:  # as build_data sets them from weights 1, 1 and 4
+            for s, share in zip(sources, (Fraction(1, 6), Fraction(1, 6), Fraction(2, 3)), strict=True):
+                s.exact_weight = share
+        return sources
+
+    ds = mixture_dataset(three(exact=True), SEQ, global_batch=6, seed=0)
+    assert all(ds.shares(done)["data/share/c"] == 4 / 6 for done in (1, 2, 10, 10**9))
+    # Normalised floats alone (1/6 prints as 0.16666666666666666) drift by a row within 60.
+    assert mixture_dataset(three(exact=False), SEQ, 6, seed=0).shares(10)["data/cumulative_share/c"] != 4 / 6
+
+
 def test_each_source_repeats_its_own_shuffled_epochs() -> None:
     ds = mixture_dataset(two_sources(0.5, 0.5, na=10, nb=3), SEQ, global_batch=4, seed=3)
     seen: dict[int, list[int]] = {0: [], 1: []}
@@ -231,7 +245,8 @@ def test_build_uses_each_sources_own_store(tmp_path: Path, text_sources: dict[st
     prepared = prepare_data(cfg, tmp_path / "run")
     assert [p.split for p in prepared] == ["words train", "words validation", "digits train", "digits validation"]
     bundle = build_data(cfg, tmp_path / "run")
-    assert [(s.name, s.weight) for s in bundle.mixture] == [("words", 0.75), ("digits", 0.25)]
+    assert [(s.name, s.weight, s.exact_weight) for s in bundle.mixture] == [
+        ("words", 0.75, Fraction(3, 4)), ("digits", 0.25, Fraction(1, 4))]
     # The stores are those of data.source=<each source>: the same cache entries.
     for s, p in zip(bundle.mixture, prepared[::2], strict=True):
         plain = build_data(validate({"data": {"source": s.source, "cache_dir": cache}}), tmp_path / "plain")

@@ -182,7 +182,7 @@ def _mixture_data(cfg: Config, run_dir: Path, root: Path) -> DataBundle:
     data = cfg.data
     corpora = _mixture_corpora(data, root)
     tokenizer = _build_tokenizer(data, run_dir, lambda: _mixed(data, corpora), root, cfg.checkpoint.init_from)
-    weights = [float(w) for w in exact_weights([entry.weight for entry in data.mixture])]
+    weights = exact_weights([entry.weight for entry in data.mixture])
     sources = []
     for i, (entry, corpus, weight) in enumerate(zip(data.mixture, corpora, weights, strict=True)):
         train, _ = _split_tokens(corpus, tokenizer, "train", data, root)
@@ -192,7 +192,8 @@ def _mixture_data(cfg: Config, run_dir: Path, root: Path) -> DataBundle:
                 raise UserError(f"data.mixture[{i}] ({entry.name}): the {split} split of {entry.source} has "
                                 f"{len(tokens)} tokens, fewer than train.seq_len+1={cfg.train.seq_len + 1}; use "
                                 "more data (data.max_bytes?) or a shorter train.seq_len")
-        sources.append(MixtureSource(entry.name, entry.source, weight, train, val, val.manifest["bytes"] / len(val)))
+        sources.append(MixtureSource(entry.name, entry.source, float(weight), train, val,
+                                     val.manifest["bytes"] / len(val), exact_weight=weight))
     bytes_per_token = sum(s.weight * s.val_bytes_per_token for s in sources)
     return DataBundle(tokenizer, sources[0].train_tokens, sources[0].val_tokens, bytes_per_token, sources)
 

@@ -37,9 +37,9 @@ from llm_jax.data.pipeline import StepBatches, Windows, eval_batches, grain_seed
 from llm_jax.data.store import TokenStream
 
 
-def exact_weights(weights: Sequence[float]) -> list[Fraction]:
-    """The weights as exact fractions of their sum, each read as the decimal it prints as."""
-    parts = [Fraction(repr(float(w))) for w in weights]
+def exact_weights(weights: Sequence[float | Fraction]) -> list[Fraction]:
+    """The weights as exact fractions of their sum, each float read as the decimal it prints as."""
+    parts = [w if isinstance(w, Fraction) else Fraction(repr(float(w))) for w in weights]
     total = sum(parts)
     return [p / total for p in parts]
 
@@ -47,7 +47,7 @@ def exact_weights(weights: Sequence[float]) -> list[Fraction]:
 class WeightedInterleave:
     """k -> (source i, its row j) for the rows of a mixture; see the module docstring."""
 
-    def __init__(self, weights: Sequence[float]):
+    def __init__(self, weights: Sequence[float | Fraction]):
         self.weights = exact_weights(weights)
         # ratio[i] = (w_{i+1} + ... + w_last) / (w_i + ... + w_last): the part of source i's rows it passes on.
         tails = [sum(self.weights[i:]) for i in range(len(self.weights))] + [Fraction(0)]
@@ -76,10 +76,6 @@ class WeightedInterleave:
                 return i, before[i] - before[i + 1]
         raise AssertionError("unreachable: the last source keeps every row that reaches it")
 
-    def sources_of(self, start: int, stop: int) -> np.ndarray:
-        """The source of each row in [start, stop)."""
-        return np.array([self[k][0] for k in range(start, stop)], dtype=np.int32)
-
 
 def source_seed(seed: int, index: int) -> int:
     """Grain's shuffle seed for source `index`: the first source's is the plain pipeline's
@@ -102,6 +98,9 @@ class MixtureSource:
     train_tokens: TokenStream
     val_tokens: TokenStream
     val_bytes_per_token: float
+    exact_weight: Fraction | None = None
+    """The normalised weight as an exact fraction of the config's decimals (1 and 2 give 1/3,
+    2/3, which floats cannot hold); None: `weight` read as a decimal."""
 
 
 class MixtureBatches(StepBatches):
@@ -133,7 +132,7 @@ def mixture_dataset(sources: Sequence[MixtureSource], seq_len: int, global_batch
     local_batch = rows_per_process(global_batch, process_count)
     windows: list[Windows] = [windows_of(s.train_tokens, seq_len, f"'{s.name}' training") for s in sources]
     streams = [grain.MapDataset.source(w).shuffle(seed=source_seed(seed, i)).repeat() for i, w in enumerate(windows)]
-    interleave = WeightedInterleave([s.weight for s in sources])
+    interleave = WeightedInterleave([s.weight if s.exact_weight is None else s.exact_weight for s in sources])
     grain.transforms.DatasetSelectionMap.register(WeightedInterleave)
     dataset = (
         grain.MapDataset.select_from_datasets(streams, interleave)

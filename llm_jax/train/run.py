@@ -32,18 +32,19 @@ from llm_jax.train.trainer import Evaluate, Hook, LogMetrics, Trainer
 ORDER_KEYS = ("seed", "seq_len", "global_batch", "n_windows")
 
 
-def _mixture_of(order: dict) -> str:
-    entries = order.get("mixture")
+def _describe_mixture(entries: list[dict] | None) -> str:
     if entries is None:
         return "none"
-    return ", ".join(f"{e['name']}={e['source']} weight {e['weight']:.4g} ({e['n_windows']} windows)" for e in entries)
+    return ", ".join(f"{e['name']}={e['source']} weight {e['weight']:.6g} ({e['n_windows']} windows)" for e in entries)
 
 
 def check_data_order(saved: dict, current: dict) -> None:
     diffs = [f"{k}: {saved[k]} -> {current[k]}" for k in ORDER_KEYS
              if k in saved and k in current and saved[k] != current[k]]
-    if _mixture_of(saved) != _mixture_of(current):  # (a checkpoint without one had none)
-        diffs.insert(0, f"data mixture: {_mixture_of(saved)} -> {_mixture_of(current)}")
+    # A mixture's entries (names, sources, weights, windows) must be the same; a checkpoint without one had none.
+    if saved.get("mixture") != current.get("mixture"):
+        diffs.insert(0, f"data mixture: {_describe_mixture(saved.get('mixture'))} -> "
+                        f"{_describe_mixture(current.get('mixture'))}")
     if diffs:
         raise UserError("the training data changed since the checkpoint (" + "; ".join(diffs) +
                         "); resuming would not replay the same batches. Use a new run.dir")

@@ -25,7 +25,7 @@ CONFIG_FILE = "config.yaml"  # a run directory's record of its config
 # Keys that fix the meaning of a run directory's checkpoints; a different value means a
 # different run, so resuming with it is refused rather than silently mixing the two.
 RUN_IDENTITY_KEYS = ("seed", "model", "train.batch_size", "train.seq_len", "train.src_len", "train.loss_on",
-                     "data.source", "data.task", "data.format", "data.tokenizer", "data.sp_vocab_size",
+                     "data.source", "data.mixture", "data.task", "data.format", "data.tokenizer", "data.sp_vocab_size",
                      "data.val_fraction", "data.max_bytes", "data.text_field", "data.labels", "data.synthetic_vocab",
                      "data.synthetic_copies", "data.synthetic_examples")
 

@@ -8,6 +8,7 @@ KEY=VALUE overrides is `llm_jax.config`; the `model` section is `llm_jax.config.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import pydantic
@@ -152,6 +153,56 @@ SYNTHETIC_TASKS = ("selective_copy", "induction")
 FORMAT_OBJECTIVES = {"prompt_completion": "masked_causal", "chat": "masked_causal", "seq2seq": "seq2seq",
                      "classify": "classify"}
 SUPERVISED_FORMATS = tuple(FORMAT_OBJECTIVES)
+# Every data.source form (`data/sources.py` opens them), for messages and the mixture's check.
+SOURCE_KINDS = ("stdlib", "text:PATH", "jsonl:PATH", "parquet:PATH", "hf_disk:DIR", "tfds:NAME")
+
+
+def source_kind_known(source: str) -> bool:
+    """Whether `source` has one of the SOURCE_KINDS forms (the path itself is checked when opened)."""
+    kind, _, arg = source.partition(":")
+    return source == "stdlib" or (bool(arg) and kind in {k.split(":")[0] for k in SOURCE_KINDS if ":" in k})
+
+
+def default_source_name(source: str) -> str:
+    """A mixture entry's name when none is given: the last part of the source's path or name,
+    without suffixes (`text:/data/web.txt` -> `web`, `jsonl:code/*.jsonl.zst` -> `code`)."""
+    kind, _, arg = source.partition(":")
+    if kind == "tfds":  # NAME/CONFIG:VERSION: the config tells datasets apart
+        arg = arg.replace("/", "_")
+    arg = arg or source
+    parts = [p for p in re.split(r"[/\\]", arg) if p and not any(c in p for c in "*?[")]
+    name = (parts[-1] if parts else source.partition(":")[0]).split(".")[0]
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "source"
+
+
+class MixtureEntry(Section):
+    source: str
+    """Any data.source form (stdlib, text:PATH, jsonl:PATH, parquet:PATH, hf_disk:DIR, tfds:NAME)."""
+    weight: float = pydantic.Field(gt=0, allow_inf_nan=False)
+    """Relative share of the training rows; the weights are normalised to sum to 1."""
+    name: str = ""
+    """Label in metrics (`data/share/<name>`); default from the source's path."""
+
+    @pydantic.field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if not source_kind_known(source):
+            raise ValueError(f"unknown source {source!r}; use one of: {', '.join(SOURCE_KINDS)}")
+        return source
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if name and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"name {name!r} must be letters, digits, '_', '-' or '.' (it becomes a metric key)")
+        return name
+
+    @model_validator(mode="after")
+    def _default_name(self) -> MixtureEntry:
+        if not self.name:
+            # (object.__setattr__: assignment would validate the model again, recursively.)
+            object.__setattr__(self, "name", default_source_name(self.source))
+        return self
 
 
 class DataConfig(Section):
@@ -187,6 +238,27 @@ class DataConfig(Section):
     """data_dir for tfds sources (default TFDS's own)."""
     prefetch: int = pydantic.Field(2, ge=0)
     """Batches prepared ahead of the training step."""
+    mixture: list[MixtureEntry] | None = None
+    """None: train on data.source. Else several sources, a list of {source, weight, name} (docs/data.md, Mixtures)."""
+
+    @model_validator(mode="after")
+    def _check_mixture(self) -> DataConfig:
+        if self.mixture is None:
+            return self
+        if not self.mixture:
+            raise ValueError("data.mixture is empty; list at least one {source, weight} entry or leave it unset")
+        if self.source != DataConfig.model_fields["source"].default:
+            raise ValueError(f"data.mixture replaces data.source (set to {self.source!r}); set one of them")
+        names = [entry.name for entry in self.mixture]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"data.mixture names {', '.join(twice)} more than once; give the entries distinct names")
+        if self.task:
+            raise ValueError(f"data.task={self.task} builds its own rows; it does not read a data.mixture")
+        if self.format in SUPERVISED_FORMATS:
+            raise ValueError(f"data.mixture mixes text sources; data.format={self.format} examples are not mixed "
+                             "(use data.source=jsonl:PATH)")
+        return self
 
 
 class BenchConfig(Section):

@@ -4,6 +4,9 @@
     ds = train_dataset(bundle.train_tokens, ...)  # ds[step] -> this process's rows of the batch
     it = BatchIterator(ds, start, end, prefetch, to_global)
 
+A data.mixture's bundle keeps its sources apart (`bundle.mixture`); `mixture.mixture_dataset`
+interleaves them by weight with the same contract as `train_dataset`.
+
 Grain and TFDS are imported where they are used, so a machine that only runs `bench` or a
 synthetic task (the GPU image has neither) imports this package.
 """

@@ -10,7 +10,9 @@ corpus) it is the split's whole text followed by one EOS.
 
 A synthetic `data.task` (`data/synthetic.py`) opens no corpus: its rows are generated from the seed.
 A supervised JSONL source (data.format prompt_completion or chat, `data/sft_rows.py`) gives rows
-of examples instead of a token stream.
+of examples instead of a token stream. A `data.mixture` prepares each of its sources as above
+(the same stores and cache keys as data.source=<that source>) and keeps them apart
+(`DataBundle.mixture`); `data/mixture.py` interleaves their windows.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from llm_jax.config import CONFIG_FILE, read_run_config
 from llm_jax.config.schema import SUPERVISED_FORMATS, SYNTHETIC_TASKS, Config, DataConfig
 from llm_jax.data.cache import CACHE_FORMAT_VERSION, content_key, file_lock, log, write_bytes_atomic
 from llm_jax.data.encode_groups import encoded_stream, token_dtype
+from llm_jax.data.formats import detect_format
+from llm_jax.data.jsonl_files import first_line
+from llm_jax.data.mixture import MixtureSource, exact_weights, mixed_corpus
 from llm_jax.data.sft_rows import resolve_format, supervised_rows
 from llm_jax.data.sources import Corpus, open_corpus
 from llm_jax.data.splits import cap_bytes, cap_prefix
@@ -60,7 +65,10 @@ class DataBundle:
     """UTF-8 bytes of the validation text / validation tokens (EOS included): bits per byte =
     loss per token / ln 2 / bytes per token. None for a data.task or a supervised data.format,
     whose rows are examples (train_tokens / val_tokens are then 2-D rows, see `task_rows`,
-    `synthetic` and `sft_rows`)."""
+    `synthetic` and `sft_rows`). For a mixture: sum of weight * the source's ratio."""
+    mixture: list[MixtureSource] | None = None
+    """data.mixture's sources, prepared; train_tokens / val_tokens are then the first source's
+    (train through `data.mixture.mixture_dataset`, not `train_dataset`)."""
 
 
 def build_data(cfg: Config, run_dir: Path) -> DataBundle:
@@ -73,6 +81,8 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
         return _synthetic_data(cfg, Path(run_dir), root)
     if data.format in SUPERVISED_FORMATS:
         return _supervised_data(cfg, Path(run_dir), root)
+    if data.mixture:
+        return _mixture_data(cfg, Path(run_dir), root)
     corpus = open_corpus(data, root)
     tokenizer = _build_tokenizer(data, Path(run_dir), corpus, root, cfg.checkpoint.init_from)
     if data.task:
@@ -125,13 +135,67 @@ def prepare_data(cfg: Config, run_dir: Path, workers: int = 1) -> list[PreparedS
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     root = cache_root(data.cache_dir)
-    corpus = open_corpus(data, root)
-    tokenizer = _build_tokenizer(data, Path(run_dir), corpus, root, cfg.checkpoint.init_from)
+    if data.mixture:
+        corpora = _mixture_corpora(data, root)
+        tokenizer = _build_tokenizer(data, Path(run_dir), lambda: _mixed(data, corpora), root,
+                                     cfg.checkpoint.init_from)
+        labels = [f"{entry.name} " for entry in data.mixture]
+    else:
+        corpora = [open_corpus(data, root)]
+        tokenizer = _build_tokenizer(data, Path(run_dir), corpora[0], root, cfg.checkpoint.init_from)
+        labels = [""]
     prepared = []
-    for split in SPLITS:
-        store, seconds = _split_tokens(corpus, tokenizer, split, data, root, workers)
-        prepared.append(PreparedSplit(split, store, seconds))
+    for corpus, label in zip(corpora, labels, strict=True):
+        for split in SPLITS:
+            store, seconds = _split_tokens(corpus, tokenizer, split, data, root, workers)
+            prepared.append(PreparedSplit(f"{label}{split}", store, seconds))
     return prepared
+
+
+def _mixture_corpora(data: DataConfig, root: Path) -> list[Corpus]:
+    """Each data.mixture entry's corpus, opened as data.source=<its source> would be; an error
+    names the entry. Supervised JSONL records are refused: a mixture mixes text."""
+    corpora = []
+    for i, entry in enumerate(data.mixture):
+        where = f"data.mixture[{i}] ({entry.name})"
+        try:
+            corpus = open_corpus(data.model_copy(update={"source": entry.source, "mixture": None}), root)
+            path = Path(entry.source.removeprefix("jsonl:")).expanduser()
+            if data.format == "auto" and entry.source.startswith("jsonl:") and path.is_file():
+                found = detect_format(first_line(path), data.text_field)
+                if found in SUPERVISED_FORMATS:
+                    raise UserError(f"{path} holds {found} records; a mixture mixes text (data.format=text "
+                                    "reads them as text)")
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+        corpora.append(corpus)
+    return corpora
+
+
+def _mixed(data: DataConfig, corpora: list[Corpus]) -> Corpus:
+    return mixed_corpus(corpora, [entry.weight for entry in data.mixture])
+
+
+def _mixture_data(cfg: Config, run_dir: Path, root: Path) -> DataBundle:
+    """Each data.mixture source's two token stores, built (or found) as for data.source=<it>;
+    one tokenizer for all (a sentencepiece model is trained on their text in proportion)."""
+    data = cfg.data
+    corpora = _mixture_corpora(data, root)
+    tokenizer = _build_tokenizer(data, run_dir, lambda: _mixed(data, corpora), root, cfg.checkpoint.init_from)
+    weights = exact_weights([entry.weight for entry in data.mixture])
+    sources = []
+    for i, (entry, corpus, weight) in enumerate(zip(data.mixture, corpora, weights, strict=True)):
+        train, _ = _split_tokens(corpus, tokenizer, "train", data, root)
+        val, _ = _split_tokens(corpus, tokenizer, "validation", data, root)
+        for split, tokens in (("train", train), ("validation", val)):
+            if len(tokens) < cfg.train.seq_len + 1:
+                raise UserError(f"data.mixture[{i}] ({entry.name}): the {split} split of {entry.source} has "
+                                f"{len(tokens)} tokens, fewer than train.seq_len+1={cfg.train.seq_len + 1}; use "
+                                "more data (data.max_bytes?) or a shorter train.seq_len")
+        sources.append(MixtureSource(entry.name, entry.source, float(weight), train, val,
+                                     val.manifest["bytes"] / len(val), exact_weight=weight))
+    bytes_per_token = sum(s.weight * s.val_bytes_per_token for s in sources)
+    return DataBundle(tokenizer, sources[0].train_tokens, sources[0].val_tokens, bytes_per_token, sources)
 
 
 def _synthetic_data(cfg: Config, run_dir: Path, root: Path) -> DataBundle:

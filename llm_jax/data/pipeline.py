@@ -51,7 +51,10 @@ class Rows:
         return f"Rows(n={len(self._rows)}, width={self._rows.shape[1]})"
 
 
-def _windows(tokens: TokenStream, seq_len: int, what: str) -> TokenWindows | Rows:
+Windows = TokenWindows | Rows
+
+
+def windows_of(tokens: TokenStream, seq_len: int, what: str) -> Windows:
     """Windows of a 1-D token stream, or the rows of a 2-D array of examples."""
     windows = Rows(tokens) if tokens.ndim == 2 else TokenWindows(tokens, seq_len)
     if len(windows) == 0:
@@ -62,7 +65,7 @@ def _windows(tokens: TokenStream, seq_len: int, what: str) -> TokenWindows | Row
     return windows
 
 
-def _rows_per_process(global_batch: int, process_count: int) -> int:
+def rows_per_process(global_batch: int, process_count: int) -> int:
     if global_batch % process_count:
         raise UserError(
             f"train.batch_size={global_batch} is not divisible by the {process_count} processes"
@@ -103,8 +106,8 @@ def train_dataset(tokens: TokenStream, seq_len: int, global_batch: int, seed: in
     p*B/P .. (p+1)*B/P of the global batch of `step`, for process p of P."""
     import grain  # heavy, and absent where only `bench` or a synthetic task runs (the GPU image)
 
-    local_batch = _rows_per_process(global_batch, process_count)
-    windows = _windows(tokens, seq_len, "training")
+    local_batch = rows_per_process(global_batch, process_count)
+    windows = windows_of(tokens, seq_len, "training")
     dataset = (
         grain.MapDataset.source(windows)
         .shuffle(seed=grain_seed(seed))
@@ -123,10 +126,10 @@ def train_dataset(tokens: TokenStream, seq_len: int, global_batch: int, seed: in
 
 
 def eval_batches(tokens: TokenStream, seq_len: int, global_batch: int, num_batches: int,
-                 process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
+                 process_index: int = 0, process_count: int = 1, what: str = "validation") -> list[np.ndarray]:
     """Fixed held-out batches (windows in order, wrapping around if too few); this process's rows."""
-    local_batch = _rows_per_process(global_batch, process_count)
-    windows = _windows(tokens, seq_len, "validation")
+    local_batch = rows_per_process(global_batch, process_count)
+    windows = windows_of(tokens, seq_len, what)
     batches = []
     for b in range(num_batches):
         first = b * global_batch + process_index * local_batch

@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from llm_jax.config.schema import DataConfig
+from llm_jax.config.schema import SOURCE_KINDS, DataConfig
 from llm_jax.data import stdlib_tfds
 from llm_jax.data.columnar import hf_disk_corpus, parquet_corpus
 from llm_jax.data.corpus import Corpus, file_stats, relative_name, resolve_files
@@ -32,9 +32,6 @@ from llm_jax.data.splits import line_chunks, streamed_validation_mask, tail_spli
 from llm_jax.errors import UserError
 
 __all__ = ["SOURCE_KINDS", "Corpus", "open_corpus"]
-
-# Every data.source form, for the message that refuses an unknown one.
-SOURCE_KINDS = ("stdlib", "text:PATH", "jsonl:PATH", "parquet:PATH", "hf_disk:DIR", "tfds:NAME")
 
 # Enough to tell text from binary: text files have no NUL bytes near the start.
 _SNIFF_BYTES = 8192

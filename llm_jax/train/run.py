@@ -12,6 +12,7 @@ from jax.experimental import multihost_utils
 from llm_jax.config import Config
 from llm_jax.config.schema import SYNTHETIC_TASKS
 from llm_jax.data import BatchIterator, build_data, eval_batches, resolve_format, train_dataset
+from llm_jax.data.mixture import EvalSet, describe_mixture, mixture_dataset, mixture_eval_sets
 from llm_jax.errors import UserError
 from llm_jax.inference.api import Model
 from llm_jax.interop import pretrained
@@ -31,9 +32,19 @@ from llm_jax.train.trainer import Evaluate, Hook, LogMetrics, Trainer
 ORDER_KEYS = ("seed", "seq_len", "global_batch", "n_windows")
 
 
+def _describe_mixture(entries: list[dict] | None) -> str:
+    if entries is None:
+        return "none"
+    return ", ".join(f"{e['name']}={e['source']} weight {e['weight']:.6g} ({e['n_windows']} windows)" for e in entries)
+
+
 def check_data_order(saved: dict, current: dict) -> None:
     diffs = [f"{k}: {saved[k]} -> {current[k]}" for k in ORDER_KEYS
              if k in saved and k in current and saved[k] != current[k]]
+    # A mixture's entries (names, sources, weights, windows) must be the same; a checkpoint without one had none.
+    if saved.get("mixture") != current.get("mixture"):
+        diffs.insert(0, f"data mixture: {_describe_mixture(saved.get('mixture'))} -> "
+                        f"{_describe_mixture(current.get('mixture'))}")
     if diffs:
         raise UserError("the training data changed since the checkpoint (" + "; ".join(diffs) +
                         "); resuming would not replay the same batches. Use a new run.dir")
@@ -52,8 +63,24 @@ def evaluate(setup: TrainSetup, params: dict, batches: list[jax.Array], bytes_pe
     return result
 
 
+def evaluate_mixture(setup: TrainSetup, params: dict, sets: list[EvalSet], causal: bool) -> dict:
+    """The mixture's held-out numbers: each source's own (`eval_loss/<name>`, `eval_bpb/<name>`)
+    and their weighted means, the loss per token of text drawn in the mixture's proportions;
+    bits per byte = that loss / ln 2 / the mixture's bytes per token (the weighted mean)."""
+    per_source = {s.name: evaluate(setup, params, s.batches, s.bytes_per_token if causal else None) for s in sets}
+    result = {key: sum(s.weight * per_source[s.name][key] for s in sets) for key in ("eval_loss", "eval_accuracy")}
+    if causal:
+        bytes_per_token = sum(s.weight * s.bytes_per_token for s in sets)
+        result["eval_bpb"] = result["eval_loss"] / math.log(2) / bytes_per_token
+    for name, ev in per_source.items():
+        result.update({f"{key}/{name}": ev[key] for key in ("eval_loss", "eval_bpb") if key in ev})
+    return result
+
+
 def describe_eval(ev: dict) -> str:
     text = f"eval loss {ev['eval_loss']:.4f}"
+    per_source = [f"{k.removeprefix('eval_loss/')} {v:.4f}" for k, v in ev.items() if k.startswith("eval_loss/")]
+    text += f" ({', '.join(per_source)})" if per_source else ""
     text += f", {ev['eval_bpb']:.3f} bits per byte" if "eval_bpb" in ev else ""
     return text + f", accuracy {ev['eval_accuracy']:.3f}"
 
@@ -110,8 +137,15 @@ def train(cfg: Config) -> dict:
     writer.log(f"run {run_dir}: {setup.mdef.num_params / 1e6:.2f}M parameters, vocab {vocab}, "
                f"mesh {dict(setup.mesh.shape)}, {jax.device_count()} {jax.devices()[0].platform} devices")
 
-    dataset = train_dataset(bundle.train_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.seed,
-                            jax.process_index(), jax.process_count())
+    if bundle.mixture:
+        dataset = mixture_dataset(bundle.mixture, cfg.train.seq_len, cfg.train.batch_size, cfg.seed,
+                                  jax.process_index(), jax.process_count())
+        windows = [e["n_windows"] for e in dataset.order["mixture"]]
+        for line in describe_mixture(bundle.mixture, windows, cfg.train.steps * cfg.train.batch_size):
+            writer.log(line)
+    else:
+        dataset = train_dataset(bundle.train_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.seed,
+                                jax.process_index(), jax.process_count())
     if start is not None:
         state, data_state = ckpt.restore(start, setup.abstract_state())
         writer.log(f"resumed from checkpoint at step {start} (data position {data_state.get('next_step')})")
@@ -131,9 +165,20 @@ def train(cfg: Config) -> dict:
     # Bits per byte is a property of next-token prediction over the text; other objectives score
     # masked positions, spans or task targets, so only their loss per scored token is reported.
     bytes_per_token = bundle.val_bytes_per_token if cfg.objective == "causal" else None
-    held_out = [setup.to_global(b) for b in eval_batches(
-        bundle.val_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches,
-        jax.process_index(), jax.process_count())]
+    if bundle.mixture:
+        sets = [EvalSet(s.name, s.weight, [setup.to_global(b) for b in s.batches], s.bytes_per_token)
+                for s in mixture_eval_sets(bundle.mixture, cfg.train.seq_len, cfg.train.batch_size,
+                                           cfg.train.eval_batches, jax.process_index(), jax.process_count())]
+
+        def held_out_eval(params: dict) -> dict:
+            return evaluate_mixture(setup, params, sets, cfg.objective == "causal")
+    else:
+        held_out = [setup.to_global(b) for b in eval_batches(
+            bundle.val_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches,
+            jax.process_index(), jax.process_count())]
+
+        def held_out_eval(params: dict) -> dict:
+            return evaluate(setup, params, held_out, bytes_per_token)
     batches = BatchIterator(dataset, start, cfg.train.steps, cfg.data.prefetch, setup.to_global)
 
     def write_eval(record: dict) -> None:
@@ -142,9 +187,8 @@ def train(cfg: Config) -> dict:
 
     peak, _ = peak_flops_total()
     log = LogMetrics(cfg.train.log_every, cfg.train.steps, writer.write, cfg.train.batch_size * cfg.train.seq_len,
-                     setup.flops_per_token, peak)
-    evals = Evaluate(cfg.train.eval_every, cfg.train.steps,
-                     lambda params: evaluate(setup, params, held_out, bytes_per_token), write_eval)
+                     setup.flops_per_token, peak, getattr(dataset, "shares", None))
+    evals = Evaluate(cfg.train.eval_every, cfg.train.steps, held_out_eval, write_eval)
     save = SaveCheckpoints(ckpt, cfg, batches.get_state, writer.log)
     advance = ProgressAdvance(writer)
     trainer = Trainer(setup.train_step, [advance, log, evals, save])
@@ -159,7 +203,7 @@ def train(cfg: Config) -> dict:
     if trainer.stopped_at is not None:
         final["stopped_at"] = trainer.stopped_at
     if start >= cfg.train.steps and not final:
-        final.update(evaluate(setup, state["params"], held_out, bytes_per_token))
+        final.update(held_out_eval(state["params"]))
     final["params"] = state["params"]
     final["tokenizer"] = bundle.tokenizer
     return final

@@ -85,12 +85,13 @@ def host_record(done: int, metrics: dict) -> dict:
 
 
 class LogMetrics(Hook):
-    """Every `every` steps (and at `last`): the metrics, tokens/s and MFU to `write`; a non-finite
-    loss stops the run with a UserError."""
+    """Every `every` steps (and at `last`): the metrics, tokens/s and MFU to `write`, with what
+    `extra(done)` adds from the host (a mixture's shares); a non-finite loss stops the run with a
+    UserError."""
 
     def __init__(self, every: int, last: int, write: Callable[[dict], None], tokens_per_step: int,
-                 flops_per_token: float, peak_flops: float):
-        self.every, self.last, self.write = every, last, write
+                 flops_per_token: float, peak_flops: float, extra: Callable[[int], dict] | None = None):
+        self.every, self.last, self.write, self.extra = every, last, write, extra
         self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
         self.latest: dict = {}
 
@@ -109,6 +110,8 @@ class LogMetrics(Hook):
             raise UserError(f"loss became {record['loss']} at step {done}; try a lower optim.lr "
                             "or optim.clip_norm (checkpoints before this step are kept)")
         if due:
+            if self.extra is not None:
+                record.update(self.extra(done))
             self.write(record)
         self.latest.update(record)
         trainer.restart_interval(done)

@@ -3,7 +3,9 @@
 
 The template is rendered in Jinja's sandbox with the variables transformers gives it: `messages`,
 `add_generation_prompt`, `bos_token`, `eos_token` (and the config's other `*_token` strings) and
-the function `raise_exception(message)`.
+the function `raise_exception(message)`. Not `strftime_now`: templates that find it put today's
+date into the text, and rows must not change with the day they are built (they fall back to a
+fixed date).
 
 Which tokens a chat row scores comes from rendering prefixes of the conversation. For the
 assistant turn at index i:
@@ -54,9 +56,10 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, indent: int | None = None) -> str:
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
     # Jinja's own tojson escapes <, >, & and ' for HTML; templates want the plain JSON.
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _token_text(value: Any) -> str | None:

@@ -114,6 +114,16 @@ def test_templates_that_rewrite_earlier_turns_or_refuse_a_chat_are_errors(tmp_pa
         encode_example(line, "chat", tok.encode, tok.eos_id, "completion", T, tok.chat_template)
     with pytest.raises(UserError, match="chat_template is not a valid Jinja template"):
         HFTokenizer(write_tokenizer(tmp_path / "broken", "{% for m in messages %}"))
+    # transformers' {% generation %} marks render their body; named templates use "default".
+    marked = CHATML.replace("message['content'] + '<|im_end|>' + '\n' }}",
+                            "message['content'] }}{% generation %}{{ '<|im_end|>' + '\n' }}{% endgeneration %}")
+    named = [{"name": "tool_use", "template": "{{ raise_exception('not this one') }}"},
+             {"name": "default", "template": marked}]
+    assert marked != CHATML
+    for source in (marked, named):
+        template = HFTokenizer(write_tokenizer(tmp_path / "other", source)).chat_template
+        assert template.render(CHAT, True) == HFTokenizer(write_tokenizer(tmp_path / "chatml")).chat_template.render(
+            CHAT, True)
     # Without a chat_template the built-in template is used.
     assert chat_template_of(HFTokenizer(write_tokenizer(tmp_path / "none", None))) is BUILTIN_TEMPLATE
     assert chat_template_of(ByteTokenizer()) is BUILTIN_TEMPLATE
@@ -226,7 +236,7 @@ def test_chat_needs_a_decoder_with_a_tokenizer(tmp_path, capsys):
     assert llm_jax.load(chat_llama(tmp_path / "llama_chat")).tokenizer.chat_template.source == CHATML
 
 
-@pytest.mark.slow  # imports, trains 60 steps, exports (about 20 s here)
+@pytest.mark.slow  # imports, trains 60 steps, exports (35 to 50 s here)
 def test_an_imported_llama_fine_tunes_on_chats_in_its_own_template(tmp_path):
     """import-hf, then checkpoint.init_from the imported run on a chat JSONL: the rows are the
     ChatML rendering with exactly the assistant turns scored, the loss falls, and the answers to

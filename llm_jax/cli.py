@@ -38,6 +38,7 @@ USAGE_EXAMPLES = """examples:
   llm-jax train gpt_small                      # the default model on the stdlib corpus
   llm-jax train gpt_tiny train.steps=50 run.dir=runs/try
   llm-jax generate runs/try --prompt "def " --max-new-tokens 100
+  llm-jax generate runs/sft --chat --prompt "What is 2+2?"   # the answer of a chat-tuned run
   llm-jax bench gpt_small train.batch_size=8
   llm-jax prepare gpt_small --workers 4        # tokenise the corpus into the cache ahead of training
   llm-jax import-hf path/to/hf_gpt2 runs/gpt2   # a Hugging Face checkpoint as a run
@@ -85,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true",
+                   help="each prompt is a user message: render it with the run's chat template and the assistant's "
+                        "header, stop at the end of the turn, print only the answer (decoders)")
 
     families = ", ".join(a.hf_class for a in adapters())
     i = sub.add_parser("import-hf", help=f"turn a Hugging Face checkpoint ({families}) into a new run directory")
@@ -173,10 +177,11 @@ def _cmd_generate(args) -> None:
         raise UserError("--max-new-tokens must be at least 1")
     model = load(args.run_dir)
     texts = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat)
     for prompt, text in zip(args.prompt, texts):
-        # An encoder-decoder's output is a target of its own, not a continuation of the source.
-        print(prompt + text if model.continues_prompt else f"{prompt}\n=> {text}")
+        # An encoder-decoder's output is a target of its own, not a continuation of the source;
+        # a chat's answer is printed alone (the prompt went in wrapped in the template).
+        print(text if args.chat else prompt + text if model.continues_prompt else f"{prompt}\n=> {text}")
         if len(args.prompt) > 1:
             print("---")
 

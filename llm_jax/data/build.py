@@ -26,6 +26,7 @@ from typing import Any
 from llm_jax.config import CONFIG_FILE, read_run_config
 from llm_jax.config.schema import SUPERVISED_FORMATS, SYNTHETIC_TASKS, Config, DataConfig
 from llm_jax.data.cache import CACHE_FORMAT_VERSION, content_key, file_lock, log, write_bytes_atomic
+from llm_jax.data.chat_template import CONFIG_FILE as CHAT_CONFIG
 from llm_jax.data.encode_groups import encoded_stream, token_dtype
 from llm_jax.data.formats import detect_format
 from llm_jax.data.jsonl_files import first_line
@@ -276,7 +277,10 @@ def _build_tokenizer(data: DataConfig, run_dir: Path, corpus: Corpus | Callable[
         if inherited is not None and inherited.read_bytes() != source.read_bytes():
             raise UserError(f"checkpoint.init_from {init_from} was trained with the tokenizer {inherited}, "
                             f"which differs from data.tokenizer's {source}; use data.tokenizer=hf:{inherited}")
-        HFTokenizer(source)  # refuse a broken file before it is copied into the run
+        HFTokenizer(source)  # refuse a broken file (or chat template) before it is copied into the run
+        # Its tokenizer_config.json (the chat template) first: tokenizer.json's presence marks the copy done.
+        if (source.parent / CHAT_CONFIG).is_file():
+            write_bytes_atomic(saved / CHAT_CONFIG, (source.parent / CHAT_CONFIG).read_bytes())
         write_bytes_atomic(saved / HF_FILE, source.read_bytes())
     return _load_saved(spec, saved)
 

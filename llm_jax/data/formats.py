@@ -8,15 +8,18 @@ prompt_completion: {"prompt": str, "completion": str (not empty)}
     prompt | completion | EOS              scored: completion and EOS (loss_on=all: everything)
 
 chat: {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}, at least
-one assistant turn. Each message is rendered as its header line, then its content, then a newline
-(system, user) or end-of-text (assistant):
+one assistant turn, rendered by a chat template (`ChatTemplate`): the tokenizer's own Jinja
+`chat_template` (`data/chat_template.py`) or, without one, the built-in template below. Each
+message is rendered as its header line, then its content, then a newline (system, user) or
+end-of-text (assistant):
 
     <|system|>\\n{content}\\n  <|user|>\\n{content}\\n  <|assistant|>\\n{content}EOS
 
     scored: each assistant turn's content and its EOS (loss_on=all: everything)
 
-`chat_prompt_ids(messages, encode, eos_id)` renders a conversation followed by the assistant's
-header: the prompt whose continuation (stopped at EOS) is the model's next assistant turn.
+`chat_prompt_ids(messages, encode, eos_id, template)` renders a conversation followed by the
+assistant's header: the prompt whose continuation (stopped at the end of the turn) is the model's
+next assistant turn.
 
 A row (objective `masked_causal`, T = train.seq_len) is int32 of width 2T + 1: the example's L
 tokens padded with EOS to T + 1, then T weights, weight j scoring target token j + 1 (token 0 is
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -94,12 +97,13 @@ def prompt_completion_segments(record: dict) -> list[Segment]:
     return [(prompt, False), (completion, True), (EOS, True)]
 
 
-def chat_segments(record: dict) -> list[Segment]:
+def chat_messages(record: dict) -> list[dict[str, str]]:
+    """A chat record's messages as {role, content} dicts, checked (else BadRecord)."""
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRecord("field 'messages' must be a non-empty list of {role, content} objects"
                         if "messages" in record else "no field 'messages'")
-    segments: list[Segment] = []
+    checked = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise BadRecord(f"messages[{i}] is {type(message).__name__}, not an object with role and content")
@@ -110,39 +114,73 @@ def chat_segments(record: dict) -> list[Segment]:
             content = string_field(message, "content")
         except BadRecord as exc:
             raise BadRecord(f"messages[{i}]: {exc}") from None
-        answer = role == "assistant"
-        segments += [(header(role), False), (content, answer), (EOS, True) if answer else ("\n", False)]
+        checked.append({"role": role, "content": content})
+    return checked
+
+
+class ChatTemplate(Protocol):
+    """How a conversation becomes segments: text pieces (or EOS), each tokenised on its own and
+    marked scored when it is an assistant turn."""
+
+    fingerprint: dict[str, Any]  # what decides the segments (part of the row cache's key)
+
+    def segments(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> list[Segment]: ...
+
+
+class BuiltinChatTemplate:
+    """The template of the module docstring; the assistant turn ends with the EOS id (no text)."""
+
+    fingerprint: dict[str, Any] = {"name": "builtin", "version": TEMPLATE_VERSION}
+
+    def segments(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> list[Segment]:
+        segments: list[Segment] = []
+        for message in messages:
+            answer = message["role"] == "assistant"
+            segments += [(header(message["role"]), False), (message["content"], answer),
+                         (EOS, True) if answer else ("\n", False)]
+        return segments + [(header("assistant"), False)] if add_generation_prompt else segments
+
+
+BUILTIN_TEMPLATE = BuiltinChatTemplate()
+
+
+def chat_segments(record: dict, template: ChatTemplate = BUILTIN_TEMPLATE) -> list[Segment]:
+    messages = chat_messages(record)
     if not any(message["role"] == "assistant" for message in messages):
         raise BadRecord("no assistant turn (nothing to learn)")
-    return segments
+    return template.segments(messages, add_generation_prompt=False)
 
 
-SEGMENTERS: dict[str, Callable[[dict], list[Segment]]] = {
-    "prompt_completion": prompt_completion_segments, "chat": chat_segments}
+def segment_ids(segments: Sequence[Segment], encode: Callable[[str], list[int]],
+                eos_id: int) -> tuple[list[int], list[bool]]:
+    """(token ids, scored per token) of segments, each piece tokenised on its own."""
+    ids: list[int] = []
+    scored: list[bool] = []
+    for text, is_answer in segments:
+        piece = [eos_id] if text is EOS else encode(text)
+        ids += piece
+        scored += [is_answer] * len(piece)
+    return ids, scored
 
 
 def chat_prompt_ids(messages: Sequence[dict[str, str]], encode: Callable[[str], list[int]],
-                    eos_id: int) -> list[int]:
+                    eos_id: int, template: ChatTemplate = BUILTIN_TEMPLATE) -> list[int]:
     """Token ids of a conversation rendered as in training, then the assistant's header: the
-    prompt whose continuation up to EOS is the model's next assistant turn. (Token ids, not
-    text: an assistant turn's EOS has no text.)"""
-    ids: list[int] = []
-    for message in messages:
-        ids += encode(header(message["role"])) + encode(message["content"])  # pieces apart, as in training
-        ids += [eos_id] if message["role"] == "assistant" else encode("\n")
-    return ids + encode(header("assistant"))
+    prompt whose continuation up to the end of the turn is the model's next assistant turn.
+    (Token ids, not text: the built-in assistant turn's EOS has no text, and the pieces are
+    tokenised apart, as in training.)"""
+    return segment_ids(template.segments(messages, add_generation_prompt=True), encode, eos_id)[0]
 
 
 def encode_example(line: str, fmt: str, encode: Callable[[str], list[int]], eos_id: int,
-                   loss_on: str, seq_len: int) -> np.ndarray:
-    """One JSONL line as a row of width 2 * seq_len + 1 (see the module docstring)."""
+                   loss_on: str, seq_len: int, template: ChatTemplate = BUILTIN_TEMPLATE) -> np.ndarray:
+    """One JSONL line as a row of width 2 * seq_len + 1 (see the module docstring); chats are
+    rendered by `template`."""
     record = parse_record(line)
-    ids: list[int] = []
-    scored: list[bool] = []
-    for text, is_answer in SEGMENTERS[fmt](record):
-        piece = [eos_id] if text is EOS else encode(text)
-        ids += piece
-        scored += [is_answer or loss_on == "all"] * len(piece)
+    segments = chat_segments(record, template) if fmt == "chat" else prompt_completion_segments(record)
+    ids, scored = segment_ids(segments, encode, eos_id)
+    if loss_on == "all":
+        scored = [True] * len(ids)
     if len(ids) > seq_len + 1:
         raise BadRecord(f"{len(ids)} tokens, longer than train.seq_len+1={seq_len + 1}")
     row = np.zeros(2 * seq_len + 1, np.int32)

@@ -25,6 +25,7 @@ import numpy as np
 from llm_jax.config import Config, validate
 from llm_jax.config.schema import SUPERVISED_FORMATS
 from llm_jax.data.cache import CACHE_FORMAT_VERSION, content_key, file_lock, log, save_npy_atomic, write_json_atomic
+from llm_jax.data.chat_template import chat_template_of
 from llm_jax.data.formats import TEMPLATE_VERSION, BadRecord, detect_format, encode_example
 from llm_jax.data.jsonl_files import first_line, jsonl_fingerprint, jsonl_held_out_lines, jsonl_lines
 from llm_jax.data.task_formats import (
@@ -100,7 +101,8 @@ def supervised_rows(cfg: Config, tokenizer: Tokenizer, root: Path) -> tuple[np.n
     objective's `row_width` (2 * seq_len + 1; src_len + seq_len + 1 for seq2seq; seq_len + 1 for classify)."""
     data, path = cfg.data, jsonl_path(cfg.data.source)
     key = content_key({"file": jsonl_fingerprint(path), "tokenizer": identity_of(tokenizer), "format": data.format,
-                       **_row_settings(cfg), "seq_len": cfg.train.seq_len, "val_fraction": data.val_fraction,
+                       **_row_settings(cfg), **_template_settings(cfg, tokenizer),
+                       "seq_len": cfg.train.seq_len, "val_fraction": data.val_fraction,
                        "skip_bad_records": data.skip_bad_records, "template": TEMPLATE_VERSION,
                        "cache_format": CACHE_FORMAT_VERSION})
     folder = root / "sft"
@@ -131,6 +133,11 @@ def _row_settings(cfg: Config) -> dict:
     return {"loss_on": cfg.train.loss_on}
 
 
+def _template_settings(cfg: Config, tokenizer: Tokenizer) -> dict:
+    """A chat's template (the tokenizer's own or the built-in): a changed template re-tokenises."""
+    return {"chat_template": chat_template_of(tokenizer).fingerprint} if cfg.data.format == "chat" else {}
+
+
 def row_encoder(cfg: Config, tokenizer: Tokenizer) -> Callable[[str], np.ndarray]:
     """line -> the format's row (raises BadRecord)."""
     encode, eos, seq_len = tokenizer.encode, tokenizer.eos_id, cfg.train.seq_len
@@ -141,7 +148,8 @@ def row_encoder(cfg: Config, tokenizer: Tokenizer) -> Callable[[str], np.ndarray
     if fmt == "classify":
         index = {label: i for i, label in enumerate(cfg.data.labels)}
         return lambda line: encode_classify_line(line, cfg.data.text_field, index, encode, seq_len, eos)
-    return lambda line: encode_example(line, fmt, encode, eos, cfg.train.loss_on, seq_len)
+    template = chat_template_of(tokenizer)
+    return lambda line: encode_example(line, fmt, encode, eos, cfg.train.loss_on, seq_len, template)
 
 
 def _build(cfg: Config, tokenizer: Tokenizer, path: Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -158,6 +166,8 @@ def _build(cfg: Config, tokenizer: Tokenizer, path: Path) -> tuple[dict[str, np.
                 raise UserError(f"{path}:{i + 1}: {exc} (data.skip_bad_records=true skips such records)") from None
             bad.append(f"line {i + 1}: {exc}")
             continue
+        except UserError as exc:  # the chat template cannot mask this conversation
+            raise UserError(f"{path}:{i + 1}: {exc}") from None
         rows["validation" if i in held_out else "train"].append(row)
     for split in SPLITS:
         if not rows[split]:

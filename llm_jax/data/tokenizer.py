@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from llm_jax.data.cache import file_sha256, write_bytes_atomic
+from llm_jax.data.chat_template import read_chat_template
 from llm_jax.errors import UserError
 
 
@@ -101,7 +102,10 @@ class SentencePieceTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face `tokenizers` tokenizer.json; EOS is the first common end marker present."""
+    """A Hugging Face `tokenizers` tokenizer.json; EOS is the first common end marker present.
+
+    `chat_template` is the Jinja template of the tokenizer_config.json beside the file, if any
+    (`data/chat_template.py`); chats use the built-in template otherwise."""
 
     name = "hf"
     EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "[SEP]")
@@ -123,6 +127,9 @@ class HFTokenizer:
             )
         self.eos_id = int(found[0])
         self.fingerprint = {"name": self.name, "sha256": file_sha256(path)}
+        self.chat_template = read_chat_template(self._path)
+        # Added tokens (specials such as <|im_end|>): a chat's end of turn is one of them.
+        self.added_ids = frozenset(int(i) for i in self._tok.get_added_tokens_decoder())
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self._path,))  # as SentencePieceTokenizer: reloaded from its file

@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 
 from llm_jax.config import Config
+from llm_jax.data.chat_template import chat_stop_ids, chat_template_of
+from llm_jax.data.formats import BadRecord, chat_messages, chat_prompt_ids
 from llm_jax.data.tasks import classes_of, labels_of
 from llm_jax.data.tokenizer import HFTokenizer, decoder_start_id
 from llm_jax.errors import UserError
@@ -28,6 +30,7 @@ from llm_jax.parallel.mesh import single_device_mesh
 from llm_jax.runtime.restore import restore_params
 
 Prompt = str | Sequence[int]
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": text}
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -155,26 +158,70 @@ class Model:
             raise UserError(f"{name} of {T} tokens is longer than the model's max_seq_len={self._cfg.max_seq_len}")
         return tokens_BT.astype(np.int32)
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 128, *,
-                 temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0) -> Any:
+    def generate(self, prompts: Prompt | Sequence[Prompt] | Sequence[Message] | Sequence[Sequence[Message]],
+                 max_new_tokens: int = 128, *, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0, chat: bool = False) -> Any:
         """Continue prompts: text in gives text out, token ids in give token ids out.
 
         Encoder-decoders read each prompt as a source and return the decoded target.
 
         `prompts` is a string, a list of strings, a list of token ids (one prompt) or a list of
         such lists. Only the continuation is returned, stopped at the tokenizer's EOS.
+
+        `chat=True` (decoders): each prompt is a conversation, rendered by the tokenizer's chat
+        template (its own `chat_template`, else the built-in one; docs/sft.md) with the assistant's
+        header after it: a string is one user message, a list of {"role", "content"} dicts a whole
+        conversation, and a list of those a batch. The next assistant turn is returned as text,
+        stopped at the end of the turn (EOS or the template's end-of-turn token).
         """
-        single, kind, rows = self._normalise(prompts)
         tok = self._tokenizer
-        ids = [tok.encode(p) for p in rows] if kind == "text" else rows
+        if chat:
+            single, ids = self._chat_prompts(prompts)
+            kind, stops = "text", chat_stop_ids(tok)
+        else:
+            single, kind, rows = self._normalise(prompts)
+            ids, stops = ([tok.encode(p) for p in rows] if kind == "text" else rows), []
         out = generate((self._mdef, self._params), self._cfg, ids, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                       eos_id=tok.eos_id if tok is not None else None,
+                       eos_id=tok.eos_id if tok is not None else None, stop_ids=stops,
                        vocab_limit=tok.vocab_size if tok is not None else None, start_id=self.decoder_start_id)
         if kind == "text":
             out = [tok.decode(o) for o in out]
         return out[0] if single else out
+
+    def _chat_prompts(self, prompts: Any) -> tuple[bool, list[list[int]]]:
+        """(was one conversation, the token ids of each conversation's generation prompt)."""
+        m = self._cfg.model
+        if m.spec.kind != "decoder":
+            what = ("an encoder: it fills in masked tokens and does not generate text" if m.spec.kind == "encoder"
+                    else "an encoder-decoder: it writes a target of its own, not the next turn of a conversation")
+            raise UserError(f"chat needs a decoder that continues the conversation; model.arch={m.arch} is {what}")
+        tok = self._tokenizer
+        if tok is None:
+            raise UserError("this model has no tokenizer, and a chat is text rendered by the tokenizer's template")
+
+        def conversation(prompt: Any) -> list | None:
+            if isinstance(prompt, str):
+                return [{"role": "user", "content": prompt}]
+            if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+                return list(prompt)
+            return None
+
+        single_one = conversation(prompts)
+        if single_one is not None:
+            single, chats = True, [single_one]
+        elif isinstance(prompts, Sequence) and all(conversation(p) is not None for p in prompts):
+            single, chats = False, [conversation(p) for p in prompts]
+        else:
+            raise UserError("chat prompts must be text (one user message), a list of {role, content} messages, "
+                            "or a list of those")
+        template, ids = chat_template_of(tok), []
+        for i, messages in enumerate(chats):
+            try:
+                ids.append(chat_prompt_ids(chat_messages({"messages": messages}), tok.encode, tok.eos_id, template))
+            except BadRecord as exc:
+                raise UserError(f"chat {i}: {exc}") from None
+        return single, ids
 
     def _normalise(self, prompts: Any) -> tuple[bool, str, list]:
         """(was one prompt, "text" or "ids", list of prompts)."""

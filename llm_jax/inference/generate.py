@@ -54,19 +54,19 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, 
 
 @partial(jax.jit, static_argnames=("graphdef", "decoding", "max_new_tokens", "vocab_limit", "cache_dtype"))
 def _generate_jit(graphdef: Any, params: Any, arrays: dict, key: jax.Array, temperature: jax.Array,
-                  top_k: jax.Array, top_p: jax.Array, eos_id: jax.Array, *, decoding: Decoding,
+                  top_k: jax.Array, top_p: jax.Array, stops_S: jax.Array, *, decoding: Decoding,
                   max_new_tokens: int, vocab_limit: int | None, cache_dtype: str) -> jax.Array:
-    """New tokens [B, N]; slots after a row's EOS hold EOS (or 0 without an EOS)."""
+    """New tokens [B, N]; a row is done at its first stop id (EOS first, then e.g. a chat's end of
+    turn; none: all N steps), and the slots after it hold the first stop id (0 without one)."""
     model = nnx.merge(graphdef, params)
     N = max_new_tokens
     sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p, vocab_limit=vocab_limit)
     logits_BV, state = decoding.start(model, arrays, N, cache_dtype)
     first_B = sample(logits_BV, jax.random.fold_in(key, 0))
 
-    stop = eos_id >= 0  # eos_id < 0: no EOS, always run all N steps
-    fill = jnp.where(stop, eos_id, 0).astype(jnp.int32)
+    fill = stops_S[0] if stops_S.shape[0] else jnp.int32(0)
     out_BN = jnp.full((first_B.shape[0], N), fill, jnp.int32).at[:, 0].set(first_B)
-    done_B = stop & (first_B == eos_id)
+    done_B = jnp.isin(first_B, stops_S)
 
     def cond(carry):
         i, _, _, done_B = carry
@@ -77,7 +77,7 @@ def _generate_jit(graphdef: Any, params: Any, arrays: dict, key: jax.Array, temp
         logits_BV, state = decoding.step(model, state, out_BN[:, i - 1], i)
         next_B = jnp.where(done_B, fill, sample(logits_BV, jax.random.fold_in(key, i)))
         out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, next_B[:, None], i, axis=1)
-        return i + 1, state, out_BN, done_B | (stop & (next_B == eos_id))
+        return i + 1, state, out_BN, done_B | jnp.isin(next_B, stops_S)
 
     _, _, out_BN, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), state, out_BN, done_B))
     return out_BN
@@ -122,15 +122,16 @@ def _prepare_prompts(prompts: Sequence[Sequence[int]], vocab: int,
 
 def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Sequence[Sequence[int]],
              *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, eos_id: int | None = None,
-             vocab_limit: int | None = None, start_id: int | None = None) -> list[list[int]]:
+             seed: int = 0, eos_id: int | None = None, vocab_limit: int | None = None,
+             start_id: int | None = None, stop_ids: Sequence[int] = ()) -> list[list[int]]:
     """Continue each prompt (a list of token ids); returns only the new tokens of each row.
 
     temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off. A row stops at its
-    first `eos_id` (not included). `vocab_limit` (the tokenizer's vocabulary size) keeps the
-    model's padding rows from ever being sampled. The same seed gives the same output.
-    Encoder-decoders read each prompt as a source (ending with `eos_id`, as every training source
-    did); their decoder starts from `start_id` (default: `eos_id`, else 0).
+    first `eos_id` or other `stop_ids` (a chat's end of turn), not included. `vocab_limit` (the
+    tokenizer's vocabulary size) keeps the model's padding rows from ever being sampled. The same
+    seed gives the same output. Encoder-decoders read each prompt as a source (ending with
+    `eos_id`, as every training source did); their decoder starts from `start_id` (default:
+    `eos_id`, else 0).
     """
     decoding = family_of(cfg.model.arch).decoding
     if decoding is None:
@@ -148,14 +149,14 @@ def generate(model: nnx.Module | tuple[ModelDef, Any], cfg: Config, prompts: Seq
         start_id = 0 if eos_id is None else eos_id
     arrays = decoding.prepare(cfg, rows, max_new_tokens, start_id, eos_id)
     dtype = getattr(model, "compute_dtype", None) or compute_dtype(cfg)
+    stops = ([] if eos_id is None else [int(eos_id)]) + [int(i) for i in stop_ids if i != eos_id]
     out_BN = _generate_jit(
         graphdef, params, arrays, jax.random.key(seed), np.float32(temperature), np.int32(min(top_k, vocab)),
-        np.float32(top_p), np.int32(-1 if eos_id is None else eos_id),
+        np.float32(top_p), np.asarray(stops, np.int32).reshape(-1),
         decoding=decoding, max_new_tokens=max_new_tokens, vocab_limit=vocab_limit, cache_dtype=str(dtype))
-    return [_cut_at_eos(row, eos_id) for row in np.asarray(out_BN).tolist()]
+    return [_cut_at_stop(row, stops) for row in np.asarray(out_BN).tolist()]
 
 
-def _cut_at_eos(row: list[int], eos_id: int | None) -> list[int]:
-    if eos_id is not None and eos_id in row:
-        return row[: row.index(eos_id)]
-    return row
+def _cut_at_stop(row: list[int], stops: list[int]) -> list[int]:
+    ends = [row.index(stop) for stop in stops if stop in row]
+    return row[: min(ends)] if ends else row

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from llm_jax.data.chat_template import CONFIG_FILE as CHAT_CONFIG
 from llm_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -65,7 +66,8 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
 
 def write_files(out: Path, config: dict[str, Any], tensors: dict[str, np.ndarray],
                 tokenizer_json: Path | None) -> None:
-    """config.json, model.safetensors (float32) and a copy of tokenizer_json, into `out`."""
+    """config.json, model.safetensors (float32) and a copy of tokenizer_json (with the
+    tokenizer_config.json beside it, if any), into `out`."""
     from safetensors.numpy import save_file  # only reading or writing weights needs safetensors
 
     arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
@@ -74,3 +76,6 @@ def write_files(out: Path, config: dict[str, Any], tensors: dict[str, np.ndarray
     save_file(arrays, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer_json is not None:
         (out / TOKENIZER_FILE).write_bytes(tokenizer_json.read_bytes())
+        chat_config = tokenizer_json.parent / CHAT_CONFIG  # the chat template goes with its tokenizer
+        if chat_config.is_file():
+            (out / CHAT_CONFIG).write_bytes(chat_config.read_bytes())

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import validate
+from llm_jax.data.chat_template import CONFIG_FILE as CHAT_CONFIG
 from llm_jax.errors import UserError
 from llm_jax.interop.convert import read_hf_model
 from llm_jax.interop.files import TOKENIZER_FILE, hf_dir
@@ -44,6 +45,8 @@ def import_hf(hf_path: str | Path, run_path: str | Path) -> str:
     if tokenizer.is_file():
         (run_dir / "tokenizer").mkdir()
         shutil.copyfile(tokenizer, run_dir / "tokenizer" / TOKENIZER_FILE)
+        if (source / CHAT_CONFIG).is_file():  # the chat template and special tokens
+            shutil.copyfile(source / CHAT_CONFIG, run_dir / "tokenizer" / CHAT_CONFIG)
     write_run_config(cfg, run_dir)
     ckpt = Checkpointer(run_dir, cfg)
     ckpt.save(0, state, {"next_step": 0}, cfg, force=True)

@@ -16,7 +16,7 @@ of examples instead of a token stream.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,7 @@ from llm_jax.config.schema import SUPERVISED_FORMATS, SYNTHETIC_TASKS, Config, D
 from llm_jax.data.cache import CACHE_FORMAT_VERSION, content_key, file_lock, log, write_bytes_atomic
 from llm_jax.data.encode_groups import encoded_stream, token_dtype
 from llm_jax.data.sft_rows import resolve_format, supervised_rows
-from llm_jax.data.sources import Corpus, open_corpus
-from llm_jax.data.splits import cap_bytes, cap_prefix
+from llm_jax.data.sources import Corpus, capped_documents, open_corpus
 from llm_jax.data.store import StoreWriter, TokenStore, TokenStream, is_complete, remove_stale_builds
 from llm_jax.data.synthetic import check_layout, synthetic_rows
 from llm_jax.data.task_rows import task_rows
@@ -261,7 +260,7 @@ def _trained_sp_model(data: DataConfig, corpus: Corpus, root: Path) -> Path:
             log(f"training a sentencepiece BPE tokenizer (vocab {data.sp_vocab_size}) on the "
                 f"{corpus.label} train split...")
             start = time.perf_counter()
-            train_sentencepiece(_capped_documents(corpus, "train", data.max_bytes),
+            train_sentencepiece(capped_documents(corpus, "train", data.max_bytes),
                                 data.sp_vocab_size, path)
             log(f"trained the tokenizer in {time.perf_counter() - start:.1f} s")
     return path
@@ -294,13 +293,6 @@ def _split_tokens(corpus: Corpus, tokenizer: Tokenizer, split: str, data: DataCo
     return TokenStore(dest), seconds
 
 
-def _capped_documents(corpus: Corpus, split: str, max_bytes: int) -> Iterator[str]:
-    """The split's documents within data.max_bytes: whole documents, or for a joined corpus the
-    first max_bytes bytes of its text (pieces of one text must not be skipped)."""
-    cap = cap_prefix if corpus.joined() else cap_bytes
-    return cap(corpus.documents(split), max_bytes)
-
-
 def _tokenise(corpus: Corpus, tokenizer: Tokenizer, split: str, max_bytes: int, dest: Path,
               header: dict[str, Any], workers: int) -> TokenStore:
     """Stream the split's tokens into a new store at `dest`, `workers` processes tokenising."""
@@ -309,7 +301,7 @@ def _tokenise(corpus: Corpus, tokenizer: Tokenizer, split: str, max_bytes: int, 
     start = time.perf_counter()
     joined = corpus.joined()
     counts = {"documents": 0, "bytes": 0}
-    groups = encoded_stream(_capped_documents(corpus, split, max_bytes), tokenizer, joined, workers)
+    groups = encoded_stream(capped_documents(corpus, split, max_bytes), tokenizer, joined, workers)
     with StoreWriter(dest, token_dtype(tokenizer.vocab_size), tokenizer.eos_id) as writer:
         for group in groups:
             writer.append(group.tokens)

@@ -28,6 +28,8 @@ apache_beam is imported by this module alone, which only `prepare --engine beam`
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
@@ -234,6 +236,7 @@ def build_store(data: DataConfig, cache_root: Path, split: str, corpus_fingerpri
                 group_chars: int, chunk_tokens: int, shard_tokens: int) -> TokenStore:
     """Run the pipeline (options from `pipeline_args`, as Beam parses them: --runner=...) and move
     the finished store into `dest`."""
+    pipeline = _pipeline(pipeline_args)  # refuses a bad option before anything is written
     build_dir = new_build_dir(dest)
     job = SplitJob(data, str(cache_root), split, corpus_fingerprint, tokenizer, identity_of(tokenizer), header,
                    str(build_dir), group_chars, chunk_tokens, shard_tokens)
@@ -243,8 +246,7 @@ def build_store(data: DataConfig, cache_root: Path, split: str, corpus_fingerpri
     level = step_errors.level
     step_errors.setLevel(logging.CRITICAL)
     try:
-        options = PipelineOptions(list(pipeline_args))
-        with beam.Pipeline(options=options) as pipeline:
+        with pipeline:  # runs the pipeline on leaving the block, and waits for it
             build_pipeline(pipeline, job)
         if not (build_dir / MANIFEST).is_file():
             raise UserError(f"the Beam pipeline finished without writing {build_dir / MANIFEST}: do the "
@@ -259,6 +261,28 @@ def build_store(data: DataConfig, cache_root: Path, split: str, corpus_fingerpri
         step_errors.setLevel(level)
         shutil.rmtree(build_dir, ignore_errors=True)  # gone already after the rename
     return TokenStore(dest)
+
+
+def check_options(pipeline_args: Sequence[str]) -> None:
+    """Refuse options that Beam does not accept, and an unknown runner, as user errors."""
+    _pipeline(pipeline_args)
+
+
+def _pipeline(pipeline_args: Sequence[str]) -> beam.Pipeline:
+    """A pipeline with these options; an option Beam does not accept or an unknown runner is a
+    user error (Beam's own parser would print its usage and exit)."""
+    options = PipelineOptions(list(pipeline_args))
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            options.get_all_options()
+        return beam.Pipeline(options=options)
+    except SystemExit:
+        lines = printed.getvalue().strip().splitlines()
+        reason = lines[-1].split("error: ", 1)[-1] if lines else " ".join(pipeline_args)
+        raise UserError(f"Beam pipeline options: {reason}") from None
+    except ValueError as exc:
+        raise UserError(f"Beam pipeline: {exc}") from None
 
 
 def _user_error_in(exc: BaseException | None) -> UserError | None:

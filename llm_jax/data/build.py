@@ -131,6 +131,11 @@ def prepare_data(cfg: Config, run_dir: Path, workers: int = 1,
     if beam_args is not None and workers != 1:
         raise UserError("--workers is the local engine's; with --engine beam the runner decides the "
                         "parallelism (its own options after --, e.g. --direct_num_workers=2)")
+    if beam_args is not None:
+        # Imported here: Apache Beam is an optional, heavy dependency that only this path needs.
+        from llm_jax.data.beam_engine import check_options
+
+        check_options(beam_args)  # a bad option or runner before a tokenizer is trained
     root = cache_root(data.cache_dir)
     corpus = open_corpus(data, root)
     tokenizer = _build_tokenizer(data, Path(run_dir), corpus, root, cfg.checkpoint.init_from)

@@ -3,7 +3,9 @@ the same token store as the local engine, file for file, and fails as it does.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,10 @@ from test_store import make_config, random_docs, text_corpus
 from llm_jax.cli import main
 from llm_jax.data import encode_groups, store
 from llm_jax.data.build import prepare_data
+from llm_jax.data.sources import open_corpus
 from llm_jax.data.store import TokenStore
+from llm_jax.data.tokenizer import ByteTokenizer, identity_of
+from llm_jax.errors import UserError
 
 pytest.importorskip("apache_beam", reason="apache-beam is not installed (pip install 'llm_jax[beam]')")
 
@@ -105,3 +110,21 @@ def test_runner_options_after_dashes_and_a_second_call_finds_the_stores(tmp_path
     assert main([*args, "--runner", "DirectRunner"]) == 0
     again = capsys.readouterr().out.splitlines()
     assert [line.rsplit(": ", 1)[1] for line in again] == paths and all(": exists (" in line for line in again)
+
+
+def test_workers_refuse_a_source_or_tokenizer_that_is_not_the_launchers(tmp_path: Path) -> None:
+    from llm_jax.data.beam_engine import ReadGroups, SplitJob, Tokenise
+
+    corpus = text_corpus(tmp_path / "corpus", 3)
+    cfg = make_config(tmp_path, f"text:{corpus}")
+    tokenizer = ByteTokenizer()
+    fingerprint = open_corpus(cfg.data, tmp_path / "cache").fingerprint
+    job = SplitJob(cfg.data, str(tmp_path / "cache"), "train", fingerprint, pickle.dumps(tokenizer),
+                   identity_of(tokenizer), "uint16", tokenizer.eos_id, {}, str(tmp_path / "build"), 100, 8, 16)
+    assert sum(len(docs) for _, _, docs in ReadGroups(job).process("train")) > 0
+    (corpus / "doc000.py").write_text("changed since the launcher opened the source\n")
+    with pytest.raises(UserError, match="is not what the launching process saw"):
+        list(ReadGroups(job).process("train"))
+    other = dataclasses.replace(job, tokenizer_identity={"name": "sentencepiece", "sha256": "0" * 64})
+    with pytest.raises(UserError, match="is not the launching process's"):
+        Tokenise(other).setup()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import pickle
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -79,8 +80,11 @@ class SplitJob:
     split: str
     fingerprint: dict[str, Any]
     """The corpus's, as the launcher saw it: a worker refuses a source that differs."""
-    tokenizer: Tokenizer
+    tokenizer: bytes
+    """The tokenizer, pickled (as its model file's path): loaded by `Tokenise.setup`, once per worker."""
     tokenizer_identity: dict[str, Any]
+    dtype_name: str
+    eos_id: int
     header: dict[str, Any]
     build_dir: str
     group_chars: int
@@ -89,7 +93,7 @@ class SplitJob:
 
     @property
     def dtype(self) -> np.dtype:
-        return token_dtype(self.tokenizer.vocab_size)
+        return np.dtype(self.dtype_name)
 
 
 class ReadGroups(beam.DoFn):
@@ -122,7 +126,7 @@ class Tokenise(beam.DoFn):
         self._tokenizer: Tokenizer | None = None
 
     def setup(self) -> None:
-        tokenizer = self.job.tokenizer  # unpickled: reloaded from its model file
+        tokenizer: Tokenizer = pickle.loads(self.job.tokenizer)  # reloaded from its model file
         if identity_of(tokenizer) != self.job.tokenizer_identity:
             raise UserError(f"the tokenizer a Beam worker loaded ({identity_of(tokenizer)}) is not the "
                             f"launching process's ({self.job.tokenizer_identity})")
@@ -132,7 +136,7 @@ class Tokenise(beam.DoFn):
         index, kind, docs = group
         assert self._tokenizer is not None
         if kind == END_OF_TEXT:  # the joined text's one document ends here
-            yield index, np.array([self._tokenizer.eos_id], self.job.dtype), 1, 0
+            yield index, np.array([self.job.eos_id], self.job.dtype), 1, 0
             return
         encoded = encode_group(self._tokenizer, docs, joined=kind == PIECES)
         # Pieces of a joined text are not documents: its closing end-of-text counts the one.
@@ -176,18 +180,18 @@ class WriteShard(beam.DoFn):
         ordered = sorted(pieces, key=lambda piece: piece[0])
         expected = shard * job.shard_tokens
         # A rerun of this call (a retried bundle) writes the same file again: idempotent.
-        writer = ShardWriter(Path(job.build_dir) / shard_name(shard), job.dtype, job.tokenizer.eos_id,
-                             job.chunk_tokens)
+        writer = ShardWriter(Path(job.build_dir) / shard_name(shard), job.dtype, job.eos_id, job.chunk_tokens)
         try:
             for offset, tokens in ordered:
                 if offset != expected:
                     raise RuntimeError(f"shard {shard}: a piece starts at token {offset}, expected {expected}")
                 writer.append(tokens)
                 expected += len(tokens)
-            yield shard, writer.close()
+            entry = writer.close()
         except BaseException:
             writer.abort()
             raise
+        yield shard, entry
 
 
 def write_manifest(shards: list[tuple[int, dict[str, Any]]], totals: tuple[int, int], job: SplitJob) -> None:
@@ -238,8 +242,9 @@ def build_store(data: DataConfig, cache_root: Path, split: str, corpus_fingerpri
     the finished store into `dest`."""
     pipeline = _pipeline(pipeline_args)  # refuses a bad option before anything is written
     build_dir = new_build_dir(dest)
-    job = SplitJob(data, str(cache_root), split, corpus_fingerprint, tokenizer, identity_of(tokenizer), header,
-                   str(build_dir), group_chars, chunk_tokens, shard_tokens)
+    job = SplitJob(data, str(cache_root), split, corpus_fingerprint, pickle.dumps(tokenizer), identity_of(tokenizer),
+                   token_dtype(tokenizer.vocab_size).name, tokenizer.eos_id, header, str(build_dir), group_chars,
+                   chunk_tokens, shard_tokens)
     # The runner logs a failing step's traceback before the pipeline raises it; the error is
     # reported once, by the caller.
     step_errors = logging.getLogger("apache_beam.runners.common")

@@ -23,6 +23,9 @@ directory into place once the pipeline has succeeded. A failed pipeline leaves n
 the store's name (the temporary directory is removed), as with the local engine. The temporary
 directory must therefore be visible to the launcher and every worker: a shared filesystem.
 
+On the DirectRunner every step runs in the launching process, which then holds the whole
+split's tokens at the GroupByKey: it is for tests and for checking a setup, not for large corpora.
+
 apache_beam is imported by this module alone, which only `prepare --engine beam` imports.
 """
 
@@ -106,8 +109,10 @@ class ReadGroups(beam.DoFn):
         job = self.job
         corpus = open_corpus(job.data, Path(job.cache_root))
         if corpus.fingerprint != job.fingerprint:
-            raise UserError(f"data.source '{corpus.label}' as a Beam worker sees it ({corpus.fingerprint}) is not "
-                            f"what the launching process saw ({job.fingerprint}); workers need the same files")
+            # Not the fingerprints themselves: a directory's lists every file.
+            raise UserError(f"data.source '{corpus.label}' as a Beam worker sees it is not what the launching "
+                            "process saw (files changed since, or not at the same paths); workers need the same "
+                            "files at the same paths")
         joined = corpus.joined()
         documents = capped_documents(corpus, split, job.data.max_bytes)
         index = -1

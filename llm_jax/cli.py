@@ -41,6 +41,7 @@ USAGE_EXAMPLES = """examples:
   llm-jax generate runs/sft --chat --prompt "What is 2+2?"   # the answer of a chat-tuned run
   llm-jax bench gpt_small train.batch_size=8
   llm-jax prepare gpt_small --workers 4        # tokenise the corpus into the cache ahead of training
+  llm-jax prepare gpt_small --engine beam --runner DataflowRunner -- --project=P --region=R
   llm-jax import-hf path/to/hf_gpt2 runs/gpt2   # a Hugging Face checkpoint as a run
   llm-jax export-hf runs/try out/hf_try         # a run as a Hugging Face checkpoint
   llm-jax sweep isoflop_tiny --dir sweeps/tiny  # an IsoFLOP grid, its fits, plots and report
@@ -77,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     r.add_argument("--workers", type=int, default=1, metavar="N", help="tokenising processes (default 1)")
+    r.add_argument("--engine", choices=("local", "beam"), default="local",
+                   help="local: this process and --workers; beam: an Apache Beam pipeline (pip install "
+                        "'llm_jax[beam]'), the same store; Beam pipeline options go after --")
+    r.add_argument("--runner", metavar="NAME", help="the Beam runner with --engine beam (default DirectRunner)")
 
     g = sub.add_parser("generate", help="sample text from a trained run")
     g.add_argument("run_dir")
@@ -168,7 +173,12 @@ def _cmd_prepare(args) -> None:
 
     cfg = load_config(args.config, args.overrides)
     run_dir, _ = check_run_dir(cfg)  # sentencepiece / hf tokenizers are kept in the run directory
-    for prepared in prepare_data(cfg, run_dir, args.workers):
+    beam_args = None
+    if args.engine == "beam":
+        beam_args = [f"--runner={args.runner or 'DirectRunner'}", *args.pipeline_options]
+    elif args.runner or args.pipeline_options:
+        raise UserError("--runner and pipeline options after -- are for --engine beam")
+    for prepared in prepare_data(cfg, run_dir, args.workers, beam_args):
         print(describe_prepared(prepared))
 
 
@@ -236,7 +246,7 @@ COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "prepare": _cmd_prepare, "
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = _parser().parse_args(argv)
+        args = _parse(argv)
         _quiet_libraries()
         code = COMMANDS[args.command](args)
     except UserError as exc:
@@ -251,6 +261,22 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return _exit_code(1)
     return code or 0
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; what follows a `--` is kept apart as `pipeline_options` (prepare's
+    Beam options, which argparse would otherwise take for positional arguments)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if extra and args.command != "prepare":
+        parser.error(f"arguments after -- are pipeline options of prepare --engine beam: {' '.join(extra)}")
+    args.pipeline_options = extra
+    return args
 
 
 def _in_multiprocess_run() -> bool:

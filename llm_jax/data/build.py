@@ -18,13 +18,15 @@ of examples instead of a token stream. A `data.mixture` prepares each of its sou
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llm_jax.config import CONFIG_FILE, read_run_config
 from llm_jax.config.schema import SUPERVISED_FORMATS, SYNTHETIC_TASKS, Config, DataConfig
+from llm_jax.data import encode_groups
+from llm_jax.data import store as store_layout
 from llm_jax.data.cache import CACHE_FORMAT_VERSION, content_key, file_lock, log, write_bytes_atomic
 from llm_jax.data.chat_template import CONFIG_FILE as CHAT_CONFIG
 from llm_jax.data.encode_groups import encoded_stream, token_dtype
@@ -32,8 +34,7 @@ from llm_jax.data.formats import detect_format
 from llm_jax.data.jsonl_files import first_line
 from llm_jax.data.mixture import MixtureSource, exact_weights, mixed_corpus
 from llm_jax.data.sft_rows import resolve_format, supervised_rows
-from llm_jax.data.sources import Corpus, open_corpus
-from llm_jax.data.splits import cap_bytes, cap_prefix
+from llm_jax.data.sources import Corpus, capped_documents, open_corpus
 from llm_jax.data.store import StoreWriter, TokenStore, TokenStream, is_complete, remove_stale_builds
 from llm_jax.data.synthetic import check_layout, synthetic_rows
 from llm_jax.data.task_rows import task_rows
@@ -122,9 +123,12 @@ def describe_prepared(prepared: PreparedSplit) -> str:
             f"{len(store) / seconds:,.0f} tokens/s): {store.path}")
 
 
-def prepare_data(cfg: Config, run_dir: Path, workers: int = 1) -> list[PreparedSplit]:
+def prepare_data(cfg: Config, run_dir: Path, workers: int = 1,
+                 beam_args: Sequence[str] | None = None) -> list[PreparedSplit]:
     """Both splits' token stores in the cache, built with `workers` tokenising processes where
-    missing (`llm-jax prepare`); the tokenizer lands in run_dir/tokenizer as for training."""
+    missing (`llm-jax prepare`); the tokenizer lands in run_dir/tokenizer as for training.
+    With `beam_args` (Beam pipeline options, `--runner=...` among them) each missing store is
+    built by an Apache Beam pipeline instead (`beam_engine`): the same store."""
     cfg = resolve_format(cfg)
     data = cfg.data
     if data.task:
@@ -135,6 +139,14 @@ def prepare_data(cfg: Config, run_dir: Path, workers: int = 1) -> list[PreparedS
                         "starts; prepare makes token streams of text only")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    if beam_args is not None and workers != 1:
+        raise UserError("--workers is the local engine's; with --engine beam the runner decides the "
+                        "parallelism (its own options after --, e.g. --direct_num_workers=2)")
+    if beam_args is not None:
+        # Imported here: Apache Beam is an optional, heavy dependency that only this path needs.
+        from llm_jax.data.beam_engine import check_options
+
+        check_options(beam_args)  # a bad option or runner before a tokenizer is trained
     root = cache_root(data.cache_dir)
     if data.mixture:
         corpora = _mixture_corpora(data, root)
@@ -148,7 +160,7 @@ def prepare_data(cfg: Config, run_dir: Path, workers: int = 1) -> list[PreparedS
     prepared = []
     for corpus, label in zip(corpora, labels, strict=True):
         for split in SPLITS:
-            store, seconds = _split_tokens(corpus, tokenizer, split, data, root, workers)
+            store, seconds = _split_tokens(corpus, tokenizer, split, data, root, workers, beam_args)
             prepared.append(PreparedSplit(f"{label}{split}", store, seconds))
     return prepared
 
@@ -329,14 +341,14 @@ def _trained_sp_model(data: DataConfig, corpus: Corpus, root: Path) -> Path:
             log(f"training a sentencepiece BPE tokenizer (vocab {data.sp_vocab_size}) on the "
                 f"{corpus.label} train split...")
             start = time.perf_counter()
-            train_sentencepiece(_capped_documents(corpus, "train", data.max_bytes),
+            train_sentencepiece(capped_documents(corpus, "train", data.max_bytes),
                                 data.sp_vocab_size, path)
             log(f"trained the tokenizer in {time.perf_counter() - start:.1f} s")
     return path
 
 
 def _split_tokens(corpus: Corpus, tokenizer: Tokenizer, split: str, data: DataConfig, root: Path,
-                  workers: int = 1) -> tuple[TokenStore, float | None]:
+                  workers: int = 1, beam_args: Sequence[str] | None = None) -> tuple[TokenStore, float | None]:
     """The split's token store and the seconds its build took (None: it was in the cache)."""
     identity = identity_of(tokenizer)
     key = content_key({"corpus": corpus.fingerprint, "tokenizer": identity,
@@ -357,16 +369,12 @@ def _split_tokens(corpus: Corpus, tokenizer: Tokenizer, split: str, data: DataCo
                           "tokenizer": identity, "val_fraction": data.val_fraction,
                           "max_bytes": data.max_bytes, "text_field": data.text_field}
                 start = time.perf_counter()
-                _tokenise(corpus, tokenizer, split, data.max_bytes, dest, header, workers)
+                if beam_args is None:
+                    _tokenise(corpus, tokenizer, split, data.max_bytes, dest, header, workers)
+                else:
+                    _tokenise_with_beam(corpus, tokenizer, split, data, root, dest, header, beam_args)
                 seconds = time.perf_counter() - start
     return TokenStore(dest), seconds
-
-
-def _capped_documents(corpus: Corpus, split: str, max_bytes: int) -> Iterator[str]:
-    """The split's documents within data.max_bytes: whole documents, or for a joined corpus the
-    first max_bytes bytes of its text (pieces of one text must not be skipped)."""
-    cap = cap_prefix if corpus.joined() else cap_bytes
-    return cap(corpus.documents(split), max_bytes)
 
 
 def _tokenise(corpus: Corpus, tokenizer: Tokenizer, split: str, max_bytes: int, dest: Path,
@@ -377,7 +385,7 @@ def _tokenise(corpus: Corpus, tokenizer: Tokenizer, split: str, max_bytes: int, 
     start = time.perf_counter()
     joined = corpus.joined()
     counts = {"documents": 0, "bytes": 0}
-    groups = encoded_stream(_capped_documents(corpus, split, max_bytes), tokenizer, joined, workers)
+    groups = encoded_stream(capped_documents(corpus, split, max_bytes), tokenizer, joined, workers)
     with StoreWriter(dest, token_dtype(tokenizer.vocab_size), tokenizer.eos_id) as writer:
         for group in groups:
             writer.append(group.tokens)
@@ -391,3 +399,21 @@ def _tokenise(corpus: Corpus, tokenizer: Tokenizer, split: str, max_bytes: int, 
     log(f"{split}: {counts['documents']} documents, {counts['bytes'] / 1e6:.1f} MB -> "
         f"{len(store) / 1e6:.2f} M tokens in {seconds:.1f} s")
     return store
+
+
+def _tokenise_with_beam(corpus: Corpus, tokenizer: Tokenizer, split: str, data: DataConfig, root: Path,
+                        dest: Path, header: dict[str, Any], beam_args: Sequence[str]) -> TokenStore:
+    """The same store as `_tokenise`'s, built by an Apache Beam pipeline (`beam_engine`)."""
+    # Imported here: Apache Beam is an optional, heavy dependency that only this path needs.
+    from llm_jax.data.beam_engine import build_store
+
+    log(f"tokenising the {corpus.label} {split} split with the {tokenizer.name} tokenizer in an Apache Beam "
+        f"pipeline ({' '.join(beam_args)})...")
+    start = time.perf_counter()
+    built = build_store(data, root, split, corpus.fingerprint, tokenizer, header, dest, beam_args,
+                        group_chars=encode_groups.ENCODE_GROUP_CHARS, chunk_tokens=store_layout.CHUNK_TOKENS,
+                        shard_tokens=store_layout.SHARD_TOKENS)
+    manifest = built.manifest
+    log(f"{split}: {manifest['documents']} documents, {manifest['bytes'] / 1e6:.1f} MB -> "
+        f"{len(built) / 1e6:.2f} M tokens in {time.perf_counter() - start:.1f} s")
+    return built

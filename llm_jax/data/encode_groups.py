@@ -46,9 +46,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
 
 
-def document_groups(documents: Iterable[str]) -> Iterator[list[str]]:
-    """Consecutive documents, cut after the first one that brings a group to ENCODE_GROUP_CHARS."""
-    group_chars = ENCODE_GROUP_CHARS  # read per call, so tests can make groups small
+def document_groups(documents: Iterable[str], group_chars: int | None = None) -> Iterator[list[str]]:
+    """Consecutive documents, cut after the first one that brings a group to `group_chars`
+    (default ENCODE_GROUP_CHARS)."""
+    if group_chars is None:
+        group_chars = ENCODE_GROUP_CHARS  # read per call, so tests can make groups small
     group: list[str] = []
     chars = 0
     for doc in documents:

@@ -28,10 +28,17 @@ from llm_jax.data.jsonl_files import (
     jsonl_lines,
     jsonl_text,
 )
-from llm_jax.data.splits import line_chunks, streamed_validation_mask, tail_split, validation_mask
+from llm_jax.data.splits import (
+    cap_bytes,
+    cap_prefix,
+    line_chunks,
+    streamed_validation_mask,
+    tail_split,
+    validation_mask,
+)
 from llm_jax.errors import UserError
 
-__all__ = ["SOURCE_KINDS", "Corpus", "open_corpus"]
+__all__ = ["SOURCE_KINDS", "Corpus", "capped_documents", "open_corpus"]
 
 # Enough to tell text from binary: text files have no NUL bytes near the start.
 _SNIFF_BYTES = 8192
@@ -52,6 +59,13 @@ def open_corpus(data: DataConfig, cache_root: Path) -> Corpus:
     if kind == "tfds" and arg:
         return _tfds_corpus(data.source, arg, data)
     raise UserError(f"unknown data.source '{data.source}'; use one of: {', '.join(SOURCE_KINDS)}")
+
+
+def capped_documents(corpus: Corpus, split: str, max_bytes: int) -> Iterator[str]:
+    """The split's documents within data.max_bytes: whole documents, or for a joined corpus the
+    first max_bytes bytes of its text (pieces of one text must not be skipped)."""
+    cap = cap_prefix if corpus.joined() else cap_bytes
+    return cap(corpus.documents(split), max_bytes)
 
 
 def _stdlib_corpus(data: DataConfig, cache_root: Path) -> Corpus:

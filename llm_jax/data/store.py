@@ -74,45 +74,67 @@ def remove_stale_builds(dest: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-class StoreWriter:
-    """Append token arrays in stream order, then `finish(header)`; use as a context manager so
-    that an error removes the temporary directory.
+def new_build_dir(dest: Path) -> Path:
+    """A fresh temporary directory `.NAME.*.tmp` beside `dest` to build a store in (refused if
+    `dest` exists: a store is never overwritten)."""
+    if dest.exists():
+        raise UserError(f"{dest} already exists; a token store is never overwritten")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp is owner-only; a cache may be shared by several users
+    return tmp
 
-    Peak memory is one record (`chunk_tokens`) plus what the caller passes to `append`.
-    """
 
-    def __init__(self, dest: Path, dtype: np.dtype, eos_id: int, chunk_tokens: int = CHUNK_TOKENS,
-                 shard_tokens: int = SHARD_TOKENS):
-        if chunk_tokens < 1 or shard_tokens % chunk_tokens:
-            raise ValueError(f"shard_tokens={shard_tokens} must be a multiple of chunk_tokens={chunk_tokens}")
-        if dest.exists():
-            raise UserError(f"{dest} already exists; a token store is never overwritten")
-        self.dest = dest
+def store_manifest(header: dict[str, Any], dtype: np.dtype, chunk_tokens: int, shard_tokens: int,
+                   shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest of a store of `shards` (each `file`, `tokens`, `documents`, in order): `header`
+    plus the layout and the total."""
+    manifest = dict(header)
+    manifest.update(format=STORE_FORMAT_VERSION, dtype=np.dtype(dtype).name, chunk_tokens=chunk_tokens,
+                    shard_tokens=shard_tokens, shards=shards, tokens=sum(s["tokens"] for s in shards))
+    return manifest
+
+
+def commit_build(tmp: Path, dest: Path) -> None:
+    """Move a finished build (manifest written) into place."""
+    try:
+        # rename() refuses a non-empty destination: a store someone else finished meanwhile stays.
+        os.rename(tmp, dest)
+    except OSError as exc:
+        raise UserError(f"cannot move the token store into {dest}: {exc.strerror}") from None
+
+
+def _layout(chunk_tokens: int | None, shard_tokens: int | None) -> tuple[int, int]:
+    """Record and shard sizes, the module's defaults where None (read per call, so tests can
+    make them small)."""
+    chunk_tokens = CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
+    shard_tokens = SHARD_TOKENS if shard_tokens is None else shard_tokens
+    if chunk_tokens < 1 or shard_tokens % chunk_tokens:
+        raise ValueError(f"shard_tokens={shard_tokens} must be a multiple of chunk_tokens={chunk_tokens}")
+    return chunk_tokens, shard_tokens
+
+
+class ShardWriter:
+    """One shard file: tokens appended in order, written as records of `chunk_tokens` (the last
+    one shorter); `close()` gives its manifest entry. Holds one record besides what it is given."""
+
+    def __init__(self, path: Path, dtype: np.dtype, eos_id: int, chunk_tokens: int):
+        self.path = path
         self.dtype = np.dtype(dtype)
+        self.appended = 0
+        """Tokens appended so far (written or buffered)."""
         self._eos_id = eos_id
         self._chunk_tokens = chunk_tokens
-        self._shard_tokens = shard_tokens
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-        os.chmod(self._tmp, 0o755)  # mkdtemp is owner-only; a cache may be shared by several users
+        self._documents = 0
         self._buffer = np.empty(chunk_tokens, self.dtype)
         self._filled = 0
-        self._shards: list[dict[str, Any]] = []
-        self._writer: Any = None
-
-    def __enter__(self) -> StoreWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        shutil.rmtree(self._tmp, ignore_errors=True)  # gone already after a successful finish
+        self._writer = _array_record().ArrayRecordWriter(str(path), _WRITER_OPTIONS)
 
     def append(self, tokens: np.ndarray) -> None:
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or tokens.dtype != self.dtype:
             raise ValueError(f"expected 1-D {self.dtype} tokens, got {tokens.ndim}-D {tokens.dtype}")
+        self.appended += len(tokens)
         start = 0
         while start < len(tokens):
             if self._filled == 0 and len(tokens) - start >= self._chunk_tokens:
@@ -128,47 +150,80 @@ class StoreWriter:
                 self._filled = 0
 
     def _write_record(self, chunk: np.ndarray) -> None:
-        if self._writer is None:
-            name = shard_name(len(self._shards))
-            self._writer = _array_record().ArrayRecordWriter(str(self._tmp / name), _WRITER_OPTIONS)
-            self._shards.append({"file": name, "tokens": 0, "documents": 0})
         self._writer.write(chunk.astype("<" + self.dtype.str[1:], copy=False).tobytes())
-        shard = self._shards[-1]
-        shard["tokens"] += len(chunk)
-        shard["documents"] += int(np.count_nonzero(chunk == self._eos_id))
-        if shard["tokens"] == self._shard_tokens:
-            self._close_shard()
+        self._documents += int(np.count_nonzero(chunk == self._eos_id))
 
-    def _close_shard(self) -> None:
+    def close(self) -> dict[str, Any]:
+        """Flush the last record and close the file: its entry in the manifest's `shards`."""
+        if self._filled:
+            self._write_record(self._buffer[: self._filled])
+            self._filled = 0
         if not self._writer.ok():
-            raise OSError(f"writing {self._tmp / self._shards[-1]['file']} failed")
+            raise OSError(f"writing {self.path} failed")
         self._writer.close()
-        self._writer = None
+        return {"file": self.path.name, "tokens": self.appended, "documents": self._documents}
+
+    def abort(self) -> None:
+        self._writer.close()
+
+
+class StoreWriter:
+    """Append token arrays in stream order, then `finish(header)`; use as a context manager so
+    that an error removes the temporary directory.
+
+    Peak memory is one record (`chunk_tokens`) plus what the caller passes to `append`.
+    """
+
+    def __init__(self, dest: Path, dtype: np.dtype, eos_id: int, chunk_tokens: int | None = None,
+                 shard_tokens: int | None = None):
+        self._chunk_tokens, self._shard_tokens = _layout(chunk_tokens, shard_tokens)
+        self.dest = dest
+        self.dtype = np.dtype(dtype)
+        self._eos_id = eos_id
+        self._tmp = new_build_dir(dest)
+        self._shards: list[dict[str, Any]] = []
+        self._shard: ShardWriter | None = None
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._shard is not None:
+            self._shard.abort()
+            self._shard = None
+        shutil.rmtree(self._tmp, ignore_errors=True)  # gone already after a successful finish
+
+    def append(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or tokens.dtype != self.dtype:
+            raise ValueError(f"expected 1-D {self.dtype} tokens, got {tokens.ndim}-D {tokens.dtype}")
+        start = 0
+        while start < len(tokens):
+            if self._shard is None:
+                path = self._tmp / shard_name(len(self._shards))
+                self._shard = ShardWriter(path, self.dtype, self._eos_id, self._chunk_tokens)
+            take = min(self._shard_tokens - self._shard.appended, len(tokens) - start)
+            self._shard.append(tokens[start : start + take])
+            start += take
+            if self._shard.appended == self._shard_tokens:
+                self._shards.append(self._shard.close())
+                self._shard = None
 
     def finish(self, header: dict[str, Any]) -> TokenStore:
         """Flush, write the manifest (`header` plus the layout and counts) and move the store
         into place."""
-        if self._filled:
-            self._write_record(self._buffer[: self._filled])
-            self._filled = 0
-        if self._writer is not None:
-            self._close_shard()
-        manifest = dict(header)
-        manifest.update(format=STORE_FORMAT_VERSION, dtype=self.dtype.name, chunk_tokens=self._chunk_tokens,
-                        shard_tokens=self._shard_tokens, shards=self._shards,
-                        tokens=sum(s["tokens"] for s in self._shards))
+        if self._shard is not None:
+            self._shards.append(self._shard.close())
+            self._shard = None
+        manifest = store_manifest(header, self.dtype, self._chunk_tokens, self._shard_tokens, self._shards)
         write_json_atomic(self._tmp / MANIFEST, manifest)
-        try:
-            # rename() refuses a non-empty destination: a store someone else finished meanwhile stays.
-            os.rename(self._tmp, self.dest)
-        except OSError as exc:
-            raise UserError(f"cannot move the token store into {self.dest}: {exc.strerror}") from None
+        commit_build(self._tmp, self.dest)
         return TokenStore(self.dest)
 
 
 def write_store(dest: Path, pieces: Iterable[np.ndarray], dtype: np.dtype, eos_id: int,
-                header: dict[str, Any], chunk_tokens: int = CHUNK_TOKENS,
-                shard_tokens: int = SHARD_TOKENS) -> TokenStore:
+                header: dict[str, Any], chunk_tokens: int | None = None,
+                shard_tokens: int | None = None) -> TokenStore:
     """A store at `dest` of the concatenation of `pieces` (consumed one at a time)."""
     with StoreWriter(dest, dtype, eos_id, chunk_tokens, shard_tokens) as writer:
         for piece in pieces:

@@ -17,10 +17,13 @@ from runs import TINY, losses
 
 from llm_jax.cli import main
 from llm_jax.config import load_config
+from llm_jax.data.build import build_data
+from llm_jax.data.sft_rows import resolve_format
 from llm_jax.errors import UserError
 from llm_jax.models.definition import model_def, param_shardings
 from llm_jax.parallel.mesh import make_mesh
 from llm_jax.parallel.rules import activation_mesh, logical_to_spec
+from llm_jax.train.objectives import Vocab, build_objective
 from llm_jax.train.objectives.base import token_losses
 from llm_jax.train.objectives.causal import Causal, packed_inputs
 
@@ -217,3 +220,46 @@ def test_packed_training_learns_and_packing_changes_the_losses(tmp_path):
     # Same data, same start: the flag takes effect (targets after EOS are not scored, documents
     # do not see each other), so the losses differ from the first step on.
     assert abs(packed[1] - plain[1]) > 1e-3
+
+
+# ---------------------------------------------------------------- supervised examples, packed
+
+
+def prompt_completion_rows(tmp_path, *overrides: str):
+    """(config, training rows) of a prompt/completion JSONL file of examples of many lengths."""
+    rng = np.random.default_rng(1)
+    records = [{"prompt": "q" * int(rng.integers(0, 12)) + ":", "completion": "a" * int(rng.integers(1, 10))}
+               for _ in range(60)]
+    path = tmp_path / "pc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = resolve_format(load_config("gpt_tiny", [f"data.source=jsonl:{path}", f"data.cache_dir={tmp_path / 'cache'}",
+                                                  "data.val_fraction=0.1", "model.num_layers=1", *overrides]))
+    assert cfg.objective == "masked_causal"
+    return cfg, np.asarray(build_data(cfg, tmp_path / "run").train_tokens)
+
+
+def test_packed_supervised_rows_give_the_same_completion_losses(tmp_path):
+    cfg, rows = prompt_completion_rows(tmp_path)
+    packed_cfg, packed_rows = prompt_completion_rows(tmp_path, "train.packing=true")
+    assert len(packed_rows) < len(rows) / 2  # several examples per row
+    T = cfg.train.seq_len
+    assert packed_rows[:, T + 1:].sum() == rows[:, T + 1:].sum()  # every scored token kept
+
+    vocab = Vocab(size=257, rows=320, eos_id=256)
+    mdef = model_def(cfg, vocab.rows)
+    params = draw_params(cfg, mdef, 5)
+
+    def scored_losses(c, r):
+        inputs, targets, weights = build_objective(c, vocab).data(jnp.asarray(r), 0)
+        losses_BT = token_losses(mdef.merge(params)(**inputs).logits, targets)
+        return np.asarray(losses_BT)[np.asarray(weights) > 0]  # row-major: examples in file order
+
+    want = scored_losses(cfg, rows)
+    np.testing.assert_allclose(scored_losses(packed_cfg, packed_rows), want, rtol=1e-5, atol=1e-5 * want.max())
+    # the same packed rows read as one sequence (no segments): later examples see earlier ones
+    assert np.abs(scored_losses(cfg, packed_rows) - want).max() > 1e-3
+
+
+def test_chat_rows_are_not_packed():
+    with pytest.raises(UserError, match="train.packing .*data.format=chat"):
+        load_config(None, ["data.source=jsonl:x.jsonl", "data.format=chat", "train.packing=true"])

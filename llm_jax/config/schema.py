@@ -273,6 +273,9 @@ class Config(Section):
                              "generated example each")
         if self.objective not in ("causal", "masked_causal"):
             raise ValueError(f"train.packing is for the causal and masked_causal objectives, not {self.objective}")
+        if self.data.format == "chat":  # (auto: checked again once `resolve_format` finds chat)
+            raise ValueError("train.packing splits rows at EOS, and a chat's assistant turns end in EOS inside one "
+                             "conversation: data.format=chat cannot be packed (prompt_completion can)")
 
     @model_validator(mode="after")
     def _check_lengths(self) -> Config:

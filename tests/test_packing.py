@@ -18,9 +18,11 @@ from runs import TINY, losses
 from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.data.build import build_data
-from llm_jax.data.sft_rows import resolve_format
+from llm_jax.data.sft_rows import pack_examples, resolve_format
 from llm_jax.errors import UserError
+from llm_jax.models.attention import causal_attention, masked_attention, same_segment
 from llm_jax.models.definition import model_def, param_shardings
+from llm_jax.models.ssm import selective_scan
 from llm_jax.parallel.mesh import make_mesh
 from llm_jax.parallel.rules import activation_mesh, logical_to_spec
 from llm_jax.train.objectives import Vocab, build_objective
@@ -47,7 +49,6 @@ MODELS = {
     "lstm": ["model.arch=lstm", "model.tie_embeddings=false"],
     "gru": ["model.arch=gru"],
 }
-FAST = {"llama-gqa-blockwise", "mamba-chunked", "lstm"}  # one of each kind in the default (not slow) run
 
 
 def documents(seed: int = 0) -> list[np.ndarray]:
@@ -137,8 +138,9 @@ def assert_close_to_scale(got, want, rtol=1e-5):
         np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * scale)
 
 
+@pytest.mark.slow  # 5-30 s each (two compiled gradients); the kernels' own check below is quick
 @pytest.mark.parametrize("devices", [1, 8])
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in MODELS])
+@pytest.mark.parametrize("name", MODELS)
 def test_packed_rows_equal_documents_alone(name, devices):
     cfg = load_config(None, [*SMALL, *MODELS[name], f"mesh.data={devices}"])
     mdef = model_def(cfg, VOCAB)
@@ -170,6 +172,50 @@ def test_packed_rows_equal_documents_alone(name, devices):
         inputs, targets, _ = Causal(packing=True, eos_id=EOS).data(jnp.asarray(rows), 0)
         leaky = per_token_losses(model, {"tokens_BT": inputs["tokens_BT"]}, targets, explicit_mask) * weights
         assert np.abs(np.asarray(leaky) - want_losses).max() > 1e-3
+
+
+@pytest.mark.parametrize("kernel", ["blockwise", "xla"])
+def test_attention_kernels_keep_segments_apart_forward_and_backward(kernel):
+    """Each kernel under segment ids equals the einsum reference under causal-and-same-segment
+    masks, values and gradients (blockwise: its hand-written backward pass), with grouped KV heads."""
+    B, T, N, K, H = 2, 16, 4, 2, 8
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (B, T, N, H))
+    k, v = (jax.random.normal(key, (B, T, K, H)) for key in ks[1:])
+    seg = jnp.asarray([[0] * 3 + [1] * 7 + [2] * 6, [0] * 10 + [1] * 2 + [2] * 4])  # across the blocks of 8
+    mask = jnp.tril(jnp.ones((T, T), bool))[None] & same_segment(seg)
+
+    def ref(q, k, v):
+        return masked_attention(q, k, v, mask)
+
+    def got(q, k, v):
+        if kernel == "xla":  # the library kernel takes kv heads equal to query heads
+            k, v = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
+        return causal_attention(q, k, v, kernel, 8, seg)
+
+    def value_and_grads(f):  # jitted: the blockwise loop dispatches op by op otherwise
+        return jax.jit(jax.value_and_grad(lambda *a: (f(*a) ** 2).sum(), argnums=(0, 1, 2)))(q, k, v)
+
+    (want, g_ref), (value, g_got) = value_and_grads(ref), value_and_grads(got)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    for a, b in zip(g_got, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "associative", "chunked"])
+def test_selective_scan_restarts_at_each_segment(mode):
+    """With resets, each scan equals scanning every segment on its own from the zero state."""
+    ks = jax.random.split(jax.random.key(1), 4)
+    Bsz, T, D, N = 1, 12, 3, 2
+    x, delta = jax.random.normal(ks[0], (Bsz, T, D)), jax.nn.softplus(jax.random.normal(ks[1], (Bsz, T, D)))
+    B, C = (jax.random.normal(key, (Bsz, T, N)) for key in ks[2:])
+    A, D_skip = -jnp.arange(1.0, N + 1) * jnp.ones((D, 1)), jnp.ones(D)
+    starts = [0, 3, 4, 9]  # segments [0, 3), [3, 4), [4, 9), [9, 12): across chunks of 4
+    reset = jnp.zeros((Bsz, T), bool).at[:, starts[1:]].set(True)
+    got, _ = jax.jit(partial(selective_scan, mode=mode, chunk=4))(x, delta, A, B, C, D_skip, reset_BT=reset)
+    for a, b in zip(starts, starts[1:] + [T]):
+        want, _ = selective_scan(x[:, a:b], delta[:, a:b], A, B[:, a:b], C[:, a:b], D_skip, mode="sequential")
+        np.testing.assert_allclose(got[:, a:b], want, rtol=1e-5, atol=1e-6)
 
 
 def test_segments_and_positions_restart_after_each_eos():
@@ -238,6 +284,26 @@ def prompt_completion_rows(tmp_path, *overrides: str):
     return cfg, np.asarray(build_data(cfg, tmp_path / "run").train_tokens)
 
 
+def test_examples_are_packed_in_order_with_their_weights():
+    T = 8
+
+    def row(tokens, weights):
+        r = np.full(2 * T + 1, EOS, np.int32)
+        r[T + 1:] = 0
+        r[:len(tokens)], r[T + 1:T + 1 + len(weights)] = tokens, weights
+        return r
+
+    rows = np.stack([row([1, 2, EOS], [0, 1]), row([3, EOS], [1]), row([4, 5, 6, 7, EOS], [0, 0, 1, 1]),
+                     row([8, 9, 10, 11, 12, 13, 14, 15, EOS], [0, 1, 1, 1, 1, 1, 1, 1])])
+    packed = pack_examples(rows, T, EOS)
+    np.testing.assert_array_equal(packed, [
+        row([1, 2, EOS, 3, EOS, EOS, EOS, EOS, EOS], [0, 1, 0, 1]),  # the third does not fit: next row
+        row([4, 5, 6, 7, EOS], [0, 0, 1, 1]),
+        row([8, 9, 10, 11, 12, 13, 14, 15, EOS], [0, 1, 1, 1, 1, 1, 1, 1]),  # a full row
+    ])
+
+
+@pytest.mark.slow  # builds both row sets and runs a model on each (about 8 s)
 def test_packed_supervised_rows_give_the_same_completion_losses(tmp_path):
     cfg, rows = prompt_completion_rows(tmp_path)
     packed_cfg, packed_rows = prompt_completion_rows(tmp_path, "train.packing=true")

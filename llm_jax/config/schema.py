@@ -46,6 +46,8 @@ class TrainConfig(Section):
     """Encoder input length of a seq2seq data.task (end-of-text included); longer sources are cut."""
     loss_on: Literal["completion", "all"] = "completion"
     """data.format prompt_completion, chat: score the completions (assistant turns) and their EOS, or all tokens."""
+    packing: bool = False
+    """Decoders: read each window as EOS-ended documents kept apart (segment ids, positions restarting per document)."""
     label_smoothing: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
     """Label smoothing of the training loss (Vaswani et al.: 0.1); evaluation reports plain cross entropy."""
     nsp: bool = False
@@ -319,6 +321,8 @@ class Config(Section):
         if self.train.nsp and (spec.objectives[0] != "mlm" or task):
             raise ValueError(f"train.nsp (next-sentence prediction) is for masked-LM pretraining (model.arch="
                              f"{either(archs_where(lambda s: s.objectives[0] == 'mlm'))}), without a data.task")
+        if self.train.packing:
+            self._check_packing()
         # (data.format=auto of a JSONL file may turn out supervised: `sft_rows.resolve_format` decides.)
         undecided = fmt == "auto" and self.data.source.startswith("jsonl:")
         if not task and fmt not in SUPERVISED_FORMATS and not undecided and spec.objectives[0] in TASK_OBJECTIVES:
@@ -327,6 +331,23 @@ class Config(Section):
             raise ValueError(f"model.arch={arch} trains on a data.task ({either(tasks)}) or on JSONL records "
                              f"(data.format={either(formats)})")
         return self
+
+    def _check_packing(self) -> None:
+        """train.packing keeps documents apart by segment ids, which only the causal decoders read;
+        synthetic task rows are not EOS-ended documents."""
+        arch, spec = self.model.arch, self.model.spec
+        if spec.kind != "decoder":
+            raise ValueError(f"train.packing is for the causal decoders (model.arch="
+                             f"{either(archs_where(lambda s: s.kind == 'decoder'))}); model.arch={arch} is an "
+                             f"{spec.kind} and does not take packed rows")
+        if self.data.task in SYNTHETIC_TASKS:
+            raise ValueError(f"train.packing packs EOS-ended documents; data.task={self.data.task} rows hold one "
+                             "generated example each")
+        if self.objective not in ("causal", "masked_causal"):
+            raise ValueError(f"train.packing is for the causal and masked_causal objectives, not {self.objective}")
+        if self.data.format == "chat":  # (auto: checked again once `resolve_format` finds chat)
+            raise ValueError("train.packing splits rows at EOS, and a chat's assistant turns end in EOS inside one "
+                             "conversation: data.format=chat cannot be packed (prompt_completion can)")
 
     @model_validator(mode="after")
     def _check_lengths(self) -> Config:

@@ -11,6 +11,9 @@ a text JSONL corpus (`jsonl_files.jsonl_held_out_lines`). A bad record stops the
 cached as `.npy` under `<cache>/sft/`, keyed by everything that decides them, and memory-mapped
 afterwards; the `.json` beside them is written last, so it always vouches for complete arrays,
 and an error leaves nothing behind.
+
+With train.packing (prompt_completion) a row holds several examples, each ending in its EOS, in
+file order (`pack_examples`); the objective keeps them apart by that EOS (segments, positions).
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ def supervised_rows(cfg: Config, tokenizer: Tokenizer, root: Path) -> tuple[np.n
     skipped = f"; {meta['bad']} bad records skipped ({'; '.join(meta['bad_quoted'])})" if meta["bad"] else ""
     scored = f"{meta['scored']} scored tokens" if data.format != "classify" else (
         f"{len(data.labels)} labels ({', '.join(map(str, data.labels[:8]))}{', ...' if len(data.labels) > 8 else ''})")
-    log(f"{path} ({data.format}): {meta['train']} training and {meta['validation']} validation examples, "
+    packed = f", packed into {meta['rows']['train']} and {meta['rows']['validation']} rows" if "rows" in meta else ""
+    log(f"{path} ({data.format}): {meta['train']} training and {meta['validation']} validation examples{packed}, "
         f"{scored}{skipped}")
     train, val = (np.load(folder / f"{key}.{split}.npy", mmap_mode="r") for split in SPLITS)
     return train, val
@@ -130,7 +134,32 @@ def _row_settings(cfg: Config) -> dict:
         return {"src_len": cfg.train.src_len}
     if cfg.data.format == "classify":
         return {"text_field": cfg.data.text_field, "labels": cfg.data.labels}
-    return {"loss_on": cfg.train.loss_on}
+    # (packing only when on: the keys of unpacked rows cached before it existed stay valid)
+    return {"loss_on": cfg.train.loss_on, **({"packing": True} if cfg.train.packing else {})}
+
+
+def pack_examples(rows: np.ndarray, seq_len: int, eos_id: int) -> np.ndarray:
+    """Masked rows of one example each ([N, 2T + 1], `formats.encode_example`) packed several to
+    a row: next fit in the given order, so the result depends on the rows alone. An example ends
+    with its scored final EOS (prompt_completion), so its length is its last weight-1 target's
+    index + 2; its weights move with its tokens, the rest of a row is EOS with weight 0. The
+    weight of an example's last position (its EOS input, whose target is the next example's first
+    token) is 0 already: weight j scores token j + 1 of the same example."""
+    T = seq_len
+    weights = rows[:, T + 1:]
+    lengths = T - np.argmax(weights[:, ::-1] > 0, axis=1) + 1  # last scored target j: length j + 2
+    packed: list[np.ndarray] = []
+    row, used = None, T + 1
+    for example, length in zip(rows, lengths):
+        if used + length > T + 1:
+            row = np.zeros(2 * T + 1, np.int32)
+            row[:T + 1] = eos_id
+            packed.append(row)
+            used = 0
+        row[used:used + length] = example[:length]
+        row[T + 1 + used:T + used + length] = example[T + 1:T + length]
+        used += length
+    return np.stack(packed) if packed else rows[:0]
 
 
 def _template_settings(cfg: Config, tokenizer: Tokenizer) -> dict:
@@ -176,6 +205,9 @@ def _build(cfg: Config, tokenizer: Tokenizer, path: Path) -> tuple[dict[str, np.
                             f"data.val_fraction={cfg.data.val_fraction}")
     arrays = {split: np.stack(rows[split]) for split in SPLITS}
     meta = {split: len(arrays[split]) for split in SPLITS}
+    if cfg.train.packing and fmt == "prompt_completion":
+        arrays = {split: pack_examples(a, cfg.train.seq_len, tokenizer.eos_id) for split, a in arrays.items()}
+        meta["rows"] = {split: len(arrays[split]) for split in SPLITS}
     meta.update(bad=len(bad), bad_quoted=bad[:_QUOTED_BAD], format=fmt, source=str(path),
                 scored=sum(_scored(a, cfg) for a in arrays.values()))
     return arrays, meta

@@ -6,6 +6,9 @@ One module serves every causal use here (training, prefill, one-token decode) an
 - `blockwise`: causal attention that skips key blocks above the diagonal; on CPU the XLA
   kernel computes the whole T x T score matrix, and this halves the work for long sequences.
 - `masked` (internal): einsum with an explicit mask, for padded batches and the KV cache.
+
+Packed rows (`train.packing`) pass `segment_ids_BT`: every kernel then also hides keys of another
+segment (document), so attention never crosses a document boundary.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from llm_jax.models.layers import Dense, apply_rope
@@ -53,37 +57,53 @@ def masked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS: jax.Array | None,
     return out.reshape(B, T, N, H)
 
 
+def same_segment(segment_ids_BT: jax.Array) -> jax.Array:
+    """[B, T, T] True where query t and key s belong to the same packed segment (document)."""
+    return segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+
+
 def _causal_bias(rows: int, end: int) -> jax.Array:
     """Additive mask for queries end-rows..end-1 against keys 0..end-1 (0 = visible)."""
     visible = jnp.arange(end)[None, :] <= (end - rows + jnp.arange(rows))[:, None]
     return jnp.where(visible, 0.0, NEG_INF).astype(jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _blockwise_bnth(q_BNTH, k_BNTH, v_BNTH, block: int) -> jax.Array:
-    return _blockwise_fwd(q_BNTH, k_BNTH, v_BNTH, block)[0]
+def _block_bias(rows: int, end: int, seg_BT: jax.Array | None) -> jax.Array:
+    """The causal bias of one query block, [rows, end] or with segment ids [B, 1, rows, end]:
+    a key of another segment is hidden like a future one."""
+    bias = _causal_bias(rows, end)
+    if seg_BT is None:
+        return bias
+    same_BtS = seg_BT[:, end - rows:end, None] == seg_BT[:, None, :end]
+    return jnp.where(same_BtS, bias, NEG_INF)[:, None]
 
 
-def _blockwise_fwd(q_BNTH, k_BNTH, v_BNTH, block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blockwise_bnth(q_BNTH, k_BNTH, v_BNTH, seg_BT, block: int) -> jax.Array:
+    return _blockwise_fwd(q_BNTH, k_BNTH, v_BNTH, seg_BT, block)[0]
+
+
+def _blockwise_fwd(q_BNTH, k_BNTH, v_BNTH, seg_BT, block):
     T, H = q_BNTH.shape[2:]
     qs_BNTH = q_BNTH * (1.0 / math.sqrt(H))
     outs, probs = [], []
     for end in range(block, T + 1, block):
         # Query block [end-block, end) sees keys [0, end): blocks above the diagonal are skipped.
+        # The probabilities kept for the backward pass are the masked ones, so it needs no mask.
         s_BNtS = jnp.einsum("bnth,bnsh->bnts", qs_BNTH[:, :, end - block:end], k_BNTH[:, :, :end],
-                            preferred_element_type=jnp.float32) + _causal_bias(block, end)
+                            preferred_element_type=jnp.float32) + _block_bias(block, end, seg_BT)
         p_BNtS = jnp.exp(s_BNtS - s_BNtS.max(-1, keepdims=True))
         p_BNtS = (p_BNtS / p_BNtS.sum(-1, keepdims=True)).astype(v_BNTH.dtype)
         probs.append(p_BNtS)
         outs.append(jnp.einsum("bnts,bnsh->bnth", p_BNtS, v_BNTH[:, :, :end]))
     o_BNTH = jnp.concatenate(outs, axis=2)
-    return o_BNTH, (qs_BNTH, k_BNTH, v_BNTH, o_BNTH, probs)
+    return o_BNTH, (qs_BNTH, k_BNTH, v_BNTH, o_BNTH, probs, seg_BT)
 
 
 def _blockwise_bwd(block, residuals, do_BNTH):
     # The softmax backward written out (dS = P * (dP - rowsum(dO * O))) instead of autodiff's
     # chain through max/exp/sum/div: fewer passes over the score blocks, which dominate on CPU.
-    qs_BNTH, k_BNTH, v_BNTH, o_BNTH, probs = residuals
+    qs_BNTH, k_BNTH, v_BNTH, o_BNTH, probs, seg_BT = residuals
     T, H = qs_BNTH.shape[2:]
     delta_BNT1 = (do_BNTH.astype(jnp.float32) * o_BNTH.astype(jnp.float32)).sum(-1, keepdims=True)
     dq_parts = []
@@ -100,14 +120,18 @@ def _blockwise_bwd(block, residuals, do_BNTH):
         dk_BNTH = dk_BNTH.at[:, :, :end].add(
             jnp.einsum("bnts,bnth->bnsh", ds_BNtS, qs_BNTH[:, :, end - block:end], preferred_element_type=jnp.float32))
     dq_BNTH = jnp.concatenate(dq_parts, axis=2)
-    return dq_BNTH.astype(qs_BNTH.dtype), dk_BNTH.astype(k_BNTH.dtype), dv_BNTH.astype(v_BNTH.dtype)
+    # Segment ids are integers: their cotangent is float0 zeros.
+    dseg = None if seg_BT is None else np.zeros(seg_BT.shape, jax.dtypes.float0)
+    return dq_BNTH.astype(qs_BNTH.dtype), dk_BNTH.astype(k_BNTH.dtype), dv_BNTH.astype(v_BNTH.dtype), dseg
 
 
 _blockwise_bnth.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
-def blockwise_causal_attention(q_BTNH, k_BTKH, v_BTKH, block: int) -> jax.Array:
-    """Causal attention per query block against only the keys at or before it.
+def blockwise_causal_attention(q_BTNH, k_BTKH, v_BTKH, block: int,
+                               segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Causal attention per query block against only the keys at or before it (and, given
+    `segment_ids_BT`, in the query's own segment).
 
     Written for XLA on CPU, where the score blocks (not the matmuls) dominate: heads-major
     layout, diagonal-only masking, and a hand-written backward pass. Grouped KV heads are
@@ -119,14 +143,20 @@ def blockwise_causal_attention(q_BTNH, k_BTKH, v_BTKH, block: int) -> jax.Array:
         k_BTKH, v_BTKH = jnp.repeat(k_BTKH, groups, axis=2), jnp.repeat(v_BTKH, groups, axis=2)
     block = block if T % block == 0 else T
     heads_major = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731 - [B,T,N,H] <-> [B,N,T,H]
-    out = _blockwise_bnth(heads_major(q_BTNH), heads_major(k_BTKH), heads_major(v_BTKH), min(block, T))
+    out = _blockwise_bnth(heads_major(q_BTNH), heads_major(k_BTKH), heads_major(v_BTKH), segment_ids_BT,
+                          min(block, T))
     return heads_major(out)
 
 
-def causal_attention(q_BTNH, k_BTKH, v_BTKH, kernel: str, block: int) -> jax.Array:
+def causal_attention(q_BTNH, k_BTKH, v_BTKH, kernel: str, block: int,
+                     segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Causal attention by `kernel`; with `segment_ids_BT` a query also sees only its own segment."""
     if kernel == "blockwise":
-        return blockwise_causal_attention(q_BTNH, k_BTKH, v_BTKH, block)
-    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=kernel)
+        return blockwise_causal_attention(q_BTNH, k_BTKH, v_BTKH, block, segment_ids_BT)
+    # The segment mask travels as `mask` [B, 1, T, T] beside is_causal; the cuDNN kernel turns it
+    # into an additive bias (jax's fused attention: combine_bias_and_mask). Unverified on GPU here.
+    mask = None if segment_ids_BT is None else same_segment(segment_ids_BT)[:, None]
+    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=True, implementation=kernel)
 
 
 def bidirectional_attention(q_BTNH, k_BTKH, v_BTKH, kernel: str) -> jax.Array:
@@ -175,15 +205,16 @@ class Attention(nnx.Module):
     def __call__(self, x_BTD: jax.Array, *, rope=None, kernel: str | None = None, block: int = 128,
                  mask_BTS: jax.Array | None = None, cache: dict | None = None,
                  cache_index: jax.Array | None = None, causal: bool = True,
-                 kv_BSD: jax.Array | None = None,
-                 bias_BNTS: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+                 kv_BSD: jax.Array | None = None, bias_BNTS: jax.Array | None = None,
+                 segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
         """Self-attention over x; with `cache`, the new keys/values are written at `cache_index`
         and the queries attend over the whole cache under `mask_BTS` ([B, T, S_cache]).
 
         Without a mask, `causal` picks causal (decoders) or full (encoders) attention; a given
         `mask_BTS` is applied as it is in either case. `kv_BSD` (an encoder's output) makes it
         cross-attention: keys and values come from it, under `mask_BTS` if given. `bias_BNTS`
-        is added to the scores (T5's relative positions)."""
+        is added to the scores (T5's relative positions). `segment_ids_BT` (packed rows, causal
+        self-attention without a cache) hides keys of other segments in every kernel."""
         dtype = x_BTD.dtype
         source_BSD = x_BTD if kv_BSD is None else kv_BSD.astype(dtype)
         q_BTNH = constrain(self.q(x_BTD, dtype), ("batch", "length", "heads", "head_dim"))
@@ -201,9 +232,11 @@ class Attention(nnx.Module):
         elif mask_BTS is not None or kv_BSD is not None or bias_BNTS is not None or self.scale is not None:
             if kv_BSD is None and causal and mask_BTS is None:
                 mask_BTS = jnp.tril(jnp.ones((q_BTNH.shape[1],) * 2, bool))[None]
+            if segment_ids_BT is not None and kv_BSD is None:
+                mask_BTS = same_segment(segment_ids_BT) if mask_BTS is None else mask_BTS & same_segment(segment_ids_BT)
             out_BTNH = masked_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, bias_BNTS, self.scale)
         elif causal:
-            out_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, kernel, block)
+            out_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, kernel, block, segment_ids_BT)
         else:
             out_BTNH = bidirectional_attention(q_BTNH, k_BTKH, v_BTKH, kernel)
         return self.o(out_BTNH, dtype), new_cache

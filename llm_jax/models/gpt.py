@@ -54,13 +54,16 @@ class Block(nnx.Module):
         self.norm2 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
         add_feed_forward(self, cfg, rngs, moe=moe, std=std, out_std=out_std)
 
-    def __call__(self, x_BTD, *, rope, kernel, block, mask_BTS, cache, cache_index, key, compute_dtype=None):
+    def __call__(self, x_BTD, *, rope, kernel, block, mask_BTS, cache, cache_index, key, compute_dtype=None,
+                 segment_ids_BT=None):
         """`compute_dtype` (default x's dtype): the branches' dtype under a residual stream kept in
-        another one (a Mamba hybrid's float32 stream)."""
+        another one (a Mamba hybrid's float32 stream). `segment_ids_BT`: packed rows' documents,
+        which attention keeps apart."""
         dtype = compute_dtype or x_BTD.dtype
         k_attn, k_mlp, k_router = jax.random.split(key, 3) if key is not None else (None, None, None)
         h_BTD, new_cache = self.attn(self.norm1(x_BTD).astype(dtype), rope=rope, kernel=kernel, block=block,
-                                     mask_BTS=mask_BTS, cache=cache, cache_index=cache_index)
+                                     mask_BTS=mask_BTS, cache=cache, cache_index=cache_index,
+                                     segment_ids_BT=segment_ids_BT)
         x_BTD = x_BTD + dropout(h_BTD, self.dropout_rate, k_attn).astype(x_BTD.dtype)
         # A cached decode step must not drop a token to a full expert.
         h_BTD, stats = feed_forward(self, self.norm2(x_BTD).astype(dtype), k_router, dropless=cache is not None)
@@ -89,12 +92,15 @@ class GPT(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                  mask_BTS: jax.Array | None = None, cache: dict | None = None,
-                 cache_index: jax.Array | None = None, dropout_key: jax.Array | None = None) -> ModelOutput:
+                 cache_index: jax.Array | None = None, dropout_key: jax.Array | None = None,
+                 segment_ids_BT: jax.Array | None = None) -> ModelOutput:
         """Logits [B, T, V] in float32, the updated KV cache when `cache` is given, and the MoE
         layers' routing statistics (`aux["moe"]`, stacked over MoE layers) when there are any.
 
         `positions_BT` default to 0..T-1; `mask_BTS` (True = may attend) replaces the causal
-        mask for padded prompts and for attention over a cache of length S.
+        mask for padded prompts and for attention over a cache of length S. `segment_ids_BT`
+        (packed rows, `train.packing`): a token attends only within its own segment; the
+        positions of a packed row restart at each segment (the objective passes them).
         """
         dtype = jnp.dtype(self.compute_dtype)
         B, T = tokens_BT.shape
@@ -107,18 +113,19 @@ class GPT(nnx.Module):
         x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
 
         x_BTD, (new_cache, moe_stats) = self._run_blocks(x_BTD, rope, mask_BTS, group_cache(cache, self.group),
-                                                         cache_index, dropout_key)
+                                                         cache_index, dropout_key, segment_ids_BT)
         new_cache = ungroup_cache(new_cache, self.group)
         logits_BTV = constrain(output_logits(self.embed, self.head, self.final_norm(x_BTD), dtype),
                                ("batch", "length", "vocab"))
         return ModelOutput(logits_BTV, new_cache, moe_aux(moe_stats))
 
-    def _run_blocks(self, x_BTD, rope, mask_BTS, cache, cache_index, dropout_key):
+    def _run_blocks(self, x_BTD, rope, mask_BTS, cache, cache_index, dropout_key, segment_ids_BT):
         kernel, block = self.attention_kernel, self.attention_block
 
         def call(layer, x, layer_cache, key):
             x, new_layer_cache, stats = layer(x, rope=rope, kernel=kernel, block=block, mask_BTS=mask_BTS,
-                                              cache=layer_cache, cache_index=cache_index, key=key)
+                                              cache=layer_cache, cache_index=cache_index, key=key,
+                                              segment_ids_BT=segment_ids_BT)
             return x, (new_layer_cache, stats)
 
         return run_layers(self, call, x_BTD, cache, dropout_key)

@@ -30,7 +30,7 @@ from llm_jax.models.decoding import CausalDecoding
 from llm_jax.models.gpt import Block
 from llm_jax.models.layers import MLP, Dense, Embed, Norm, dropout, param
 from llm_jax.models.moe import MoE
-from llm_jax.models.recurrent import real_tokens
+from llm_jax.models.recurrent import real_tokens, segment_starts
 from llm_jax.models.ssm import selective_scan
 from llm_jax.models.stack import (
     attention_flops,
@@ -94,11 +94,14 @@ class MambaMixer(nnx.Module):
         self.out_proj = Dense((Di,), (D,), ("mlp", "embed"), rngs=rngs, std=0.0, use_bias=False,
                               init=symmetric_uniform(Di ** -0.5 / math.sqrt(num_layers)))
 
-    def __call__(self, h_BTD: jax.Array, state: dict | None, valid_BT: jax.Array | None):
+    def __call__(self, h_BTD: jax.Array, state: dict | None, valid_BT: jax.Array | None,
+                 segment_ids_BT: jax.Array | None = None):
         """Mixer output [B, T, D] (compute dtype) and the new state (None without one).
 
         `valid_BT` False marks left padding: those steps change neither the conv window nor the
-        SSM state, so a padded prompt ends in the state it would reach alone.
+        SSM state, so a padded prompt ends in the state it would reach alone. `segment_ids_BT`
+        (packed rows): the conv reads no token of an earlier segment and the SSM state restarts
+        from zero at each segment's first token, as if each document had its own row.
         """
         dtype = h_BTD.dtype
         B, T, _ = h_BTD.shape
@@ -110,7 +113,11 @@ class MambaMixer(nnx.Module):
         window = state["conv"].astype(dtype) if state is not None else jnp.zeros((B, K - 1, x_BTE.shape[-1]), dtype)
         padded = jnp.concatenate([window, x_BTE], axis=1)  # [B, K-1+T, E]: causal, left context first
         w = self.conv_w[...].astype(dtype)
-        conv = sum(padded[:, k:k + T] * w[:, k] for k in range(K)) + self.conv_b[...].astype(dtype)
+        taps = [padded[:, k:k + T] for k in range(K)]  # tap k reads the token K-1-k steps back
+        if segment_ids_BT is not None:
+            taps = [jnp.where(same_BT[..., None], tap, 0)
+                    for tap, same_BT in zip(taps, _same_segment_taps(segment_ids_BT, K))]
+        conv = sum(tap * w[:, k] for k, tap in enumerate(taps)) + self.conv_b[...].astype(dtype)
         x_BTE = constrain(jax.nn.silu(conv), ("batch", "length", "mlp"))
 
         if self.selective:
@@ -127,13 +134,24 @@ class MambaMixer(nnx.Module):
             delta_BTE = jnp.where(valid_BT[..., None], delta_BTE, 0.0)  # a = 1, b = 0: state kept
         A = -jnp.exp(self.A_log[...])
         h0 = state["ssm"] if state is not None else None
+        reset_BT = None if segment_ids_BT is None else segment_starts(segment_ids_BT)
         y_BTE, h_last = selective_scan(x_BTE, delta_BTE, A, B_BTN, C_BTN, self.D[...], h0,
-                                       mode=self.scan if T > 1 else "sequential", chunk=self.chunk)
+                                       mode=self.scan if T > 1 else "sequential", chunk=self.chunk,
+                                       reset_BT=reset_BT)
         y_BTE = (y_BTE * jax.nn.silu(z_BTE.astype(jnp.float32))).astype(dtype)
         out = self.out_proj(y_BTE, dtype)
         if state is None:
             return out, None
         return out, {"conv": padded[:, -(K - 1):].astype(jnp.float32) if K > 1 else state["conv"], "ssm": h_last}
+
+
+def _same_segment_taps(segment_ids_BT: jax.Array, K: int) -> list[jax.Array]:
+    """For conv tap k (the token K-1-k steps back), [B, T] True where that token is in the same
+    segment as t. Steps before the row's start count as the first segment: they are the conv
+    window of a cache, or zeros."""
+    padded_BT = jnp.pad(segment_ids_BT, ((0, 0), (K - 1, 0)), mode="edge")
+    T = segment_ids_BT.shape[1]
+    return [padded_BT[:, k:k + T] == segment_ids_BT for k in range(K)]
 
 
 class Sublayer(nnx.Module):
@@ -164,7 +182,7 @@ class Sublayer(nnx.Module):
         h_BTD = self.norm(x_BTD).astype(dtype)
         new_cache, stats = None, None
         if self.kind == "mamba":
-            h_BTD, new_cache = self.mixer(h_BTD, cache, valid_BT)
+            h_BTD, new_cache = self.mixer(h_BTD, cache, valid_BT, attend["segment_ids_BT"])
         elif self.kind == "mlp":
             h_BTD = self.mlp(h_BTD)
         else:
@@ -229,9 +247,11 @@ class MambaLM(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                  mask_BTS: jax.Array | None = None, cache: dict | None = None,
-                 cache_index: jax.Array | None = None, dropout_key: jax.Array | None = None) -> ModelOutput:
+                 cache_index: jax.Array | None = None, dropout_key: jax.Array | None = None,
+                 segment_ids_BT: jax.Array | None = None) -> ModelOutput:
         """Logits [B, T, V] float32, the new cache (when `cache` is given) and the MoE statistics
-        stacked over MoE sublayers (`aux["moe"]`, when the pattern has any)."""
+        stacked over MoE sublayers (`aux["moe"]`, when the pattern has any). `segment_ids_BT`
+        (packed rows): Mamba layers restart their state and attention layers mask at each segment."""
         del positions_BT
         dtype = jnp.dtype(self.compute_dtype)
         B, T = tokens_BT.shape
@@ -242,7 +262,7 @@ class MambaLM(nnx.Module):
             x_BTD = dropout(x_BTD, self.dropout_rate, embed_key)
         x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
         attend = {"rope": None, "kernel": self.attention_kernel, "block": self.attention_block,
-                  "mask_BTS": mask_BTS, "cache_index": cache_index}
+                  "mask_BTS": mask_BTS, "cache_index": cache_index, "segment_ids_BT": segment_ids_BT}
 
         def call(group, x, group_cache, key):
             x, new_cache, stats = group(x, dtype=dtype, cache=group_cache, valid_BT=valid_BT, key=key, attend=attend)

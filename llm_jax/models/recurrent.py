@@ -66,26 +66,31 @@ def cell_step(kind: str, state: dict, xp_BGH: jax.Array, w_HGH: jax.Array,
 
 
 def run_cell(kind: str, xp_BTGH: jax.Array, w_HGH: jax.Array, b_GH: jax.Array | None,
-             state: dict, valid_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
+             state: dict, valid_BT: jax.Array | None = None,
+             reset_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Scan `cell_step` over time: (outputs h_t [B, T, H], final state).
 
     Where `valid_BT` is False (left padding of a prompt) the state passes through unchanged, so
-    a padded row ends in exactly the state it would reach alone.
+    a padded row ends in exactly the state it would reach alone. Where `reset_BT` is True (a
+    packed segment's first token) the step starts from the zero state, as a new row would.
     """
     xs_TBGH = jnp.swapaxes(xp_BTGH.astype(jnp.float32), 0, 1)  # scan runs over the leading axis
     w_HGH = w_HGH.astype(jnp.float32)
     b_GH = None if b_GH is None else b_GH.astype(jnp.float32)
     valid_TB = None if valid_BT is None else jnp.swapaxes(valid_BT, 0, 1)
+    reset_TB = None if reset_BT is None else jnp.swapaxes(reset_BT, 0, 1)
 
     def body(carry, inputs):
-        xp_BGH, valid_B = inputs
+        xp_BGH, valid_B, reset_B = inputs
+        if reset_B is not None:
+            carry = jax.tree.map(lambda s: jnp.where(reset_B[:, None], 0.0, s), carry)
         new = cell_step(kind, carry, xp_BGH, w_HGH, b_GH)
         if valid_B is not None:
             new = jax.tree.map(lambda n, o: jnp.where(valid_B[:, None], n, o), new, carry)
         return new, new["h"]
 
     state = jax.tree.map(lambda s: s.astype(jnp.float32), state)
-    state, hs_TBH = jax.lax.scan(body, state, (xs_TBGH, valid_TB))
+    state, hs_TBH = jax.lax.scan(body, state, (xs_TBGH, valid_TB, reset_TB))
     return jnp.swapaxes(hs_TBH, 0, 1), state
 
 
@@ -98,6 +103,13 @@ def real_tokens(mask_BTS: jax.Array | None, cache_index, B: int, T: int) -> jax.
     start = 0 if cache_index is None else cache_index
     slot_BT1 = jnp.broadcast_to((start + jnp.arange(T))[None, :, None], (B, T, 1))
     return jnp.take_along_axis(jnp.broadcast_to(mask_BTS, (B, T, mask_BTS.shape[-1])), slot_BT1, axis=2)[..., 0]
+
+
+def segment_starts(segment_ids_BT: jax.Array) -> jax.Array:
+    """[B, T] True at the first token of each segment after the row's first: where a packed row's
+    next document begins and a state-carrying model (the recurrent cells, Mamba) drops its state."""
+    change_BT = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
+    return jnp.pad(change_BT, ((0, 0), (1, 0)))
 
 
 def init_state(kind: str, num_layers: int, batch: int, width: int) -> dict:
@@ -131,7 +143,7 @@ class RecurrentLayer(nnx.Module):
             self.inp.bias[...] = self.inp.bias[...].at[1].set(1.0)
 
     def __call__(self, x_BTD: jax.Array, state: dict, valid_BT: jax.Array | None,
-                 key: jax.Array | None) -> tuple[jax.Array, dict]:
+                 key: jax.Array | None, reset_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
         dtype = x_BTD.dtype
         xp_BTGH = self.inp(self.norm(x_BTD), dtype, out_dtype=jnp.float32)  # all T steps at once
         xp_BTGH = constrain(xp_BTGH, ("batch", "length", "gates", "mlp"))
@@ -141,7 +153,7 @@ class RecurrentLayer(nnx.Module):
         # XLA's partitioning of the scan's backward pass gave wrong gradients for the Elman RNN
         # (found by tests/test_families.py; reproduced with a bare lax.scan, jax 0.10.2).
         w_HGH = constrain(self.rec.kernel[...], (None, "gates", "mlp"))
-        h_BTH, state = run_cell(self.kind, xp_BTGH, w_HGH, b, state, valid_BT)
+        h_BTH, state = run_cell(self.kind, xp_BTGH, w_HGH, b, state, valid_BT, reset_BT)
         x_BTD = x_BTD + dropout(h_BTH.astype(dtype), self.dropout_rate, key)
         return constrain(x_BTD, ("batch", "length", "embed")), state
 
@@ -176,8 +188,9 @@ class RecurrentLM(nnx.Module):
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                  mask_BTS: jax.Array | None = None, cache: dict | None = None,
                  cache_index: jax.Array | None = None,
-                 dropout_key: jax.Array | None = None) -> ModelOutput:
+                 dropout_key: jax.Array | None = None, segment_ids_BT: jax.Array | None = None) -> ModelOutput:
         """Logits [B, T, V] in float32, and the final state when `cache` (a start state) is given.
+        `segment_ids_BT` (packed rows): every layer's state restarts from zero at each segment.
 
         `positions_BT` is ignored: order is implicit in the recurrence. `mask_BTS` is read only
         on its diagonal: a token that may not attend to its own slot (mask_BTS[b, t,
@@ -187,6 +200,7 @@ class RecurrentLM(nnx.Module):
         dtype = jnp.dtype(self.compute_dtype)
         B, T = tokens_BT.shape
         valid_BT = real_tokens(mask_BTS, cache_index, B, T)
+        reset_BT = None if segment_ids_BT is None else segment_starts(segment_ids_BT)
         state = cache if cache is not None else init_state(self.kind, self.num_layers, B, self.d_model)
 
         x_BTD = self.embed(tokens_BT, dtype)
@@ -204,7 +218,7 @@ class RecurrentLM(nnx.Module):
         new_states = []
         for i in range(self.num_layers):
             layer = nnx.merge(graphdef, layer_states[i])
-            x_BTD, s = layer(x_BTD, states[i], valid_BT, keys[i] if keys is not None else None)
+            x_BTD, s = layer(x_BTD, states[i], valid_BT, keys[i] if keys is not None else None, reset_BT)
             new_states.append(s)
 
         logits_BTV = output_logits(self.embed, self.head, self.final_norm(x_BTD), dtype)

@@ -1,6 +1,12 @@
 """Next-token prediction: `causal` (every position) and `masked_causal` (only the positions a row's
 weights select: a synthetic task's answers, `data.synthetic`, or a supervised example's
-completion, `data.formats`)."""
+completion, `data.formats`).
+
+With `train.packing` a window holds several documents, each ending in the tokenizer's EOS: the
+inputs then also carry segment ids and per-document positions (derived here, on device, from the
+window alone, so data order and every mesh see the same ones), and the target after an EOS input
+(the next document's first token) is not scored.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,23 @@ def causal_targets(tokens_BT1: jax.Array) -> tuple[jax.Array, jax.Array, None]:
     return tokens_BT1[:, :-1], tokens_BT1[:, 1:], None
 
 
+def packed_inputs(tokens_BT: jax.Array, eos_id: int) -> tuple[dict, jax.Array]:
+    """Model inputs of packed windows, and [B, T] float32 weights that drop cross-document targets.
+
+    A new segment starts right after each EOS input token (the row's first token starts segment
+    0); positions count from 0 at each segment's start. The target of an EOS input is the next
+    document's first token, which no document alone would predict: its weight is 0.
+    """
+    B, T = tokens_BT.shape
+    is_eos_BT = tokens_BT == eos_id
+    starts_BT = jnp.pad(is_eos_BT[:, :-1], ((0, 0), (1, 0)))  # the token after an EOS
+    segment_ids_BT = jnp.cumsum(starts_BT, axis=1, dtype=jnp.int32)
+    t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    first_BT = jax.lax.cummax(jnp.where(starts_BT, t_BT, 0), axis=1)  # the start of t's segment
+    inputs = {"tokens_BT": tokens_BT, "positions_BT": t_BT - first_BT, "segment_ids_BT": segment_ids_BT}
+    return inputs, jnp.where(is_eos_BT, 0.0, 1.0).astype(jnp.float32)
+
+
 @register_objective
 @dataclass(frozen=True)
 class Causal(TokenObjective):
@@ -28,14 +51,20 @@ class Causal(TokenObjective):
     targets the next."""
 
     name = "causal"
+    packing: bool = False  # train.packing: documents (EOS-terminated) kept apart within a row
+    eos_id: int = -1
 
     @classmethod
     def from_config(cls, cfg: Config, vocab: Vocab) -> Causal:
-        return cls(smoothing=cfg.train.label_smoothing, smoothing_ids=vocab.size)
+        return cls(smoothing=cfg.train.label_smoothing, smoothing_ids=vocab.size, packing=cfg.train.packing,
+                   eos_id=vocab.eos_id)
 
     def data(self, rows: jax.Array, step) -> Data:
         inputs_BT, targets_BT, weights = causal_targets(rows)
-        return {"tokens_BT": inputs_BT}, targets_BT, weights
+        if not self.packing:
+            return {"tokens_BT": inputs_BT}, targets_BT, weights
+        inputs, weights_BT = packed_inputs(inputs_BT, self.eos_id)
+        return inputs, targets_BT, weights_BT
 
 
 def masked_causal_targets(rows_BR: jax.Array, seq_len: int) -> tuple[dict, jax.Array, jax.Array]:
@@ -54,11 +83,14 @@ class MaskedCausal(TokenObjective):
 
     name = "masked_causal"
     seq_len: int = 0  # T of the rows [B, 2T + 1]
+    packing: bool = False  # train.packing: several examples (each ending in EOS) per row
+    eos_id: int = -1
 
     @classmethod
     def from_config(cls, cfg: Config, vocab: Vocab) -> MaskedCausal:
         if cfg.data.task not in SYNTHETIC_TASKS:  # text examples: smoothing over the tokenizer's ids
-            return cls(smoothing=cfg.train.label_smoothing, smoothing_ids=vocab.size, seq_len=cfg.train.seq_len)
+            return cls(smoothing=cfg.train.label_smoothing, smoothing_ids=vocab.size, seq_len=cfg.train.seq_len,
+                       packing=cfg.train.packing, eos_id=vocab.eos_id)
         ids = synthetic_ids(cfg.data.synthetic_vocab)
         if ids > vocab.rows:
             raise UserError(f"data.task={cfg.data.task} uses {ids} token ids (data.synthetic_vocab="
@@ -72,4 +104,8 @@ class MaskedCausal(TokenObjective):
         return 2 * cfg.train.seq_len + 1
 
     def data(self, rows: jax.Array, step) -> Data:
-        return masked_causal_targets(rows, self.seq_len)
+        inputs, targets_BT, weights_BT = masked_causal_targets(rows, self.seq_len)
+        if not self.packing:
+            return inputs, targets_BT, weights_BT
+        inputs, boundary_BT = packed_inputs(inputs["tokens_BT"], self.eos_id)
+        return inputs, targets_BT, weights_BT * boundary_BT

@@ -20,8 +20,6 @@ from llm_jax.data.store import TokenStore
 from llm_jax.data.tokenizer import ByteTokenizer, identity_of
 from llm_jax.errors import UserError
 
-pytest.importorskip("apache_beam", reason="apache-beam is not installed (pip install 'llm_jax[beam]')")
-
 ROOT = Path(__file__).resolve().parent.parent
 DIRECT = ["--runner=DirectRunner"]
 

@@ -34,7 +34,7 @@ from llm_jax.errors import UserError
 __all__ = ["SOURCE_KINDS", "Corpus", "open_corpus"]
 
 # Every data.source form, for the message that refuses an unknown one.
-SOURCE_KINDS = ("stdlib", "text:PATH", "jsonl:PATH", "parquet:PATH", "hf_disk:DIR", "tfds:NAME")
+SOURCE_KINDS = ("stdlib", "text:PATH", "jsonl:PATH", "parquet:PATH", "hf_disk:DIR", "tfds:NAME", "instruct:stdlib")
 
 # Enough to tell text from binary: text files have no NUL bytes near the start.
 _SNIFF_BYTES = 8192

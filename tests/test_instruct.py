@@ -19,6 +19,7 @@ from llm_jax.data.instruct import (
     KINDS,
     MAX_ANSWER_BYTES,
     QUESTIONS,
+    function_records,
     instruction_records,
     package_held_out_files,
 )
@@ -62,6 +63,10 @@ def test_the_set_is_deterministic_has_every_kind_and_disjoint_splits(records):
     assert train_files and val_files and not train_files & val_files
     # Function kinds are asked about files the corpus (so a model pretrained on it) held out.
     assert {r["source"] for r in records["validation"] if r["kind"] != "module_of"} <= {"fnmatch.py", "bisect.py"}
+    # The test suite's functions are not asked about (its `test_...` names would swamp the rest).
+    text = (STDLIB / "textwrap.py").read_text(encoding="utf-8")
+    assert list(function_records("textwrap.py", text)) and not list(function_records("test/textwrap.py", text))
+    assert not list(function_records("idlelib/idle_test/textwrap.py", text))
     # The kinds take turns, so any first records hold them alike.
     assert [r["kind"] for r in records["train"][:6]] == [*KINDS, *KINDS]
 

@@ -15,6 +15,10 @@ Kinds (the parsing is `tasks`'s, which the `funcname`, `docsig` and `package` ta
 - `module_of`: a chunk of whole lines (every `MODULE_CHUNK_STRIDE`-th) of a file of one of
   `tasks.PACKAGE_LABELS` -> the package.
 
+Both function kinds skip the test suite (files under a `test`, `tests` or `idle_test` folder):
+two thirds of the short functions are its `test_...` methods, whose names the body hardly
+decides (`test___repr__nondefault_limit`), and they would swamp the library's own functions.
+
 Only examples whose prompt and answer are short (`MAX_PROMPT_BYTES`, `MAX_ANSWER_BYTES`) are
 kept: with the chat template's headers, each fits a 256-token byte-level row.
 
@@ -44,7 +48,7 @@ import sys
 import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from llm_jax.data import stdlib_tfds
 from llm_jax.data.cache import content_key, file_lock, log, write_bytes_atomic, write_json_atomic
@@ -52,6 +56,7 @@ from llm_jax.data.splits import stratified_validation_mask
 from llm_jax.data.tasks import (
     MIN_BODY_CHARS,
     PACKAGE_LABELS,
+    TEST_DIRS,
     body_text,
     hide_name,
     is_dunder,
@@ -68,7 +73,7 @@ from llm_jax.errors import UserError
 INSTRUCT_SOURCES = ("stdlib",)
 KINDS = ("name_function", "signature_from_docstring", "module_of")
 # Bump when the records cut from the same files, or their split, change.
-INSTRUCT_VERSION = 1
+INSTRUCT_VERSION = 2  # 2: no function records from the test suite
 MAX_PROMPT_BYTES = 150  # the question's payload (body, docstring, snippet), UTF-8
 MAX_ANSWER_BYTES = 40
 MODULE_CHUNK_BYTES = 140
@@ -104,10 +109,15 @@ def _fits(payload: str, answer: str) -> bool:
     return 0 < _size(payload) <= MAX_PROMPT_BYTES and 0 < _size(answer) <= MAX_ANSWER_BYTES
 
 
+def is_test_file(path: str) -> bool:
+    return bool(TEST_DIRS.intersection(PurePosixPath(path).parts[:-1]))
+
+
 def function_records(path: str, text: str) -> Iterator[dict]:
-    """`name_function` and `signature_from_docstring` records of one file, in source order."""
+    """`name_function` and `signature_from_docstring` records of one file, in source order
+    (none for the test suite's files: see the module docstring)."""
     module = parse_module(text)
-    if module is None:
+    if module is None or is_test_file(path):
         return
     lines = source_lines(text)
     for func in outer_functions(module):

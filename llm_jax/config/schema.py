@@ -64,6 +64,9 @@ class TrainConfig(Section):
     """Evaluate held-out loss and bits per byte every this many steps (0: only at the end)."""
     eval_batches: int = pydantic.Field(20, ge=1)
     """Held-out batches per evaluation (the same batches every time)."""
+    eval_exact_match: int = pydantic.Field(0, ge=0)
+    """data.format prompt_completion, chat: at each evaluation, greedily complete this many held-out examples and log
+    eval_exact_match (and per record `kind`); 0: off."""
     sample_tokens: int = pydantic.Field(200, ge=0)
     """Tokens to sample and print at the end of training (0: no sample)."""
     sample_prompt: str = "\n"
@@ -156,7 +159,7 @@ FORMAT_OBJECTIVES = {"prompt_completion": "masked_causal", "chat": "masked_causa
                      "classify": "classify"}
 SUPERVISED_FORMATS = tuple(FORMAT_OBJECTIVES)
 # Every data.source form (`data/sources.py` opens them), for messages and the mixture's check.
-SOURCE_KINDS = ("stdlib", "text:PATH", "jsonl:PATH", "parquet:PATH", "hf_disk:DIR", "tfds:NAME")
+SOURCE_KINDS = ("stdlib", "text:PATH", "jsonl:PATH", "parquet:PATH", "hf_disk:DIR", "tfds:NAME", "instruct:stdlib")
 
 
 def source_kind_known(source: str) -> bool:
@@ -190,6 +193,8 @@ class MixtureEntry(Section):
     def _known_source(cls, source: str) -> str:
         if not source_kind_known(source):
             raise ValueError(f"unknown source {source!r}; use one of: {', '.join(SOURCE_KINDS)}")
+        if source.startswith("instruct:"):
+            raise ValueError(f"{source} is a supervised chat set; a mixture interleaves text sources only")
         return source
 
     @pydantic.field_validator("name")
@@ -209,7 +214,7 @@ class MixtureEntry(Section):
 
 class DataConfig(Section):
     source: str = "stdlib"
-    """stdlib | text:PATH | jsonl:PATH (.gz, .zst) | parquet:PATH | hf_disk:DIR (save_to_disk) | tfds:NAME."""
+    """stdlib | text:PATH | jsonl:PATH (.gz, .zst) | parquet:PATH | hf_disk:DIR | tfds:NAME | instruct:stdlib (chat)."""
     task: Literal["", "funcname", "docsig", "package", "selective_copy", "induction"] = ""
     """Empty: model the corpus. Else funcname, docsig, package (stdlib) or selective_copy, induction (docs/tasks.md)."""
     synthetic_vocab: int = pydantic.Field(16, ge=2)
@@ -305,13 +310,21 @@ class Config(Section):
             if task:
                 raise ValueError(f"data.format={fmt} reads examples from data.source; data.task={task} builds its "
                                  "own rows: set one of them")
-            if not self.data.source.startswith("jsonl:"):
-                raise ValueError(f"data.format={fmt} reads JSONL records; it needs data.source=jsonl:PATH, "
+            instruct = self.data.source.startswith("instruct:")
+            if not self.data.source.startswith("jsonl:") and not (instruct and fmt == "chat"):
+                also = " (or instruct:stdlib for chat)" if fmt == "chat" else ""
+                raise ValueError(f"data.format={fmt} reads JSONL records; it needs data.source=jsonl:PATH{also}, "
                                  f"not {self.data.source!r}")
             kind = FORMAT_OBJECTIVES[fmt]
             if kind not in spec.objectives:
                 raise ValueError(f"data.format={fmt} trains the {kind} objective: it needs model.arch="
                                  f"{either(archs_where(lambda s: kind in s.objectives))}, not {arch}")
+        elif self.data.source.startswith("instruct:") and fmt != "auto":
+            raise ValueError(f"data.source={self.data.source} is an instruction set of chat records: use "
+                             f"data.format=chat or auto, not {fmt}")
+        if self.train.eval_exact_match and fmt not in ("prompt_completion", "chat", "auto"):
+            raise ValueError(f"train.eval_exact_match scores generated completions of data.format=prompt_completion "
+                             f"or chat records, not data.format={fmt}")
         if task and task not in SYNTHETIC_TASKS and self.data.source != "stdlib":
             raise ValueError(f"data.task={task} is built from the stdlib corpus; it needs data.source=stdlib")
         if task and TASK_KINDS[task] not in spec.objectives:
@@ -324,7 +337,7 @@ class Config(Section):
         if self.train.packing:
             self._check_packing()
         # (data.format=auto of a JSONL file may turn out supervised: `sft_rows.resolve_format` decides.)
-        undecided = fmt == "auto" and self.data.source.startswith("jsonl:")
+        undecided = fmt == "auto" and self.data.source.startswith(("jsonl:", "instruct:"))
         if not task and fmt not in SUPERVISED_FORMATS and not undecided and spec.objectives[0] in TASK_OBJECTIVES:
             tasks = [t for t, kind in TASK_KINDS.items() if kind in spec.objectives]
             formats = [f for f, kind in FORMAT_OBJECTIVES.items() if kind in spec.objectives]

@@ -71,6 +71,9 @@ class DataBundle:
     mixture: list[MixtureSource] | None = None
     """data.mixture's sources, prepared; train_tokens / val_tokens are then the first source's
     (train through `data.mixture.mixture_dataset`, not `train_dataset`)."""
+    val_kinds: list[str] | None = None
+    """Supervised JSONL records with a `kind` (an instruction set's task kinds): each validation
+    row's kind ("" for a record without one); None otherwise."""
 
 
 def build_data(cfg: Config, run_dir: Path) -> DataBundle:
@@ -242,8 +245,8 @@ def _supervised_data(cfg: Config, run_dir: Path, root: Path) -> DataBundle:
                         "a run whose sentencepiece model it then takes")
 
     tokenizer = _build_tokenizer(cfg.data, run_dir, no_corpus, root, cfg.checkpoint.init_from)
-    train, val = supervised_rows(cfg, tokenizer, root)
-    return DataBundle(tokenizer, train, val, None)
+    train, val, val_kinds = supervised_rows(cfg, tokenizer, root)
+    return DataBundle(tokenizer, train, val, None, val_kinds)
 
 
 def load_tokenizer(cfg: Config, run_dir: Path) -> Tokenizer:

@@ -29,7 +29,8 @@ from llm_jax.config import Config, validate
 from llm_jax.config.schema import SUPERVISED_FORMATS
 from llm_jax.data.cache import CACHE_FORMAT_VERSION, content_key, file_lock, log, save_npy_atomic, write_json_atomic
 from llm_jax.data.chat_template import chat_template_of
-from llm_jax.data.formats import TEMPLATE_VERSION, BadRecord, detect_format, encode_example
+from llm_jax.data.formats import TEMPLATE_VERSION, BadRecord, detect_format, encode_example, parse_record
+from llm_jax.data.instruct import instruction_file
 from llm_jax.data.jsonl_files import first_line, jsonl_fingerprint, jsonl_held_out_lines, jsonl_lines
 from llm_jax.data.task_formats import (
     classify_record,
@@ -56,12 +57,28 @@ def jsonl_path(source: str) -> Path:
     return path
 
 
+def supervised_file(cfg: Config, root: Path) -> tuple[Path, set[int]]:
+    """The JSONL file of a supervised source and the 0-based numbers of its validation lines:
+    a jsonl: file split by line number, or an embedded instruction set (`instruct`), which is
+    written to the cache and split by the files its records are cut from."""
+    data = cfg.data
+    if data.source.startswith("instruct:"):
+        found = instruction_file(data.source, data.val_fraction, root)
+        return found.path, found.held_out
+    path = jsonl_path(data.source)
+    return path, jsonl_held_out_lines(path, data.val_fraction)
+
+
 def resolve_format(cfg: Config) -> Config:
     """`cfg` with data.format=auto replaced by the supervised format (prompt_completion, chat,
     seq2seq, classify) that the first record of a data.source=jsonl: file implies (then
     validated again: the arch must take it), and with data.labels of a classify source filled.
     Auto stays auto where it means text, so it is what a run's config.yaml records."""
     data = cfg.data
+    if data.source.startswith("instruct:") and data.format == "auto":  # an instruction set is chat records
+        settings = cfg.to_dict()
+        settings["data"]["format"] = "chat"
+        return validate(settings)
     if data.task or not data.source.startswith("jsonl:") or data.format not in ("auto", "classify"):
         return cfg
     if data.format == "auto" and not Path(data.source.removeprefix("jsonl:")).expanduser().is_file():
@@ -99,21 +116,25 @@ def training_labels(path: Path, text_field: str, val_fraction: float) -> list:
     return sorted_labels(labels)
 
 
-def supervised_rows(cfg: Config, tokenizer: Tokenizer, root: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(training rows, validation rows), int32 [N, width], memory-mapped; the width is the
-    objective's `row_width` (2 * seq_len + 1; src_len + seq_len + 1 for seq2seq; seq_len + 1 for classify)."""
-    data, path = cfg.data, jsonl_path(cfg.data.source)
+def supervised_rows(cfg: Config, tokenizer: Tokenizer,
+                    root: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """(training rows, validation rows, validation kinds): rows int32 [N, width], memory-mapped;
+    the width is the objective's `row_width` (2 * seq_len + 1; src_len + seq_len + 1 for seq2seq;
+    seq_len + 1 for classify). The kinds are each validation row's record's `kind` (text), or
+    None when no record has one."""
+    data = cfg.data
+    path, held_out = supervised_file(cfg, root)
     key = content_key({"file": jsonl_fingerprint(path), "tokenizer": identity_of(tokenizer), "format": data.format,
                        **_row_settings(cfg), **_template_settings(cfg, tokenizer),
                        "seq_len": cfg.train.seq_len, "val_fraction": data.val_fraction,
                        "skip_bad_records": data.skip_bad_records, "template": TEMPLATE_VERSION,
-                       "cache_format": CACHE_FORMAT_VERSION})
+                       "cache_format": CACHE_FORMAT_VERSION, "kinds": True})
     folder = root / "sft"
     meta_path = folder / f"{key}.json"
     if not meta_path.is_file():
         with file_lock(folder / f".{key}.lock"):
             if not meta_path.is_file():  # another process may have built it meanwhile
-                rows, meta = _build(cfg, tokenizer, path)
+                rows, meta = _build(cfg, tokenizer, path, held_out)
                 for split in SPLITS:
                     save_npy_atomic(folder / f"{key}.{split}.npy", rows[split])
                 write_json_atomic(meta_path, meta)
@@ -122,10 +143,11 @@ def supervised_rows(cfg: Config, tokenizer: Tokenizer, root: Path) -> tuple[np.n
     scored = f"{meta['scored']} scored tokens" if data.format != "classify" else (
         f"{len(data.labels)} labels ({', '.join(map(str, data.labels[:8]))}{', ...' if len(data.labels) > 8 else ''})")
     packed = f", packed into {meta['rows']['train']} and {meta['rows']['validation']} rows" if "rows" in meta else ""
-    log(f"{path} ({data.format}): {meta['train']} training and {meta['validation']} validation examples{packed}, "
+    shown = data.source if data.source.startswith("instruct:") else path
+    log(f"{shown} ({data.format}): {meta['train']} training and {meta['validation']} validation examples{packed}, "
         f"{scored}{skipped}")
     train, val = (np.load(folder / f"{key}.{split}.npy", mmap_mode="r") for split in SPLITS)
-    return train, val
+    return train, val, meta.get("validation_kinds")
 
 
 def _row_settings(cfg: Config) -> dict:
@@ -181,11 +203,18 @@ def row_encoder(cfg: Config, tokenizer: Tokenizer) -> Callable[[str], np.ndarray
     return lambda line: encode_example(line, fmt, encode, eos, cfg.train.loss_on, seq_len, template)
 
 
-def _build(cfg: Config, tokenizer: Tokenizer, path: Path) -> tuple[dict[str, np.ndarray], dict]:
+def record_kind(line: str) -> str | None:
+    """A good record's `kind` field as text (the task kind of an instruction set), else None."""
+    kind = parse_record(line).get("kind")
+    return None if kind is None else str(kind)
+
+
+def _build(cfg: Config, tokenizer: Tokenizer, path: Path,
+           held_out: set[int]) -> tuple[dict[str, np.ndarray], dict]:
     fmt = cfg.data.format
     encode_line = row_encoder(cfg, tokenizer)
-    held_out = jsonl_held_out_lines(path, cfg.data.val_fraction)
     rows: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    val_kinds: list[str | None] = []
     bad: list[str] = []
     for i, line in jsonl_lines(path):
         try:
@@ -198,6 +227,8 @@ def _build(cfg: Config, tokenizer: Tokenizer, path: Path) -> tuple[dict[str, np.
         except UserError as exc:  # the chat template cannot mask this conversation
             raise UserError(f"{path}:{i + 1}: {exc}") from None
         rows["validation" if i in held_out else "train"].append(row)
+        if i in held_out:
+            val_kinds.append(record_kind(line))
     for split in SPLITS:
         if not rows[split]:
             raise UserError(f"{path}: no {split} examples left ({sum(map(len, rows.values()))} good and {len(bad)} "
@@ -209,7 +240,8 @@ def _build(cfg: Config, tokenizer: Tokenizer, path: Path) -> tuple[dict[str, np.
         arrays = {split: pack_examples(a, cfg.train.seq_len, tokenizer.eos_id) for split, a in arrays.items()}
         meta["rows"] = {split: len(arrays[split]) for split in SPLITS}
     meta.update(bad=len(bad), bad_quoted=bad[:_QUOTED_BAD], format=fmt, source=str(path),
-                scored=sum(_scored(a, cfg) for a in arrays.values()))
+                scored=sum(_scored(a, cfg) for a in arrays.values()),
+                validation_kinds=[k or "" for k in val_kinds] if any(val_kinds) else None)
     return arrays, meta
 
 

@@ -52,6 +52,14 @@ def export_hf(run_path: str | Path, out_path: str | Path) -> str:
     return write_hf_model(out, cfg, params, tokenizer_json, eos, start)
 
 
+def check_init_from(cfg: Config) -> None:
+    """A UserError unless checkpoint.init_from is a directory (a run or a Hugging Face checkpoint)."""
+    source = Path(cfg.checkpoint.init_from).expanduser()
+    if not source.is_dir():
+        raise UserError(f"checkpoint.init_from: {source} is not a directory (a run directory to start from, "
+                        "or a Hugging Face checkpoint); pretrain that run first or point init_from at one")
+
+
 def pretrained_params(cfg: Config, mdef: ModelDef, shardings: dict, fresh: dict) -> tuple[dict, list[str]]:
     """`checkpoint.init_from`: parameters of another run's newest checkpoint or of a Hugging Face
     directory, placed on this run's shardings, and the names of this model's parameters that the
@@ -62,9 +70,8 @@ def pretrained_params(cfg: Config, mdef: ModelDef, shardings: dict, fresh: dict)
     (its MLM head is dropped, the pooler and classifier start fresh), as transformers'
     from_pretrained does.
     """
+    check_init_from(cfg)
     source = Path(cfg.checkpoint.init_from).expanduser()
-    if not source.is_dir():
-        raise UserError(f"checkpoint.init_from: {source} is not a directory")
     if is_hf_dir(source):
         _, source_cfg, params = read_hf_model(source)
     else:

@@ -22,6 +22,12 @@ from llm_jax.parallel.mesh import make_mesh
 from llm_jax.runtime.checkpoint import Checkpointer
 from llm_jax.runtime.metrics import MetricsWriter, peak_flops_total
 from llm_jax.runtime.run_dir import check_run_dir, trim_metrics, write_run_config
+from llm_jax.train.exact_match import (
+    check_exact_match,
+    completions_of_rows,
+    describe_exact_match,
+    evaluate_exact_match,
+)
 from llm_jax.train.objectives import tokenizer_objective
 from llm_jax.train.setup import TrainSetup, build_setup
 from llm_jax.train.state import init_state
@@ -82,7 +88,27 @@ def describe_eval(ev: dict) -> str:
     per_source = [f"{k.removeprefix('eval_loss/')} {v:.4f}" for k, v in ev.items() if k.startswith("eval_loss/")]
     text += f" ({', '.join(per_source)})" if per_source else ""
     text += f", {ev['eval_bpb']:.3f} bits per byte" if "eval_bpb" in ev else ""
-    return text + f", accuracy {ev['eval_accuracy']:.3f}"
+    text += f", accuracy {ev['eval_accuracy']:.3f}"
+    exact = describe_exact_match(ev)
+    return text + (f", {exact}" if exact else "")
+
+
+def exact_match_evaluator(cfg: Config, setup: TrainSetup, bundle: Any):
+    """params -> exact-match scores of greedy completions of the first train.eval_exact_match
+    validation examples (`train.exact_match`), or None when it is off."""
+    if not cfg.train.eval_exact_match:
+        return None
+    tokenizer = bundle.tokenizer
+    examples = completions_of_rows(bundle.val_tokens, cfg.train.seq_len, tokenizer.eos_id, bundle.val_kinds,
+                                   cfg.train.eval_exact_match)
+
+    def scores(params: dict) -> dict:
+        if is_multiprocess():
+            # Every process takes part in gathering the parameters, then decodes the same examples.
+            params = multihost_utils.process_allgather(params, tiled=True)
+        return evaluate_exact_match((setup.mdef, params), cfg, tokenizer, examples, cfg.train.batch_size)
+
+    return scores
 
 
 class SaveCheckpoints(Hook):
@@ -118,9 +144,12 @@ class ProgressAdvance(Hook):
 def train(cfg: Config) -> dict:
     """Train (or resume) the run in `cfg.run.dir`; returns the final metrics."""
     cfg = resolve_format(cfg)  # data.format=auto decides the objective and the run's identity
+    check_exact_match(cfg)
     run_dir, existed = check_run_dir(cfg)
     # Process 0 decides new-or-resume: another process could look after process 0 wrote config.yaml.
     existed = broadcast_flag(existed)
+    if cfg.checkpoint.init_from and not existed:  # before the data is built: a typo should fail fast
+        pretrained.check_init_from(cfg)
     mesh = make_mesh(cfg)  # validates mesh and batch against the devices before any slow work
     bundle = build_data(cfg, run_dir)
     vocab = model_vocab_size(cfg, bundle.tokenizer.vocab_size)
@@ -181,6 +210,12 @@ def train(cfg: Config) -> dict:
             return evaluate(setup, params, held_out, bytes_per_token)
     batches = BatchIterator(dataset, start, cfg.train.steps, cfg.data.prefetch, setup.to_global)
 
+    exact_match = exact_match_evaluator(cfg, setup, bundle)
+
+    def evaluate_all(params: dict) -> dict:
+        result = held_out_eval(params)
+        return {**result, **exact_match(params)} if exact_match else result
+
     def write_eval(record: dict) -> None:
         writer.write(record)
         writer.log(f"step {record['step']}: {describe_eval(record)}")
@@ -188,7 +223,7 @@ def train(cfg: Config) -> dict:
     peak, _ = peak_flops_total()
     log = LogMetrics(cfg.train.log_every, cfg.train.steps, writer.write, cfg.train.batch_size * cfg.train.seq_len,
                      setup.flops_per_token, peak, getattr(dataset, "shares", None))
-    evals = Evaluate(cfg.train.eval_every, cfg.train.steps, held_out_eval, write_eval)
+    evals = Evaluate(cfg.train.eval_every, cfg.train.steps, evaluate_all, write_eval)
     save = SaveCheckpoints(ckpt, cfg, batches.get_state, writer.log)
     advance = ProgressAdvance(writer)
     trainer = Trainer(setup.train_step, [advance, log, evals, save])
@@ -203,7 +238,7 @@ def train(cfg: Config) -> dict:
     if trainer.stopped_at is not None:
         final["stopped_at"] = trainer.stopped_at
     if start >= cfg.train.steps and not final:
-        final.update(held_out_eval(state["params"]))
+        final.update(evaluate_all(state["params"]))
     final["params"] = state["params"]
     final["tokenizer"] = bundle.tokenizer
     return final

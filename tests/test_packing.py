@@ -430,3 +430,19 @@ def test_exact_match_reads_every_example_of_packed_rows():
         assert completions_of_rows(packed, T, BYTE_EOS, kinds, limit) == want
     first = completion_of_row(packed[0], T, BYTE_EOS)
     assert bytes(first.prompt).decode() == "<|user|>\nq1\n<|assistant|>\n" and bytes(first.answer) == b"a1"
+
+
+def test_packed_chats_keep_one_kind_per_validation_example(tmp_path):
+    records = [json.dumps({"messages": [{"role": "user", "content": f"{i}?"}, {"role": "assistant", "content": str(i)}],
+                           "kind": f"k{i % 3}"}) for i in range(40)]
+    path = tmp_path / "kinds.jsonl"
+    path.write_text("".join(r + "\n" for r in records))
+    cfg = resolve_format(load_config("gpt_tiny", [f"data.source=jsonl:{path}", f"data.cache_dir={tmp_path / 'cache'}",
+                                                  "data.val_fraction=0.3", "train.packing=true", "train.seq_len=128"]))
+    bundle = build_data(cfg, tmp_path / "run")
+    assert bundle.mixture is None  # (the kinds once landed in the mixture's field)
+    rows, T = np.asarray(bundle.val_tokens), cfg.train.seq_len
+    examples = [e for r in rows for e in unpacked_examples(r, T, BYTE_EOS)]
+    assert len(rows) < len(examples) == len(bundle.val_kinds)
+    for example in completions_of_rows(rows, T, BYTE_EOS, bundle.val_kinds, 100):  # each answer with its kind
+        assert example.kind == f"k{int(bytes(example.answer)) % 3}"

@@ -129,8 +129,9 @@ def supervised_rows(cfg: Config, tokenizer: Tokenizer,
                     root: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """(training rows, validation rows, validation kinds): rows int32 [N, width], memory-mapped;
     the width is the objective's `row_width` (2 * seq_len + 1, packed 3 * seq_len + 2; src_len +
-    seq_len + 1 for seq2seq; seq_len + 1 for classify). The kinds are each validation row's record's `kind` (text), or
-    None when no record has one."""
+    seq_len + 1 for seq2seq; seq_len + 1 for classify). The kinds are each validation example's
+    record's `kind` (text), in file order (packed rows hold them in that order too), or None when
+    no record has one."""
     data = cfg.data
     path, held_out = supervised_file(cfg, root)
     key = content_key({"file": jsonl_fingerprint(path), "tokenizer": identity_of(tokenizer), "format": data.format,

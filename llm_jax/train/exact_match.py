@@ -2,7 +2,8 @@
 exactly its answer and then stop?
 
 `train.eval_exact_match=N` runs it at every evaluation on the first N validation examples of a
-prompt_completion or chat source (packed or not); `experiments/instruct_eval.py` runs it on any run directory.
+prompt_completion or chat source (packed or not); `experiments/instruct_eval.py` runs it on any
+run directory.
 
     examples = completions_of_rows(rows, seq_len, kinds, n)      # prompts and answers of masked rows
     texts = greedy_texts(model, cfg, tokenizer, [e.prompt for e in examples], max_new_tokens)
@@ -10,8 +11,8 @@ prompt_completion or chat source (packed or not); `experiments/instruct_eval.py`
 
 An example's prompt (each example of a packed row is read apart, `sft_rows.unpacked_examples`)
 is its tokens before the first scored target (a chat's turns up to the first assistant header),
-its answer the scored tokens after that, up to the EOS that ends them (the
-first assistant turn). Predictions and answers are compared as decoded text, so a tokenizer
+its answer the scored tokens after that, up to the EOS that ends them (the first assistant
+turn). Predictions and answers are compared as decoded text, so a tokenizer
 that could spell an answer two ways is not penalised for the other spelling. Greedy decoding
 is `inference.generate` with temperature 0, stopped at EOS: a right answer that runs on is wrong.
 """

@@ -18,16 +18,18 @@ from runs import TINY, losses
 from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.data.build import build_data
-from llm_jax.data.sft_rows import pack_examples, resolve_format
+from llm_jax.data.formats import encode_example, packed_row_width
+from llm_jax.data.sft_rows import pack_examples, resolve_format, unpacked_examples
 from llm_jax.errors import UserError
 from llm_jax.models.attention import causal_attention, masked_attention, same_segment
 from llm_jax.models.definition import model_def, param_shardings
 from llm_jax.models.ssm import selective_scan
 from llm_jax.parallel.mesh import make_mesh
 from llm_jax.parallel.rules import activation_mesh, logical_to_spec
-from llm_jax.train.objectives import Vocab, build_objective
+from llm_jax.train.exact_match import completion_of_row, completions_of_rows
+from llm_jax.train.objectives import Vocab, build_objective, row_width
 from llm_jax.train.objectives.base import token_losses
-from llm_jax.train.objectives.causal import Causal, packed_inputs
+from llm_jax.train.objectives.causal import Causal, MaskedCausal, packed_inputs
 
 VOCAB, EOS, T = 64, 63, 16
 SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64", f"train.seq_len={T}",
@@ -277,47 +279,123 @@ def test_packed_training_learns_and_packing_changes_the_losses(tmp_path):
 # ---------------------------------------------------------------- supervised examples, packed
 
 
-def prompt_completion_rows(tmp_path, *overrides: str):
-    """(config, training rows) of a prompt/completion JSONL file of examples of many lengths."""
+BYTE_EOS = 256  # the byte tokenizer's EOS (63 is a byte: '?')
+
+
+def byte_encode(text: str) -> list[int]:
+    return list(text.encode())
+
+
+def chat(*turns: str) -> str:
+    """A chat record of alternating user and assistant turns."""
+    roles = ["user", "assistant"] * len(turns)
+    return json.dumps({"messages": [{"role": r, "content": c} for r, c in zip(roles, turns)]})
+
+
+def supervised_rows_of(tmp_path, fmt: str, *overrides: str):
+    """(config, training rows, validation rows) of a JSONL file of prompt/completion examples
+    (train.seq_len=32) or of chats of one or two exchanges (seq_len=128), of many lengths."""
     rng = np.random.default_rng(1)
-    records = [{"prompt": "q" * int(rng.integers(0, 12)) + ":", "completion": "a" * int(rng.integers(1, 10))}
-               for _ in range(60)]
-    path = tmp_path / "pc.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if fmt == "chat":
+        records = [chat(*["q" * int(rng.integers(0, 4)) if i % 2 == 0 else "a" * int(rng.integers(1, 5))
+                          for i in range(2 * int(rng.integers(1, 3)))]) for _ in range(60)]
+        overrides = ("train.seq_len=128", *overrides)
+    else:
+        records = [json.dumps({"prompt": "q" * int(rng.integers(0, 12)) + ":",
+                               "completion": "a" * int(rng.integers(1, 10))}) for _ in range(60)]
+    path = tmp_path / f"{fmt}.jsonl"
+    path.write_text("".join(r + "\n" for r in records))
     cfg = resolve_format(load_config("gpt_tiny", [f"data.source=jsonl:{path}", f"data.cache_dir={tmp_path / 'cache'}",
                                                   "data.val_fraction=0.1", "model.num_layers=1", *overrides]))
-    assert cfg.objective == "masked_causal"
-    return cfg, np.asarray(build_data(cfg, tmp_path / "run").train_tokens)
+    assert cfg.objective == "masked_causal" and cfg.data.format == fmt
+    bundle = build_data(cfg, tmp_path / "run")
+    assert bundle.train_tokens.shape[1] == row_width(cfg)
+    return cfg, np.asarray(bundle.train_tokens), np.asarray(bundle.val_tokens)
 
 
-def test_examples_are_packed_in_order_with_their_weights():
+def masked_row(T: int, tokens, weights) -> np.ndarray:
+    row = np.zeros(2 * T + 1, np.int32)
+    row[:T + 1] = EOS
+    row[:len(tokens)], row[T + 1:T + 1 + len(weights)] = tokens, weights
+    return row
+
+
+def test_examples_are_packed_in_order_with_their_weights_and_segment_ids():
     T = 8
 
-    def row(tokens, weights):
-        r = np.full(2 * T + 1, EOS, np.int32)
-        r[T + 1:] = 0
-        r[:len(tokens)], r[T + 1:T + 1 + len(weights)] = tokens, weights
-        return r
+    def packed(tokens, weights, segments):
+        return np.concatenate([masked_row(T, tokens, weights), np.pad(segments, (0, T + 1 - len(segments)))])
 
-    rows = np.stack([row([1, 2, EOS], [0, 1]), row([3, EOS], [1]), row([4, 5, 6, 7, EOS], [0, 0, 1, 1]),
-                     row([8, 9, 10, 11, 12, 13, 14, 15, EOS], [0, 1, 1, 1, 1, 1, 1, 1])])
-    packed = pack_examples(rows, T, EOS)
-    np.testing.assert_array_equal(packed, [
-        row([1, 2, EOS, 3, EOS, EOS, EOS, EOS, EOS], [0, 1, 0, 1]),  # the third does not fit: next row
-        row([4, 5, 6, 7, EOS], [0, 0, 1, 1]),
-        row([8, 9, 10, 11, 12, 13, 14, 15, EOS], [0, 1, 1, 1, 1, 1, 1, 1]),  # a full row
+    rows = np.stack([masked_row(T, [1, 2, EOS], [0, 1]), masked_row(T, [3, EOS], [1]),
+                     masked_row(T, [4, 5, 6, 7, EOS], [0, 0, 1, 1]),
+                     masked_row(T, [8, 9, 10, 11, 12, 13, 14, 15, EOS], [0, 1, 1, 1, 1, 1, 1, 1])])
+    got = pack_examples(rows, T, EOS)
+    np.testing.assert_array_equal(got, [
+        packed([1, 2, EOS, 3, EOS], [0, 1, 0, 1], [1, 1, 1, 2, 2]),  # the third does not fit: next row; padding 0
+        packed([4, 5, 6, 7, EOS], [0, 0, 1, 1], [1] * 5),
+        packed([8, 9, 10, 11, 12, 13, 14, 15, EOS], [0, 1, 1, 1, 1, 1, 1, 1], [1] * 9),  # a full row
     ])
+    assert got.shape[1] == packed_row_width(T)
+    # each packed example reads back as its own row
+    np.testing.assert_array_equal(np.concatenate([unpacked_examples(r, T, EOS) for r in got]), rows)
 
 
-@pytest.mark.slow  # builds both row sets and runs a model on each (about 8 s)
-def test_packed_supervised_rows_give_the_same_completion_losses(tmp_path):
-    cfg, rows = prompt_completion_rows(tmp_path)
-    packed_cfg, packed_rows = prompt_completion_rows(tmp_path, "train.packing=true")
-    assert len(packed_rows) < len(rows) / 2  # several examples per row
+def test_a_chat_with_two_assistant_turns_stays_one_segment():
+    T = 96
+    chats = [chat("hi", "yo", "and?", "ok"), chat("x", "y")]
+    rows = np.stack([encode_example(c, "chat", byte_encode, BYTE_EOS, "completion", T) for c in chats])
+    first = len(byte_encode("<|user|>\nhi\n<|assistant|>\nyo")) + 1 + len(byte_encode("<|user|>\nand?\n"
+                                                                                     "<|assistant|>\nok")) + 1
+    second = len(byte_encode("<|user|>\nx\n<|assistant|>\ny")) + 1
+    packed = pack_examples(rows, T, BYTE_EOS)
+    assert len(packed) == 1
+    tokens, segments = packed[0, :T + 1], packed[0, 2 * T + 1:]
+    assert np.count_nonzero(tokens[:first] == BYTE_EOS) == 2  # the first turn's EOS is inside the chat
+    np.testing.assert_array_equal(segments, [1] * first + [2] * second + [0] * (T + 1 - first - second))
+
+    objective = MaskedCausal(seq_len=T, packing=True, eos_id=BYTE_EOS)
+    inputs, targets, weights = objective.data(jnp.asarray(packed), 0)
+    np.testing.assert_array_equal(inputs["segment_ids_BT"][0], segments[:T])
+    positions = np.concatenate([np.arange(first), np.arange(second), np.arange(T - first - second)])
+    np.testing.assert_array_equal(inputs["positions_BT"][0], positions)
+    # the second assistant turn is scored as unpacked (the EOS rule would have cut the chat there)
+    np.testing.assert_array_equal(weights[0, :first - 1], rows[0, T + 1:T + first])
+    assert weights[0, :first].sum() == len("yo") + 1 + len("ok") + 1
+
+
+def test_loss_on_all_never_scores_a_target_across_examples():
+    T = 64
+    rows = np.stack([encode_example(json.dumps({"prompt": "p" * n, "completion": "c"}), "prompt_completion",
+                                    byte_encode, BYTE_EOS, "all", T) for n in (3, 5, 2, 7)]
+                    + [encode_example(chat("u", "v", "w", "x"), "chat", byte_encode, BYTE_EOS, "all", T)])
+    packed = pack_examples(rows, T, BYTE_EOS)
+    assert len(packed) < len(rows)
+    _, _, weights = MaskedCausal(seq_len=T, packing=True, eos_id=BYTE_EOS).data(jnp.asarray(packed), 0)
+    weights = np.asarray(weights)
+    segments = packed[:, 2 * T + 1:]
+    crossing = segments[:, 1:] != segments[:, :-1]  # target t is token t + 1 of another segment
+    assert crossing.any() and not weights[crossing].any()
+    # every example's own targets are scored, as unpacked with loss_on=all: the chat's target
+    # after its first turn's EOS too
+    assert weights.sum() == rows[:, T + 1:].sum()
+    inner_eos = (packed[:, :T] == BYTE_EOS) & ~crossing & (segments[:, :T] > 0)  # not the padding
+    assert inner_eos.any() and weights[inner_eos].all()
+
+
+@pytest.mark.slow  # builds both row sets and runs a model on each (about 8 s per format)
+@pytest.mark.parametrize("fmt", ["prompt_completion", "chat"])
+def test_packed_supervised_rows_give_the_same_completion_losses(tmp_path, fmt):
+    cfg, rows, _ = supervised_rows_of(tmp_path, fmt)
+    packed_cfg, packed_rows, _ = supervised_rows_of(tmp_path, fmt, "train.packing=true")
+    assert len(packed_rows) < len(rows) * 2 / 3  # several examples per row
     T = cfg.train.seq_len
-    assert packed_rows[:, T + 1:].sum() == rows[:, T + 1:].sum()  # every scored token kept
+    assert packed_rows[:, T + 1:2 * T + 1].sum() == rows[:, T + 1:].sum()  # every scored token kept
+    if fmt == "chat":  # some chats have two assistant turns: an EOS inside one segment
+        segments, tokens = packed_rows[:, 2 * T + 1:], packed_rows[:, :T + 1]
+        inner = (tokens[:, :-1] == BYTE_EOS) & (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+        assert inner.any()
 
-    vocab = Vocab(size=257, rows=320, eos_id=256)
+    vocab = Vocab(size=257, rows=320, eos_id=BYTE_EOS)
     mdef = model_def(cfg, vocab.rows)
     params = draw_params(cfg, mdef, 5)
 
@@ -329,9 +407,42 @@ def test_packed_supervised_rows_give_the_same_completion_losses(tmp_path):
     want = scored_losses(cfg, rows)
     np.testing.assert_allclose(scored_losses(packed_cfg, packed_rows), want, rtol=1e-5, atol=1e-5 * want.max())
     # the same packed rows read as one sequence (no segments): later examples see earlier ones
-    assert np.abs(scored_losses(cfg, packed_rows) - want).max() > 1e-3
+    assert np.abs(scored_losses(cfg, packed_rows[:, :2 * T + 1]) - want).max() > 1e-3
 
 
-def test_chat_rows_are_not_packed():
-    with pytest.raises(UserError, match="train.packing .*data.format=chat"):
-        load_config(None, ["data.source=jsonl:x.jsonl", "data.format=chat", "train.packing=true"])
+def test_chat_rows_can_be_packed():
+    cfg = load_config(None, ["data.source=jsonl:x.jsonl", "data.format=chat", "train.packing=true",
+                             "train.seq_len=16"])
+    assert cfg.objective == "masked_causal" and row_width(cfg) == packed_row_width(16) == 3 * 16 + 2
+    unpacked = load_config(None, ["data.source=jsonl:x.jsonl", "data.format=chat", "train.seq_len=16"])
+    assert row_width(unpacked) == 2 * 16 + 1
+
+
+def test_exact_match_reads_every_example_of_packed_rows():
+    T = 64
+    chats = [chat("q1", "a1"), chat("q2", "a2", "q3", "a3"), chat("q4", "a4"), chat("q5", "a5")]
+    rows = np.stack([encode_example(c, "chat", byte_encode, BYTE_EOS, "completion", T) for c in chats])
+    packed = pack_examples(rows, T, BYTE_EOS)
+    assert len(packed) < len(rows)
+    kinds = ["k1", "k2", "k3", "k4"]
+    for limit in (1, 3, 9):
+        want = completions_of_rows(rows, T, BYTE_EOS, kinds, limit)
+        assert completions_of_rows(packed, T, BYTE_EOS, kinds, limit) == want
+    first = completion_of_row(packed[0], T, BYTE_EOS)
+    assert bytes(first.prompt).decode() == "<|user|>\nq1\n<|assistant|>\n" and bytes(first.answer) == b"a1"
+
+
+def test_packed_chats_keep_one_kind_per_validation_example(tmp_path):
+    records = [json.dumps({"messages": [{"role": "user", "content": f"{i}?"}, {"role": "assistant", "content": str(i)}],
+                           "kind": f"k{i % 3}"}) for i in range(40)]
+    path = tmp_path / "kinds.jsonl"
+    path.write_text("".join(r + "\n" for r in records))
+    cfg = resolve_format(load_config("gpt_tiny", [f"data.source=jsonl:{path}", f"data.cache_dir={tmp_path / 'cache'}",
+                                                  "data.val_fraction=0.3", "train.packing=true", "train.seq_len=128"]))
+    bundle = build_data(cfg, tmp_path / "run")
+    assert bundle.mixture is None  # (the kinds once landed in the mixture's field)
+    rows, T = np.asarray(bundle.val_tokens), cfg.train.seq_len
+    examples = [e for r in rows for e in unpacked_examples(r, T, BYTE_EOS)]
+    assert len(rows) < len(examples) == len(bundle.val_kinds)
+    for example in completions_of_rows(rows, T, BYTE_EOS, bundle.val_kinds, 100):  # each answer with its kind
+        assert example.kind == f"k{int(bytes(example.answer)) % 3}"

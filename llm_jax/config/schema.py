@@ -47,7 +47,7 @@ class TrainConfig(Section):
     loss_on: Literal["completion", "all"] = "completion"
     """data.format prompt_completion, chat: score the completions (assistant turns) and their EOS, or all tokens."""
     packing: bool = False
-    """Decoders: read each window as EOS-ended documents kept apart (segment ids, positions restarting per document)."""
+    """Decoders: documents share rows, kept apart (segment ids, positions per document); text split at EOS."""
     label_smoothing: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
     """Label smoothing of the training loss (Vaswani et al.: 0.1); evaluation reports plain cross entropy."""
     nsp: bool = False
@@ -358,9 +358,6 @@ class Config(Section):
                              "generated example each")
         if self.objective not in ("causal", "masked_causal"):
             raise ValueError(f"train.packing is for the causal and masked_causal objectives, not {self.objective}")
-        if self.data.format == "chat":  # (auto: checked again once `resolve_format` finds chat)
-            raise ValueError("train.packing splits rows at EOS, and a chat's assistant turns end in EOS inside one "
-                             "conversation: data.format=chat cannot be packed (prompt_completion can)")
 
     @model_validator(mode="after")
     def _check_lengths(self) -> Config:

@@ -73,7 +73,8 @@ class DataBundle:
     (train through `data.mixture.mixture_dataset`, not `train_dataset`)."""
     val_kinds: list[str] | None = None
     """Supervised JSONL records with a `kind` (an instruction set's task kinds): each validation
-    row's kind ("" for a record without one); None otherwise."""
+    example's kind ("" for a record without one), in order (one per row unless train.packing);
+    None otherwise."""
 
 
 def build_data(cfg: Config, run_dir: Path) -> DataBundle:
@@ -246,7 +247,7 @@ def _supervised_data(cfg: Config, run_dir: Path, root: Path) -> DataBundle:
 
     tokenizer = _build_tokenizer(cfg.data, run_dir, no_corpus, root, cfg.checkpoint.init_from)
     train, val, val_kinds = supervised_rows(cfg, tokenizer, root)
-    return DataBundle(tokenizer, train, val, None, val_kinds)
+    return DataBundle(tokenizer, train, val, None, val_kinds=val_kinds)
 
 
 def load_tokenizer(cfg: Config, run_dir: Path) -> Tokenizer:

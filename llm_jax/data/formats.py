@@ -24,6 +24,10 @@ next assistant turn.
 A row (objective `masked_causal`, T = train.seq_len) is int32 of width 2T + 1: the example's L
 tokens padded with EOS to T + 1, then T weights, weight j scoring target token j + 1 (token 0 is
 never a target). Padding has weight 0. An example needs L <= T + 1.
+
+With train.packing a row holds several examples (`sft_rows.pack_examples`) and is of width 3T + 2:
+the T + 1 tokens, the T weights, then T + 1 segment ids, one per token: 1, 2, ... for the row's
+examples in order, 0 for the EOS padding after the last one.
 """
 
 from __future__ import annotations
@@ -170,6 +174,11 @@ def chat_prompt_ids(messages: Sequence[dict[str, str]], encode: Callable[[str], 
     (Token ids, not text: the built-in assistant turn's EOS has no text, and the pieces are
     tokenised apart, as in training.)"""
     return segment_ids(template.segments(messages, add_generation_prompt=True), encode, eos_id)[0]
+
+
+def packed_row_width(seq_len: int) -> int:
+    """Width of a packed row (module docstring): T + 1 tokens, T weights, T + 1 segment ids."""
+    return 3 * seq_len + 2
 
 
 def encode_example(line: str, fmt: str, encode: Callable[[str], list[int]], eos_id: int,

@@ -12,8 +12,10 @@ cached as `.npy` under `<cache>/sft/`, keyed by everything that decides them, an
 afterwards; the `.json` beside them is written last, so it always vouches for complete arrays,
 and an error leaves nothing behind.
 
-With train.packing (prompt_completion) a row holds several examples, each ending in its EOS, in
-file order (`pack_examples`); the objective keeps them apart by that EOS (segments, positions).
+With train.packing (prompt_completion, chat) a row holds several examples in file order, with a
+segment id per token (`pack_examples`; width 3 * seq_len + 2); the objective keeps them apart by
+those ids (attention, positions, no target across two examples), not by EOS, which a multi-turn
+chat has inside it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from llm_jax.config import Config, validate
 from llm_jax.config.schema import SUPERVISED_FORMATS
 from llm_jax.data.cache import CACHE_FORMAT_VERSION, content_key, file_lock, log, save_npy_atomic, write_json_atomic
 from llm_jax.data.chat_template import chat_template_of
-from llm_jax.data.formats import TEMPLATE_VERSION, BadRecord, detect_format, encode_example, parse_record
+from llm_jax.data.formats import (
+    TEMPLATE_VERSION,
+    BadRecord,
+    detect_format,
+    encode_example,
+    packed_row_width,
+    parse_record,
+)
 from llm_jax.data.instruct import instruction_file
 from llm_jax.data.jsonl_files import first_line, jsonl_fingerprint, jsonl_held_out_lines, jsonl_lines
 from llm_jax.data.task_formats import (
@@ -119,9 +128,10 @@ def training_labels(path: Path, text_field: str, val_fraction: float) -> list:
 def supervised_rows(cfg: Config, tokenizer: Tokenizer,
                     root: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """(training rows, validation rows, validation kinds): rows int32 [N, width], memory-mapped;
-    the width is the objective's `row_width` (2 * seq_len + 1; src_len + seq_len + 1 for seq2seq;
-    seq_len + 1 for classify). The kinds are each validation row's record's `kind` (text), or
-    None when no record has one."""
+    the width is the objective's `row_width` (2 * seq_len + 1, packed 3 * seq_len + 2; src_len +
+    seq_len + 1 for seq2seq; seq_len + 1 for classify). The kinds are each validation example's
+    record's `kind` (text), in file order (packed rows hold them in that order too), or None when
+    no record has one."""
     data = cfg.data
     path, held_out = supervised_file(cfg, root)
     key = content_key({"file": jsonl_fingerprint(path), "tokenizer": identity_of(tokenizer), "format": data.format,
@@ -156,32 +166,55 @@ def _row_settings(cfg: Config) -> dict:
         return {"src_len": cfg.train.src_len}
     if cfg.data.format == "classify":
         return {"text_field": cfg.data.text_field, "labels": cfg.data.labels}
-    # (packing only when on: the keys of unpacked rows cached before it existed stay valid)
-    return {"loss_on": cfg.train.loss_on, **({"packing": True} if cfg.train.packing else {})}
+    # (packing only when on: the keys of unpacked rows cached before it existed stay valid; its
+    # value names the packed layout, rows with segment ids)
+    return {"loss_on": cfg.train.loss_on, **({"packing": "segment_ids"} if cfg.train.packing else {})}
 
 
 def pack_examples(rows: np.ndarray, seq_len: int, eos_id: int) -> np.ndarray:
     """Masked rows of one example each ([N, 2T + 1], `formats.encode_example`) packed several to
-    a row: next fit in the given order, so the result depends on the rows alone. An example ends
-    with its scored final EOS (prompt_completion), so its length is its last weight-1 target's
-    index + 2; its weights move with its tokens, the rest of a row is EOS with weight 0. The
-    weight of an example's last position (its EOS input, whose target is the next example's first
-    token) is 0 already: weight j scores token j + 1 of the same example."""
+    a row [M, 3T + 2] (`formats.packed_row_width`): next fit in the given order, so the result
+    depends on the rows alone. An example ends at its last scored target (the EOS of its
+    completion or last assistant turn), so its length is that target's index + 2; unscored tokens
+    after it (a trailing user turn) are left out. Its weights move with its tokens, and its tokens
+    get the row's next segment id (1, 2, ...), which is what keeps it apart: a chat's EOS inside
+    the conversation does not split it. The rest of a row is EOS of segment 0 with weight 0."""
     T = seq_len
     weights = rows[:, T + 1:]
     lengths = T - np.argmax(weights[:, ::-1] > 0, axis=1) + 1  # last scored target j: length j + 2
     packed: list[np.ndarray] = []
-    row, used = None, T + 1
+    row, used, segment = None, T + 1, 0
     for example, length in zip(rows, lengths):
         if used + length > T + 1:
-            row = np.zeros(2 * T + 1, np.int32)
+            row = np.zeros(packed_row_width(T), np.int32)
             row[:T + 1] = eos_id
             packed.append(row)
-            used = 0
+            used, segment = 0, 0
+        segment += 1
         row[used:used + length] = example[:length]
         row[T + 1 + used:T + used + length] = example[T + 1:T + length]
+        row[2 * T + 1 + used:2 * T + 1 + used + length] = segment
         used += length
-    return np.stack(packed) if packed else rows[:0]
+    return np.stack(packed) if packed else np.zeros((0, packed_row_width(T)), np.int32)
+
+
+def unpacked_examples(row: np.ndarray, seq_len: int, eos_id: int) -> list[np.ndarray]:
+    """The examples of one packed row (`pack_examples`), each as its own row [2T + 1] again (up to
+    the tokens `pack_examples` leaves out after an example's last scored target)."""
+    T = seq_len
+    segments = row[2 * T + 1:]
+    examples = []
+    for segment in range(1, int(segments.max(initial=0)) + 1):
+        where = np.flatnonzero(segments == segment)
+        if not len(where):
+            continue
+        start, length = int(where[0]), len(where)
+        example = np.zeros(2 * T + 1, np.int32)
+        example[:T + 1] = eos_id
+        example[:length] = row[start:start + length]
+        example[T + 1:T + length] = row[T + 1 + start:T + start + length]
+        examples.append(example)
+    return examples
 
 
 def _template_settings(cfg: Config, tokenizer: Tokenizer) -> dict:
@@ -236,7 +269,7 @@ def _build(cfg: Config, tokenizer: Tokenizer, path: Path,
                             f"data.val_fraction={cfg.data.val_fraction}")
     arrays = {split: np.stack(rows[split]) for split in SPLITS}
     meta = {split: len(arrays[split]) for split in SPLITS}
-    if cfg.train.packing and fmt == "prompt_completion":
+    if cfg.train.packing and fmt in ("prompt_completion", "chat"):
         arrays = {split: pack_examples(a, cfg.train.seq_len, tokenizer.eos_id) for split, a in arrays.items()}
         meta["rows"] = {split: len(arrays[split]) for split in SPLITS}
     meta.update(bad=len(bad), bad_quoted=bad[:_QUOTED_BAD], format=fmt, source=str(path),
@@ -248,4 +281,5 @@ def _build(cfg: Config, tokenizer: Tokenizer, path: Path,
 def _scored(rows: np.ndarray, cfg: Config) -> int:
     if cfg.data.format in ("seq2seq", "classify"):
         return scored_targets(rows, cfg.data.format, cfg.train.src_len)
-    return int(rows[:, cfg.train.seq_len + 1:].sum())  # the weights
+    T = cfg.train.seq_len
+    return int(rows[:, T + 1:2 * T + 1].sum())  # the weights (then a packed row's segment ids)

@@ -1,16 +1,18 @@
 """Exact match of greedy completions: does the model, given a held-out example's prompt, write
 exactly its answer and then stop?
 
-`train.eval_exact_match=N` runs it at every evaluation on the first N validation rows of a
-prompt_completion or chat source; `experiments/instruct_eval.py` runs it on any run directory.
+`train.eval_exact_match=N` runs it at every evaluation on the first N validation examples of a
+prompt_completion or chat source (packed or not); `experiments/instruct_eval.py` runs it on any
+run directory.
 
     examples = completions_of_rows(rows, seq_len, kinds, n)      # prompts and answers of masked rows
     texts = greedy_texts(model, cfg, tokenizer, [e.prompt for e in examples], max_new_tokens)
     exact_match_scores(texts, [decode(e.answer) ...], kinds)     # {"eval_exact_match": ..., per kind}
 
-A row's prompt is its tokens before the first scored target (a chat's turns up to the first
-assistant header), its answer the scored tokens after that, up to the EOS that ends them (the
-first assistant turn). Predictions and answers are compared as decoded text, so a tokenizer
+An example's prompt (each example of a packed row is read apart, `sft_rows.unpacked_examples`)
+is its tokens before the first scored target (a chat's turns up to the first assistant header),
+its answer the scored tokens after that, up to the EOS that ends them (the first assistant
+turn). Predictions and answers are compared as decoded text, so a tokenizer
 that could spell an answer two ways is not penalised for the other spelling. Greedy decoding
 is `inference.generate` with temperature 0, stopped at EOS: a right answer that runs on is wrong.
 """
@@ -24,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from llm_jax.config import Config
+from llm_jax.data.formats import packed_row_width
+from llm_jax.data.sft_rows import unpacked_examples
 from llm_jax.errors import UserError
 from llm_jax.inference.generate import generate
 from llm_jax.models.decoding import bounded_length
@@ -51,8 +55,14 @@ def check_exact_match(cfg: Config) -> None:
 
 
 def completion_of_row(row: np.ndarray, seq_len: int, eos_id: int, kind: str = "") -> Completion | None:
-    """The prompt and answer of one masked row (width 2 * seq_len + 1); None when nothing is scored."""
-    tokens, weights = row[:seq_len + 1], row[seq_len + 1:]
+    """The prompt and answer of one masked row (width 2 * seq_len + 1; of a packed row, width
+    3 * seq_len + 2, its first example's); None when nothing is scored."""
+    if len(row) == packed_row_width(seq_len):
+        examples = unpacked_examples(row, seq_len, eos_id)
+        if not examples:
+            return None
+        row = examples[0]
+    tokens, weights = row[:seq_len + 1], row[seq_len + 1:2 * seq_len + 1]
     scored = np.flatnonzero(weights)
     if not len(scored):
         return None
@@ -68,12 +78,21 @@ def completion_of_row(row: np.ndarray, seq_len: int, eos_id: int, kind: str = ""
 
 def completions_of_rows(rows: np.ndarray, seq_len: int, eos_id: int, kinds: Sequence[str] | None,
                         limit: int) -> list[Completion]:
-    """The first `limit` rows' prompts and answers (fewer when there are fewer rows)."""
+    """The first `limit` examples' prompts and answers (fewer when there are fewer), `kinds` one
+    per example: packed rows (train.packing) give each of their examples in order, so a packed
+    run scores the same examples as an unpacked one."""
     found = []
-    for i in range(min(limit, len(rows))):
-        example = completion_of_row(np.asarray(rows[i]), seq_len, eos_id, kinds[i] if kinds else "")
-        if example is not None:
-            found.append(example)
+    index = 0  # of the example, in the file's order
+    for i in range(len(rows)):
+        if index >= limit:
+            break
+        row = np.asarray(rows[i])
+        examples = unpacked_examples(row, seq_len, eos_id) if len(row) == packed_row_width(seq_len) else [row]
+        for example_row in examples[:limit - index]:
+            example = completion_of_row(example_row, seq_len, eos_id, kinds[index] if kinds else "")
+            index += 1
+            if example is not None:
+                found.append(example)
     return found
 
 

@@ -5,7 +5,8 @@ completion, `data.formats`).
 With `train.packing` a window holds several documents, each ending in the tokenizer's EOS: the
 inputs then also carry segment ids and per-document positions (derived here, on device, from the
 window alone, so data order and every mesh see the same ones), and the target after an EOS input
-(the next document's first token) is not scored.
+(the next document's first token) is not scored. Packed supervised rows (`masked_causal`, a chat
+has EOS inside it) carry their segment ids instead (`packed_segment_inputs`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 
 from llm_jax.config import Config
 from llm_jax.config.schema import SYNTHETIC_TASKS
+from llm_jax.data.formats import packed_row_width
 from llm_jax.data.synthetic import synthetic_ids
 from llm_jax.errors import UserError
 from llm_jax.train.objectives.base import Data, TokenObjective, Vocab, register_objective
@@ -44,6 +46,24 @@ def packed_inputs(tokens_BT: jax.Array, eos_id: int) -> tuple[dict, jax.Array]:
     return inputs, jnp.where(is_eos_BT, 0.0, 1.0).astype(jnp.float32)
 
 
+def packed_segment_inputs(tokens_BT: jax.Array, segment_ids_BT1: jax.Array) -> tuple[dict, jax.Array]:
+    """Model inputs of packed windows whose T + 1 tokens come with their segment ids [B, T + 1]
+    (written by the packer: `data.sft_rows.pack_examples`), and [B, T] float32 weights that drop
+    the targets of another segment than their input's.
+
+    Positions count from 0 at each segment's start (where the id changes); target t (token t + 1)
+    is kept only where token t + 1 is in token t's segment, so no example predicts the next one's
+    first token, whatever the row's weights say (train.loss_on=all scores every token).
+    """
+    B, T = tokens_BT.shape
+    segment_ids_BT = segment_ids_BT1[:, :T]
+    starts_BT = jnp.pad(segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1], ((0, 0), (1, 0)))
+    t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    first_BT = jax.lax.cummax(jnp.where(starts_BT, t_BT, 0), axis=1)  # the start of t's segment
+    inputs = {"tokens_BT": tokens_BT, "positions_BT": t_BT - first_BT, "segment_ids_BT": segment_ids_BT}
+    return inputs, (segment_ids_BT1[:, 1:] == segment_ids_BT).astype(jnp.float32)
+
+
 @register_objective
 @dataclass(frozen=True)
 class Causal(TokenObjective):
@@ -68,10 +88,11 @@ class Causal(TokenObjective):
 
 
 def masked_causal_targets(rows_BR: jax.Array, seq_len: int) -> tuple[dict, jax.Array, jax.Array]:
-    """Rows [B, 2T + 1] (`data.synthetic`, `data.formats`): a window of T + 1 tokens, then T weights.
+    """Rows [B, 2T + 1] (`data.synthetic`, `data.formats`): a window of T + 1 tokens, then T weights
+    (packed supervised rows [B, 3T + 2] then also T + 1 segment ids, read by `MaskedCausal`).
     Inputs are the window's first T tokens, targets the next; only targets of weight 1 are scored."""
     T = seq_len
-    return {"tokens_BT": rows_BR[:, :T]}, rows_BR[:, 1:T + 1], rows_BR[:, T + 1:].astype(jnp.float32)
+    return {"tokens_BT": rows_BR[:, :T]}, rows_BR[:, 1:T + 1], rows_BR[:, T + 1:2 * T + 1].astype(jnp.float32)
 
 
 @register_objective
@@ -82,8 +103,8 @@ class MaskedCausal(TokenObjective):
     tokens (eval loss is then per completion token)."""
 
     name = "masked_causal"
-    seq_len: int = 0  # T of the rows [B, 2T + 1]
-    packing: bool = False  # train.packing: several examples (each ending in EOS) per row
+    seq_len: int = 0  # T of the rows [B, 2T + 1] ([B, 3T + 2] packed)
+    packing: bool = False  # train.packing: several examples per row, kept apart by the row's segment ids
     eos_id: int = -1
 
     @classmethod
@@ -101,11 +122,15 @@ class MaskedCausal(TokenObjective):
 
     @staticmethod
     def row_width(cfg: Config) -> int:
-        return 2 * cfg.train.seq_len + 1
+        # (packing is refused for the synthetic tasks: packed masked rows are supervised examples)
+        return packed_row_width(cfg.train.seq_len) if cfg.train.packing else 2 * cfg.train.seq_len + 1
 
     def data(self, rows: jax.Array, step) -> Data:
         inputs, targets_BT, weights_BT = masked_causal_targets(rows, self.seq_len)
         if not self.packing:
             return inputs, targets_BT, weights_BT
-        inputs, boundary_BT = packed_inputs(inputs["tokens_BT"], self.eos_id)
+        if rows.shape[1] == packed_row_width(self.seq_len):  # the packer's segment ids
+            inputs, boundary_BT = packed_segment_inputs(inputs["tokens_BT"], rows[:, 2 * self.seq_len + 1:])
+        else:  # masked windows without segment ids: documents end at EOS
+            inputs, boundary_BT = packed_inputs(inputs["tokens_BT"], self.eos_id)
         return inputs, targets_BT, weights_BT * boundary_BT

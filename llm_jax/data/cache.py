@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,17 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_once(meta_path: Path, build: Callable[[], Any]) -> Any:
+    """Run `build` (which writes `meta_path` last) unless `meta_path` exists, under a lock beside
+    it: the first process builds the cache entry, the others wait, then read it. Returns the parsed
+    JSON of `meta_path`."""
+    if not meta_path.is_file():
+        with file_lock(meta_path.parent / f".{meta_path.stem}.lock"):
+            if not meta_path.is_file():  # another process may have built it meanwhile
+                build()
+    return json.loads(meta_path.read_text())
 
 
 def is_main_process() -> bool:

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from llm_jax.data import stdlib_tfds
-from llm_jax.data.cache import content_key, file_lock, log, write_bytes_atomic, write_json_atomic
+from llm_jax.data.cache import build_once, content_key, log, write_bytes_atomic, write_json_atomic
 from llm_jax.data.splits import stratified_validation_mask
 from llm_jax.data.tasks import (
     MIN_BODY_CHARS,
@@ -198,20 +198,19 @@ def instruction_file(source: str, val_fraction: float, cache_root: Path) -> Inst
                        "layout": stdlib_tfds.STDLIB_LAYOUT_VERSION, "val_fraction": val_fraction})
     folder = cache_root / "instruct"
     path, meta_path = folder / f"{key}.jsonl", folder / f"{key}.json"
-    if not meta_path.is_file():
-        with file_lock(folder / f".{key}.lock"):
-            if not meta_path.is_file():
-                log(f"building the {source} instruction set from the stdlib files...")
-                builder = stdlib_tfds.prepared_builder(cache_root / "tfds", val_fraction)
-                files = [(p, text, split) for split in ("train", "validation")
-                         for p, text in stdlib_tfds.stdlib_documents(builder, split)]
-                records = instruction_records(files, package_held_out_files(files, val_fraction))
-                lines = [json.dumps(r, ensure_ascii=False) for split in ("train", "validation")
-                         for r in records[split]]
-                write_bytes_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
-                counts = {split: {kind: sum(r["kind"] == kind for r in records[split]) for kind in KINDS}
-                          for split in records}
-                write_json_atomic(meta_path, {"train": len(records["train"]),
-                                              "validation": len(records["validation"]), "kinds": counts})
-    meta = json.loads(meta_path.read_text())
+
+    def build() -> None:
+        log(f"building the {source} instruction set from the stdlib files...")
+        builder = stdlib_tfds.prepared_builder(cache_root / "tfds", val_fraction)
+        files = [(p, text, split) for split in ("train", "validation")
+                 for p, text in stdlib_tfds.stdlib_documents(builder, split)]
+        records = instruction_records(files, package_held_out_files(files, val_fraction))
+        lines = [json.dumps(r, ensure_ascii=False) for split in ("train", "validation") for r in records[split]]
+        write_bytes_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
+        counts = {split: {kind: sum(r["kind"] == kind for r in records[split]) for kind in KINDS}
+                  for split in records}
+        write_json_atomic(meta_path, {"train": len(records["train"]), "validation": len(records["validation"]),
+                                      "kinds": counts})
+
+    meta = build_once(meta_path, build)
     return InstructFile(path, set(range(meta["train"], meta["train"] + meta["validation"])))

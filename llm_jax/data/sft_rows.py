@@ -21,7 +21,6 @@ chat has inside it.
 from __future__ import annotations
 
 import glob
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import numpy as np
 
 from llm_jax.config import Config, validate
 from llm_jax.config.schema import SUPERVISED_FORMATS
-from llm_jax.data.cache import CACHE_FORMAT_VERSION, content_key, file_lock, log, save_npy_atomic, write_json_atomic
+from llm_jax.data.cache import CACHE_FORMAT_VERSION, build_once, content_key, log, save_npy_atomic, write_json_atomic
 from llm_jax.data.chat_template import chat_template_of
 from llm_jax.data.formats import (
     TEMPLATE_VERSION,
@@ -141,14 +140,14 @@ def supervised_rows(cfg: Config, tokenizer: Tokenizer,
                        "cache_format": CACHE_FORMAT_VERSION, "kinds": True})
     folder = root / "sft"
     meta_path = folder / f"{key}.json"
-    if not meta_path.is_file():
-        with file_lock(folder / f".{key}.lock"):
-            if not meta_path.is_file():  # another process may have built it meanwhile
-                rows, meta = _build(cfg, tokenizer, path, held_out)
-                for split in SPLITS:
-                    save_npy_atomic(folder / f"{key}.{split}.npy", rows[split])
-                write_json_atomic(meta_path, meta)
-    meta = json.loads(meta_path.read_text())
+
+    def build() -> None:
+        rows, meta = _build(cfg, tokenizer, path, held_out)
+        for split in SPLITS:
+            save_npy_atomic(folder / f"{key}.{split}.npy", rows[split])
+        write_json_atomic(meta_path, meta)
+
+    meta = build_once(meta_path, build)
     skipped = f"; {meta['bad']} bad records skipped ({'; '.join(meta['bad_quoted'])})" if meta["bad"] else ""
     scored = f"{meta['scored']} scored tokens" if data.format != "classify" else (
         f"{len(data.labels)} labels ({', '.join(map(str, data.labels[:8]))}{', ...' if len(data.labels) > 8 else ''})")

@@ -19,7 +19,7 @@ import numpy as np
 
 from llm_jax.config import Config
 from llm_jax.data import stdlib_tfds
-from llm_jax.data.cache import CACHE_FORMAT_VERSION, content_key, file_lock, log, save_npy_atomic, write_json_atomic
+from llm_jax.data.cache import CACHE_FORMAT_VERSION, build_once, content_key, log, save_npy_atomic, write_json_atomic
 from llm_jax.data.sources import Corpus
 from llm_jax.data.splits import stratified_validation_mask
 from llm_jax.data.tasks import encode_classify_rows, encode_seq2seq_rows, split_group, task_examples, task_kind
@@ -89,17 +89,17 @@ def task_rows(cfg: Config, corpus: Corpus, tokenizer: Tokenizer, split: str, roo
                        "rules": TASK_RULES_VERSION, "format": CACHE_FORMAT_VERSION})
     folder = root / "tasks"
     npy, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
-    if not meta_path.is_file():
-        with file_lock(folder / f".{key}.lock"):
-            if not meta_path.is_file():
-                log(f"building {cfg.data.task} {split} examples from the stdlib files...")
-                rows, dropped = encode_rows(cfg, task_examples(cfg.data.task, task_files(cfg, root, split)),
-                                            tokenizer)
-                note = (f" ({dropped} with targets longer than train.seq_len={cfg.train.seq_len} dropped)"
-                        if task_kind(cfg.data.task) == "seq2seq" else "")
-                log(f"{cfg.data.task} {split}: {len(rows)} examples{note}")
-                save_npy_atomic(npy, rows)
-                write_json_atomic(meta_path, {"n_rows": len(rows), "dropped": dropped, "task": cfg.data.task})
+
+    def build() -> None:
+        log(f"building {cfg.data.task} {split} examples from the stdlib files...")
+        rows, dropped = encode_rows(cfg, task_examples(cfg.data.task, task_files(cfg, root, split)), tokenizer)
+        note = (f" ({dropped} with targets longer than train.seq_len={cfg.train.seq_len} dropped)"
+                if task_kind(cfg.data.task) == "seq2seq" else "")
+        log(f"{cfg.data.task} {split}: {len(rows)} examples{note}")
+        save_npy_atomic(npy, rows)
+        write_json_atomic(meta_path, {"n_rows": len(rows), "dropped": dropped, "task": cfg.data.task})
+
+    build_once(meta_path, build)
     rows = np.load(npy, mmap_mode="r")
     if len(rows) < cfg.train.batch_size:
         raise UserError(f"data.task={cfg.data.task} has {len(rows)} {split} examples, fewer than "

@@ -16,3 +16,19 @@ os.environ.setdefault("LLM_JAX_CACHE", "/tmp/llm_jax_test_cache")
 # access-time file beside every entry, which runs of the CLI outside the tests do not write.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["LLM_JAX_CACHE"], "xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+
+import gc  # noqa: E402 - after the environment above
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop each test module's compiled programs when it ends (the persistent cache above still
+    has them for later modules): otherwise the one pytest process keeps every executable of the
+    suite alive, and grew to 5.8 GB in CI."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

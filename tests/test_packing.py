@@ -29,7 +29,7 @@ from llm_jax.parallel.rules import activation_mesh, logical_to_spec
 from llm_jax.train.exact_match import completion_of_row, completions_of_rows
 from llm_jax.train.objectives import Vocab, build_objective, row_width
 from llm_jax.train.objectives.base import token_losses
-from llm_jax.train.objectives.causal import Causal, MaskedCausal, packed_inputs
+from llm_jax.train.objectives.causal import Causal, MaskedCausal, eos_segment_ids, packed_inputs
 
 VOCAB, EOS, T = 64, 63, 16
 SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64", f"train.seq_len={T}",
@@ -227,8 +227,8 @@ def test_selective_scan_restarts_at_each_segment(mode):
 
 
 def test_segments_and_positions_restart_after_each_eos():
-    tokens = jnp.asarray([[7, 8, EOS, 9, EOS, EOS, 1, 2], [EOS, 3, 4, 5, 6, EOS, 7, 8]])
-    inputs, weights = packed_inputs(tokens, EOS)
+    rows = jnp.asarray([[7, 8, EOS, 9, EOS, EOS, 1, 2, 3], [EOS, 3, 4, 5, 6, EOS, 7, 8, 9]])
+    inputs, weights = packed_inputs(rows[:, :-1], eos_segment_ids(rows, EOS))
     np.testing.assert_array_equal(inputs["segment_ids_BT"], [[0, 0, 0, 1, 1, 2, 3, 3], [0, 1, 1, 1, 1, 1, 2, 2]])
     np.testing.assert_array_equal(inputs["positions_BT"], [[0, 1, 2, 0, 1, 0, 0, 1], [0, 0, 1, 2, 3, 4, 0, 1]])
     np.testing.assert_array_equal(weights, [[1, 1, 0, 1, 0, 0, 1, 1], [0, 1, 1, 1, 1, 0, 1, 1]])
@@ -353,7 +353,7 @@ def test_a_chat_with_two_assistant_turns_stays_one_segment():
     assert np.count_nonzero(tokens[:first] == BYTE_EOS) == 2  # the first turn's EOS is inside the chat
     np.testing.assert_array_equal(segments, [1] * first + [2] * second + [0] * (T + 1 - first - second))
 
-    objective = MaskedCausal(seq_len=T, packing=True, eos_id=BYTE_EOS)
+    objective = MaskedCausal(seq_len=T, packing=True)
     inputs, targets, weights = objective.data(jnp.asarray(packed), 0)
     np.testing.assert_array_equal(inputs["segment_ids_BT"][0], segments[:T])
     positions = np.concatenate([np.arange(first), np.arange(second), np.arange(T - first - second)])
@@ -370,7 +370,7 @@ def test_loss_on_all_never_scores_a_target_across_examples():
                     + [encode_example(chat("u", "v", "w", "x"), "chat", byte_encode, BYTE_EOS, "all", T)])
     packed = pack_examples(rows, T, BYTE_EOS)
     assert len(packed) < len(rows)
-    _, _, weights = MaskedCausal(seq_len=T, packing=True, eos_id=BYTE_EOS).data(jnp.asarray(packed), 0)
+    _, _, weights = MaskedCausal(seq_len=T, packing=True).data(jnp.asarray(packed), 0)
     weights = np.asarray(weights)
     segments = packed[:, 2 * T + 1:]
     crossing = segments[:, 1:] != segments[:, :-1]  # target t is token t + 1 of another segment

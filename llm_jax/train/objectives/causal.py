@@ -6,7 +6,7 @@ With `train.packing` a window holds several documents, each ending in the tokeni
 inputs then also carry segment ids and per-document positions (derived here, on device, from the
 window alone, so data order and every mesh see the same ones), and the target after an EOS input
 (the next document's first token) is not scored. Packed supervised rows (`masked_causal`, a chat
-has EOS inside it) carry their segment ids instead (`packed_segment_inputs`).
+has EOS inside it) carry their segment ids instead, written by the packer.
 """
 
 from __future__ import annotations
@@ -29,30 +29,20 @@ def causal_targets(tokens_BT1: jax.Array) -> tuple[jax.Array, jax.Array, None]:
     return tokens_BT1[:, :-1], tokens_BT1[:, 1:], None
 
 
-def packed_inputs(tokens_BT: jax.Array, eos_id: int) -> tuple[dict, jax.Array]:
-    """Model inputs of packed windows, and [B, T] float32 weights that drop cross-document targets.
-
-    A new segment starts right after each EOS input token (the row's first token starts segment
-    0); positions count from 0 at each segment's start. The target of an EOS input is the next
-    document's first token, which no document alone would predict: its weight is 0.
-    """
-    B, T = tokens_BT.shape
-    is_eos_BT = tokens_BT == eos_id
-    starts_BT = jnp.pad(is_eos_BT[:, :-1], ((0, 0), (1, 0)))  # the token after an EOS
-    segment_ids_BT = jnp.cumsum(starts_BT, axis=1, dtype=jnp.int32)
-    t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    first_BT = jax.lax.cummax(jnp.where(starts_BT, t_BT, 0), axis=1)  # the start of t's segment
-    inputs = {"tokens_BT": tokens_BT, "positions_BT": t_BT - first_BT, "segment_ids_BT": segment_ids_BT}
-    return inputs, jnp.where(is_eos_BT, 0.0, 1.0).astype(jnp.float32)
+def eos_segment_ids(rows_BT1: jax.Array, eos_id: int) -> jax.Array:
+    """Segment ids [B, T + 1] of text windows whose documents end in EOS: a new segment starts
+    right after each EOS token (the row's first token starts segment 0)."""
+    starts_BT1 = jnp.pad(rows_BT1[:, :-1] == eos_id, ((0, 0), (1, 0)))
+    return jnp.cumsum(starts_BT1, axis=1, dtype=jnp.int32)
 
 
-def packed_segment_inputs(tokens_BT: jax.Array, segment_ids_BT1: jax.Array) -> tuple[dict, jax.Array]:
-    """Model inputs of packed windows whose T + 1 tokens come with their segment ids [B, T + 1]
-    (written by the packer: `data.sft_rows.pack_examples`), and [B, T] float32 weights that drop
-    the targets of another segment than their input's.
+def packed_inputs(tokens_BT: jax.Array, segment_ids_BT1: jax.Array) -> tuple[dict, jax.Array]:
+    """Model inputs of packed windows whose T + 1 tokens have segment ids [B, T + 1] (from EOS,
+    `eos_segment_ids`, or written by the packer, `data.sft_rows.pack_examples`), and [B, T]
+    float32 weights that drop the targets of another segment than their input's.
 
     Positions count from 0 at each segment's start (where the id changes); target t (token t + 1)
-    is kept only where token t + 1 is in token t's segment, so no example predicts the next one's
+    is kept only where token t + 1 is in token t's segment, so no document predicts the next one's
     first token, whatever the row's weights say (train.loss_on=all scores every token).
     """
     B, T = tokens_BT.shape
@@ -83,7 +73,7 @@ class Causal(TokenObjective):
         inputs_BT, targets_BT, weights = causal_targets(rows)
         if not self.packing:
             return {"tokens_BT": inputs_BT}, targets_BT, weights
-        inputs, weights_BT = packed_inputs(inputs_BT, self.eos_id)
+        inputs, weights_BT = packed_inputs(inputs_BT, eos_segment_ids(rows, self.eos_id))
         return inputs, targets_BT, weights_BT
 
 
@@ -105,13 +95,12 @@ class MaskedCausal(TokenObjective):
     name = "masked_causal"
     seq_len: int = 0  # T of the rows [B, 2T + 1] ([B, 3T + 2] packed)
     packing: bool = False  # train.packing: several examples per row, kept apart by the row's segment ids
-    eos_id: int = -1
 
     @classmethod
     def from_config(cls, cfg: Config, vocab: Vocab) -> MaskedCausal:
         if cfg.data.task not in SYNTHETIC_TASKS:  # text examples: smoothing over the tokenizer's ids
             return cls(smoothing=cfg.train.label_smoothing, smoothing_ids=vocab.size, seq_len=cfg.train.seq_len,
-                       packing=cfg.train.packing, eos_id=vocab.eos_id)
+                       packing=cfg.train.packing)
         ids = synthetic_ids(cfg.data.synthetic_vocab)
         if ids > vocab.rows:
             raise UserError(f"data.task={cfg.data.task} uses {ids} token ids (data.synthetic_vocab="
@@ -129,8 +118,7 @@ class MaskedCausal(TokenObjective):
         inputs, targets_BT, weights_BT = masked_causal_targets(rows, self.seq_len)
         if not self.packing:
             return inputs, targets_BT, weights_BT
-        if rows.shape[1] == packed_row_width(self.seq_len):  # the packer's segment ids
-            inputs, boundary_BT = packed_segment_inputs(inputs["tokens_BT"], rows[:, 2 * self.seq_len + 1:])
-        else:  # masked windows without segment ids: documents end at EOS
-            inputs, boundary_BT = packed_inputs(inputs["tokens_BT"], self.eos_id)
+        # Packed rows are supervised examples (the synthetic tasks refuse packing) with the
+        # packer's segment ids: a chat's EOS inside it does not end it.
+        inputs, boundary_BT = packed_inputs(inputs["tokens_BT"], rows[:, 2 * self.seq_len + 1:])
         return inputs, targets_BT, weights_BT * boundary_BT

@@ -1,0 +1,34 @@
+"""Where rewards come from: a reward model's score head, or a verifier that checks an answer.
+
+A scorer maps (prompts, completions) as text to rewards [N] float32 on the host. `scorer_of`
+builds one from its name in a config or on the command line:
+
+    rm:RUN_DIR   a reward model run (data.format=preference, pref.method=reward): its score at the
+                 EOS ending prompt + completion (`Model.score`)
+    arith        the embedded arithmetic task's checker (`data.arith.reward`, docs/alignment.md)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from llm_jax.errors import UserError
+from llm_jax.inference.api import load
+
+Scorer = Callable[[Sequence[str], Sequence[str]], np.ndarray]
+# Verifiers by name: (prompts, completions) -> rewards; and the prompts each brings (its
+# task's validation prompts, the first `count`).
+VERIFIERS: dict[str, Scorer] = {}
+VERIFIER_PROMPTS: dict[str, Callable[[int], list[str]]] = {}
+
+
+def scorer_of(spec: str) -> Scorer:
+    """The scorer named `spec`: `rm:RUN_DIR` or a verifier's name."""
+    if spec.startswith("rm:"):
+        return load(spec.removeprefix("rm:")).score
+    if spec in VERIFIERS:
+        return VERIFIERS[spec]
+    raise UserError(f"unknown reward {spec!r}: use rm:RUN_DIR (a reward model run) or a verifier "
+                    f"({', '.join(VERIFIERS) or 'none registered'})")

@@ -1,0 +1,1 @@
+"""Learning from preferences and rewards, on top of train and inference (docs/alignment.md)."""

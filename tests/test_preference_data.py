@@ -2,8 +2,8 @@
 named by FILE:LINE, the supervised pipeline's split and cache, and `llm-jax pairs` on a tiny run."""
 
 import gzip
-import re
 import json
+import re
 
 import numpy as np
 import pytest

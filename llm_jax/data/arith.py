@@ -1,6 +1,6 @@
 """An embedded, verifiable task: integer addition and subtraction, `data.source=instruct:arith`.
 
-A problem is a prompt such as `37+485=` and its answer `522`; subtraction may go below zero
+A problem is a prompt such as `37+48=` and its answer `85`; subtraction may go below zero
 (`12-85=` -> `-73`). Each operand has 1 to `MAX_DIGITS` digits (the digit count drawn first,
 then the number, so short and long operands are alike common). A model writes the answer after
 the prompt and stops with EOS; `reward` reads that completion as decoded text, so any sampler,
@@ -37,7 +37,7 @@ import numpy as np
 
 from llm_jax.errors import UserError
 
-MAX_DIGITS = 3
+MAX_DIGITS = 2
 OPERATIONS = ("+", "-")
 VALIDATION_SHARE = 0.1
 FORMAT_CREDIT = 0.1
@@ -95,9 +95,9 @@ def problems(split: str, count: int, seed: int = 0) -> list[Problem]:
     if count < 0:
         raise UserError(f"the count of arith problems must be at least 0, got {count}")
     share = VALIDATION_SHARE if split == "validation" else 1 - VALIDATION_SHARE
-    if count > share * _SPACE / 4:  # (drawing distinct ones would crawl near the space's size)
+    if count > share * _SPACE / 2:  # (drawing distinct ones would crawl near the space's size)
         raise UserError(f"{count} {split} arith problems asked for; the task holds about {int(share * _SPACE)}, "
-                        f"use at most a quarter of them")
+                        f"use at most half of them")
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     found: dict[str, Problem] = {}
     while len(found) < count:

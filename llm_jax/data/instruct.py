@@ -75,8 +75,8 @@ from llm_jax.errors import UserError
 
 INSTRUCT_SOURCES = tuple(INSTRUCT_FORMATS)
 # instruct:arith: the training and validation problems written (seed 0 of `arith.problems`).
-ARITH_TRAIN = 20000
-ARITH_VALIDATION = 1000
+ARITH_TRAIN = 8000
+ARITH_VALIDATION = 800
 KINDS = ("name_function", "signature_from_docstring", "module_of")
 # Bump when the records cut from the same files, or their split, change.
 INSTRUCT_VERSION = 2  # 2: no function records from the test suite

@@ -193,19 +193,22 @@ def test_pair_recipe_by_hand():
         "prompt": "37+485=", "chosen": "522", "rejected": "x", "chosen_reward": 1.0, "rejected_reward": 0.0}
     # None right: the true answer is chosen.
     record = pair_of(problem, ["512", "999"], fits)
-    assert record["chosen"] == "522" and record["rejected"] == "999" and record["rejected_reward"] == pytest.approx(0.1)
+    assert record["chosen"] == "522" and record["rejected"] == "999" and record["rejected_reward"] == 0.1
+    assert pair_of(problem, ["512", "x"], fits)["rejected_reward"] == 0.0
+    assert pair_of(problem, ["512"], fits)["rejected_reward"] == 0.3667  # 0.1 + 0.4 * 2/3, rounded
     # Empty samples and samples too long are never rejected; all right (or nothing left): no pair.
     assert pair_of(problem, ["", "1234567", "523"], fits)["rejected"] == "523"
     assert pair_of(problem, ["522", " 522"], fits) is None  # (" 522" is right too)
     assert pair_of(problem, ["", "1234567"], fits) is None
 
 
-@pytest.mark.slow  # trains a tiny model a few steps, then samples (about 20 s here)
+@pytest.mark.slow  # trains a tiny model 30 steps, then samples (about 20 s here)
 def test_pairs_command_writes_valid_records_and_never_overwrites(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "sft_arith", f"run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=4",
-                 "model.num_layers=1", "model.d_model=32", "model.d_ff=64", "train.batch_size=8", "train.log_every=2",
-                 "train.eval_every=0", "train.eval_exact_match=0", "checkpoint.every=4"]) == 0
+    assert main(["train", "sft_arith", f"run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=30",
+                 "optim.warmup_steps=5",
+                 "model.num_layers=1", "model.d_model=32", "model.d_ff=64", "train.batch_size=8", "train.log_every=10",
+                 "train.eval_every=0", "train.eval_exact_match=0", "checkpoint.every=30"]) == 0
     out = tmp_path / "pairs.jsonl"
     capsys.readouterr()
     assert main(["pairs", str(run), "--out", str(out), "--count", "12", "--samples", "3", "--seed", "5"]) == 0
@@ -215,8 +218,8 @@ def test_pairs_command_writes_valid_records_and_never_overwrites(tmp_path, capsy
     problems = {p.prompt: p for p in arith.problems("train", 12, seed=5)}
     for r in records:
         problem = problems[r["prompt"]]
-        assert r["chosen_reward"] == arith.reward(problem, r["chosen"]) > arith.reward(problem, r["rejected"]) \
-            == r["rejected_reward"]
+        assert r["chosen_reward"] == arith.reward(problem, r["chosen"]) == 1.0
+        assert r["rejected_reward"] == round(arith.reward(problem, r["rejected"]), 4) < 1.0
         assert arith.correct(problem, r["chosen"])  # right sample or the true answer
         encode(r, seq_len=16)  # a valid preference record for the run's train.seq_len
     assert [r["prompt"] for r in records] == [p for p in problems if p in {r["prompt"] for r in records}]

@@ -9,7 +9,8 @@ at `temperature`; `arith.reward` scores each. The pair of a problem is
 
 A sample is a candidate only when it is not empty and prompt + sample + EOS fits the run's
 train.seq_len + 1 tokens (so that the pairs train the same network); a problem with no
-candidate is skipped. Records are `data.format=preference` lines with the rewards beside them:
+candidate is skipped. Records are `data.format=preference` lines with the rewards (rounded to
+4 decimals) beside them:
 {"prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"}.
 """
 
@@ -77,7 +78,7 @@ def pair_of(problem: arith.Problem, texts: Sequence[str], fits) -> dict | None:
     if worst[0] >= chosen[0] or worst[1] == chosen[1]:
         return None
     return {"prompt": problem.prompt, "chosen": chosen[1], "rejected": worst[1],
-            "chosen_reward": chosen[0], "rejected_reward": worst[0]}
+            "chosen_reward": round(chosen[0], 4), "rejected_reward": round(worst[0], 4)}
 
 
 def build_pairs(model: Model, count: int, samples: int, temperature: float = 1.0,

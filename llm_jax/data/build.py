@@ -10,9 +10,10 @@ corpus) it is the split's whole text followed by one EOS.
 
 A synthetic `data.task` (`data/synthetic.py`) opens no corpus: its rows are generated from the seed.
 A supervised JSONL source (data.format prompt_completion, chat, seq2seq, classify or
-preference, `data/sft_rows.py`) gives rows of examples instead of a token stream. A `data.mixture` prepares each of its sources as above
-(the same stores and cache keys as data.source=<that source>) and keeps them apart
-(`DataBundle.mixture`); `data/mixture.py` interleaves their windows.
+preference, `data/sft_rows.py`) gives rows of examples instead of a token stream. A
+`data.mixture` prepares each of its sources as above (the same stores and cache keys as
+data.source=<that source>) and keeps them apart (`DataBundle.mixture`); `data/mixture.py`
+interleaves their windows.
 """
 
 from __future__ import annotations

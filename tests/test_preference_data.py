@@ -202,11 +202,11 @@ def test_pair_recipe_by_hand():
     assert pair_of(problem, ["", "1234567"], fits) is None
 
 
-@pytest.mark.slow  # trains a tiny model 30 steps, then samples (about 20 s here)
+@pytest.mark.slow  # trains a tiny model 30 steps, then samples (about 35 s here)
 def test_pairs_command_writes_valid_records_and_never_overwrites(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "sft_arith", f"run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=30",
-                 "optim.warmup_steps=5",
+                 "optim.warmup_steps=5", "optim.lr=1e-2",  # (enough to write digits and stop: pairs that fit)
                  "model.num_layers=1", "model.d_model=32", "model.d_ff=64", "train.batch_size=8", "train.log_every=10",
                  "train.eval_every=0", "train.eval_exact_match=0", "checkpoint.every=30"]) == 0
     out = tmp_path / "pairs.jsonl"
@@ -214,7 +214,7 @@ def test_pairs_command_writes_valid_records_and_never_overwrites(tmp_path, capsy
     assert main(["pairs", str(run), "--out", str(out), "--count", "12", "--samples", "3", "--seed", "5"]) == 0
     said = capsys.readouterr().out
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert said.startswith(f"wrote {out}: {len(records)} pairs from 12 problems") and 1 <= len(records) <= 12
+    assert said.startswith(f"wrote {out}: {len(records)} pairs from 12 problems") and 3 <= len(records) <= 12, said
     problems = {p.prompt: p for p in arith.problems("train", 12, seed=5)}
     for r in records:
         problem = problems[r["prompt"]]

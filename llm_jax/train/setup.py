@@ -49,7 +49,7 @@ def build_setup(cfg: Config, vocab_size: int, objective: Objective, mesh: Mesh |
     mdef = model_def(cfg, vocab_size, classes_of(cfg))
     tx = make_optimizer(cfg)
     schedule = make_schedule(cfg)
-    shardings = state_shardings(mesh, tx, mdef)
+    shardings = state_shardings(mesh, tx, mdef, reference=objective.needs_reference)
     warnings = [f"parameter left replicated by the mesh: {p}" for p in unsharded_large_params(mdef, mesh)]
     return TrainSetup(
         cfg=cfg, mesh=mesh, mdef=mdef, vocab_size=vocab_size, tx=tx, schedule=schedule,

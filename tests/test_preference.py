@@ -173,3 +173,18 @@ def test_checkpoint_holds_the_reference_and_resumes_exactly(tmp_path):
     _, straight = train(setup, state, 2, seed=1)
     _, resumed = train(setup, restored, 2, seed=1)
     assert [h["loss"] for h in straight] == [h["loss"] for h in resumed]
+
+
+@pytest.mark.slow
+def test_bench_times_the_dpo_step_with_its_reference():
+    """`llm-jax bench` lowers and compiles the step with the reference (`step.ReferenceStep`);
+    tokens count both completions of a pair, FLOPs the reference's forward pass too."""
+    from llm_jax.train.bench import bench
+
+    cfg = load_config("gpt_tiny", [*PAIRS, "bench.steps=2", "bench.warmup=1", "mesh.data=8"])
+    result = bench(cfg)
+    plain = build_setup(load_config("gpt_tiny", [f"train.seq_len={SEQ_LEN}"]), 384,
+                        build_objective(load_config("gpt_tiny", [f"train.seq_len={SEQ_LEN}"]), Vocab(257, 384, EOS)))
+    assert result["flops_per_token"] == pytest.approx(plain.flops_per_token * 4 / 3)
+    assert result["tokens_per_s"] == pytest.approx(result["steps_per_s"] * 8 * SEQ_LEN * 2)
+    assert math.isfinite(result["loss"])

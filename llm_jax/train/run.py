@@ -229,7 +229,8 @@ def train(cfg: Config) -> dict:
         writer.log(f"step {record['step']}: {describe_eval(record)}")
 
     peak, _ = peak_flops_total()
-    log = LogMetrics(cfg.train.log_every, cfg.train.steps, writer.write, cfg.train.batch_size * cfg.train.seq_len,
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len * setup.objective.sequences_per_row
+    log = LogMetrics(cfg.train.log_every, cfg.train.steps, writer.write, tokens_per_step,
                      setup.flops_per_token, peak, getattr(dataset, "shares", None))
     evals = Evaluate(cfg.train.eval_every, cfg.train.steps, evaluate_all, write_eval)
     save = SaveCheckpoints(ckpt, cfg, batches.get_state, writer.log)

@@ -38,10 +38,12 @@ def with_reference(mdef: ModelDef, objective: Objective, ref_params: dict | None
 class ReferenceStep:
     """The train step of an objective with a reference model: the jitted step takes the reference
     parameters as an argument it does not donate (they never change), so the arrays of
-    state["ref_params"] stay valid for evaluation and checkpoints, and one copy lives on the mesh."""
+    state["ref_params"] stay valid for evaluation and checkpoints, and one copy lives on the mesh.
+    Called, lowered and compiled like the jitted step of the other objectives, with the state
+    whole; other attributes (as_text, cost_analysis) are the wrapped function's."""
 
-    def __init__(self, jitted: Callable):
-        self.jitted = jitted
+    def __init__(self, fn: Callable):
+        self.fn = fn  # fn(state without ref_params, batch, ref_params): jitted or compiled
 
     @staticmethod
     def _split(state: dict) -> tuple[dict, dict]:
@@ -49,12 +51,18 @@ class ReferenceStep:
 
     def __call__(self, state: dict, batch: jax.Array) -> tuple[dict, dict]:
         trained, ref = self._split(state)
-        trained, metrics = self.jitted(trained, batch, ref)
+        trained, metrics = self.fn(trained, batch, ref)
         return {**trained, "ref_params": ref}, metrics
 
-    def lower(self, state: dict, batch: jax.Array):
+    def lower(self, state: dict, batch: jax.Array) -> ReferenceStep:
         trained, ref = self._split(state)
-        return self.jitted.lower(trained, batch, ref)
+        return ReferenceStep(self.fn.lower(trained, batch, ref))
+
+    def compile(self) -> ReferenceStep:
+        return ReferenceStep(self.fn.compile())
+
+    def __getattr__(self, name: str):
+        return getattr(self.fn, name)
 
 
 def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformation,

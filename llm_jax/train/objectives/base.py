@@ -102,6 +102,9 @@ class Objective(ABC):
     # True: the steps run a frozen reference model (the parameters at step 0) and pass its
     # output through `add_reference` before the loss (DPO).
     needs_reference: ClassVar[bool] = False
+    # Sequences of train.seq_len tokens the model reads per batch row (2: a preference pair),
+    # for tokens/s and MFU.
+    sequences_per_row: ClassVar[int] = 1
 
     @classmethod
     @abstractmethod

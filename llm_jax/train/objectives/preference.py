@@ -76,6 +76,7 @@ class Reward(Objective):
     the share of pairs ranked right (r_chosen > r_rejected)."""
 
     name = "reward"
+    sequences_per_row: ClassVar[int] = 2
     width: int = 0  # W = train.seq_len + 1 tokens per completion
     margin: float = 0.0
     center_coef: float = 0.0
@@ -129,6 +130,7 @@ class DPO(Objective):
 
     name = "dpo"
     needs_reference: ClassVar[bool] = True
+    sequences_per_row: ClassVar[int] = 2
     width: int = 0  # W = train.seq_len + 1 tokens per completion
     beta: float = 0.1
     kind: str = "sigmoid"

@@ -116,6 +116,13 @@ def test_dpo_losses_at_step_0_where_policy_is_reference():
         metrics = variant.metrics(out, with_ref, weights)
         assert [metrics[f"rewards/{k}"] for k in ("chosen", "rejected", "margin", "accuracy")] == [0] * 4, kind
         assert variant.hits(out, with_ref, weights) == 0  # ties are not ranked right
+    # RPO adds the chosen completions' NLL per token, here recomputed from the logits by hand.
+    rpo = dataclasses.replace(setup.objective, rpo_alpha=0.5)
+    logp_NT = np.asarray(jax.nn.log_softmax(out.logits, axis=-1))
+    logp_NT = np.take_along_axis(logp_NT, np.asarray(targets["tokens"])[..., None], axis=-1)[..., 0]
+    nll_B = -((logp_NT * weights).sum(1) / weights.sum(1))[0::2]
+    total, count = rpo.loss(out, rpo.add_reference(ref_out, targets, weights), weights, train=True)
+    np.testing.assert_allclose(total / count, math.log(2) + 0.5 * nll_B.mean(), rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -279,6 +279,8 @@ class PrefConfig(Section):
     """DPO loss: sigmoid (DPO), robust (rDPO), ipo (IPO, length-normalised log-probs), hinge (SLiC)."""
     label_smoothing: float = pydantic.Field(0.0, ge=0.0, lt=0.5)
     """DPO sigmoid, robust: assumed rate of flipped preference labels (conservative DPO, robust DPO)."""
+    rpo_alpha: float = pydantic.Field(0.0, ge=0.0, allow_inf_nan=False)
+    """DPO: adds rpo_alpha times the chosen completion's NLL per token (RPO, Pang et al. 2024; TRL's rpo_alpha)."""
     margin: float = pydantic.Field(0.0, allow_inf_nan=False)
     """Reward model: the margin the chosen reward must beat the rejected by: -log sigmoid(r_c - r_r - margin)."""
     center_coef: float = pydantic.Field(0.0, ge=0.0, allow_inf_nan=False)

@@ -135,11 +135,13 @@ class DPO(Objective):
     beta: float = 0.1
     kind: str = "sigmoid"
     label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0  # weight of the chosen completion's NLL per token
 
     @classmethod
     def from_config(cls, cfg: Config, vocab: Vocab) -> DPO:
         p = cfg.pref
-        return cls(width=cfg.train.seq_len + 1, beta=p.beta, kind=p.kind, label_smoothing=p.label_smoothing)
+        return cls(width=cfg.train.seq_len + 1, beta=p.beta, kind=p.kind, label_smoothing=p.label_smoothing,
+                   rpo_alpha=p.rpo_alpha)
 
     @staticmethod
     def row_width(cfg: Config) -> int:
@@ -159,13 +161,21 @@ class DPO(Objective):
     def add_reference(self, ref_out: ModelOutput, targets, weights) -> dict:
         return {**targets, "ref_logps": self.completion_logps(ref_out, targets["tokens"], weights)}
 
+    def chosen_nll(self, out: ModelOutput, targets_NT: jax.Array, weights_NT: jax.Array) -> jax.Array:
+        """[B] float32: the negative log-likelihood per scored token of each chosen completion."""
+        mean_N = losses.masked_sum(losses.token_logps(out.logits, targets_NT), weights_NT, axis=1) / jnp.maximum(
+            weights_NT.sum(axis=1), 1.0)
+        return -halves(mean_N)[0]
+
     def rewards(self, out: ModelOutput, targets, weights) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(per-pair loss [B], implicit chosen reward [B], implicit rejected reward [B])."""
+        """(per-pair loss [B] (with RPO's NLL term), implicit chosen reward [B], implicit rejected reward [B])."""
         policy_N = self.completion_logps(out, targets["tokens"], weights)
         policy_chosen_B, policy_rejected_B = halves(policy_N)
         ref_chosen_B, ref_rejected_B = halves(targets["ref_logps"])
         loss_B = losses.dpo(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, beta=self.beta,
                             label_smoothing=self.label_smoothing, kind=self.kind)
+        if self.rpo_alpha > 0:
+            loss_B = loss_B + self.rpo_alpha * self.chosen_nll(out, targets["tokens"], weights)
         return (loss_B, losses.dpo_implicit_rewards(policy_chosen_B, ref_chosen_B, self.beta),
                 losses.dpo_implicit_rewards(policy_rejected_B, ref_rejected_B, self.beta))
 

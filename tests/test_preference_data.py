@@ -176,7 +176,7 @@ def test_rows_of_a_file_split_by_line_and_cached(tmp_path, capsys):
 def test_preference_config_checks():
     with pytest.raises(UserError, match="data.format=preference reads JSONL records; it needs data.source=jsonl"):
         load_config("gpt_tiny", ["data.format=preference"])
-    with pytest.raises(UserError, match="preference trains a causal decoder"):
+    with pytest.raises(UserError, match="data.format=preference trains a decoder"):
         load_config("bert_small", ["data.format=preference", "data.source=jsonl:x.jsonl"])
     with pytest.raises(UserError, match="eval_exact_match"):
         load_config("gpt_tiny", ["data.format=preference", "data.source=jsonl:x.jsonl", "train.eval_exact_match=4"])

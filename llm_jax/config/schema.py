@@ -158,6 +158,8 @@ SYNTHETIC_TASKS = ("selective_copy", "induction")
 # (preference: pairs of completions, chosen and rejected, for the decoders' preference objectives.)
 FORMAT_OBJECTIVES = {"prompt_completion": "masked_causal", "chat": "masked_causal", "seq2seq": "seq2seq",
                      "classify": "classify", "preference": "dpo"}
+# Objectives of data.format=preference (pref.method): any decoder trains them.
+PREFERENCE_OBJECTIVES = ("dpo", "reward")
 SUPERVISED_FORMATS = tuple(FORMAT_OBJECTIVES)
 # The embedded instruction sets (data.source=instruct:NAME) and the data.format of their records.
 INSTRUCT_FORMATS = {"stdlib": "chat", "arith": "prompt_completion"}
@@ -277,6 +279,23 @@ class DataConfig(Section):
         return self
 
 
+class PrefConfig(Section):
+    method: Literal["dpo", "reward"] = "dpo"
+    """data.format=preference: train the policy by DPO (or a variant, pref.kind), or a reward model."""
+    beta: float = pydantic.Field(0.1, gt=0, allow_inf_nan=False)
+    """DPO: how strongly the policy is held to the reference (the implicit reward's scale; IPO: margin 1/(2 beta))."""
+    kind: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
+    """DPO loss: sigmoid (DPO), robust (rDPO), ipo (IPO, length-normalised log-probs), hinge (SLiC)."""
+    label_smoothing: float = pydantic.Field(0.0, ge=0.0, lt=0.5)
+    """DPO sigmoid, robust: assumed rate of flipped preference labels (conservative DPO, robust DPO)."""
+    rpo_alpha: float = pydantic.Field(0.0, ge=0.0, allow_inf_nan=False)
+    """DPO: adds rpo_alpha times the chosen completion's NLL per token (RPO, Pang et al. 2024; TRL's rpo_alpha)."""
+    margin: float = pydantic.Field(0.0, allow_inf_nan=False)
+    """Reward model: the margin the chosen reward must beat the rejected by: -log sigmoid(r_c - r_r - margin)."""
+    center_coef: float = pydantic.Field(0.0, ge=0.0, allow_inf_nan=False)
+    """Reward model: adds center_coef * mean((r_c + r_r)^2), keeping rewards centred on 0 (TRL: 0.01)."""
+
+
 class BenchConfig(Section):
     steps: int = pydantic.Field(20, ge=1)
     """Timed steps of `llm-jax bench`."""
@@ -305,6 +324,8 @@ class Config(Section):
     """Multi-process runs (placement itself comes from flags, environment or the cluster)."""
     bench: BenchConfig = BenchConfig()
     """`llm-jax bench` settings."""
+    pref: PrefConfig = PrefConfig()
+    """Learning from preference pairs (data.format=preference): DPO and its variants, reward models."""
 
     @model_validator(mode="after")
     def _check_objective(self) -> Config:
@@ -331,11 +352,9 @@ class Config(Section):
                 also = f" (or {either(sets)})" if sets else ""
                 raise ValueError(f"data.format={fmt} reads JSONL records; it needs data.source=jsonl:PATH{also}, "
                                  f"not {self.data.source!r}")
-            kind = FORMAT_OBJECTIVES[fmt]
-            if fmt == "preference":  # (its objectives, dpo and reward, score any causal decoder)
-                if spec.kind != "decoder":
-                    raise ValueError(f"data.format=preference trains a causal decoder (model.arch="
-                                     f"{either(archs_where(lambda s: s.kind == 'decoder'))}), not {arch}")
+            kind = self.objective
+            if kind in PREFERENCE_OBJECTIVES:
+                self._check_preference()
             elif kind not in spec.objectives:
                 raise ValueError(f"data.format={fmt} trains the {kind} objective: it needs model.arch="
                                  f"{either(archs_where(lambda s: kind in s.objectives))}, not {arch}")
@@ -361,6 +380,15 @@ class Config(Section):
             raise ValueError(f"model.arch={arch} trains on a data.task ({either(tasks)}) or on JSONL records "
                              f"(data.format={either(formats)})")
         return self
+
+    def _check_preference(self) -> None:
+        """Preference pairs train a decoder: DPO its LM head, a reward model its score head."""
+        spec = self.model.spec
+        if spec.kind != "decoder":
+            raise ValueError(f"data.format=preference trains a decoder (model.arch="
+                             f"{either(archs_where(lambda s: s.kind == 'decoder'))}), not {self.model.arch}")
+        if self.pref.method == "reward" and not self.model.score_head:
+            raise ValueError("pref.method=reward reads a reward from the model's score head: set model.score_head=true")
 
     def _check_packing(self) -> None:
         """train.packing keeps documents apart by segment ids, which only the causal decoders read;
@@ -398,8 +426,11 @@ class Config(Section):
         token), `mlm` (bert's masked LM), `span` (t5's span corruption), `seq2seq` (a task's
         target given its source, of a task or a seq2seq record), `classify` (a task's or a record's
         label) or `masked_causal` (next token, scored only where a synthetic task's answers or a
-        supervised example's completion are). data.format=auto counts as text until training
-        resolves it (`data.sft_rows.resolve_format`)."""
+        supervised example's completion are), `dpo` or `reward` (preference pairs, by
+        pref.method). data.format=auto counts as text until training resolves it
+        (`data.sft_rows.resolve_format`)."""
+        if self.data.format == "preference":
+            return "reward" if self.pref.method == "reward" else "dpo"
         if self.data.format in SUPERVISED_FORMATS:
             return FORMAT_OBJECTIVES[self.data.format]
         if self.data.task:

@@ -54,7 +54,7 @@ def bench(cfg: Config) -> dict:
     elapsed = time.perf_counter() - start
 
     steps_per_s = cfg.bench.steps / elapsed
-    tokens_per_s = steps_per_s * cfg.train.batch_size * cfg.train.seq_len
+    tokens_per_s = steps_per_s * cfg.train.batch_size * cfg.train.seq_len * setup.objective.sequences_per_row
     peak, peak_source = peak_flops_total()
     memory, memory_source = peak_memory_bytes()
     return {

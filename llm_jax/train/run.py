@@ -30,7 +30,7 @@ from llm_jax.train.exact_match import (
 )
 from llm_jax.train.objectives import tokenizer_objective
 from llm_jax.train.setup import TrainSetup, build_setup
-from llm_jax.train.state import init_state
+from llm_jax.train.state import init_state, start_reference
 from llm_jax.train.trainer import Evaluate, Hook, LogMetrics, Trainer
 
 # Fields of the data position that must match for a resumed run to see the same batches
@@ -56,12 +56,15 @@ def check_data_order(saved: dict, current: dict) -> None:
                         "); resuming would not replay the same batches. Use a new run.dir")
 
 
-def evaluate(setup: TrainSetup, params: dict, batches: list[jax.Array], bytes_per_token: float | None) -> dict:
+def evaluate(setup: TrainSetup, params: dict, batches: list[jax.Array], bytes_per_token: float | None,
+             ref_params: dict | None = None) -> dict:
     """Held-out loss per scored target, the share of targets the argmax predicts (next tokens,
-    masked tokens, task targets or labels), and bits per byte for next-token prediction."""
+    masked tokens, task targets or labels; preference pairs ranked right), and bits per byte for
+    next-token prediction. `ref_params`: the reference model of an objective that needs one."""
     total = count = hits = 0.0
+    reference = () if ref_params is None else (ref_params,)
     for batch in batches:
-        s, c, h = setup.eval_step(params, batch)
+        s, c, h = setup.eval_step(params, batch, *reference)
         total, count, hits = total + float(s), count + float(c), hits + float(h)
     result = {"eval_loss": total / count, "eval_accuracy": hits / count}
     if bytes_per_token is not None:
@@ -69,11 +72,13 @@ def evaluate(setup: TrainSetup, params: dict, batches: list[jax.Array], bytes_pe
     return result
 
 
-def evaluate_mixture(setup: TrainSetup, params: dict, sets: list[EvalSet], causal: bool) -> dict:
+def evaluate_mixture(setup: TrainSetup, params: dict, sets: list[EvalSet], causal: bool,
+                     ref_params: dict | None = None) -> dict:
     """The mixture's held-out numbers: each source's own (`eval_loss/<name>`, `eval_bpb/<name>`)
     and their weighted means, the loss per token of text drawn in the mixture's proportions;
     bits per byte = that loss / ln 2 / the mixture's bytes per token (the weighted mean)."""
-    per_source = {s.name: evaluate(setup, params, s.batches, s.bytes_per_token if causal else None) for s in sets}
+    per_source = {s.name: evaluate(setup, params, s.batches, s.bytes_per_token if causal else None, ref_params)
+                  for s in sets}
     result = {key: sum(s.weight * per_source[s.name][key] for s in sets) for key in ("eval_loss", "eval_accuracy")}
     if causal:
         bytes_per_token = sum(s.weight * s.bytes_per_token for s in sets)
@@ -187,6 +192,7 @@ def train(cfg: Config) -> dict:
                                                                   state["params"])
             writer.log(f"parameters from {cfg.checkpoint.init_from}"
                        + (f"; newly initialised: {', '.join(fresh)}" if fresh else ""))
+            state = start_reference(state, setup.shardings)  # the reference is the model training starts from
         start = 0
     if start >= cfg.train.steps:
         writer.log(f"run already at step {start} >= train.steps={cfg.train.steps}; raise train.steps to go on")
@@ -194,20 +200,22 @@ def train(cfg: Config) -> dict:
     # Bits per byte is a property of next-token prediction over the text; other objectives score
     # masked positions, spans or task targets, so only their loss per scored token is reported.
     bytes_per_token = bundle.val_bytes_per_token if cfg.objective == "causal" else None
+    # The train step never donates the reference (`step.ReferenceStep`): these arrays stay valid.
+    ref_params = state.get("ref_params")
     if bundle.mixture:
         sets = [EvalSet(s.name, s.weight, [setup.to_global(b) for b in s.batches], s.bytes_per_token)
                 for s in mixture_eval_sets(bundle.mixture, cfg.train.seq_len, cfg.train.batch_size,
                                            cfg.train.eval_batches, jax.process_index(), jax.process_count())]
 
         def held_out_eval(params: dict) -> dict:
-            return evaluate_mixture(setup, params, sets, cfg.objective == "causal")
+            return evaluate_mixture(setup, params, sets, cfg.objective == "causal", ref_params)
     else:
         held_out = [setup.to_global(b) for b in eval_batches(
             bundle.val_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches,
             jax.process_index(), jax.process_count())]
 
         def held_out_eval(params: dict) -> dict:
-            return evaluate(setup, params, held_out, bytes_per_token)
+            return evaluate(setup, params, held_out, bytes_per_token, ref_params)
     batches = BatchIterator(dataset, start, cfg.train.steps, cfg.data.prefetch, setup.to_global)
 
     exact_match = exact_match_evaluator(cfg, setup, bundle)
@@ -221,7 +229,8 @@ def train(cfg: Config) -> dict:
         writer.log(f"step {record['step']}: {describe_eval(record)}")
 
     peak, _ = peak_flops_total()
-    log = LogMetrics(cfg.train.log_every, cfg.train.steps, writer.write, cfg.train.batch_size * cfg.train.seq_len,
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len * setup.objective.sequences_per_row
+    log = LogMetrics(cfg.train.log_every, cfg.train.steps, writer.write, tokens_per_step,
                      setup.flops_per_token, peak, getattr(dataset, "shares", None))
     evals = Evaluate(cfg.train.eval_every, cfg.train.steps, evaluate_all, write_eval)
     save = SaveCheckpoints(ckpt, cfg, batches.get_state, writer.log)

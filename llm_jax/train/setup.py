@@ -49,13 +49,16 @@ def build_setup(cfg: Config, vocab_size: int, objective: Objective, mesh: Mesh |
     mdef = model_def(cfg, vocab_size, classes_of(cfg))
     tx = make_optimizer(cfg)
     schedule = make_schedule(cfg)
-    shardings = state_shardings(mesh, tx, mdef)
+    shardings = state_shardings(mesh, tx, mdef, reference=objective.needs_reference)
     warnings = [f"parameter left replicated by the mesh: {p}" for p in unsharded_large_params(mdef, mesh)]
+    flops_per_token = family_of(cfg.model.arch).flops_per_token(cfg, mdef.shapes)
+    if objective.needs_reference:  # the reference's forward pass: a third of the policy's forward + backward
+        flops_per_token *= 4 / 3
     return TrainSetup(
         cfg=cfg, mesh=mesh, mdef=mdef, vocab_size=vocab_size, tx=tx, schedule=schedule,
         shardings=shardings, objective=objective,
         train_step=make_train_step(cfg, mdef, tx, schedule, mesh, shardings, objective),
         eval_step=make_eval_step(mdef, mesh, shardings["params"], objective),
-        flops_per_token=family_of(cfg.model.arch).flops_per_token(cfg, mdef.shapes),
+        flops_per_token=flops_per_token,
         warnings=warnings,
     )

@@ -15,6 +15,7 @@ from llm_jax.models.definition import ModelDef
 from llm_jax.parallel.rules import activation_mesh, logical_to_spec
 from llm_jax.train.moe_losses import moe_metrics, moe_penalty, update_balance_bias
 from llm_jax.train.objectives import EVAL_STEP, Objective
+from llm_jax.train.objectives.base import Data
 from llm_jax.train.optim import clip_by_norm
 
 
@@ -23,13 +24,56 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", None)))
 
 
+def with_reference(mdef: ModelDef, objective: Objective, ref_params: dict | None, data: Data) -> Data:
+    """`data` with the frozen reference model's contribution folded into its targets
+    (`Objective.add_reference`): one forward pass without dropout or gradient; unchanged when
+    the objective has no reference."""
+    if ref_params is None:
+        return data
+    inputs, targets, weights = data
+    ref_out = mdef.merge(ref_params)(**inputs)
+    return inputs, jax.lax.stop_gradient(objective.add_reference(ref_out, targets, weights)), weights
+
+
+class ReferenceStep:
+    """The train step of an objective with a reference model: the jitted step takes the reference
+    parameters as an argument it does not donate (they never change), so the arrays of
+    state["ref_params"] stay valid for evaluation and checkpoints, and one copy lives on the mesh.
+    Called, lowered and compiled like the jitted step of the other objectives, with the state
+    whole; other attributes (as_text, cost_analysis) are the wrapped function's."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn  # fn(state without ref_params, batch, ref_params): jitted or compiled
+
+    @staticmethod
+    def _split(state: dict) -> tuple[dict, dict]:
+        return {k: v for k, v in state.items() if k != "ref_params"}, state["ref_params"]
+
+    def __call__(self, state: dict, batch: jax.Array) -> tuple[dict, dict]:
+        trained, ref = self._split(state)
+        trained, metrics = self.fn(trained, batch, ref)
+        return {**trained, "ref_params": ref}, metrics
+
+    def lower(self, state: dict, batch: jax.Array) -> ReferenceStep:
+        trained, ref = self._split(state)
+        return ReferenceStep(self.fn.lower(trained, batch, ref))
+
+    def compile(self) -> ReferenceStep:
+        return ReferenceStep(self.fn.compile())
+
+    def __getattr__(self, name: str):
+        return getattr(self.fn, name)
+
+
 def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: Mesh, shardings: dict,
                     objective: Objective) -> Callable:
     """step(state, batch) -> (state, metrics); the state is donated and updated in place.
 
     `objective` (`objectives.build_objective`) turns the batch into model inputs and targets;
-    its random draws (masks, spans) depend on (seed, step) only.
+    its random draws (masks, spans) depend on (seed, step) only. An objective that
+    `needs_reference` gets the reference model's output on each (micro)batch from the same jitted
+    step; its `metrics` are reported per scored target beside the loss.
     """
     accum = cfg.train.grad_accum
     moe = cfg.model.moe
@@ -37,21 +81,22 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
     use_key = cfg.model.dropout > 0 or (moe.enabled and moe.router_jitter > 0)
     base_key = jax.random.key(cfg.seed)
 
-    def grads_of(params, data, key, count, penalty_div):
+    def grads_of(params, ref_params, data, key, count, penalty_div):
+        inputs, targets, weights = with_reference(mdef, objective, ref_params, data)
+
         def loss_fn(p):
-            inputs, targets, weights = data
             out = mdef.merge(p)(**inputs, dropout_key=key)
             total, _ = objective.loss(out, targets, weights, train=True)
             loss = total / count
             moe_stats = out.aux.get("moe")
             if moe_stats is not None:
                 loss = loss + moe_penalty(moe_stats, moe.aux_loss_coef, moe.z_loss_coef) / penalty_div
-            return loss, (total, moe_stats)
+            return loss, (total, moe_stats, objective.metrics(out, targets, weights))
 
-        (_, (total, moe_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return total, grads, moe_stats
+        (_, (total, moe_stats, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return total, grads, moe_stats, sums
 
-    def step(state: dict, batch: jax.Array) -> tuple[dict, dict]:
+    def step(state: dict, batch: jax.Array, ref_params: dict | None = None) -> tuple[dict, dict]:
         with activation_mesh(mesh):
             # Dropout masks depend only on (seed, step): resumed runs draw the same ones.
             key = jax.random.fold_in(base_key, state["step"]) if use_key else None
@@ -63,7 +108,7 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
             # is divided by the global count, and their gradients are summed.
             count = jnp.maximum(objective.count(data[1], data[2]), 1.0)
             if accum == 1:
-                loss_sum, grads, moe_stats = grads_of(params, data, key, count, 1)
+                loss_sum, grads, moe_stats, sums = grads_of(params, ref_params, data, key, count, 1)
             else:
                 micro = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
                     a.reshape(accum, a.shape[0] // accum, *a.shape[1:]),
@@ -75,18 +120,20 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
                     micro_data, i = xs
                     k = jax.random.fold_in(key, i) if key is not None else None
                     # The MoE penalties are means over microbatches.
-                    loss_sum, grads, stats = grads_of(params, micro_data, k, count, accum)
-                    return (loss_acc + loss_sum, jax.tree.map(jnp.add, grad_acc, grads)), stats
+                    loss_sum, grads, stats, sums = grads_of(params, ref_params, micro_data, k, count, accum)
+                    return (loss_acc + loss_sum, jax.tree.map(jnp.add, grad_acc, grads)), (stats, sums)
 
-                (loss_sum, grads), micro_stats = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                                              (micro, jnp.arange(accum)))
+                (loss_sum, grads), (micro_stats, micro_sums) = jax.lax.scan(
+                    body, (jnp.zeros((), jnp.float32), zeros), (micro, jnp.arange(accum)))
                 moe_stats = jax.tree.map(lambda a: a.mean(0), micro_stats)
+                sums = jax.tree.map(lambda a: a.sum(0), micro_sums)
             loss = loss_sum / count
             grad_norm = optax.tree.norm(grads)  # before clipping, as logged by nanoGPT and Levanter
             grads = clip_by_norm(grads, grad_norm, cfg.optim.clip_norm)
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             params = optax.apply_updates(params, updates)
-            metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
+            metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+                       **{name: total / count for name, total in sums.items()}}
             if moe_stats is not None:
                 metrics.update(moe_metrics(moe_stats))
                 if moe.bias_update_rate > 0:
@@ -94,25 +141,33 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
             return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     replicated = NamedSharding(mesh, P())
-    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
-                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+    if not objective.needs_reference:
+        return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                       out_shardings=(shardings, replicated), donate_argnums=(0,))
+    trained = {k: v for k, v in shardings.items() if k != "ref_params"}
+    return ReferenceStep(jax.jit(step, in_shardings=(trained, batch_sharding(mesh), shardings["ref_params"]),
+                                 out_shardings=(trained, replicated), donate_argnums=(0,)))
 
 
 def make_eval_step(mdef: ModelDef, mesh: Mesh, param_shardings: dict, objective: Objective) -> Callable:
     """eval(params, batch) -> (summed loss, count of scored targets, count of those the argmax
-    gets right), float32 scalars.
+    gets right), float32 scalars; an objective that `needs_reference` takes the reference
+    parameters too: eval(params, batch, ref_params).
 
     Plain cross entropy (no label smoothing). Objectives with random draws (mlm, span) use those
     of one fixed step (`objectives.EVAL_STEP`), the same at every evaluation.
     """
 
-    def evaluate(params: dict, batch: jax.Array):
+    def evaluate(params: dict, batch: jax.Array, ref_params: dict | None = None):
         with activation_mesh(mesh):
-            inputs, targets, weights = objective.data(batch, EVAL_STEP)
+            data = objective.data(batch, EVAL_STEP)
+            inputs, targets, weights = with_reference(mdef, objective, ref_params, data)
             out = mdef.merge(params)(**inputs)
             total, count = objective.loss(out, targets, weights, train=False)
             return total, count, objective.hits(out, targets, weights)
 
     replicated = NamedSharding(mesh, P())
-    return jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh)),
-                   out_shardings=(replicated, replicated, replicated))
+    in_shardings = (param_shardings, batch_sharding(mesh))
+    if objective.needs_reference:
+        in_shardings += (param_shardings,)
+    return jax.jit(evaluate, in_shardings=in_shardings, out_shardings=(replicated, replicated, replicated))

@@ -7,6 +7,8 @@
     span           span corruption (t5 pretraining)               objectives/span.py
     seq2seq        a task's target given its source               objectives/tasks.py
     classify       a task's label from the classifier head        objectives/tasks.py
+    reward         a reward model on preference pairs             objectives/preference.py
+    dpo            DPO and its variants on preference pairs       objectives/preference.py
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from llm_jax.config import Config
-from llm_jax.train.objectives import causal, masked_lm, span, tasks  # noqa: F401  (each registers its objectives)
+from llm_jax.train.objectives import causal, masked_lm, preference, span, tasks  # noqa: F401  (each registers its objectives)
 from llm_jax.train.objectives.base import (
     EVAL_STEP,
     OBJECTIVES,

@@ -6,6 +6,12 @@ argmax gets right. Heads other than the LM head (next-sentence, class labels) ar
 output's `aux`, by the objective that owns them. Random draws (masks, spans) come from a key that
 depends only on (seed, step), so a resumed run and any mesh see the same ones; evaluation uses the
 fixed step EVAL_STEP, so every evaluation scores the same corruption.
+
+An objective may declare `needs_reference`: the train state then also holds `ref_params`, a
+frozen copy of the parameters at step 0, and the steps run that reference model on the same
+inputs (no gradient, no dropout) and hand its output to `add_reference`, which folds what the
+loss needs of it (per-sequence log-probabilities, say) into the targets. An objective may also
+report `metrics`: sums over the batch that the train step divides by the count of scored targets.
 """
 
 from __future__ import annotations
@@ -93,6 +99,12 @@ class Objective(ABC):
     """What the train and eval steps need: rows -> (inputs, targets, weights), and the scores."""
 
     name: ClassVar[str]
+    # True: the steps run a frozen reference model (the parameters at step 0) and pass its
+    # output through `add_reference` before the loss (DPO).
+    needs_reference: ClassVar[bool] = False
+    # Sequences of train.seq_len tokens the model reads per batch row (2: a preference pair),
+    # for tokens/s and MFU.
+    sequences_per_row: ClassVar[int] = 1
 
     @classmethod
     @abstractmethod
@@ -120,6 +132,16 @@ class Objective(ABC):
     @abstractmethod
     def count(self, targets: Any, weights: Any) -> jax.Array:
         """How many targets the loss scores (float32); the train step divides by it."""
+
+    def add_reference(self, ref_out: ModelOutput, targets: Any, weights: Any) -> Any:
+        """`needs_reference` objectives: the targets with what the loss needs of the reference
+        model's output on the same inputs (the steps wrap it in stop_gradient)."""
+        raise NotImplementedError(f"objective {self.name} does not use a reference model")
+
+    def metrics(self, out: ModelOutput, targets: Any, weights: Any) -> dict[str, jax.Array]:
+        """Further training metrics by name, each summed over the batch's scored targets (the
+        train step reports sum / count, like the loss); none by default."""
+        return {}
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from pathlib import Path
 import absl.logging
 import jax
 
+from llm_jax.alignment.best_of_n import best_of_n, format_curve, read_prompts, write_best
+from llm_jax.alignment.rewards import VERIFIER_PROMPTS, scorer_of
 from llm_jax.alignment.run import rl_train
 from llm_jax.config import key_docs, load_config
 from llm_jax.data.build import describe_prepared, prepare_data
@@ -40,6 +42,7 @@ USAGE_EXAMPLES = """examples:
   llm-jax train gpt_tiny train.steps=50 run.dir=runs/try
   llm-jax generate runs/try --prompt "def " --max-new-tokens 100
   llm-jax generate runs/sft --chat --prompt "What is 2+2?"   # the answer of a chat-tuned run
+  llm-jax best-of-n runs/sft_arith --reward arith --n 1,4,16   # reward of the best of N samples
   llm-jax bench gpt_small train.batch_size=8
   llm-jax prepare gpt_small --workers 4        # tokenise the corpus into the cache ahead of training
   llm-jax prepare gpt_small --engine beam --runner DataflowRunner -- --project=P --region=R
@@ -95,6 +98,23 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true",
                    help="each prompt is a user message: render it with the run's chat template and the assistant's "
                         "header, stop at the end of the turn, print only the answer (decoders)")
+
+    n = sub.add_parser("best-of-n", help="sample N completions per prompt and keep the one a reward model or "
+                                         "a verifier scores best; prints the reward against N")
+    n.add_argument("run_dir", help="the policy: a run directory or a Hugging Face checkpoint")
+    n.add_argument("--reward", required=True, metavar="R", help="rm:RUN_DIR (a reward model run) or a verifier: "
+                                                                "arith (docs/alignment.md)")
+    n.add_argument("--n", default="1,4,16", metavar="N[,N...]",
+                   help="samples per prompt; several report each (best of the first N of one draw; default 1,4,16)")
+    n.add_argument("--prompts", metavar="FILE", help="one prompt per line, or JSONL with a prompt field "
+                                                     "(default: the verifier's validation prompts)")
+    n.add_argument("--count", type=int, default=100, help="prompts to use (default 100)")
+    n.add_argument("--max-new-tokens", type=int, default=32)
+    n.add_argument("--temperature", type=float, default=1.0)
+    n.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--out", metavar="FILE", help="write each prompt's best completion as JSONL (a new file)")
+    n.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     families = ", ".join(a.hf_class for a in adapters())
     i = sub.add_parser("import-hf", help=f"turn a Hugging Face checkpoint ({families}) into a new run directory")
@@ -203,6 +223,34 @@ def _cmd_generate(args) -> None:
             print("---")
 
 
+def _cmd_best_of_n(args) -> None:
+    try:
+        ks = sorted({int(k) for k in args.n.split(",")})
+    except ValueError:
+        raise UserError(f"--n takes sample counts such as 1,4,16, not {args.n!r}") from None
+    if ks[0] < 1 or args.count < 1 or args.max_new_tokens < 1:
+        raise UserError("--n, --count and --max-new-tokens must be at least 1")
+    if args.out and Path(args.out).exists():
+        raise UserError(f"{args.out} exists; choose a new --out file (it is never overwritten)")
+    scorer = scorer_of(args.reward)
+    if args.prompts:
+        prompts = read_prompts(args.prompts, args.count)
+    elif args.reward in VERIFIER_PROMPTS:
+        prompts = VERIFIER_PROMPTS[args.reward](args.count)
+    else:
+        raise UserError(f"--reward {args.reward} brings no prompts of its own; give --prompts FILE")
+    result = best_of_n(load(args.run_dir), prompts, ks[-1], scorer, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.out:
+        write_best(result, args.out)
+    if args.json:
+        print(json.dumps({"prompts": len(prompts), "reward": args.reward,
+                          "curve": [{"n": k, "mean_reward": result.mean_best(k),
+                                     "share_solved": result.share_at_least(k, 1.0)} for k in ks]}))
+    else:
+        print(format_curve(result, ks, args.reward))
+
+
 def _cmd_import_hf(args) -> None:
 
     kind = import_hf(args.hf_dir, args.run_dir)
@@ -247,6 +295,7 @@ def _cmd_fit(args) -> None:
 
 
 COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "prepare": _cmd_prepare, "generate": _cmd_generate,
+            "best-of-n": _cmd_best_of_n,
             "import-hf": _cmd_import_hf, "export-hf": _cmd_export_hf, "sweep": _cmd_sweep, "keys": _cmd_keys,
             "fit": _cmd_fit}
 

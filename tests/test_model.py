@@ -70,3 +70,31 @@ def test_sinusoidal_table_follows_the_formula(length, dim):
     assert got.shape == (length, dim) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
     np.testing.assert_array_equal(np.asarray(got[0]), np.arange(dim) % 2)  # sin 0 = 0, cos 0 = 1
+
+
+@pytest.mark.parametrize("arch", ["gpt", "mamba", "lstm"])
+def test_score_head_gives_a_scalar_per_position_that_starts_at_zero_and_trains(arch):
+    from flax import nnx
+
+    from llm_jax.models.base import build_model
+
+    cfg = load_config("gpt_tiny", [f"model.arch={arch}", "model.score_head=true", "model.num_layers=1",
+                                   "model.d_model=16", "model.num_heads=2"])
+    model = build_model(cfg, 32, nnx.Rngs(0))
+    tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+    out = model(tokens)
+    assert out.aux["score"].shape == (2, 6) and out.aux["score"].dtype == jnp.float32
+    np.testing.assert_array_equal(out.aux["score"], 0.0)  # zero-initialised: every text scores alike
+    graphdef, params = nnx.split(model)
+    grads = jax.grad(lambda p: nnx.merge(graphdef, p)(tokens).aux["score"][:, -1].sum())(params)
+    assert float(jnp.abs(grads["score_head"]["kernel"][...]).sum()) > 0
+    plain = build_model(load_config("gpt_tiny", [f"model.arch={arch}", "model.num_layers=1", "model.d_model=16",
+                                                 "model.num_heads=2"]), 32, nnx.Rngs(0))
+    assert "score" not in plain(tokens).aux
+
+
+def test_score_head_is_refused_on_an_encoder():
+    from llm_jax.errors import UserError
+
+    with pytest.raises((UserError, ValueError), match="model.score_head is a decoder's scalar head"):
+        load_config("bert_small", ["model.score_head=true"])

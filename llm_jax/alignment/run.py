@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from llm_jax.alignment.rewards import prompt_set
+from llm_jax.alignment.prompts import prompt_set
 from llm_jax.alignment.setup import RLSetup, build_rl_setup
 from llm_jax.config import Config, read_run_config
 from llm_jax.data import load_tokenizer
@@ -85,7 +85,7 @@ def rl_train(cfg: Config, mesh=None) -> dict:
     mesh = mesh if mesh is not None else make_mesh(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer(cfg, run_dir)
-    prompts = prompt_set(cfg, mesh)
+    prompts = prompt_set(cfg)
     setup = build_rl_setup(cfg, mesh, tokenizer, prompts, model_vocab_size(cfg, tokenizer.vocab_size))
     write_run_config(cfg, run_dir)
     barrier("run_dir")

@@ -14,7 +14,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llm_jax.alignment.rewards import PromptSet
+from llm_jax.alignment.prompts import PromptSet
 from llm_jax.alignment.rollout import (
     completion_ids,
     left_pad,

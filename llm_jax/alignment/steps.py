@@ -30,11 +30,6 @@ from llm_jax.parallel.rules import activation_mesh
 from llm_jax.train.optim import clip_by_norm
 
 
-def entropy(logits_BNV: jax.Array) -> jax.Array:
-    logp_BNV = jax.nn.log_softmax(logits_BNV, axis=-1)
-    return -(jnp.exp(logp_BNV) * logp_BNV).sum(-1)
-
-
 def adapt_kl_coef(kl_coef: jax.Array, kl: jax.Array, batch: int, target: float, horizon: int) -> jax.Array:
     """Ziegler et al.'s proportional controller: move the coefficient by at most 20% of batch/horizon."""
     error = jnp.clip(kl / target - 1.0, -0.2, 0.2)
@@ -70,12 +65,11 @@ def make_experience(cfg: Config, mdef: ModelDef, mesh: Mesh, prompt_width: int) 
                 exp.update(values_BN=values_BN, returns_BN=returns_BN)
             else:
                 seq_B = scores_B if rl.method == "grpo" else scores_B - kl_coef * penalty_BN.sum(1)
-                adv_B = losses.group_advantages(seq_B.reshape(-1, G), kind=rl.method,
-                                                scale=rl.whiten if rl.method == "grpo" else False).reshape(-1)
+                adv_B = losses.group_advantages(seq_B.reshape(-1, G), kind=rl.method, scale=rl.whiten).reshape(-1)
                 adv_BN = adv_B[:, None] * jnp.ones_like(mask_BN)
             exp["adv_BN"] = adv_BN * mask_BN
             metrics = {"reward": scores_B.mean(), "kl": kl_B.mean(),
-                       "entropy": losses.masked_mean(entropy(logits_BNV), mask_BN),
+                       "entropy": losses.masked_mean(losses.token_entropy(logits_BNV), mask_BN),
                        "response_len": mask_BN.sum(1).mean()}
             return exp, metrics
 

@@ -124,6 +124,8 @@ class ModelConfig(Section):
     """Dropout rate on embeddings, attention output and MLP output (training only)."""
     tie_embeddings: bool = True
     """Share the token embedding with the output layer."""
+    score_head: bool = False
+    """Decoders: a scalar head on the final hidden state, aux["score"] [B, T] (reward model, PPO value)."""
     init_std: float = 0.02
     """Standard deviation of the normal initialiser; residual projections scaled by 1/sqrt(2L)."""
     scan_layers: bool = False

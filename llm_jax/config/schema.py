@@ -360,6 +360,9 @@ class Config(Section):
         arch, task = self.model.arch, self.data.task
         spec = self.model.spec
         fmt = self.data.format
+        if self.model.score_head and spec.kind != "decoder":
+            raise ValueError(f"model.score_head is a decoder's scalar head (reward model, value); model.arch={arch} "
+                             f"is a {spec.kind}")
         if self.data.labels and fmt not in ("classify", "auto"):  # (auto: `resolve_format` checks it again)
             raise ValueError(f"data.labels names the classes of data.format=classify, not of data.format={fmt}")
         if len(set(map(repr, self.data.labels))) < len(self.data.labels):

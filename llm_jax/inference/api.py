@@ -40,6 +40,19 @@ def _forward(graphdef: Any, params: Any, inputs: dict[str, jax.Array]) -> jax.Ar
     return out.logits if out.logits is not None else out.aux["class_logits"]
 
 
+@partial(jax.jit, static_argnames=("graphdef",))
+def _last_scores(graphdef: Any, params: Any, tokens_BT: jax.Array, last_B: jax.Array) -> jax.Array:
+    """The score head's value [B] at position last_B[b] of each row."""
+    score_BT = nnx.merge(graphdef, params)(tokens_BT).aux["score"]
+    return jax.numpy.take_along_axis(score_BT, last_B[:, None], axis=1)[:, 0]
+
+
+# Rows are padded to a multiple of this many tokens, and batches filled to SCORE_BATCH rows, so
+# scoring texts of many lengths compiles a few programs, not one per length.
+SCORE_BUCKET = 32
+SCORE_BATCH = 32
+
+
 class Model:
     """A trained (or freshly built) model with its config and tokenizer, ready for inference."""
 
@@ -188,6 +201,44 @@ class Model:
         if kind == "text":
             out = [tok.decode(o) for o in out]
         return out[0] if single else out
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[Prompt]) -> np.ndarray:
+        """A reward model's scores [N] (float32) of completions of prompts: the score head
+        (`model.score_head`) at the EOS that ends prompt + completion, where it was trained
+        (`pref.method=reward`). Text or token ids, like `generate`."""
+        if not self._cfg.model.score_head:
+            raise UserError(f"{self.run_dir or 'this model'} has no score head: a reward model is trained with "
+                            "data.format=preference pref.method=reward (model.score_head=true)")
+        if len(prompts) != len(completions):
+            raise UserError(f"{len(prompts)} prompts but {len(completions)} completions")
+        tok = self._tokenizer
+        if tok is None:
+            raise UserError("this model has no tokenizer, and its scores are of texts ending with its EOS")
+        rows = [self._token_ids(p) + self._token_ids(c) + [tok.eos_id] for p, c in zip(prompts, completions)]
+        limit = bounded_length(self._cfg)
+        for i, row in enumerate(rows):
+            if limit is not None and len(row) > limit:
+                raise UserError(f"prompt + completion {i} has {len(row)} tokens, more than the model's "
+                                f"max_seq_len={self._cfg.max_seq_len}")
+        scores = []
+        for start in range(0, len(rows), SCORE_BATCH):
+            chunk = rows[start:start + SCORE_BATCH]
+            width = -(-max(len(r) for r in chunk) // SCORE_BUCKET) * SCORE_BUCKET
+            if limit is not None:
+                width = min(width, limit)
+            tokens_BT = np.full((SCORE_BATCH, width), tok.eos_id, np.int32)  # right padding: causal, unseen
+            last_B = np.zeros(SCORE_BATCH, np.int32)
+            for b, row in enumerate(chunk):
+                tokens_BT[b, :len(row)] = row
+                last_B[b] = len(row) - 1
+            out = _last_scores(self._mdef.graphdef, self._params, tokens_BT, last_B)
+            scores.append(np.asarray(out)[:len(chunk)])
+        return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+    def _token_ids(self, text_or_ids: Prompt) -> list[int]:
+        if isinstance(text_or_ids, str):
+            return self._tokenizer.encode(text_or_ids)
+        return [int(t) for t in text_or_ids]
 
     def _chat_prompts(self, prompts: Any) -> tuple[bool, list[list[int]]]:
         """(was one conversation, the token ids of each conversation's generation prompt)."""

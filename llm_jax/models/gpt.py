@@ -25,12 +25,13 @@ from llm_jax.models.stack import (
     decoder_flops_per_token,
     feed_forward,
     group_cache,
+    head_outputs,
     keep_settings,
     layer_unit,
     moe_aux,
     output_layer,
-    output_logits,
     run_layers,
+    score_layer,
     stack_layers,
     ungroup_cache,
 )
@@ -83,6 +84,7 @@ class GPT(nnx.Module):
         self.blocks = stack_layers(cfg.num_layers // self.group, layer_unit(cfg, Block))(rngs)
         self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
         self.head = output_layer(cfg, dims.vocab_size, rngs)
+        self.score_head = score_layer(cfg, rngs)
 
     def init_cache(self, batch: int, slots: int, dtype) -> dict:
         """An empty KV cache: k and v of shape [layers, batch, slots, kv_heads, head_dim]."""
@@ -115,9 +117,8 @@ class GPT(nnx.Module):
         x_BTD, (new_cache, moe_stats) = self._run_blocks(x_BTD, rope, mask_BTS, group_cache(cache, self.group),
                                                          cache_index, dropout_key, segment_ids_BT)
         new_cache = ungroup_cache(new_cache, self.group)
-        logits_BTV = constrain(output_logits(self.embed, self.head, self.final_norm(x_BTD), dtype),
-                               ("batch", "length", "vocab"))
-        return ModelOutput(logits_BTV, new_cache, moe_aux(moe_stats))
+        logits_BTV, aux = head_outputs(self, self.final_norm(x_BTD), dtype, moe_aux(moe_stats))
+        return ModelOutput(constrain(logits_BTV, ("batch", "length", "vocab")), new_cache, aux)
 
     def _run_blocks(self, x_BTD, rope, mask_BTS, cache, cache_index, dropout_key, segment_ids_BT):
         kernel, block = self.attention_kernel, self.attention_block

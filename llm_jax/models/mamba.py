@@ -34,12 +34,13 @@ from llm_jax.models.recurrent import real_tokens, segment_starts
 from llm_jax.models.ssm import selective_scan
 from llm_jax.models.stack import (
     attention_flops,
+    head_outputs,
     keep_settings,
     matmul_params,
     moe_aux,
     output_layer,
-    output_logits,
     run_layers,
+    score_layer,
     stack_layers,
 )
 from llm_jax.parallel.rules import constrain
@@ -230,6 +231,7 @@ class MambaLM(nnx.Module):
         self.blocks = stack_layers(self.num_groups, lambda r: PatternGroup(cfg, rngs=r))(rngs)
         self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
         self.head = output_layer(cfg, vocab_size, rngs)
+        self.score_head = score_layer(cfg, rngs)
 
     def init_cache(self, batch: int, slots: int, dtype) -> dict:
         """The start state for generation: per sublayer, stacked over groups."""
@@ -269,11 +271,10 @@ class MambaLM(nnx.Module):
             return x, (new_cache, stats)
 
         x_BTD, (new_cache, stats) = run_layers(self, call, x_BTD, cache, dropout_key)
-        logits_BTV = output_logits(self.embed, self.head, self.final_norm(x_BTD).astype(dtype), dtype)
-        logits_BTV = constrain(logits_BTV, ("batch", "length", "vocab"))
         if stats is not None:  # [groups, moe per group, ...] -> [moe sublayers, ...]
             stats = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stats)
-        return ModelOutput(logits_BTV, new_cache, moe_aux(stats))
+        logits_BTV, aux = head_outputs(self, self.final_norm(x_BTD).astype(dtype), dtype, moe_aux(stats))
+        return ModelOutput(constrain(logits_BTV, ("batch", "length", "vocab")), new_cache, aux)
 
 
 def check_pattern(model: ModelConfig) -> None:

@@ -28,7 +28,7 @@ from llm_jax.config.families import ArchSpec
 from llm_jax.models.base import Dims, Family, ModelOutput, register
 from llm_jax.models.decoding import CausalDecoding
 from llm_jax.models.layers import Dense, Embed, Norm, dropout
-from llm_jax.models.stack import matmul_params, output_layer, output_logits, stack_layers, unstack
+from llm_jax.models.stack import head_outputs, matmul_params, output_layer, score_layer, stack_layers, unstack
 from llm_jax.parallel.rules import constrain
 
 # Gate blocks per cell, in PyTorch's order: lstm (input, forget, cell, output), gru (reset,
@@ -179,6 +179,7 @@ class RecurrentLM(nnx.Module):
         self.layers = stack_layers(cfg.num_layers, lambda layer_rngs: RecurrentLayer(cfg, rngs=layer_rngs))(rngs)
         self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, rngs=rngs)
         self.head = output_layer(cfg, vocab_size, rngs)
+        self.score_head = score_layer(cfg, rngs)
 
     def init_cache(self, batch: int, slots: int, dtype) -> dict:
         """The zero start state: no length axis (`slots` is unused), always float32."""
@@ -221,10 +222,10 @@ class RecurrentLM(nnx.Module):
             x_BTD, s = layer(x_BTD, states[i], valid_BT, keys[i] if keys is not None else None, reset_BT)
             new_states.append(s)
 
-        logits_BTV = output_logits(self.embed, self.head, self.final_norm(x_BTD), dtype)
+        logits_BTV, aux = head_outputs(self, self.final_norm(x_BTD), dtype, {})
         logits_BTV = constrain(logits_BTV, ("batch", "length", "vocab"))
         new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_states)
-        return ModelOutput(logits_BTV, new_cache, {})
+        return ModelOutput(logits_BTV, new_cache, aux)
 
 
 def recurrent_flops_per_token(cfg: Config, shapes: dict) -> float:

@@ -45,6 +45,25 @@ def output_layer(cfg, vocab_size: int, rngs: nnx.Rngs) -> Dense | None:
     return Dense((cfg.d_model,), (vocab_size,), ("embed", "vocab"), rngs=rngs, std=cfg.init_std, use_bias=False)
 
 
+def score_layer(cfg: ModelConfig, rngs: nnx.Rngs) -> Dense | None:
+    """`model.score_head`: a scalar per position [D, 1] read from the final-normed hidden state
+    (a reward model's score, PPO's value), or None. Zero-initialised, as Hugging Face's reward
+    and value heads start near zero, so a fresh head scores every text alike."""
+    if not cfg.score_head:
+        return None
+    return Dense((cfg.d_model,), (1,), ("embed", None), rngs=rngs, std=0.0, use_bias=True,
+                 init=nnx.initializers.zeros)
+
+
+def head_outputs(model: nnx.Module, h_BTD: jax.Array, dtype, aux: dict) -> tuple[jax.Array, dict]:
+    """(logits [B, T, V] float32, `aux` plus `score` [B, T] float32 when the model has a score
+    head) from the final-normed hidden state `h_BTD`: every decoder family's outputs."""
+    logits_BTV = output_logits(model.embed, model.head, h_BTD, dtype)
+    if getattr(model, "score_head", None) is not None:
+        aux = {**aux, "score": model.score_head(h_BTD, dtype, out_dtype=jnp.float32)[..., 0].astype(jnp.float32)}
+    return logits_BTV, aux
+
+
 def output_logits(embed: Embed, head: Dense | None, x_BTD: jax.Array, dtype) -> jax.Array:
     """Logits [B, T, V] in float32 through the tied embedding or the output matrix."""
     if head is None:

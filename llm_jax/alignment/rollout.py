@@ -20,15 +20,16 @@ from jax.sharding import Mesh, NamedSharding
 
 from llm_jax.inference.generate import _generate_jit
 from llm_jax.models.base import ModelOutput
-from llm_jax.models.decoding import PROMPT_BUCKET, CausalDecoding
+from llm_jax.models.decoding import CausalDecoding
 from llm_jax.models.definition import ModelDef
 from llm_jax.parallel.distributed import is_multiprocess
 from llm_jax.parallel.rules import activation_mesh, logical_to_spec
 
 
 def prompt_width(rows: Sequence[Sequence[int]]) -> int:
-    """P: the longest prompt rounded up to the sampler's bucket."""
-    return -(-max(len(r) for r in rows) // PROMPT_BUCKET) * PROMPT_BUCKET
+    """P: the longest prompt. Fixed for the whole run (so nothing recompiles), and not rounded up
+    as the sampler's own padding is: a learned position table holds prompt + completion exactly."""
+    return max(len(r) for r in rows)
 
 
 def step_prompts(n_prompts: int, per_step: int, group: int, seed: int, step: int) -> np.ndarray:

@@ -66,6 +66,8 @@ def make_experience(cfg: Config, mdef: ModelDef, mesh: Mesh, prompt_width: int) 
             else:
                 seq_B = scores_B if rl.method == "grpo" else scores_B - kl_coef * penalty_BN.sum(1)
                 adv_B = losses.group_advantages(seq_B.reshape(-1, G), kind=rl.method, scale=rl.whiten).reshape(-1)
+                if rl.method == "rloo" and rl.whiten:  # TRL's normalize_advantage: over the whole batch
+                    adv_B = losses.whiten(adv_B, jnp.ones_like(adv_B))
                 adv_BN = adv_B[:, None] * jnp.ones_like(mask_BN)
             exp["adv_BN"] = adv_BN * mask_BN
             metrics = {"reward": scores_B.mean(), "kl": kl_B.mean(),

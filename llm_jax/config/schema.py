@@ -317,7 +317,7 @@ class RLConfig(Section):
     minibatches: int = pydantic.Field(1, ge=1)
     """Minibatches per pass; one optimiser update each."""
     whiten: bool = True
-    """ppo: whiten advantages over the batch; grpo: divide group advantages by the group's std."""
+    """Normalise advantages: ppo, rloo over the batch (mean 0, std 1); grpo by each group's std."""
     eval_prompts: int = pydantic.Field(0, ge=0)
     """At each evaluation, the mean reward of greedy completions of this many held-out prompts (0: off)."""
 

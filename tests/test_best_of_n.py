@@ -99,3 +99,35 @@ def test_best_of_n_command_reports_the_curve_and_never_overwrites(tmp_path, caps
         assert "give --prompts FILE" in capsys.readouterr().err
     finally:
         del rewards.VERIFIERS["digits"]
+
+
+def test_logprobs_sum_the_completion_tokens_whatever_the_padding():
+    model = _model(score_head=False)
+    tok = model.tokenizer
+    prompts, completions = ["12+3=", "a longer prompt: "], ["15", "abc" + chr(0)]
+    got = model.logprobs(prompts, [tok.encode(c) for c in completions])
+    for p, c, g in zip(prompts, completions, got):
+        ids = tok.encode(p) + tok.encode(c)
+        logits = np.asarray(model.logits(ids))[0]
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        want = sum(float(logp[t - 1, ids[t]]) for t in range(len(tok.encode(p)), len(ids)))
+        assert g == pytest.approx(want, rel=1e-4)
+    assert model.logprobs(prompts[:1], completions[:1])[0] == pytest.approx(got[0], rel=1e-5)
+    with pytest.raises(UserError, match="non-empty prompt"):
+        model.logprobs([""], ["x"])
+
+
+def test_evaluate_policy_reports_zero_kl_to_itself_and_the_scorer_mean():
+    from llm_jax.alignment.evaluate import evaluate_policy
+
+    model = _model(score_head=False)
+
+    def length(prompts, completions):
+        return np.array([min(len(c), 4) / 4 for c in completions], np.float32)
+
+    ev = evaluate_policy(model, model, ["1+1=", "2+2="], length, samples=2, max_new_tokens=4, seed=0)
+    assert ev["kl"] == 0.0
+    assert 0.0 <= ev["reward"] <= 1.0 and ev["response_len"] <= 4
+    moved = jax.tree.map(lambda a: a * 1.5, model.params)  # another policy of the same shape
+    other = Model.from_params(model.config, moved, tokenizer=model.tokenizer)
+    assert evaluate_policy(other, model, ["1+1="], length, samples=4, max_new_tokens=4)["kl"] != 0.0

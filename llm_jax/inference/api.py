@@ -23,6 +23,7 @@ from llm_jax.errors import UserError
 from llm_jax.inference.generate import generate
 from llm_jax.interop.convert import read_hf_model
 from llm_jax.interop.files import TOKENIZER_FILE, is_hf_dir
+from llm_jax.losses import token_logps
 from llm_jax.models.base import family_of
 from llm_jax.models.decoding import bounded_length
 from llm_jax.models.definition import ModelDef, model_def, param_shardings
@@ -45,6 +46,16 @@ def _last_scores(graphdef: Any, params: Any, tokens_BT: jax.Array, last_B: jax.A
     """The score head's value [B] at position last_B[b] of each row."""
     score_BT = nnx.merge(graphdef, params)(tokens_BT).aux["score"]
     return jax.numpy.take_along_axis(score_BT, last_B[:, None], axis=1)[:, 0]
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _span_logps(graphdef: Any, params: Any, tokens_BT: jax.Array, starts_B: jax.Array, ends_B: jax.Array) -> jax.Array:
+    """Sum of log p(tokens[b, t] | tokens[b, <t]) over starts_B[b] <= t < ends_B[b] [B]."""
+    logits_BTV = nnx.merge(graphdef, params)(tokens_BT).logits[:, :-1]
+    logp_BT = token_logps(logits_BTV, tokens_BT[:, 1:])
+    t_T = jax.numpy.arange(1, tokens_BT.shape[1])
+    span_BT = (t_T >= starts_B[:, None]) & (t_T < ends_B[:, None])
+    return (logp_BT * span_BT).sum(-1)
 
 
 # Rows are padded to a multiple of this many tokens, and batches filled to SCORE_BATCH rows, so
@@ -209,31 +220,53 @@ class Model:
         if not self._cfg.model.score_head:
             raise UserError(f"{self.run_dir or 'this model'} has no score head: a reward model is trained with "
                             "data.format=preference pref.method=reward (model.score_head=true)")
+        if self._tokenizer is None:
+            raise UserError("this model has no tokenizer, and its scores are of texts ending with its EOS")
+        eos = [self._tokenizer.eos_id]
+        rows = [(self._token_ids(p), self._token_ids(c) + eos) for p, c in self._pairs(prompts, completions)]
+        return self._batched(rows, lambda tokens_BT, ends_B, _: _last_scores(self._mdef.graphdef, self._params,
+                                                                              tokens_BT, ends_B - 1))
+
+    def logprobs(self, prompts: Sequence[Prompt], completions: Sequence[Prompt]) -> np.ndarray:
+        """log p(completion | prompt) [N] (float32, summed over the completion's tokens) under this
+        decoder. Text or token ids; append the EOS id to a completion to count its ending too."""
+        if self._cfg.model.spec.kind != "decoder":
+            raise UserError(f"logprobs scores continuations; model.arch={self._cfg.model.arch} is not a decoder")
+        rows = [(self._token_ids(p), self._token_ids(c)) for p, c in self._pairs(prompts, completions)]
+        if any(not p for p, _ in rows):
+            raise UserError("logprobs needs a non-empty prompt (the first completion token is predicted from it)")
+        return self._batched(rows, lambda tokens_BT, ends_B, starts_B: _span_logps(
+            self._mdef.graphdef, self._params, tokens_BT, starts_B, ends_B))
+
+    @staticmethod
+    def _pairs(prompts: Sequence[Prompt], completions: Sequence[Prompt]) -> list[tuple[Prompt, Prompt]]:
+        if isinstance(prompts, str) or isinstance(completions, str):
+            raise UserError("give lists of prompts and completions (one text is a list of one)")
         if len(prompts) != len(completions):
             raise UserError(f"{len(prompts)} prompts but {len(completions)} completions")
-        tok = self._tokenizer
-        if tok is None:
-            raise UserError("this model has no tokenizer, and its scores are of texts ending with its EOS")
-        rows = [self._token_ids(p) + self._token_ids(c) + [tok.eos_id] for p, c in zip(prompts, completions)]
+        return list(zip(prompts, completions))
+
+    def _batched(self, rows: list[tuple[list[int], list[int]]], run) -> np.ndarray:
+        """`run(tokens_BT, ends_B, starts_B)` over right-padded batches of prompt + completion rows
+        (starts_B: where each completion starts, ends_B: its length); [N] float32 results."""
         limit = bounded_length(self._cfg)
-        for i, row in enumerate(rows):
-            if limit is not None and len(row) > limit:
-                raise UserError(f"prompt + completion {i} has {len(row)} tokens, more than the model's "
+        pad = self._tokenizer.eos_id if self._tokenizer is not None else 0
+        for i, (p, c) in enumerate(rows):
+            if limit is not None and len(p) + len(c) > limit:
+                raise UserError(f"prompt + completion {i} has {len(p) + len(c)} tokens, more than the model's "
                                 f"max_seq_len={self._cfg.max_seq_len}")
-        scores = []
+        results = []
         for start in range(0, len(rows), SCORE_BATCH):
             chunk = rows[start:start + SCORE_BATCH]
-            width = -(-max(len(r) for r in chunk) // SCORE_BUCKET) * SCORE_BUCKET
-            if limit is not None:
-                width = min(width, limit)
-            tokens_BT = np.full((SCORE_BATCH, width), tok.eos_id, np.int32)  # right padding: causal, unseen
-            last_B = np.zeros(SCORE_BATCH, np.int32)
-            for b, row in enumerate(chunk):
-                tokens_BT[b, :len(row)] = row
-                last_B[b] = len(row) - 1
-            out = _last_scores(self._mdef.graphdef, self._params, tokens_BT, last_B)
-            scores.append(np.asarray(out)[:len(chunk)])
-        return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+            width = -(-max(len(p) + len(c) for p, c in chunk) // SCORE_BUCKET) * SCORE_BUCKET
+            width = min(width, limit) if limit is not None else width
+            tokens_BT = np.full((SCORE_BATCH, width), pad, np.int32)  # right padding: causal, never seen
+            starts_B, ends_B = np.zeros(SCORE_BATCH, np.int32), np.ones(SCORE_BATCH, np.int32)
+            for b, (p, c) in enumerate(chunk):
+                tokens_BT[b, :len(p) + len(c)] = p + c
+                starts_B[b], ends_B[b] = len(p), len(p) + len(c)
+            results.append(np.asarray(run(tokens_BT, ends_B, starts_B))[:len(chunk)])
+        return np.concatenate(results) if results else np.zeros(0, np.float32)
 
     def _token_ids(self, text_or_ids: Prompt) -> list[int]:
         if isinstance(text_or_ids, str):

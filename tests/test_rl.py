@@ -19,6 +19,7 @@ from llm_jax.alignment.rollout import completion_ids, forward, left_pad, respons
 from llm_jax.alignment.run import rl_train
 from llm_jax.alignment.setup import build_rl_setup
 from llm_jax.alignment.steps import adapt_kl_coef
+from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.errors import UserError
@@ -175,3 +176,15 @@ def test_resume_logs_the_same_numbers(tmp_path):
     resumed = run(tmp_path / "b", 3)
     assert resumed[3] == straight[3]
     assert resumed[3]["kl_coef"] != 0.05  # the adaptive coefficient came back from the checkpoint
+
+
+@pytest.mark.slow
+def test_cli_train_dispatches_to_the_rl_runner(tmp_path, capsys):
+    """`llm-jax train` with rl.method set runs the RL runner (8 devices, data-parallel rollouts)
+    and checkpoints its last step."""
+    args = ["train", "gpt_tiny", *TINY_RL, *QUICK, "rl.method=grpo", "rl.group_size=4", "train.steps=2",
+            f"run.dir={tmp_path / 'cli'}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "final: step 2, reward" in out and ", kl " in out
+    assert (tmp_path / "cli" / "checkpoints" / "2").is_dir()

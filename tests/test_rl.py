@@ -14,7 +14,7 @@ import pytest
 
 from llm_jax import losses
 from llm_jax.alignment import rewards
-from llm_jax.alignment.prompts import PromptSet
+from llm_jax.alignment.prompts import PromptSet, jsonl_prompts
 from llm_jax.alignment.rollout import completion_ids, forward, left_pad, response_mask, step_prompts
 from llm_jax.alignment.run import rl_train
 from llm_jax.alignment.setup import build_rl_setup
@@ -188,3 +188,16 @@ def test_cli_train_dispatches_to_the_rl_runner(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "final: step 2, reward" in out and ", kl " in out
     assert (tmp_path / "cli" / "checkpoints" / "2").is_dir()
+
+
+def test_reward_model_prompts_come_from_prompt_completion_jsonl(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}=", "completion": "a"}) + "\n" for i in range(40)))
+    cfg = rl_cfg("grpo", "rl.reward=rm:somewhere", f"data.source=jsonl:{path}", "data.val_fraction=0.2")
+    train, held_out = jsonl_prompts(cfg)
+    assert sorted(train + held_out) == sorted(f"q{i}=" for i in range(40)) and held_out and len(train) > len(held_out)
+    path.write_text(json.dumps({"prompt": "q="}) + "\n" + json.dumps({"completion": "a"}) + "\n")
+    with pytest.raises(UserError, match=r"p.jsonl:2: no field 'prompt'"):
+        jsonl_prompts(cfg)
+    with pytest.raises(UserError, match="needs prompts: set data.source=jsonl:PATH"):
+        jsonl_prompts(rl_cfg("grpo", "rl.reward=rm:somewhere"))

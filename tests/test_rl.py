@@ -21,6 +21,7 @@ from llm_jax.alignment.setup import build_rl_setup
 from llm_jax.alignment.steps import adapt_kl_coef
 from llm_jax.cli import main
 from llm_jax.config import load_config
+from llm_jax.config.loader import dump_yaml
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.errors import UserError
 from llm_jax.parallel.mesh import make_mesh
@@ -201,3 +202,13 @@ def test_reward_model_prompts_come_from_prompt_completion_jsonl(tmp_path):
         jsonl_prompts(cfg)
     with pytest.raises(UserError, match="needs prompts: set data.source=jsonl:PATH"):
         jsonl_prompts(rl_cfg("grpo", "rl.reward=rm:somewhere"))
+
+
+def test_resuming_with_other_prompts_or_reference_is_refused(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_yaml(rl_cfg("grpo", run_dir=str(run_dir))))
+    with pytest.raises(UserError, match="rl.group_size: 4 -> 8"):
+        rl_train(rl_cfg("grpo", "rl.group_size=8", run_dir=str(run_dir)))
+    with pytest.raises(UserError, match="started from checkpoint.init_from='', the reference policy"):
+        rl_train(rl_cfg("grpo", f"checkpoint.init_from={tmp_path}", run_dir=str(run_dir)))

@@ -80,6 +80,10 @@ def rl_train(cfg: Config, mesh=None) -> dict:
         raise UserError("rl.method=none: this is an ordinary training run")
     run_dir, existed = check_run_dir(cfg)
     existed = broadcast_flag(existed)
+    if existed and read_run_config(run_dir).checkpoint.init_from != cfg.checkpoint.init_from:
+        # The reference policy is read from init_from again on resume: it must be the same one.
+        raise UserError(f"run directory {run_dir} was started from checkpoint.init_from="
+                        f"{read_run_config(run_dir).checkpoint.init_from!r}, the reference policy; keep it")
     if cfg.checkpoint.init_from:
         pretrained.check_init_from(cfg)
     mesh = mesh if mesh is not None else make_mesh(cfg)

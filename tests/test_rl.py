@@ -181,13 +181,13 @@ def test_resume_logs_the_same_numbers(tmp_path):
 
 @pytest.mark.slow
 def test_cli_train_dispatches_to_the_rl_runner(tmp_path, capsys):
-    """`llm-jax train` with rl.method set runs the RL runner (8 devices, data-parallel rollouts)
-    and checkpoints its last step."""
+    """`llm-jax train` with rl.method set runs the RL runner (8 devices, data-parallel rollouts),
+    evaluates greedy completions of held-out prompts at the end and checkpoints its last step."""
     args = ["train", "gpt_tiny", *TINY_RL, *QUICK, "rl.method=grpo", "rl.group_size=4", "train.steps=2",
-            f"run.dir={tmp_path / 'cli'}"]
+            "rl.eval_prompts=4", f"run.dir={tmp_path / 'cli'}"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "final: step 2, reward" in out and ", kl " in out
+    assert "final: step 2, reward" in out and ", kl " in out and ", eval_reward " in out
     assert (tmp_path / "cli" / "checkpoints" / "2").is_dir()
 
 

@@ -77,14 +77,15 @@ class RLSetup:
         return state
 
     def _sample(self, params: dict, rows: list[list[int]], key: jax.Array, temperature: float,
-                sharding_of: Callable[[int], NamedSharding]) -> tuple[np.ndarray, np.ndarray, jax.Array, jax.Array]:
-        tokens_BP, lengths_B = left_pad(rows, self.width)
-        tokens_BP, lengths_B = on_mesh(tokens_BP, sharding_of(2)), on_mesh(lengths_B, sharding_of(1))
-        eos = self.tokenizer.eos_id
-        resp_BN = sample(self.mdef, params, self.mesh, tokens_BP, lengths_B, key, temperature=temperature,
-                         max_new_tokens=self.cfg.rl.max_new_tokens, eos_id=eos, vocab_limit=self.tokenizer.vocab_size,
+                sharding_of: Callable[[int], NamedSharding]) -> tuple[np.ndarray, np.ndarray, jax.Array]:
+        """(completions [B, N] and left-padded prompts [B, P] on the host, prompt lengths on the mesh)."""
+        prompts_BP, lengths = left_pad(rows, self.width)
+        lengths_B = on_mesh(lengths, sharding_of(1))
+        resp_BN = sample(self.mdef, params, self.mesh, on_mesh(prompts_BP, sharding_of(2)), lengths_B, key,
+                         temperature=temperature, max_new_tokens=self.cfg.rl.max_new_tokens,
+                         eos_id=self.tokenizer.eos_id, vocab_limit=self.tokenizer.vocab_size,
                          cache_dtype=str(compute_dtype(self.cfg)))
-        return to_host(resp_BN), to_host(tokens_BP), tokens_BP, lengths_B
+        return to_host(resp_BN), prompts_BP, lengths_B
 
     def step(self, state: dict, step: int) -> tuple[dict, dict]:
         """One RL step: rollout -> host reward -> experience -> update."""
@@ -93,7 +94,7 @@ class RLSetup:
         picked = step_prompts(len(self.train_rows), rl.prompts_per_step, rl.group_size, cfg.seed, step)
         rows = [self.train_rows[i] for i in picked]
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        resp, prompt_tokens, _, lengths_B = self._sample(state["params"], rows, key, rl.temperature,
+        resp, prompt_tokens, lengths_B = self._sample(state["params"], rows, key, rl.temperature,
                                                          lambda nd: rows_sharding(self.mesh, nd))
         t1 = time.perf_counter()
         texts = [self.tokenizer.decode(c) for c in completion_ids(resp, self.tokenizer.eos_id)]
@@ -123,7 +124,7 @@ class RLSetup:
         if prompt_width(rows) > self.width:
             rows = [r[-self.width:] for r in rows]  # (held-out prompts longer than any training prompt)
         replicated = NamedSharding(self.mesh, P())
-        resp, _, _, _ = self._sample(params, rows, jax.random.key(0), 0.0, lambda nd: replicated)
+        resp, _, _ = self._sample(params, rows, jax.random.key(0), 0.0, lambda nd: replicated)
         texts = [self.tokenizer.decode(c) for c in completion_ids(resp, self.tokenizer.eos_id)]
         return {"eval_reward": float(np.mean(self.prompts.reward_fn(prompts, texts)))}
 

@@ -85,6 +85,22 @@ def test_prompt_padding_changes_no_response_logprob():
 
 
 @pytest.mark.slow
+def test_scoring_layout_predicts_what_the_sampler_drew():
+    """Greedy rollouts: the argmax of the experience's logits at every completion position is the
+    token the KV-cache sampler chose there (the scoring layout lines up with generation)."""
+    cfg = rl_cfg("grpo", *QUICK)
+    setup, state = setup_on(cfg, 1)
+    rows = [setup.tokenizer.encode(p) for p in ("t1:", "t23:", "t4:", "t56:")]
+    replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+    resp, prompts, lengths = setup._sample(state["params"], rows, jax.random.key(0), 0.0, lambda nd: replicated)
+    tokens_BT = jnp.asarray(np.concatenate([prompts, resp], axis=1))
+    logits, _ = forward(setup.mdef, state["params"], tokens_BT, lengths, setup.width, 1.0, setup.tokenizer.vocab_size)
+    mask = np.asarray(response_mask(jnp.asarray(resp), setup.tokenizer.eos_id))
+    assert mask.sum() > len(rows)
+    np.testing.assert_array_equal(np.where(mask > 0, np.asarray(logits.argmax(-1)), -1), np.where(mask > 0, resp, -1))
+
+
+@pytest.mark.slow
 def test_kl_to_reference_is_zero_at_the_first_step_and_grows():
     cfg = rl_cfg("rloo", *QUICK)
     setup, state = setup_on(cfg, 1)

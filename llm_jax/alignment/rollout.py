@@ -93,9 +93,11 @@ def completion_ids(resp: np.ndarray, eos_id: int) -> list[list[int]]:
 
 
 def forward(mdef: ModelDef, params: dict, tokens_BT: jax.Array, lengths_B: jax.Array, prompt_width: int,
-            temperature: float) -> tuple[jax.Array, jax.Array | None]:
+            temperature: float, vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array | None]:
     """(logits [B, N, V] / temperature that predict the N response tokens, values [B, N] or None
-    without a score head), through the rollout layout."""
+    without a score head), through the rollout layout. Ids from `vocab_limit` on (the model's
+    padding rows, which the sampler never draws) get -inf, so log-probabilities are those of the
+    distribution sampled from. (A large finite negative, not -inf: entropy's 0 * log 0 stays 0.)"""
     B, T = tokens_BT.shape
     pad_B = prompt_width - lengths_B
     t_T = jnp.arange(T)
@@ -104,6 +106,9 @@ def forward(mdef: ModelDef, params: dict, tokens_BT: jax.Array, lengths_B: jax.A
     mask_BTT = real_BT[:, None, :] & (t_T[None, None, :] <= t_T[None, :, None])
     out: ModelOutput = mdef.merge(params)(tokens_BT, positions_BT=positions_BT, mask_BTS=mask_BTT)
     logits_BNV = out.logits[:, prompt_width - 1:-1].astype(jnp.float32) / temperature
+    V = logits_BNV.shape[-1]
+    if vocab_limit is not None and vocab_limit < V:
+        logits_BNV = jnp.where(jnp.arange(V) < vocab_limit, logits_BNV, -1e9)
     score = out.aux.get("score")
     values_BN = None if score is None else score[:, prompt_width - 1:-1].astype(jnp.float32)
     return logits_BNV, values_BN

@@ -152,5 +152,6 @@ def build_rl_setup(cfg: Config, mesh: Mesh, tokenizer: Any, prompts: PromptSet, 
     schedule = make_schedule(cfg)
     shardings = {**state_shardings(mesh, tx, mdef), "kl_coef": NamedSharding(mesh, P())}
     return RLSetup(cfg=cfg, mesh=mesh, mdef=mdef, tx=tx, shardings=shardings, prompts=prompts, tokenizer=tokenizer,
-                   train_rows=train_rows, width=width, experience=make_experience(cfg, mdef, mesh, width),
-                   update=make_update(cfg, mdef, tx, schedule, mesh, shardings, width))
+                   train_rows=train_rows, width=width,
+                   experience=make_experience(cfg, mdef, mesh, width, tokenizer.vocab_size),
+                   update=make_update(cfg, mdef, tx, schedule, mesh, shardings, width, tokenizer.vocab_size))

@@ -36,7 +36,7 @@ def adapt_kl_coef(kl_coef: jax.Array, kl: jax.Array, batch: int, target: float, 
     return kl_coef * (1.0 + error * batch / horizon)
 
 
-def make_experience(cfg: Config, mdef: ModelDef, mesh: Mesh, prompt_width: int) -> Callable:
+def make_experience(cfg: Config, mdef: ModelDef, mesh: Mesh, prompt_width: int, vocab_limit: int) -> Callable:
     """experience(params, ref_params, kl_coef, batch) -> (exp, metrics); batch holds tokens_BT,
     lengths_B, mask_BN and scores_B."""
     rl = cfg.rl
@@ -47,8 +47,10 @@ def make_experience(cfg: Config, mdef: ModelDef, mesh: Mesh, prompt_width: int) 
             tokens_BT, lengths_B, mask_BN, scores_B = (batch[k] for k in ("tokens_BT", "lengths_B", "mask_BN",
                                                                           "scores_B"))
             resp_BN = tokens_BT[:, prompt_width:]
-            logits_BNV, values_BN = forward(mdef, params, tokens_BT, lengths_B, prompt_width, rl.temperature)
-            ref_logits_BNV, _ = forward(mdef, ref_params, tokens_BT, lengths_B, prompt_width, rl.temperature)
+            logits_BNV, values_BN = forward(mdef, params, tokens_BT, lengths_B, prompt_width, rl.temperature,
+                                            vocab_limit)
+            ref_logits_BNV, _ = forward(mdef, ref_params, tokens_BT, lengths_B, prompt_width, rl.temperature,
+                                          vocab_limit)
             logps_BN = losses.token_logps(logits_BNV, resp_BN)
             ref_logps_BN = losses.token_logps(ref_logits_BNV, resp_BN)
             kl_B = losses.masked_sum(losses.kl_penalty(logps_BN, ref_logps_BN, "k1"), mask_BN, axis=1)
@@ -80,14 +82,14 @@ def make_experience(cfg: Config, mdef: ModelDef, mesh: Mesh, prompt_width: int) 
 
 
 def make_update(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                mesh: Mesh, shardings: dict, prompt_width: int) -> Callable:
+                mesh: Mesh, shardings: dict, prompt_width: int, vocab_limit: int) -> Callable:
     """update(state, exp, kl) -> (state, metrics): the state {params, opt_state, step, kl_coef} is donated."""
     rl = cfg.rl
     base_key = jax.random.key(cfg.seed)
 
     def loss_fn(params: dict, kl_coef: jax.Array, mb: dict) -> tuple[jax.Array, dict]:
         logits_BNV, values_BN = forward(mdef, params, mb["tokens_BT"], mb["lengths_B"], prompt_width,
-                                        rl.temperature)
+                                        rl.temperature, vocab_limit)
         mask_BN = mb["mask_BN"]
         logps_BN = losses.token_logps(logits_BNV, mb["tokens_BT"][:, prompt_width:])
         pg = losses.ppo_clip(logps_BN, mb["logps_BN"], mb["adv_BN"], mask_BN, clip=rl.clip)

@@ -25,6 +25,7 @@ from llm_jax.runtime.checkpoint import Checkpointer
 from llm_jax.runtime.metrics import MetricsWriter
 from llm_jax.runtime.run_dir import check_run_dir, trim_metrics, write_run_config
 from llm_jax.train.run import ProgressAdvance, SaveCheckpoints
+from llm_jax.train.state import init_params
 from llm_jax.train.trainer import Evaluate, Hook, Trainer, host_record
 
 
@@ -68,7 +69,7 @@ def _tokenizer(cfg: Config, run_dir: Path) -> Any:
 
 def initial_params(cfg: Config, setup: RLSetup) -> tuple[dict, list[str]]:
     """init_from's parameters on this mesh (heads it lacks, such as the value head, fresh)."""
-    fresh = setup.init_state()["params"]
+    fresh = init_params(cfg, setup.mdef, setup.mesh)
     if not cfg.checkpoint.init_from:
         return fresh, []
     return pretrained.pretrained_params(cfg, setup.mdef, setup.shardings["params"], fresh)

@@ -69,10 +69,11 @@ class RLSetup:
     def init_state(self, params: dict | None = None) -> dict:
         """A fresh train state (parameters `params` when given: the policy of init_from)."""
         base = {k: v for k, v in self.shardings.items() if k != "kl_coef"}
-        state = init_state(self.cfg, self.mdef, self.mesh, self.tx, base)
-        if params is not None:
-            state["params"] = params
-            state["opt_state"] = jax.jit(self.tx.init, out_shardings=base["opt_state"])(params)
+        if params is None:
+            state = init_state(self.cfg, self.mdef, self.mesh, self.tx, base)
+        else:  # (no second random initialisation of a model that is about to be replaced)
+            state = {"params": params, "opt_state": jax.jit(self.tx.init, out_shardings=base["opt_state"])(params),
+                     "step": jax.device_put(jnp.zeros((), jnp.int32), base["step"])}
         state["kl_coef"] = jax.device_put(jnp.float32(self.cfg.rl.kl_coef), self.shardings["kl_coef"])
         return state
 

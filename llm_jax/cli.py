@@ -15,6 +15,7 @@ import absl.logging
 import jax
 
 from llm_jax.alignment.best_of_n import best_of_n, format_curve, read_prompts, write_best
+from llm_jax.alignment.pairs import write_pairs
 from llm_jax.alignment.rewards import VERIFIER_PROMPTS, scorer_of
 from llm_jax.alignment.run import rl_train
 from llm_jax.config import key_docs, load_config
@@ -51,6 +52,7 @@ USAGE_EXAMPLES = """examples:
   llm-jax sweep isoflop_tiny --dir sweeps/tiny  # an IsoFLOP grid, its fits, plots and report
   llm-jax keys                                 # every config key with its default
   llm-jax fit results.csv --budget 1e21        # scaling laws of a sweep (--plots DIR: figures)
+  llm-jax pairs runs/sft_arith --out pairs.jsonl   # preference pairs from a run's arithmetic samples
 """
 
 
@@ -149,6 +151,15 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--params", choices=tuple(PARAM_COUNTS), default="total",
                    help="N counts all parameters (column params, as Hoffmann et al.; the default) or the "
                         "non-embedding ones (column params_nonembed, as Kaplan et al.)")
+
+    q = sub.add_parser("pairs", help="sample a run's answers to arithmetic problems, check them, "
+                                     "write preference pairs")
+    q.add_argument("run_dir")
+    q.add_argument("--out", required=True, metavar="FILE.jsonl", help="new JSONL file of preference records")
+    q.add_argument("--count", type=int, default=256, metavar="N", help="training problems (default 256)")
+    q.add_argument("--samples", type=int, default=4, metavar="K", help="completions sampled per problem (default 4)")
+    q.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0; 0 = greedy)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the problems and the sampling")
     return p
 
 
@@ -294,10 +305,16 @@ def _cmd_fit(args) -> None:
     print(f"wrote {report} and {len(plots)} figures", file=sys.stderr if args.json else sys.stdout)
 
 
+def _cmd_pairs(args) -> None:
+
+    stats = write_pairs(args.run_dir, args.out, args.count, args.samples, args.temperature, args.seed)
+    print(f"wrote {args.out}: {stats.describe()}")
+
+
 COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "prepare": _cmd_prepare, "generate": _cmd_generate,
             "best-of-n": _cmd_best_of_n,
             "import-hf": _cmd_import_hf, "export-hf": _cmd_export_hf, "sweep": _cmd_sweep, "keys": _cmd_keys,
-            "fit": _cmd_fit}
+            "fit": _cmd_fit, "pairs": _cmd_pairs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import pytest
 
 from llm_jax import losses
 from llm_jax.alignment import rewards
-from llm_jax.alignment.prompts import PromptSet, jsonl_prompts
+from llm_jax.alignment.prompts import PromptSet, jsonl_prompts, prompt_set
 from llm_jax.alignment.rollout import completion_ids, forward, left_pad, response_mask, step_prompts
 from llm_jax.alignment.run import rl_train
 from llm_jax.alignment.setup import build_rl_setup
@@ -22,6 +22,7 @@ from llm_jax.alignment.steps import adapt_kl_coef
 from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.config.loader import dump_yaml
+from llm_jax.data import arith
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.errors import UserError
 from llm_jax.parallel.mesh import make_mesh
@@ -228,3 +229,15 @@ def test_resuming_with_other_prompts_or_reference_is_refused(tmp_path):
         rl_train(rl_cfg("grpo", "rl.group_size=8", run_dir=str(run_dir)))
     with pytest.raises(UserError, match="started from checkpoint.init_from='', the reference policy"):
         rl_train(rl_cfg("grpo", f"checkpoint.init_from={tmp_path}", run_dir=str(run_dir)))
+
+
+def test_arith_reward_reads_the_problem_from_its_prompt():
+    """rl.reward=arith: training prompts from the task's train split, scored by its verifier."""
+    cfg = rl_cfg("grpo", "rl.reward=arith", "rl.num_prompts=32", "rl.eval_prompts=8")
+    prompts = prompt_set(cfg)
+    assert len(prompts.train) == 32 and len(prompts.held_out) == 8 and not set(prompts.train) & set(prompts.held_out)
+    problem = arith.make_problem(37, "+", 48)
+    np.testing.assert_allclose(prompts.reward_fn([problem.prompt] * 3, ["85", " 85 ", "86"]),
+                               [1.0, 1.0, arith.reward(problem, "86")])
+    with pytest.raises(UserError, match="a\\+b= or a-b="):
+        prompts.reward_fn(["what is 2+2?"], ["4"])

@@ -155,11 +155,20 @@ TASK_KINDS = {"funcname": "seq2seq", "docsig": "seq2seq", "package": "classify",
 # Tasks generated from a seed rather than cut from the corpus (data.source is not read).
 SYNTHETIC_TASKS = ("selective_copy", "induction")
 # data.format values whose JSONL records are supervised examples, and the objective each trains.
+# (preference: pairs of completions, chosen and rejected, for the decoders' preference objectives.)
 FORMAT_OBJECTIVES = {"prompt_completion": "masked_causal", "chat": "masked_causal", "seq2seq": "seq2seq",
-                     "classify": "classify"}
+                     "classify": "classify", "preference": "dpo"}
 SUPERVISED_FORMATS = tuple(FORMAT_OBJECTIVES)
+# The embedded instruction sets (data.source=instruct:NAME) and the data.format of their records.
+INSTRUCT_FORMATS = {"stdlib": "chat", "arith": "prompt_completion"}
 # Every data.source form (`data/sources.py` opens them), for messages and the mixture's check.
-SOURCE_KINDS = ("stdlib", "text:PATH", "jsonl:PATH", "parquet:PATH", "hf_disk:DIR", "tfds:NAME", "instruct:stdlib")
+SOURCE_KINDS = ("stdlib", "text:PATH", "jsonl:PATH", "parquet:PATH", "hf_disk:DIR", "tfds:NAME",
+                *(f"instruct:{name}" for name in INSTRUCT_FORMATS))
+
+
+def instruct_format(source: str) -> str | None:
+    """The data.format of an instruction set's records (None: not a known instruct: source)."""
+    return INSTRUCT_FORMATS.get(source.removeprefix("instruct:")) if source.startswith("instruct:") else None
 
 
 def source_kind_known(source: str) -> bool:
@@ -194,7 +203,7 @@ class MixtureEntry(Section):
         if not source_kind_known(source):
             raise ValueError(f"unknown source {source!r}; use one of: {', '.join(SOURCE_KINDS)}")
         if source.startswith("instruct:"):
-            raise ValueError(f"{source} is a supervised chat set; a mixture interleaves text sources only")
+            raise ValueError(f"{source} is a supervised instruction set; a mixture interleaves text sources only")
         return source
 
     @pydantic.field_validator("name")
@@ -214,7 +223,7 @@ class MixtureEntry(Section):
 
 class DataConfig(Section):
     source: str = "stdlib"
-    """stdlib | text:PATH | jsonl:PATH (.gz, .zst) | parquet:PATH | hf_disk:DIR | tfds:NAME | instruct:stdlib (chat)."""
+    """stdlib | text:PATH | jsonl:PATH (.gz, .zst) | parquet:PATH | hf_disk:DIR | tfds:NAME | instruct:stdlib|arith."""
     task: Literal["", "funcname", "docsig", "package", "selective_copy", "induction"] = ""
     """Empty: model the corpus. Else funcname, docsig, package (stdlib) or selective_copy, induction (docs/tasks.md)."""
     synthetic_vocab: int = pydantic.Field(16, ge=2)
@@ -229,8 +238,8 @@ class DataConfig(Section):
     """Vocabulary size of the sentencepiece BPE model trained on the training split."""
     text_field: str = "text"
     """Field holding the text in JSONL records, TFDS examples and Parquet / hf_disk columns."""
-    format: Literal["auto", "text", "prompt_completion", "chat", "seq2seq", "classify"] = "auto"
-    """jsonl: text, prompt_completion, chat, seq2seq or classify records (docs/sft.md); auto: from the first record."""
+    format: Literal["auto", "text", "prompt_completion", "chat", "seq2seq", "classify", "preference"] = "auto"
+    """jsonl: text, prompt_completion, chat, seq2seq, classify, preference records (docs/sft.md); auto: 1st record's."""
     labels: list[str | int] = []
     """classify: class i is labels[i]; empty: the training split's labels, sorted (then kept in config.yaml)."""
     skip_bad_records: bool = False
@@ -367,22 +376,27 @@ class Config(Section):
             raise ValueError(f"data.labels names the classes of data.format=classify, not of data.format={fmt}")
         if len(set(map(repr, self.data.labels))) < len(self.data.labels):
             raise ValueError(f"data.labels has a label twice: {self.data.labels}")
+        wanted = instruct_format(self.data.source)
+        if fmt != "auto" and wanted is not None and fmt != wanted:
+            raise ValueError(f"data.source={self.data.source} is an instruction set of {wanted} records: use "
+                             f"data.format={wanted} or auto, not {fmt}")
         if fmt in SUPERVISED_FORMATS:
             if task:
                 raise ValueError(f"data.format={fmt} reads examples from data.source; data.task={task} builds its "
                                  "own rows: set one of them")
-            instruct = self.data.source.startswith("instruct:")
-            if not self.data.source.startswith("jsonl:") and not (instruct and fmt == "chat"):
-                also = " (or instruct:stdlib for chat)" if fmt == "chat" else ""
+            if not self.data.source.startswith("jsonl:") and wanted != fmt:
+                sets = [f"instruct:{name}" for name, f in INSTRUCT_FORMATS.items() if f == fmt]
+                also = f" (or {either(sets)})" if sets else ""
                 raise ValueError(f"data.format={fmt} reads JSONL records; it needs data.source=jsonl:PATH{also}, "
                                  f"not {self.data.source!r}")
             kind = FORMAT_OBJECTIVES[fmt]
-            if kind not in spec.objectives:
+            if fmt == "preference":  # (its objectives, dpo and reward, score any causal decoder)
+                if spec.kind != "decoder":
+                    raise ValueError(f"data.format=preference trains a causal decoder (model.arch="
+                                     f"{either(archs_where(lambda s: s.kind == 'decoder'))}), not {arch}")
+            elif kind not in spec.objectives:
                 raise ValueError(f"data.format={fmt} trains the {kind} objective: it needs model.arch="
                                  f"{either(archs_where(lambda s: kind in s.objectives))}, not {arch}")
-        elif self.data.source.startswith("instruct:") and fmt != "auto":
-            raise ValueError(f"data.source={self.data.source} is an instruction set of chat records: use "
-                             f"data.format=chat or auto, not {fmt}")
         if self.train.eval_exact_match and fmt not in ("prompt_completion", "chat", "auto"):
             raise ValueError(f"train.eval_exact_match scores generated completions of data.format=prompt_completion "
                              f"or chat records, not data.format={fmt}")

@@ -9,10 +9,11 @@ A split's stream is its documents, each followed by EOS; for a single text file 
 corpus) it is the split's whole text followed by one EOS.
 
 A synthetic `data.task` (`data/synthetic.py`) opens no corpus: its rows are generated from the seed.
-A supervised JSONL source (data.format prompt_completion or chat, `data/sft_rows.py`) gives rows
-of examples instead of a token stream. A `data.mixture` prepares each of its sources as above
-(the same stores and cache keys as data.source=<that source>) and keeps them apart
-(`DataBundle.mixture`); `data/mixture.py` interleaves their windows.
+A supervised JSONL source (data.format prompt_completion, chat, seq2seq, classify or
+preference, `data/sft_rows.py`) gives rows of examples instead of a token stream. A
+`data.mixture` prepares each of its sources as above (the same stores and cache keys as
+data.source=<that source>) and keeps them apart (`DataBundle.mixture`); `data/mixture.py`
+interleaves their windows.
 """
 
 from __future__ import annotations
@@ -238,7 +239,8 @@ def _synthetic_data(cfg: Config, run_dir: Path, root: Path) -> DataBundle:
 
 
 def _supervised_data(cfg: Config, run_dir: Path, root: Path) -> DataBundle:
-    """Prompt/completion or chat examples of a JSONL file as masked rows (`data/sft_rows.py`)."""
+    """Prompt/completion or chat examples of a JSONL file as masked rows, or preference pairs as
+    rows of both sides (`data/sft_rows.py`, `data/preference.py`)."""
 
     def no_corpus() -> Corpus:
         raise UserError(f"data.format={cfg.data.format} reads examples, not a text corpus to train a sentencepiece "

@@ -55,8 +55,8 @@ def header(role: str) -> str:
 
 
 def detect_format(first_line: str, text_field: str = "text") -> str:
-    """The data.format a JSONL file's first record implies: prompt_completion, chat, seq2seq,
-    classify (a `label` beside the `text_field`) or text."""
+    """The data.format a JSONL file's first record implies: prompt_completion, preference
+    (`chosen` and `rejected`), chat, seq2seq, classify (a `label` beside the `text_field`) or text."""
     try:
         record = json.loads(first_line)
     except json.JSONDecodeError:
@@ -65,6 +65,8 @@ def detect_format(first_line: str, text_field: str = "text") -> str:
         return "text"
     if "prompt" in record and "completion" in record:
         return "prompt_completion"
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if "messages" in record:
         return "chat"
     if "source" in record and "target" in record:

@@ -1,4 +1,6 @@
-"""An embedded instruction set cut from the standard library's source: `data.source=instruct:stdlib`.
+"""The embedded instruction sets: `data.source=instruct:stdlib`, cut from the standard library's
+source, and `instruct:arith`, the arithmetic problems of `arith` as prompt_completion records
+(`arith_file`; its split is the task's own, docs/alignment.md).
 
 Chat records, one task kind each, with short answers so that a small model can learn them:
 
@@ -50,7 +52,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from llm_jax.data import stdlib_tfds
+from llm_jax.config.schema import INSTRUCT_FORMATS
+from llm_jax.data import arith, stdlib_tfds
 from llm_jax.data.cache import build_once, content_key, log, write_bytes_atomic, write_json_atomic
 from llm_jax.data.splits import stratified_validation_mask
 from llm_jax.data.tasks import (
@@ -70,7 +73,10 @@ from llm_jax.data.tasks import (
 )
 from llm_jax.errors import UserError
 
-INSTRUCT_SOURCES = ("stdlib",)
+INSTRUCT_SOURCES = tuple(INSTRUCT_FORMATS)
+# instruct:arith: the training and validation problems written (seed 0 of `arith.problems`).
+ARITH_TRAIN = 8000
+ARITH_VALIDATION = 800
 KINDS = ("name_function", "signature_from_docstring", "module_of")
 # Bump when the records cut from the same files, or their split, change.
 INSTRUCT_VERSION = 2  # 2: no function records from the test suite
@@ -191,7 +197,8 @@ def instruct_name(source: str) -> str:
 
 def instruction_file(source: str, val_fraction: float, cache_root: Path) -> InstructFile:
     """The set's JSONL file in the cache (written on first use) and its validation lines."""
-    instruct_name(source)
+    if instruct_name(source) == "arith":
+        return arith_file(cache_root)
     key = content_key({"set": source, "python": sys.version, "version": INSTRUCT_VERSION,
                        "limits": [MAX_PROMPT_BYTES, MAX_ANSWER_BYTES, MODULE_CHUNK_BYTES, MODULE_CHUNK_STRIDE],
                        "stdlib": str(Path(sysconfig.get_paths()["stdlib"]).resolve()),
@@ -211,6 +218,26 @@ def instruction_file(source: str, val_fraction: float, cache_root: Path) -> Inst
                   for split in records}
         write_json_atomic(meta_path, {"train": len(records["train"]), "validation": len(records["validation"]),
                                       "kinds": counts})
+
+    meta = build_once(meta_path, build)
+    return InstructFile(path, set(range(meta["train"], meta["train"] + meta["validation"])))
+
+
+def arith_file(cache_root: Path) -> InstructFile:
+    """instruct:arith: ARITH_TRAIN training problems, then ARITH_VALIDATION validation ones, as
+    prompt_completion records with their `kind` (add, sub), in the cache. The split is the
+    task's (`arith.split_of`), so data.val_fraction does not change it."""
+    key = content_key({"set": "instruct:arith", "version": arith.ARITH_VERSION,
+                       "counts": [ARITH_TRAIN, ARITH_VALIDATION]})
+    folder = cache_root / "instruct"
+    path, meta_path = folder / f"{key}.jsonl", folder / f"{key}.json"
+
+    def build() -> None:
+        records = {split: [arith.record(p) for p in arith.problems(split, count)]
+                   for split, count in (("train", ARITH_TRAIN), ("validation", ARITH_VALIDATION))}
+        lines = [json.dumps(r) for split in ("train", "validation") for r in records[split]]
+        write_bytes_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
+        write_json_atomic(meta_path, {split: len(records[split]) for split in records})
 
     meta = build_once(meta_path, build)
     return InstructFile(path, set(range(meta["train"], meta["train"] + meta["validation"])))

@@ -1,5 +1,5 @@
 """The rows of a supervised JSONL source (data.format prompt_completion, chat, seq2seq,
-classify), built once.
+classify, preference), built once.
 
 `resolve_format` turns data.format=auto into the format the file's first record implies, and
 fills data.labels of a classify source with the training split's labels, before anything else
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from llm_jax.config import Config, validate
-from llm_jax.config.schema import SUPERVISED_FORMATS
+from llm_jax.config.schema import SUPERVISED_FORMATS, instruct_format
 from llm_jax.data.cache import CACHE_FORMAT_VERSION, build_once, content_key, log, save_npy_atomic, write_json_atomic
 from llm_jax.data.chat_template import chat_template_of
 from llm_jax.data.formats import (
@@ -40,6 +40,7 @@ from llm_jax.data.formats import (
 )
 from llm_jax.data.instruct import instruction_file
 from llm_jax.data.jsonl_files import first_line, jsonl_fingerprint, jsonl_held_out_lines, jsonl_lines
+from llm_jax.data.preference import encode_preference, split_rows
 from llm_jax.data.task_formats import (
     classify_record,
     encode_classify_line,
@@ -83,9 +84,9 @@ def resolve_format(cfg: Config) -> Config:
     validated again: the arch must take it), and with data.labels of a classify source filled.
     Auto stays auto where it means text, so it is what a run's config.yaml records."""
     data = cfg.data
-    if data.source.startswith("instruct:") and data.format == "auto":  # an instruction set is chat records
+    if data.source.startswith("instruct:") and data.format == "auto":  # an instruction set's records are of one format
         settings = cfg.to_dict()
-        settings["data"]["format"] = "chat"
+        settings["data"]["format"] = instruct_format(data.source) or "chat"  # (unknown: said when it is opened)
         return validate(settings)
     if data.task or not data.source.startswith("jsonl:") or data.format not in ("auto", "classify"):
         return cfg
@@ -128,9 +129,9 @@ def supervised_rows(cfg: Config, tokenizer: Tokenizer,
                     root: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """(training rows, validation rows, validation kinds): rows int32 [N, width], memory-mapped;
     the width is the objective's `row_width` (2 * seq_len + 1, packed 3 * seq_len + 2; src_len +
-    seq_len + 1 for seq2seq; seq_len + 1 for classify). The kinds are each validation example's
-    record's `kind` (text), in file order (packed rows hold them in that order too), or None when
-    no record has one."""
+    seq_len + 1 for seq2seq; seq_len + 1 for classify; 4 * (seq_len + 1) for preference
+    pairs). The kinds are each validation example's record's `kind` (text), in file order
+    (packed rows hold them in that order too), or None when no record has one."""
     data = cfg.data
     path, held_out = supervised_file(cfg, root)
     key = content_key({"file": jsonl_fingerprint(path), "tokenizer": identity_of(tokenizer), "format": data.format,
@@ -165,6 +166,8 @@ def _row_settings(cfg: Config) -> dict:
         return {"src_len": cfg.train.src_len}
     if cfg.data.format == "classify":
         return {"text_field": cfg.data.text_field, "labels": cfg.data.labels}
+    if cfg.data.format == "preference":
+        return {}  # (only completions are scored: train.loss_on does not apply)
     # (packing only when on: the keys of unpacked rows cached before it existed stay valid; its
     # value names the packed layout, rows with segment ids)
     return {"loss_on": cfg.train.loss_on, **({"packing": "segment_ids"} if cfg.train.packing else {})}
@@ -218,7 +221,8 @@ def unpacked_examples(row: np.ndarray, seq_len: int, eos_id: int) -> list[np.nda
 
 def _template_settings(cfg: Config, tokenizer: Tokenizer) -> dict:
     """A chat's template (the tokenizer's own or the built-in): a changed template re-tokenises."""
-    return {"chat_template": chat_template_of(tokenizer).fingerprint} if cfg.data.format == "chat" else {}
+    chats = cfg.data.format in ("chat", "preference")  # (preference records may be chats)
+    return {"chat_template": chat_template_of(tokenizer).fingerprint} if chats else {}
 
 
 def row_encoder(cfg: Config, tokenizer: Tokenizer) -> Callable[[str], np.ndarray]:
@@ -232,6 +236,8 @@ def row_encoder(cfg: Config, tokenizer: Tokenizer) -> Callable[[str], np.ndarray
         index = {label: i for i, label in enumerate(cfg.data.labels)}
         return lambda line: encode_classify_line(line, cfg.data.text_field, index, encode, seq_len, eos)
     template = chat_template_of(tokenizer)
+    if fmt == "preference":
+        return lambda line: encode_preference(line, encode, eos, seq_len, template)
     return lambda line: encode_example(line, fmt, encode, eos, cfg.train.loss_on, seq_len, template)
 
 
@@ -280,5 +286,8 @@ def _build(cfg: Config, tokenizer: Tokenizer, path: Path,
 def _scored(rows: np.ndarray, cfg: Config) -> int:
     if cfg.data.format in ("seq2seq", "classify"):
         return scored_targets(rows, cfg.data.format, cfg.train.src_len)
+    if cfg.data.format == "preference":
+        _, chosen_mask, _, rejected_mask = split_rows(rows)
+        return int(chosen_mask.sum() + rejected_mask.sum())
     T = cfg.train.seq_len
     return int(rows[:, T + 1:2 * T + 1].sum())  # the weights (then a packed row's segment ids)

@@ -17,6 +17,7 @@ import jax
 from llm_jax.alignment.best_of_n import best_of_n, format_curve, read_prompts, write_best
 from llm_jax.alignment.pairs import write_pairs
 from llm_jax.alignment.rewards import VERIFIER_PROMPTS, scorer_of
+from llm_jax.alignment.run import rl_train
 from llm_jax.config import key_docs, load_config
 from llm_jax.data.build import describe_prepared, prepare_data
 from llm_jax.errors import UserError
@@ -175,6 +176,12 @@ def _cmd_train(args) -> None:
     split_cpu_host(cfg, single_process=placement.single_process)
     initialize(placement, cfg.distributed.timeout_s, cfg.distributed.connect_timeout_s)
     enable_compile_cache(cfg)
+    if cfg.rl.method != "none":  # RL from a reward: the alignment runner, same run directory rules
+        result = rl_train(cfg)
+        if jax.process_index() == 0 and "reward" in result:
+            print(f"final: step {result['step']}, reward {result['reward']:.4f}, kl {result['kl']:.4f}"
+                  + (f", eval_reward {result['eval_reward']:.4f}" if "eval_reward" in result else ""))
+        return
     result = train(cfg)
     main_process = jax.process_index() == 0
     if result.get("stopped_at") is not None:

@@ -27,7 +27,9 @@ CONFIG_FILE = "config.yaml"  # a run directory's record of its config
 RUN_IDENTITY_KEYS = ("seed", "model", "train.batch_size", "train.seq_len", "train.src_len", "train.loss_on",
                      "data.source", "data.mixture", "data.task", "data.format", "data.tokenizer", "data.sp_vocab_size",
                      "data.val_fraction", "data.max_bytes", "data.text_field", "data.labels", "data.synthetic_vocab",
-                     "data.synthetic_copies", "data.synthetic_examples")
+                     "data.synthetic_copies", "data.synthetic_examples",
+                     # an RL run's prompts and reward (its order of prompts is part of the run)
+                     "rl.method", "rl.reward", "rl.num_prompts", "rl.prompts_per_step", "rl.group_size")
 
 
 def preset_names() -> list[str]:

@@ -35,20 +35,18 @@ def test_entry_trains_and_generates(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_same_losses_on_every_mesh(tmp_path):
+def test_same_losses_data_parallel_as_on_one_device(tmp_path):
+    """mesh.data=8 against one device. (data=2 x fsdp=2 x tensor=2 against one device, for every
+    family's preset, gpt2 and llama among them: test_families.)"""
     steps = ["train.steps=6", "train.batch_size=8", "checkpoint.every=0"]
     single = cli_subprocess(["train", "gpt_tiny", f"run.dir={tmp_path / 'one'}", "mesh.data=1", *TINY, *steps],
                             devices=1)
     assert main(["train", "gpt_tiny", f"run.dir={tmp_path / 'dp'}", "mesh.data=8", *TINY, *steps]) == 0
-    assert main(["train", "gpt_tiny", f"run.dir={tmp_path / 'mixed'}", "mesh.data=2", "mesh.fsdp=2",
-                 "mesh.tensor=2", *TINY, *steps]) == 0
     _, err = single.communicate(timeout=300)
     assert single.returncode == 0, err
-    ref = losses(tmp_path / "one")
+    ref, got = losses(tmp_path / "one"), losses(tmp_path / "dp")
     assert sorted(ref) == list(range(1, 7))
-    for name in ("dp", "mixed"):
-        got = losses(tmp_path / name)
-        np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=1e-4)
+    np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=1e-4)
 
 
 @pytest.mark.slow

@@ -51,7 +51,7 @@ def test_same_losses_data_parallel_as_on_one_device(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_same_command_resumes_exactly(tmp_path):
-    args = ["train", "gpt_tiny", "train.steps=150", "checkpoint.every=10", "checkpoint.keep=3", *TINY]
+    args = ["train", "gpt_tiny", "train.steps=60", "checkpoint.every=10", "checkpoint.keep=3", *TINY]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
     assert main([*args[:2], f"run.dir={ref_dir}", *args[2:]]) == 0
 
@@ -66,7 +66,7 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     done = max(losses(run_dir))
-    assert done < 150
+    assert done < 60
 
     resumed = cli_subprocess([*args[:2], f"run.dir={run_dir}", *args[2:]])
     _, err = resumed.communicate(timeout=300)
@@ -74,13 +74,13 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     assert "resumed from checkpoint" in err
     ref, got = losses(ref_dir), losses(run_dir)
     assert sorted(got) == sorted(ref)
-    assert got[150] == ref[150]  # exact, not approximately equal
+    assert got[60] == ref[60]  # exact, not approximately equal
     assert all(got[s] == ref[s] for s in ref)
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_stops_cleanly_and_resumes_exactly(tmp_path):
-    args = ["train", "gpt_tiny", "train.steps=150", "checkpoint.every=0", *TINY]
+    args = ["train", "gpt_tiny", "train.steps=60", "checkpoint.every=0", *TINY]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "stopped"
     assert main([*args[:2], f"run.dir={ref_dir}", *args[2:]]) == 0
 
@@ -92,7 +92,7 @@ def test_sigterm_checkpoints_stops_cleanly_and_resumes_exactly(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     stop_step = int(out.split("stopped by SIGTERM at step ")[1].split()[0])
-    assert 20 <= stop_step < 150
+    assert 20 <= stop_step < 60
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [stop_step]
 
     resumed = cli_subprocess([*args[:2], f"run.dir={run_dir}", *args[2:]])

@@ -69,23 +69,22 @@ def test_cli_training_lowers_the_masked_lm_loss(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_same_losses_on_every_mesh_and_with_accumulation(tmp_path):
+def test_same_losses_on_a_mesh_with_accumulation(tmp_path):
+    """data=2 x tensor=4 with two microbatches against one device. (The masked LM on data=2 x
+    fsdp=2 x tensor=2 without accumulation: test_families, the bert_small and bert_package
+    presets, and the NSP test below.)"""
     steps = [*STEPS, "train.steps=6"]
     single = cli_subprocess(["train", "gpt_tiny", f"run.dir={tmp_path / 'one'}", "mesh.data=1", *TINY, *steps],
                             devices=1)
-    assert main(["train", "gpt_tiny", f"run.dir={tmp_path / 'mixed'}", "mesh.data=2", "mesh.fsdp=2",
-                 "mesh.tensor=2", *TINY, *steps]) == 0
     # Two microbatches hold different numbers of masked positions: the step must still give the
     # full batch's loss and gradient (masks drawn once per step, sums over the global count).
     assert main(["train", "gpt_tiny", f"run.dir={tmp_path / 'accum'}", "mesh.data=2", "mesh.tensor=4",
                  "train.grad_accum=2", *TINY, *steps]) == 0
     _, err = single.communicate(timeout=300)
     assert single.returncode == 0, err
-    ref = losses(tmp_path / "one")
+    ref, got = losses(tmp_path / "one"), losses(tmp_path / "accum")
     assert sorted(ref) == list(range(1, 7))
-    for name in ("mixed", "accum"):
-        got = losses(tmp_path / name)
-        np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=1e-4, err_msg=name)
+    np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=1e-4)
 
 
 def test_a_trained_bert_exports_with_its_logits_and_odd_variants_are_refused(tmp_path, capsys):

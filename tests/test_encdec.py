@@ -124,22 +124,25 @@ def test_objective_and_task_are_checked_against_the_arch():
 def test_the_original_transformer_learns_to_copy_its_source():
     """The whole seq2seq path (rows, masks, cross-attention, loss, step) learns a task that only the
     source can solve: the target is the source's 10 random tokens. Before it finds the alignment
-    the loss sits near ln(200) (about step 250 here), then falls to almost nothing."""
+    the loss sits near ln(200) (about 100 steps here), then falls to almost nothing: 0.23 at step
+    300 and 0.09 at 400."""
+    from llm_jax.parallel.mesh import single_device_mesh
     from llm_jax.train.setup import build_setup
     from llm_jax.train.state import init_state
     cfg = load_config("transformer_small", ["model.num_layers=2", "train.src_len=16", "train.seq_len=16",
                                             "train.batch_size=32", "model.dropout=0", "train.label_smoothing=0",
-                                            "optim.warmup_steps=20", "train.steps=500"])
-    setup = build_setup(cfg, 384, build_objective(cfg, Vocab(257, 384, eos_id=256)))
+                                            "optim.warmup_steps=20", "train.steps=400"])
+    # One device: the point is learning (sharding is test_families'), and on the 8 host devices
+    # the collectives cost 1.6x the compute.
+    setup = build_setup(cfg, 384, build_objective(cfg, Vocab(257, 384, eos_id=256)), mesh=single_device_mesh())
     state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, setup.shardings)
     rng = np.random.default_rng(0)
-    for _ in range(500):
+    for _ in range(400):
         rows = np.full((32, 33), PAD, np.int32)  # a new buffer each step: the device may still read the last
         rows[:, 10] = rows[:, 16] = rows[:, 27] = 256  # source EOS, decoder start, target EOS
         rows[:, :10] = rows[:, 17:27] = rng.integers(0, 200, (32, 10))
         state, metrics = setup.train_step(state, setup.to_global(rows))
-        # Wait for each step: hundreds of queued 8-device steps deadlocked XLA:CPU's collectives.
-        loss = float(metrics["loss"])
+        loss = float(metrics["loss"])  # waits for each step rather than queueing hundreds
     assert loss < 0.3
 
 

@@ -246,24 +246,25 @@ def test_data_parallel_moe_moves_no_tokens_between_devices():
 
 
 def band_run(tmp_path, coef: float) -> np.ndarray:
-    """Loads [logged steps >= 50, layers, experts] of a top-2-of-8 run on the stdlib corpus."""
+    """Loads [logged steps >= 30, layers, experts] of a 60-step top-2-of-8 run on the stdlib corpus."""
     run = tmp_path / f"aux{coef}"
     assert main(["train", "moe_small", f"run.dir={run}", "model.num_layers=2", "model.d_model=64",
-                 "train.seq_len=64", "train.batch_size=8", "train.steps=100", "train.log_every=5",
+                 "train.seq_len=64", "train.batch_size=8", "train.steps=60", "train.log_every=5",
                  "train.eval_every=0", "train.sample_tokens=0", "checkpoint.every=0", "data.max_bytes=300000",
                  "optim.warmup_steps=10", "model.moe.capacity_factor=-1",
                  f"model.moe.aux_loss_coef={coef}"]) == 0
     import json
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return np.array([r["moe_load"] for r in records if "moe_load" in r and r["step"] >= 50])
+    return np.array([r["moe_load"] for r in records if "moe_load" in r and r["step"] >= 30])
 
 
 @pytest.mark.slow
 def test_balancing_keeps_expert_load_in_band(tmp_path):
     """With the balancing loss (coefficient 0.1), every expert's share of the assignments over
-    steps 50-100 stays within [0.5, 1.5] x its fair share 1/8; without it the router collapses
-    onto a few experts (one gets more than 2.5/8, another almost none)."""
+    steps 30-60 stays within [0.5, 1.5] x its fair share 1/8 (here 0.65-1.35);
+    without it the router collapses onto a few experts (one gets more than 2.5/8, another almost
+    none: here 4/8 and 0 from step 20 on)."""
     balanced = band_run(tmp_path, 0.1).mean(0) * 8
     assert balanced.shape == (2, 8)
     assert balanced.min() > 0.5 and balanced.max() < 1.5, balanced

@@ -7,18 +7,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
-from runs import cli_subprocess
 
 from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.errors import UserError
-from llm_jax.scaling import local, sweep
+from llm_jax.scaling import analysis, fit, local, sweep
 from llm_jax.scaling.plan import RUN_DEFAULTS, budget_label, plan_sweep
 from llm_jax.scaling.results import RESULT_COLUMNS
 from llm_jax.scaling.spec import SweepSpec, load_spec
@@ -248,12 +247,18 @@ def test_collect_starts_nothing(tmp_path, fake_train):
 
 
 @pytest.mark.slow
-def test_isoflop_tiny_end_to_end(tmp_path):
+def test_isoflop_tiny_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "tiny"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per run: tiny models
-    proc = cli_subprocess(["sweep", "isoflop_tiny", "--dir", str(out), "--parallel", "2"], devices=None, env=env)
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-2000:] + stdout[-2000:]
+    # The sweep runs in this process and starts each `llm-jax train` in its own; without the
+    # forced device count each of those gets one CPU device: tiny models.
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    # 20 bootstrap refits rather than 200: on this sweep's six noisy points each refit takes tens
+    # of milliseconds, and the bootstrap's errors are test_fit's to check, not this test's.
+    monkeypatch.setattr(analysis, "fit_all", partial(fit.fit_all, resamples=20))
+    code = main(["sweep", "isoflop_tiny", "--dir", str(out), "--parallel", "2"])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout[-2000:]
+    assert "running 6 runs here" in stdout
     rows = read_rows(out / "results.csv")
     assert len(rows) == 6 and {r["name"] for r in rows} == {r.name for r in plan_sweep(load_spec("isoflop_tiny"),
                                                                                        out.resolve()).runs}
@@ -265,9 +270,8 @@ def test_isoflop_tiny_end_to_end(tmp_path):
     assert by_name["gpt_C1e10_d16_L1"] < by_name["gpt_C3e9_d16_L1"]
     assert (out / "report.md").is_file() and len(list(out.glob("*.png"))) >= 3
 
-    again = cli_subprocess(["sweep", "isoflop_tiny", "--dir", str(out)], devices=None, env=env)
-    stdout, stderr = again.communicate(timeout=300)
-    assert again.returncode == 0, stderr[-2000:]
+    assert main(["sweep", "isoflop_tiny", "--dir", str(out)]) == 0
+    stdout = capsys.readouterr().out
     assert "6 runs finished before; skipped" in stdout and "running" not in stdout
     assert read_rows(out / "results.csv") == rows
 

@@ -124,15 +124,16 @@ def test_cli_trains_selective_copy_without_a_corpus(tmp_path, capsys):
 @pytest.mark.slow
 def test_mamba_preset_learns_selective_copying(tmp_path):
     """The `selective_copy` preset (2 Mamba blocks of width 64) on a short version of the task:
-    4 tokens among blanks in 64. With the embedding at the default init_std 0.02 it sat at
-    chance here for 1,500 steps; the preset's 0.125 learns it (docs/mamba.md)."""
+    4 tokens among blanks in 32. With the embedding at the default init_std 0.02 it sat at
+    chance at length 64 for 1,500 steps; the preset's 0.125 learns it (docs/mamba.md). Here
+    the accuracy is 0.16 at step 100, 0.77 at 200, 0.98 at 300 and 0.99 at 400."""
     run = tmp_path / "run"
     # One device: the point is learning, and 8 host devices would only add collectives.
-    proc = cli_subprocess(["train", "selective_copy", f"run.dir={run}", "train.seq_len=64", "data.synthetic_copies=4",
-                           "data.synthetic_vocab=8", "train.steps=500", "train.log_every=100", "train.eval_every=500",
+    proc = cli_subprocess(["train", "selective_copy", f"run.dir={run}", "train.seq_len=32", "data.synthetic_copies=4",
+                           "data.synthetic_vocab=8", "train.steps=400", "train.log_every=100", "train.eval_every=400",
                            "train.eval_batches=4", "checkpoint.every=0", "train.tensorboard=false"], devices=1)
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if "eval_accuracy" in r][-1]
-    assert final["step"] == 500 and final["eval_accuracy"] > 0.9, final  # chance: 1/8
+    assert final["step"] == 400 and final["eval_accuracy"] > 0.9, final  # chance: 1/8

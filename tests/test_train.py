@@ -35,25 +35,23 @@ def test_entry_trains_and_generates(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_same_losses_on_every_mesh(tmp_path):
+def test_same_losses_data_parallel_as_on_one_device(tmp_path):
+    """mesh.data=8 against one device. (data=2 x fsdp=2 x tensor=2 against one device, for every
+    family's preset, gpt2 and llama among them: test_families.)"""
     steps = ["train.steps=6", "train.batch_size=8", "checkpoint.every=0"]
     single = cli_subprocess(["train", "gpt_tiny", f"run.dir={tmp_path / 'one'}", "mesh.data=1", *TINY, *steps],
                             devices=1)
     assert main(["train", "gpt_tiny", f"run.dir={tmp_path / 'dp'}", "mesh.data=8", *TINY, *steps]) == 0
-    assert main(["train", "gpt_tiny", f"run.dir={tmp_path / 'mixed'}", "mesh.data=2", "mesh.fsdp=2",
-                 "mesh.tensor=2", *TINY, *steps]) == 0
     _, err = single.communicate(timeout=300)
     assert single.returncode == 0, err
-    ref = losses(tmp_path / "one")
+    ref, got = losses(tmp_path / "one"), losses(tmp_path / "dp")
     assert sorted(ref) == list(range(1, 7))
-    for name in ("dp", "mixed"):
-        got = losses(tmp_path / name)
-        np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=1e-4)
+    np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=1e-4)
 
 
 @pytest.mark.slow
 def test_sigkill_then_same_command_resumes_exactly(tmp_path):
-    args = ["train", "gpt_tiny", "train.steps=150", "checkpoint.every=10", "checkpoint.keep=3", *TINY]
+    args = ["train", "gpt_tiny", "train.steps=60", "checkpoint.every=10", "checkpoint.keep=3", *TINY]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
     assert main([*args[:2], f"run.dir={ref_dir}", *args[2:]]) == 0
 
@@ -68,7 +66,7 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     done = max(losses(run_dir))
-    assert done < 150
+    assert done < 60
 
     resumed = cli_subprocess([*args[:2], f"run.dir={run_dir}", *args[2:]])
     _, err = resumed.communicate(timeout=300)
@@ -76,13 +74,13 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     assert "resumed from checkpoint" in err
     ref, got = losses(ref_dir), losses(run_dir)
     assert sorted(got) == sorted(ref)
-    assert got[150] == ref[150]  # exact, not approximately equal
+    assert got[60] == ref[60]  # exact, not approximately equal
     assert all(got[s] == ref[s] for s in ref)
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_stops_cleanly_and_resumes_exactly(tmp_path):
-    args = ["train", "gpt_tiny", "train.steps=150", "checkpoint.every=0", *TINY]
+    args = ["train", "gpt_tiny", "train.steps=60", "checkpoint.every=0", *TINY]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "stopped"
     assert main([*args[:2], f"run.dir={ref_dir}", *args[2:]]) == 0
 
@@ -94,7 +92,7 @@ def test_sigterm_checkpoints_stops_cleanly_and_resumes_exactly(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     stop_step = int(out.split("stopped by SIGTERM at step ")[1].split()[0])
-    assert 20 <= stop_step < 150
+    assert 20 <= stop_step < 60
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [stop_step]
 
     resumed = cli_subprocess([*args[:2], f"run.dir={run_dir}", *args[2:]])

@@ -17,7 +17,7 @@ from llm_jax.alignment import rewards
 from llm_jax.alignment.prompts import PromptSet, jsonl_prompts, prompt_set
 from llm_jax.alignment.rollout import completion_ids, forward, left_pad, response_mask, step_prompts
 from llm_jax.alignment.run import rl_train
-from llm_jax.alignment.setup import build_rl_setup
+from llm_jax.alignment.setup import build_rl_setup, per_update
 from llm_jax.alignment.steps import adapt_kl_coef
 from llm_jax.cli import main
 from llm_jax.config import load_config
@@ -26,6 +26,7 @@ from llm_jax.data import arith
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.errors import UserError
 from llm_jax.parallel.mesh import make_mesh
+from llm_jax.train.optim import make_schedule
 
 
 def say_seven(prompts, completions) -> np.ndarray:
@@ -241,3 +242,16 @@ def test_arith_reward_reads_the_problem_from_its_prompt():
                                [1.0, 1.0, arith.reward(problem, "86")])
     with pytest.raises(UserError, match="a\\+b= or a-b="):
         prompts.reward_fn(["what is 2+2?"], ["4"])
+
+
+def test_the_learning_rate_schedule_counts_optimiser_updates():
+    # 4 steps x 2 epochs x 3 minibatches = 24 updates: warmup 6 of them, cosine down to min_lr at 24.
+    cfg = load_config("grpo_arith", ["train.steps=4", "rl.epochs=2", "rl.minibatches=3", "rl.prompts_per_step=3",
+                                     "optim.schedule=cosine", "optim.lr=1e-3", "optim.min_lr=1e-4",
+                                     "optim.warmup_steps=6"])
+    schedule = make_schedule(per_update(cfg))
+    assert float(schedule(6)) == pytest.approx(1e-3)
+    assert 1e-4 < float(schedule(12)) < 1e-3
+    assert float(schedule(24)) == pytest.approx(1e-4)
+    explicit = per_update(load_config("grpo_arith", ["optim.decay_steps=7"]))
+    assert explicit.optim.decay_steps == 7

@@ -130,6 +130,15 @@ class RLSetup:
         return {"eval_reward": float(np.mean(self.prompts.reward_fn(prompts, texts)))}
 
 
+def per_update(cfg: Config) -> Config:
+    """`cfg` whose learning-rate schedule runs over optimiser updates: an RL step makes
+    rl.epochs x rl.minibatches of them, so the decay spans train.steps x that many (unless
+    optim.decay_steps is set), and optim.warmup_steps counts updates too."""
+    updates = cfg.train.steps * cfg.rl.epochs * cfg.rl.minibatches
+    optim = cfg.optim.model_copy(update={"decay_steps": cfg.optim.decay_steps or updates})
+    return cfg.model_copy(update={"optim": optim})
+
+
 def build_rl_setup(cfg: Config, mesh: Mesh, tokenizer: Any, prompts: PromptSet, vocab_size: int) -> RLSetup:
     rl = cfg.rl
     if cfg.model.spec.kind != "decoder":
@@ -149,8 +158,8 @@ def build_rl_setup(cfg: Config, mesh: Mesh, tokenizer: Any, prompts: PromptSet, 
         raise UserError(f"prompts of up to {width} tokens (padded) + rl.max_new_tokens={rl.max_new_tokens} exceed "
                         f"the model's {limit} positions; raise model.max_seq_len or train.seq_len")
     mdef = model_def(cfg, vocab_size)
-    tx = make_optimizer(cfg)
-    schedule = make_schedule(cfg)
+    tx = make_optimizer(per_update(cfg))
+    schedule = make_schedule(per_update(cfg))
     shardings = {**state_shardings(mesh, tx, mdef), "kl_coef": NamedSharding(mesh, P())}
     return RLSetup(cfg=cfg, mesh=mesh, mdef=mdef, tx=tx, shardings=shardings, prompts=prompts, tokenizer=tokenizer,
                    train_rows=train_rows, width=width,

@@ -71,6 +71,7 @@ def test_best_of_n_keeps_the_highest_scoring_sample_and_more_samples_never_score
         best_of_n(model, ["1+1="], n=4, scorer=count_digits, temperature=0.0)
 
 
+@pytest.mark.slow
 def test_best_of_n_command_reports_the_curve_and_never_overwrites(tmp_path, capsys):
     import json
 

@@ -56,6 +56,21 @@ class BestOfN:
         return float((self.scores[:, :k].max(axis=1) >= threshold).mean())
 
 
+def sample_n(policy: Model, prompts: Sequence[str], n: int, *, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, seed: int = 0) -> list[list[str]]:
+    """`n` completions (text, cut at EOS) of every prompt, [P][N], sampled in calls of about
+    ROWS_PER_CALL rows; a seed per call, so calls draw independently and the same arguments
+    repeat the same draws."""
+    per_call = max(1, ROWS_PER_CALL // n)
+    samples: list[list[str]] = []
+    for start in range(0, len(prompts), per_call):
+        chunk = prompts[start:start + per_call]
+        out = policy.generate([p for p in chunk for _ in range(n)], max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, seed=seed + start)
+        samples += [out[i * n:(i + 1) * n] for i in range(len(chunk))]
+    return samples
+
+
 def best_of_n(policy: Model, prompts: Sequence[str], n: int, scorer: Scorer, *, max_new_tokens: int = 32,
               temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> BestOfN:
     """Sample `n` completions of every prompt from `policy` and score each with `scorer`."""
@@ -66,15 +81,8 @@ def best_of_n(policy: Model, prompts: Sequence[str], n: int, scorer: Scorer, *, 
     prompts = list(prompts)
     if not prompts:
         raise UserError("best-of-n got no prompts")
-    per_call = max(1, ROWS_PER_CALL // n)
-    samples: list[list[str]] = []
-    for start in range(0, len(prompts), per_call):
-        chunk = prompts[start:start + per_call]
-        rows = [p for p in chunk for _ in range(n)]
-        # A seed per chunk, so chunks draw independently; the same call repeats the same draws.
-        out = policy.generate(rows, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              seed=seed + start)
-        samples += [out[i * n:(i + 1) * n] for i in range(len(chunk))]
+    samples = sample_n(policy, prompts, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       seed=seed)
     flat_prompts = [p for p in prompts for _ in range(n)]
     flat_samples = [s for row in samples for s in row]
     scores = np.asarray(scorer(flat_prompts, flat_samples), np.float32).reshape(len(prompts), n)

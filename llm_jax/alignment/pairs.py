@@ -21,13 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_jax.alignment.best_of_n import sample_n
 from llm_jax.data import arith
 from llm_jax.data.cache import write_bytes_atomic
 from llm_jax.errors import UserError
 from llm_jax.inference.api import Model, load
-
-# Prompts (problems x samples) sent to `generate` at once: bounds the memory of the KV cache.
-GENERATE_BATCH = 512
 
 
 @dataclass(frozen=True)
@@ -59,12 +57,7 @@ def sample_completions(model: Model, prompts: Sequence[str], samples: int, tempe
     if max_new < 1:
         raise UserError(f"the run's train.seq_len={model.config.train.seq_len} leaves no room for an answer after "
                         f"a prompt of {longest} tokens")
-    flat = [p for p in prompts for _ in range(samples)]
-    texts: list[str] = []
-    for start in range(0, len(flat), GENERATE_BATCH):
-        texts += model.generate(flat[start:start + GENERATE_BATCH], max_new_tokens=max_new,
-                                temperature=temperature, seed=seed + start)
-    return [texts[i * samples:(i + 1) * samples] for i in range(len(prompts))]
+    return sample_n(model, list(prompts), samples, max_new_tokens=max_new, temperature=temperature, seed=seed)
 
 
 def pair_of(problem: arith.Problem, texts: Sequence[str], fits) -> dict | None:

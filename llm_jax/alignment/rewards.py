@@ -10,7 +10,6 @@ builds one from its name in a config or on the command line:
 
 from __future__ import annotations
 
-import re
 from typing import Callable, Sequence
 
 import numpy as np
@@ -38,20 +37,11 @@ def scorer_of(spec: str) -> Scorer:
                     f"({', '.join(VERIFIERS) or 'none registered'})")
 
 
-def arith_problem(prompt: str) -> arith.Problem:
-    """The arithmetic problem a prompt states (`a+b=`, `a-b=`): its answer follows from the text."""
-    match = _ARITH_PROMPT.fullmatch(prompt)
-    if match is None:
-        raise UserError(f"rl.reward=arith scores prompts of the form a+b= or a-b=, not {prompt!r}")
-    return arith.make_problem(int(match[1]), match[2], int(match[3]))
-
-
 def arith_scorer(prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
-    return np.asarray([arith.reward(arith_problem(p), c) for p, c in zip(prompts, completions, strict=True)],
+    return np.asarray([arith.reward(arith.problem_of(p), c) for p, c in zip(prompts, completions, strict=True)],
                       np.float32)
 
 
-_ARITH_PROMPT = re.compile(r"([0-9]+)([+-])([0-9]+)=")
 VERIFIERS["arith"] = arith_scorer
 VERIFIER_PROMPTS["arith"] = lambda count: [p.prompt for p in arith.problems("validation", count)]
 VERIFIER_TRAIN_PROMPTS["arith"] = lambda count, seed: [p.prompt for p in arith.problems("train", count, seed)]

@@ -47,6 +47,7 @@ SPLITS = ("train", "validation")
 ARITH_VERSION = 1
 
 _INTEGER = re.compile(r"-?[0-9]+")
+_PROMPT = re.compile(r"([0-9]+)([+-])([0-9]+)=")
 # Distinct (a, op, b) prompts: (10^MAX_DIGITS)^2 * 2 operations.
 _SPACE = (10 ** MAX_DIGITS) ** 2 * len(OPERATIONS)
 
@@ -68,6 +69,14 @@ def make_problem(a: int, op: str, b: int) -> Problem:
     if op not in OPERATIONS:
         raise ValueError(f"unknown operation {op!r}; use one of {OPERATIONS}")
     return Problem(f"{a}{op}{b}=", str(a + b if op == "+" else a - b))
+
+
+def problem_of(prompt: str) -> Problem:
+    """The problem a prompt states (`a+b=`, `a-b=`): its answer follows from the text."""
+    match = _PROMPT.fullmatch(prompt)
+    if match is None:
+        raise UserError(f"the arithmetic task's prompts have the form a+b= or a-b=, not {prompt!r}")
+    return make_problem(int(match[1]), match[2], int(match[3]))
 
 
 def split_of(prompt: str) -> str:

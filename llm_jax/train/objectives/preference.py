@@ -23,22 +23,17 @@ import jax.numpy as jnp
 
 from llm_jax import losses
 from llm_jax.config import Config
+from llm_jax.data.preference import split_rows
 from llm_jax.models.base import ModelOutput
 from llm_jax.parallel.rules import constrain
 from llm_jax.train.objectives.base import Data, Objective, Vocab, register_objective
-
-
-def pair_parts(rows_BR: jax.Array, width: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(chosen tokens, chosen mask, rejected tokens, rejected mask), each [B, W], of rows [B, 4W]."""
-    W = width
-    return rows_BR[:, :W], rows_BR[:, W:2 * W], rows_BR[:, 2 * W:3 * W], rows_BR[:, 3 * W:4 * W]
 
 
 def pair_data(rows_BR: jax.Array, width: int) -> Data:
     """Both completions as one batch [2B] (interleaved: chosen, rejected, chosen, ...): inputs {tokens_BT [2B, W - 1]},
     targets [2B, W - 1] (the next tokens), weights [2B, W - 1] float32 (1 on the scored
     completion tokens, their final EOS included)."""
-    chosen_BW, chosen_mask_BW, rejected_BW, rejected_mask_BW = pair_parts(rows_BR, width)
+    chosen_BW, chosen_mask_BW, rejected_BW, rejected_mask_BW = split_rows(rows_BR)
     B, W = chosen_BW.shape
     # (Constrained: the partitioner would otherwise pick an odd layout for the merged batch.)
     tokens_NW = constrain(jnp.stack([chosen_BW, rejected_BW], axis=1).reshape(2 * B, W), ("batch", None))

@@ -26,6 +26,7 @@ from llm_jax.interop import adapters
 from llm_jax.interop.pretrained import export_hf
 from llm_jax.parallel.cpu_devices import split_cpu_host
 from llm_jax.parallel.distributed import initialize, is_multiprocess, resolve_placement
+from llm_jax.parallel.platform import skip_absent_tpu
 from llm_jax.paths import enable_compile_cache
 from llm_jax.runtime.run_dir import check_run_dir
 from llm_jax.scaling.fit import fit_all, format_fit
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parse(argv)
         _quiet_libraries()
+        skip_absent_tpu()
         code = COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from llm_jax.models.layers import Dense, apply_rope
+from llm_jax.parallel.platform import target_platform
 from llm_jax.parallel.rules import constrain
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give zeros, not NaNs
@@ -177,7 +178,7 @@ def resolve_kernel(requested: str) -> str:
     """`auto`: cuDNN flash attention on GPU, blockwise on CPU, XLA elsewhere (TPU)."""
     if requested != "auto":
         return requested
-    platform = jax.default_backend()
+    platform = target_platform()
     if platform == "gpu":
         return "cudnn"
     return "blockwise" if platform == "cpu" else "xla"

@@ -22,6 +22,7 @@ from llm_jax.config import Config, ModelConfig
 from llm_jax.config.families import ArchSpec, register_arch
 from llm_jax.errors import UserError
 from llm_jax.models.attention import resolve_kernel
+from llm_jax.parallel.platform import target_platform
 
 
 class ModelOutput(NamedTuple):
@@ -124,7 +125,7 @@ def compute_dtype(cfg: Config) -> str:
     """`auto`: bfloat16 where the hardware has fast bf16 matmuls (GPU, TPU), float32 on CPU."""
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return "float32" if target_platform() == "cpu" else "bfloat16"
 
 
 def dims_of(cfg: Config, vocab_size: int, num_classes: int = 0) -> Dims:

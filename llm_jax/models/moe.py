@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from llm_jax.config.model import ModelConfig
 from llm_jax.models.grouped_mlp import blocked_mlp, looped_mlp
 from llm_jax.models.layers import MLP, activate, param
+from llm_jax.parallel.platform import target_platform
 from llm_jax.parallel.rules import current_mesh, logical_to_spec
 
 GROUPED_MLPS = {"blocked": blocked_mlp, "looped": looped_mlp}
@@ -45,7 +46,7 @@ def grouped_matmul(choice: str) -> str:
     and weight copies (docs/moe.md); it has not been measured on a GPU."""
     if choice != "auto":
         return choice
-    backend = jax.default_backend()
+    backend = target_platform()
     return {"tpu": "ragged_dot", "cpu": "looped"}.get(backend, "blocked")
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llm_jax.parallel.platform import target_platform
+
 SCANS = ("associative", "chunked", "sequential")
 
 
@@ -106,7 +108,7 @@ def resolve_scan(mode: str) -> str:
     chunked 66-106 ms), `chunked` on accelerators."""
     if mode != "auto":
         return mode
-    return "sequential" if jax.default_backend() == "cpu" else "chunked"
+    return "sequential" if target_platform() == "cpu" else "chunked"
 
 
 def selective_scan(x_BTD: jax.Array, delta_BTD: jax.Array, A_DN: jax.Array, B_BTN: jax.Array,

@@ -47,7 +47,7 @@ if code:
 sys.exit(code)
 """
 # Every cloud or cluster command a launcher might call; none of the real ones may run.
-STUBBED = ("gcloud", "srun", "sbatch", "scontrol", "kubectl", "nvidia-smi")
+STUBBED = ("gcloud", "srun", "sbatch", "scontrol", "kubectl", "nvidia-smi", "xpk")
 
 
 def make_stub_bin(bin_dir: Path, names: tuple[str, ...] = STUBBED) -> Path:

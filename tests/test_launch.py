@@ -339,7 +339,7 @@ def test_tpu_train_refuses_unshared_run_dir(stub_bin, tmp_path, run_dir):
     assert calls == []
 
 
-@pytest.mark.parametrize("script", ["tpu_vm.sh", "tpu_queued.sh", "tpu_multislice.sh"])
+@pytest.mark.parametrize("script", ["tpu_vm.sh", "tpu_queued.sh", "tpu_multislice.sh", "xpk.sh"])
 def test_bad_subcommand_prints_usage(stub_bin, tmp_path, script):
     # A gcloud that fails if called: usage must need no gcloud at all.
     proc, calls = run_launcher(stub_bin, tmp_path, script, ["bogus"], stub_exit=99)
@@ -386,6 +386,85 @@ def test_tpu_stop_sends_sigterm(stub_bin, tmp_path):
     proc, calls = run_launcher(stub_bin, tmp_path, "tpu_queued.sh", ["stop"])
     assert proc.returncode == 0, proc.stderr
     assert "kill -TERM" in flag(calls[0]["argv"], "command")
+
+
+# --- XPK (GKE TPU clusters) -----------------------------------------------------------------
+
+XPK_IMAGE = "us-docker.pkg.dev/p/llm-jax/llm-jax:tpu"
+XPK_CASES = [
+    ([], {}),
+    (["gpt_small", "mesh.data=1", "mesh.fsdp=-1", "train.batch_size=64"], {"NUM_SLICES": "2"}),
+    (["gpt_tiny", "train.batch_size=16"], {"TPU_TYPE": "v5p-8", "RUN_DIR": f"{MOUNT_POINT}/runs/p8"}),
+]
+
+
+@pytest.mark.parametrize("args,env", XPK_CASES, ids=["default", "two-slices", "v5p-8"])
+def test_xpk_train_command(stub_bin, tmp_path, args, env):
+    """`train` submits one workload on the cluster's TPUs, mounting the storage that `storage`
+    attached, whose llm-jax command fits the slices and writes into the bucket."""
+    env = {"IMAGE": XPK_IMAGE, "BUCKET": BUCKET, **env}
+    where = f"xpk.sh train {shlex.join(args)}"
+    proc, calls = run_launcher(stub_bin, tmp_path, "xpk.sh", ["cluster"], env)
+    assert proc.returncode == 0, proc.stderr
+    (create,) = calls
+    assert create["tool"] == "xpk" and create["argv"][:2] == ["cluster", "create"], create
+    assert "--on-demand" in create["argv"]
+    chips = tpu_chips(flag(create["argv"], "tpu-type"))
+    slices = int(flag(create["argv"], "num-slices"))
+    hosts = 1 if chips <= 8 else chips // 4
+
+    proc, calls = run_launcher(stub_bin, tmp_path, "xpk.sh", ["storage"], env)
+    assert proc.returncode == 0, proc.stderr
+    (attach,) = calls
+    argv = attach["argv"]
+    assert argv[:2] == ["storage", "attach"] and flag(argv, "type") == "gcsfuse", argv
+    assert flag(argv, "bucket") == BUCKET and flag(argv, "mount-point") == MOUNT_POINT, argv
+    options = flag(argv, "mount-options").split(",")
+    assert "implicit-dirs" in options and any(
+        o.startswith("rename-dir-limit=") and int(o.split("=")[1]) > 0 for o in options), options
+
+    proc, calls = run_launcher(stub_bin, tmp_path, "xpk.sh", ["train", *args], env)
+    assert proc.returncode == 0, proc.stderr
+    call, train = training_call(calls)
+    argv = call["argv"]
+    assert argv[:2] == ["workload", "create"], argv
+    assert flag(argv, "docker-image") == XPK_IMAGE and flag(argv, "storage") == attach["argv"][2], argv
+    assert flag(argv, "tpu-type") == flag(create["argv"], "tpu-type")
+    assert int(flag(argv, "num-slices")) == slices and int(flag(argv, "max-restarts")) > 0, argv
+    run_dir = run_dir_arg(train)
+    assert_shared_run_dir(run_dir, where, MOUNT_POINT)
+    assert run_dir == env.get("RUN_DIR", f"{MOUNT_POINT}/runs/llm-jax-{train[0]}"), train
+    if args:
+        assert train[0] == args[0] and train[len(train) - len(args) + 1:] == args[1:], train
+    if slices > 1:
+        assert f"mesh.dcn_data={slices}" in train, train
+    check_fits(load(train, where), chips, slices, hosts * slices, where)
+
+
+@pytest.mark.parametrize("command,env,needs", [
+    ("train", {"BUCKET": BUCKET}, "IMAGE"),
+    ("storage", {}, "BUCKET"),
+    ("cluster", {"CAPACITY": "cheap"}, "CAPACITY"),
+    ("train", {"IMAGE": XPK_IMAGE, "RUN_DIR": f"gs://{BUCKET}/runs/x"}, "RUN_DIR"),
+])
+def test_xpk_refuses_bad_settings(stub_bin, tmp_path, command, env, needs):
+    proc, calls = run_launcher(stub_bin, tmp_path, "xpk.sh", [command], env)
+    assert proc.returncode == 2 and needs in proc.stderr, proc.stderr
+    assert calls == []
+
+
+def test_xpk_capacity_stop_and_delete(stub_bin, tmp_path):
+    proc, calls = run_launcher(stub_bin, tmp_path, "xpk.sh", ["cluster"],
+                               {"CAPACITY": "reservation:r1", "PROJECT": "p", "CLUSTER": "c"})
+    assert proc.returncode == 0, proc.stderr
+    argv = calls[0]["argv"]
+    assert flag(argv, "reservation") == "r1" and flag(argv, "project") == "p" and flag(argv, "cluster") == "c"
+    # stop deletes the workload (its pods get SIGTERM: llm-jax saves and exits), not the cluster.
+    proc, calls = run_launcher(stub_bin, tmp_path, "xpk.sh", ["stop"], {"WORKLOAD": "w"})
+    assert proc.returncode == 0 and calls[0]["argv"][:2] == ["workload", "delete"]
+    assert flag(calls[0]["argv"], "workload") == "w"
+    proc, calls = run_launcher(stub_bin, tmp_path, "xpk.sh", ["delete"])
+    assert proc.returncode == 0 and calls[0]["argv"][:2] == ["cluster", "delete"]
 
 
 # --- SLURM ----------------------------------------------------------------------------------
@@ -553,7 +632,7 @@ def test_gke_gpu_jobset_names_its_process_group():
 def test_every_training_script_is_exercised():
     """A new launcher that runs `llm-jax train` must get a case above, not slip through."""
     # slurm/sweep.sbatch runs the sweep's job arrays; tests/test_sweep_launch.py checks its commands.
-    covered = {s for s, _, _ in TPU_CASES} | {"slurm/train.sbatch", "slurm/sweep.sbatch"}
+    covered = {s for s, _, _ in TPU_CASES} | {"slurm/train.sbatch", "slurm/sweep.sbatch", "xpk.sh"}
     runnable = {_rel(p) for p in SCRIPTS
                 if p.read_text().startswith("#!") and "llm-jax train" in p.read_text()}
     assert runnable <= covered, f"no train-command check for {sorted(runnable - covered)}"

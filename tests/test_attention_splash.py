@@ -1,0 +1,192 @@
+"""Splash attention (`model.attention=splash`, `llm_jax/models/splash.py`): JAX's Pallas TPU kernel,
+run here in Pallas interpret mode, equals the einsum reference under causal-and-same-segment
+masks (values and q/k/v gradients), in a tiny GPT on packed rows, and on an 8-device mesh; it
+lowers and compiles for a TPU topology; it is refused on GPU and `auto` never picks it."""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from llm_jax.config import load_config
+from llm_jax.errors import UserError
+from llm_jax.models.attention import masked_attention, resolve_kernel, same_segment
+from llm_jax.models.definition import model_def, param_shardings
+from llm_jax.models.splash import splash_attention, splash_blocks
+from llm_jax.parallel.mesh import make_mesh
+from llm_jax.parallel.platform import targeting
+from llm_jax.parallel.rules import activation_mesh, logical_to_spec
+from llm_jax.parallel.topology import parse_topology
+from llm_jax.train.objectives.base import token_losses
+from llm_jax.train.objectives.causal import Causal
+
+B, N, K, H = 2, 4, 2, 16  # grouped KV heads: two query heads per KV head
+# Interpret mode runs the kernel's fp32 arithmetic in another order than the einsum: measured
+# differences are below 1e-6 of the largest value (outputs) and 2e-6 (gradients).
+RTOL = 2e-5
+
+
+def qkv(T: int, seed: int = 0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return jax.random.normal(ks[0], (B, T, N, H)), *(jax.random.normal(key, (B, T, K, H)) for key in ks[1:])
+
+
+def packed_segments(T: int) -> jax.Array:
+    """Several documents per row, their boundaries inside the kernel's blocks (and T not a
+    multiple of 128, so the padding's own segment is exercised too)."""
+    cuts = [[0, 5, 21, T], [0, T - 9, T]]
+    return jnp.asarray([np.repeat(np.arange(len(c) - 1), np.diff(c)) for c in cuts], jnp.int32)
+
+
+def assert_close_to_scale(got, want, rtol=RTOL):
+    """Equal within rtol of the largest value in `want` (fp32 sums in another order)."""
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * np.abs(w).max())
+
+
+def value_and_grads(f, *args):
+    return jax.jit(jax.value_and_grad(lambda q, k, v: (f(q, k, v) ** 2).sum(), argnums=(0, 1, 2)))(*args)
+
+
+def reference(causal: bool, seg_BT):
+    def attend(q, k, v):
+        T = q.shape[1]
+        mask = jnp.ones((1, T, T), bool)
+        if causal:
+            mask = mask & jnp.tril(mask)
+        if seg_BT is not None:
+            mask = mask & same_segment(seg_BT)
+        return masked_attention(q, k, v, mask)
+    return attend
+
+
+def test_blocks_are_multiples_of_128_and_divide_the_padded_length():
+    assert [splash_blocks(t) for t in (32, 128, 200, 384, 640, 1024, 4096)] == [
+        (128, 128), (128, 128), (256, 256), (128, 384), (128, 640), (512, 1024), (512, 4096)]
+
+
+CASES = {  # name: (T, causal, packed)
+    "causal-packed-padded": (40, True, True),
+    "causal-128": (128, True, False),
+    "bidirectional-padded": (24, False, False),
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n != "causal-packed-padded" else [])
+                                  for n in CASES])
+def test_splash_equals_the_einsum_reference_values_and_gradients(name):
+    T, causal, packed = CASES[name]
+    seg = packed_segments(T) if packed else None
+    q, k, v = qkv(T)
+    want, want_grads = value_and_grads(reference(causal, seg), q, k, v)
+    got, got_grads = value_and_grads(partial(splash_attention, causal=causal, segment_ids_BT=seg), q, k, v)
+    np.testing.assert_allclose(got, want, rtol=RTOL)
+    assert_close_to_scale(got_grads, want_grads)
+    if packed:  # the check has teeth: attention across the documents gives other outputs
+        leaky = reference(True, None)(q, k, v)
+        assert np.abs(np.asarray(leaky) - np.asarray(splash_attention(q, k, v, segment_ids_BT=seg))).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_splash_on_8_devices_equals_1_device():
+    """data=2 x tensor=4: the batch and the 4 query heads are split, the 2 KV heads are not
+    divisible by 4 and are repeated per query head inside (the other branch, KV heads split
+    with their query heads, runs in the GPT test below)."""
+    T = 40
+    q, k, v = qkv(T, seed=1)
+    seg = packed_segments(T)
+    f = partial(splash_attention, causal=True, segment_ids_BT=seg)
+    want, want_grads = value_and_grads(f, q, k, v)
+    cfg = load_config(None, ["mesh.data=2", "mesh.tensor=4"])
+    mesh = make_mesh(cfg, jax.devices()[:8])
+    put = lambda x, names: jax.device_put(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)))  # noqa: E731
+    q = put(q, ("batch", None, "heads", None))
+    k, v = (put(x, ("batch", None, "kv_heads", None)) for x in (k, v))
+    with activation_mesh(mesh):
+        got, got_grads = value_and_grads(f, q, k, v)
+    np.testing.assert_allclose(got, want, rtol=RTOL)
+    assert_close_to_scale(got_grads, want_grads)
+
+
+VOCAB, EOS, SEQ = 64, 63, 48
+GPT = ["model.num_layers=2", "model.d_model=64", f"model.num_heads={N}", f"model.num_kv_heads={K}", "model.d_ff=64",
+       "model.position=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.use_bias=false",
+       f"train.seq_len={SEQ}", "train.batch_size=4", "train.packing=true"]
+
+
+def draw_params(mdef, seed: int = 0):
+    """Normal draws of std 0.3 (sharp attention, so a leak across documents would show)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), s.dtype), mdef.shapes)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def loss_and_grads(graphdef, params, rows):
+    inputs, targets_BT, weights_BT = Causal(packing=True, eos_id=EOS).data(rows, 0)
+
+    def total(p):
+        return (token_losses(nnx.merge(graphdef, p)(**inputs).logits, targets_BT) * weights_BT).sum()
+
+    return jax.value_and_grad(total)(params)
+
+
+def gpt_loss_and_grads(kernel: str, mesh_overrides: list[str], devices: int):
+    cfg = load_config(None, [*GPT, f"model.attention={kernel}", *mesh_overrides])
+    mdef = model_def(cfg, VOCAB)
+    mesh = make_mesh(cfg, jax.devices()[:devices])
+    rng = np.random.default_rng(5)
+    rows = rng.integers(0, EOS, (4, SEQ + 1))
+    rows[rng.random(rows.shape) < 0.12] = EOS  # a few documents per row
+    params = jax.device_put(draw_params(mdef), param_shardings(mdef, mesh))
+    rows = jax.device_put(jnp.asarray(rows, jnp.int32), NamedSharding(mesh, logical_to_spec(("batch", None))))
+    with activation_mesh(mesh):
+        program = str(jax.make_jaxpr(loss_and_grads, static_argnums=0)(mdef.graphdef, params, rows))
+        assert ("pallas_call" in program) == (kernel == "splash")  # the kernel really runs
+        return jax.tree.map(np.asarray, loss_and_grads(mdef.graphdef, params, rows))
+
+
+@pytest.mark.slow
+def test_gpt_with_splash_on_packed_rows_equals_xla_on_1_and_8_devices():
+    """A GQA Llama-style GPT on packed rows: loss and parameter gradients with splash equal
+    those with xla, on one device and on data=2 x fsdp=2 x tensor=2 (the 2 KV heads split with
+    their query heads)."""
+    want = gpt_loss_and_grads("xla", ["mesh.data=1"], 1)
+    assert_close_to_scale(gpt_loss_and_grads("splash", ["mesh.data=1"], 1), want)
+    assert_close_to_scale(gpt_loss_and_grads("splash", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], 8), want)
+
+
+def test_splash_is_refused_on_gpu_and_never_picked_by_auto():
+    with targeting("gpu"), pytest.raises(UserError, match="model.attention=splash is a TPU kernel"):
+        resolve_kernel("splash")
+    for platform, kernel in (("cpu", "blockwise"), ("gpu", "cudnn"), ("tpu", "xla")):
+        with targeting(platform):
+            assert resolve_kernel("auto") == kernel
+    with targeting("tpu"):
+        assert resolve_kernel("splash") == "splash"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the tpu extra)")
+def test_splash_gradient_compiles_for_tpu():
+    """The compiled (not interpreted) kernel: forward, dq and dkv Mosaic kernels in the gradient
+    program for one v5e chip, bf16, T=512 (blocks of 512), head_dim 128, packed segment ids."""
+    T, Hd = 512, 128
+    with targeting("tpu"):
+        devices = parse_topology("v5e-4").devices()[:1]
+        s = NamedSharding(jax.sharding.Mesh(np.array(devices), ("x",)), P())
+        shape = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.bfloat16, sharding=s)  # noqa: E731
+
+        def loss(q, k, v, seg):
+            return (splash_attention(q, k, v, segment_ids_BT=seg).astype(jnp.float32) ** 2).sum()
+
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), in_shardings=(s,) * 4).lower(
+            shape(B, T, N, Hd), shape(B, T, K, Hd), shape(B, T, K, Hd),
+            jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=s)).compile()
+    assert compiled.as_text().count("tpu_custom_call") == 3

@@ -1,7 +1,8 @@
-"""Splash attention (`model.attention=splash`, `llm_jax/models/splash.py`): JAX's Pallas TPU kernel,
-run here in Pallas interpret mode, equals the einsum reference under causal-and-same-segment
-masks (values and q/k/v gradients), in a tiny GPT on packed rows, and on an 8-device mesh; it
-lowers and compiles for a TPU topology; it is refused on GPU and `auto` never picks it."""
+"""JAX's Pallas flash-attention kernels (`llm_jax/models/pallas_attention.py`): `splash` (TPU) and
+`pallas_gpu` (GPU), run here in Pallas interpret mode, equal the einsum reference under
+causal-and-same-segment masks (values and q/k/v gradients), in a tiny GPT on packed rows, and on
+an 8-device mesh; splash compiles for a TPU topology and pallas_gpu lowers for CUDA; each is
+refused on the other accelerator and `auto` picks neither."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from llm_jax.config import load_config
 from llm_jax.errors import UserError
 from llm_jax.models.attention import masked_attention, resolve_kernel, same_segment
 from llm_jax.models.definition import model_def, param_shardings
-from llm_jax.models.splash import splash_attention, splash_blocks
+from llm_jax.models.pallas_attention import gpu_padded_length, pallas_gpu_attention, splash_attention, splash_blocks
 from llm_jax.parallel.mesh import make_mesh
 from llm_jax.parallel.platform import targeting
 from llm_jax.parallel.rules import activation_mesh, logical_to_spec
@@ -29,9 +30,10 @@ from llm_jax.train.objectives.base import token_losses
 from llm_jax.train.objectives.causal import Causal
 
 B, N, K, H = 2, 4, 2, 16  # grouped KV heads: two query heads per KV head
-# Interpret mode runs the kernel's fp32 arithmetic in another order than the einsum: measured
+# Interpret mode runs the kernels' fp32 arithmetic in another order than the einsum: measured
 # differences are below 1e-6 of the largest value (outputs) and 2e-6 (gradients).
 RTOL = 2e-5
+KERNELS = {"splash": splash_attention, "pallas_gpu": pallas_gpu_attention}
 
 
 def qkv(T: int, seed: int = 0):
@@ -68,42 +70,48 @@ def reference(causal: bool, seg_BT):
     return attend
 
 
-def test_blocks_are_multiples_of_128_and_divide_the_padded_length():
+def test_blocks_and_padded_lengths():
     assert [splash_blocks(t) for t in (32, 128, 200, 384, 640, 1024, 4096)] == [
         (128, 128), (128, 128), (256, 256), (128, 384), (128, 640), (512, 1024), (512, 4096)]
+    assert [gpu_padded_length(t) for t in (8, 32, 40, 100, 128, 200, 1024)] == [32, 32, 64, 128, 128, 256, 1024]
 
 
 CASES = {  # name: (T, causal, packed)
     "causal-packed-padded": (40, True, True),
-    "causal-128": (128, True, False),
+    "causal-unpadded": (128, True, False),
     "bidirectional-padded": (24, False, False),
 }
+# Each case compiles the kernel's three interpreted passes (3-5 s of CPU): the packed causal
+# case runs in the quick loop, the others are slow.
+PARAMS = [pytest.param(kernel, name, marks=[] if name == "causal-packed-padded" else [pytest.mark.slow])
+          for kernel in KERNELS for name in CASES]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n != "causal-packed-padded" else [])
-                                  for n in CASES])
-def test_splash_equals_the_einsum_reference_values_and_gradients(name):
+@pytest.mark.parametrize(("kernel", "name"), PARAMS)
+def test_kernel_equals_the_einsum_reference_values_and_gradients(kernel, name):
     T, causal, packed = CASES[name]
     seg = packed_segments(T) if packed else None
     q, k, v = qkv(T)
+    attend = partial(KERNELS[kernel], causal=causal, segment_ids_BT=seg)
     want, want_grads = value_and_grads(reference(causal, seg), q, k, v)
-    got, got_grads = value_and_grads(partial(splash_attention, causal=causal, segment_ids_BT=seg), q, k, v)
+    got, got_grads = value_and_grads(attend, q, k, v)
     np.testing.assert_allclose(got, want, rtol=RTOL)
     assert_close_to_scale(got_grads, want_grads)
     if packed:  # the check has teeth: attention across the documents gives other outputs
         leaky = reference(True, None)(q, k, v)
-        assert np.abs(np.asarray(leaky) - np.asarray(splash_attention(q, k, v, segment_ids_BT=seg))).max() > 1e-2
+        assert np.abs(np.asarray(leaky) - np.asarray(jax.jit(attend)(q, k, v))).max() > 1e-2
 
 
 @pytest.mark.slow
-def test_splash_on_8_devices_equals_1_device():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_on_8_devices_equals_1_device(kernel):
     """data=2 x tensor=4: the batch and the 4 query heads are split, the 2 KV heads are not
-    divisible by 4 and are repeated per query head inside (the other branch, KV heads split
-    with their query heads, runs in the GPT test below)."""
+    divisible by 4 and are repeated per query head (the other branch, KV heads split with their
+    query heads, runs in the GPT test below)."""
     T = 40
     q, k, v = qkv(T, seed=1)
     seg = packed_segments(T)
-    f = partial(splash_attention, causal=True, segment_ids_BT=seg)
+    f = partial(KERNELS[kernel], causal=True, segment_ids_BT=seg)
     want, want_grads = value_and_grads(f, q, k, v)
     cfg = load_config(None, ["mesh.data=2", "mesh.tensor=4"])
     mesh = make_mesh(cfg, jax.devices()[:8])
@@ -149,28 +157,32 @@ def gpt_loss_and_grads(kernel: str, mesh_overrides: list[str], devices: int):
     rows = jax.device_put(jnp.asarray(rows, jnp.int32), NamedSharding(mesh, logical_to_spec(("batch", None))))
     with activation_mesh(mesh):
         program = str(jax.make_jaxpr(loss_and_grads, static_argnums=0)(mdef.graphdef, params, rows))
-        assert ("pallas_call" in program) == (kernel == "splash")  # the kernel really runs
+        assert ("pallas_call" in program) == (kernel != "xla")  # the Pallas kernel really runs
         return jax.tree.map(np.asarray, loss_and_grads(mdef.graphdef, params, rows))
 
 
 @pytest.mark.slow
-def test_gpt_with_splash_on_packed_rows_equals_xla_on_1_and_8_devices():
-    """A GQA Llama-style GPT on packed rows: loss and parameter gradients with splash equal
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gpt_on_packed_rows_equals_xla_on_1_and_8_devices(kernel):
+    """A GQA Llama-style GPT on packed rows: loss and parameter gradients with the kernel equal
     those with xla, on one device and on data=2 x fsdp=2 x tensor=2 (the 2 KV heads split with
     their query heads)."""
     want = gpt_loss_and_grads("xla", ["mesh.data=1"], 1)
-    assert_close_to_scale(gpt_loss_and_grads("splash", ["mesh.data=1"], 1), want)
-    assert_close_to_scale(gpt_loss_and_grads("splash", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], 8), want)
+    assert_close_to_scale(gpt_loss_and_grads(kernel, ["mesh.data=1"], 1), want)
+    assert_close_to_scale(gpt_loss_and_grads(kernel, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], 8), want)
 
 
-def test_splash_is_refused_on_gpu_and_never_picked_by_auto():
-    with targeting("gpu"), pytest.raises(UserError, match="model.attention=splash is a TPU kernel"):
-        resolve_kernel("splash")
+def test_each_kernel_is_refused_on_the_other_accelerator_and_never_picked_by_auto():
+    for kernel, home, other in (("splash", "tpu", "gpu"), ("pallas_gpu", "gpu", "tpu")):
+        with targeting(other), pytest.raises(UserError, match=f"model.attention={kernel} is a Pallas kernel for "
+                                                              f"{home.upper()} only"):
+            resolve_kernel(kernel)
+        for platform in (home, "cpu"):
+            with targeting(platform):
+                assert resolve_kernel(kernel) == kernel
     for platform, kernel in (("cpu", "blockwise"), ("gpu", "cudnn"), ("tpu", "xla")):
         with targeting(platform):
             assert resolve_kernel("auto") == kernel
-    with targeting("tpu"):
-        assert resolve_kernel("splash") == "splash"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the tpu extra)")
@@ -190,3 +202,18 @@ def test_splash_gradient_compiles_for_tpu():
             shape(B, T, N, Hd), shape(B, T, K, Hd), shape(B, T, K, Hd),
             jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=s)).compile()
     assert compiled.as_text().count("tpu_custom_call") == 3
+
+
+def test_pallas_gpu_gradient_lowers_for_cuda():
+    """The compiled (not interpreted) GPU kernel: the gradient program lowered for CUDA holds the
+    forward and both backward Triton kernels (compiling needs a GPU, absent here)."""
+    T, Hd = 256, 64
+
+    def loss(q, k, v, seg):
+        return (pallas_gpu_attention(q, k, v, segment_ids_BT=seg).astype(jnp.float32) ** 2).sum()
+
+    with targeting("gpu"):
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(
+            jax.ShapeDtypeStruct((B, T, N, Hd), jnp.bfloat16), *[jax.ShapeDtypeStruct((B, T, K, Hd), jnp.bfloat16)] * 2,
+            jax.ShapeDtypeStruct((B, T), jnp.int32)).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3

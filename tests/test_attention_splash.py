@@ -1,7 +1,8 @@
 """JAX's Pallas flash-attention kernels (`llm_jax/models/pallas_attention.py`): `splash` (TPU) and
 `pallas_gpu` (GPU), run here in Pallas interpret mode, equal the einsum reference under
 causal-and-same-segment masks (values and q/k/v gradients), in a tiny GPT on packed rows, and on
-an 8-device mesh; splash compiles for a TPU topology and pallas_gpu lowers for CUDA; each is
+an 8-device mesh; splash compiles for TPU topologies (alone, and in a GPT on a 4-chip mesh) and
+pallas_gpu lowers for CUDA; each is
 refused on the other accelerator and `auto` picks neither."""
 
 from __future__ import annotations
@@ -217,3 +218,26 @@ def test_pallas_gpu_gradient_lowers_for_cuda():
             jax.ShapeDtypeStruct((B, T, N, Hd), jnp.bfloat16), *[jax.ShapeDtypeStruct((B, T, K, Hd), jnp.bfloat16)] * 2,
             jax.ShapeDtypeStruct((B, T), jnp.int32)).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the tpu extra)")
+def test_gpt_gradient_with_splash_compiles_for_a_v5e_4_mesh():
+    """The GQA GPT's loss gradient on packed rows of 512 tokens (head_dim 128, scanned layers)
+    for 4 v5e chips as data=2 x tensor=2: the kernels compile inside the shard_map (a Mosaic
+    kernel left to GSPMD does not compile at all under a sharded mesh), and the program gathers
+    nothing: each chip attends over its own examples and heads."""
+    seq = 512
+    cfg = load_config(None, [*GPT, "model.d_model=512", f"train.seq_len={seq}", "model.attention=splash",
+                             "model.scan_layers=true", "mesh.data=2", "mesh.tensor=2"])
+    with targeting("tpu"):
+        mdef = model_def(cfg, VOCAB)
+        mesh = make_mesh(cfg, parse_topology("v5e-4").devices())
+        params = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                              mdef.shapes, param_shardings(mdef, mesh))
+        rows = jax.ShapeDtypeStruct((4, seq + 1), jnp.int32,
+                                    sharding=NamedSharding(mesh, logical_to_spec(("batch", None))))
+        with activation_mesh(mesh):
+            program = loss_and_grads.lower(mdef.graphdef, params, rows).compile().as_text()
+    assert program.count("tpu_custom_call") == 3  # forward, dq, dkv in the scanned block
+    assert "all-gather" not in program

@@ -2,8 +2,7 @@
 `pallas_gpu` (GPU), run here in Pallas interpret mode, equal the einsum reference under
 causal-and-same-segment masks (values and q/k/v gradients), in a tiny GPT on packed rows, and on
 an 8-device mesh; splash compiles for TPU topologies (alone, and in a GPT on a 4-chip mesh) and
-pallas_gpu lowers for CUDA; each is
-refused on the other accelerator and `auto` picks neither."""
+pallas_gpu lowers for CUDA; each is refused on the other accelerator and `auto` picks neither."""
 
 from __future__ import annotations
 

@@ -134,8 +134,9 @@ class ModelConfig(Section):
     """Rematerialisation per block: none, full, dots (keep matmul outputs), dots_no_batch."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU. Parameters stay float32."""
-    attention: Literal["auto", "xla", "cudnn", "blockwise"] = "auto"
-    """Attention kernel: auto (cudnn on GPU, blockwise on CPU, xla elsewhere), or force one."""
+    attention: Literal["auto", "xla", "cudnn", "blockwise", "splash", "pallas_gpu"] = "auto"
+    """Attention kernel: auto (cudnn on GPU, blockwise on CPU, xla elsewhere), or force one. splash (TPU) and
+    pallas_gpu (GPU): JAX's Pallas flash kernels, interpret mode on CPU; auto picks neither until measured."""
     attention_block: int = pydantic.Field(128, ge=8)
     """Query/key block length of the blockwise causal attention (CPU path)."""
     moe: MoEConfig = MoEConfig()

@@ -5,6 +5,8 @@ One module serves every causal use here (training, prefill, one-token decode) an
 - `xla` / `cudnn`: `jax.nn.dot_product_attention` (cuDNN flash attention on GPU).
 - `blockwise`: causal attention that skips key blocks above the diagonal; on CPU the XLA
   kernel computes the whole T x T score matrix, and this halves the work for long sequences.
+- `splash` (TPU) and `pallas_gpu` (GPU): JAX's Pallas flash-attention kernels
+  (`models/pallas_attention.py`; interpret mode on CPU).
 - `masked` (internal): einsum with an explicit mask, for padded batches and the KV cache.
 
 Packed rows (`train.packing`) pass `segment_ids_BT`: every kernel then also hides keys of another
@@ -21,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llm_jax.errors import UserError
 from llm_jax.models.layers import Dense, apply_rope
+from llm_jax.models.pallas_attention import KERNEL_PLATFORM, pallas_gpu_attention, splash_attention
 from llm_jax.parallel.platform import target_platform
 from llm_jax.parallel.rules import constrain
 
@@ -149,11 +153,16 @@ def blockwise_causal_attention(q_BTNH, k_BTKH, v_BTKH, block: int,
     return heads_major(out)
 
 
+PALLAS = {"splash": splash_attention, "pallas_gpu": pallas_gpu_attention}
+
+
 def causal_attention(q_BTNH, k_BTKH, v_BTKH, kernel: str, block: int,
                      segment_ids_BT: jax.Array | None = None) -> jax.Array:
     """Causal attention by `kernel`; with `segment_ids_BT` a query also sees only its own segment."""
     if kernel == "blockwise":
         return blockwise_causal_attention(q_BTNH, k_BTKH, v_BTKH, block, segment_ids_BT)
+    if kernel in PALLAS:
+        return PALLAS[kernel](q_BTNH, k_BTKH, v_BTKH, causal=True, segment_ids_BT=segment_ids_BT)
     # The segment mask travels as `mask` [B, 1, T, T] beside is_causal; the cuDNN kernel turns it
     # into an additive bias (jax's fused attention: combine_bias_and_mask). Unverified on GPU here.
     mask = None if segment_ids_BT is None else same_segment(segment_ids_BT)[:, None]
@@ -168,6 +177,8 @@ def bidirectional_attention(q_BTNH, k_BTKH, v_BTKH, kernel: str) -> jax.Array:
     """
     if kernel in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=False, implementation=kernel)
+    if kernel in PALLAS:
+        return PALLAS[kernel](q_BTNH, k_BTKH, v_BTKH, causal=False)
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     out = _scores_softmax_values(q_BTNH.reshape(B, T, K, N // K, H), k_BTKH, v_BTKH, None)
@@ -175,10 +186,16 @@ def bidirectional_attention(q_BTNH, k_BTKH, v_BTKH, kernel: str) -> jax.Array:
 
 
 def resolve_kernel(requested: str) -> str:
-    """`auto`: cuDNN flash attention on GPU, blockwise on CPU, XLA elsewhere (TPU)."""
+    """`auto`: cuDNN flash attention on GPU, blockwise on CPU, XLA elsewhere (TPU). The Pallas
+    kernels are never picked by `auto` (not yet measured on their accelerators) and are refused
+    on the other accelerator (CPU runs either in interpret mode)."""
+    platform = target_platform()
+    home = KERNEL_PLATFORM.get(requested)
+    if home is not None and platform not in (home, "cpu"):
+        raise UserError(f"model.attention={requested} is a Pallas kernel for {home.upper()} only and does not run on "
+                        f"{platform.upper()}; use model.attention=auto there")
     if requested != "auto":
         return requested
-    platform = target_platform()
     if platform == "gpu":
         return "cudnn"
     return "blockwise" if platform == "cpu" else "xla"

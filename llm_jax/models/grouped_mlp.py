@@ -221,7 +221,7 @@ def _varying_axes(a: jax.Array) -> frozenset:
     return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
-def vary_alike(*arrays):
+def _vary_alike(*arrays):
     """Each array made to vary over the union of their mesh axes. Inside shard_map the weights
     vary over fewer axes than the tokens (not over `data`); autodiff of this cast sums their
     gradient over the missing axes, which the hand-written backward pass leaves to it."""
@@ -244,5 +244,5 @@ def looped_mlp(kind: str, w: dict, x_MD: jax.Array, sizes_E: jax.Array, block: i
     block = min(block or loop_block_rows(M, sizes_E.shape[0]), M)
     tail = min(tail or max(block // 4, 1), block)
     names = list(w)
-    *ws, x_MD = vary_alike(*(w[k] for k in names), x_MD)
+    *ws, x_MD = _vary_alike(*(w[k] for k in names), x_MD)
     return _looped(kind, (block, tail), dict(zip(names, ws)), x_MD, sizes_E.astype(jnp.int32))

@@ -16,6 +16,10 @@ Tiling (chosen here, not measured on a TPU yet):
 Rows past the experts' (the padding above, and the unused rows of an expert-parallel receive
 buffer) form one more group that has no weights: the kernel visits none of its tiles and zeroes
 its rows, so they cost nothing.
+
+Inside `shard_map` the kernel needs `check_vma=False`: megablox declares its `pallas_call`
+outputs without the mesh axes they vary over, which a checking shard_map refuses
+(`moe.expert_parallel` turns the check off for this choice).
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
 from llm_jax.errors import UserError
-from llm_jax.models.grouped_mlp import vary_alike
 from llm_jax.models.layers import activate
 from llm_jax.parallel.platform import target_platform
 
@@ -84,10 +87,6 @@ def megablox_mlp(kind: str, w: dict, x_MD: jax.Array, sizes_E: jax.Array, tile: 
     sizes_E = sizes_E.astype(jnp.int32)
     # Group E: the rows past the experts'. The weights have E groups, so gmm computes no tile of it.
     groups = jnp.concatenate([sizes_E, (padded - sizes_E.sum())[None]])
-    names = list(w)
-    # The weight gradient (tgmm) varies over the tokens' mesh axes: make the weights vary alike.
-    *ws, x_PD = vary_alike(*(w[k] for k in names), x_PD)
-    w = dict(zip(names, ws))
     tiling = Tiling(tm)
 
     def mm(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -30,8 +30,9 @@ class MoEConfig(Section):
     """MoE in the last block of every group of this many; must divide num_layers. 1: all (Mixtral), 2: alternate."""
     capacity_factor: float = -1.0
     """-1: dropless. Else each expert takes at most ceil(factor * top_k * seq_len / E) tokens per sequence."""
-    grouped_matmul: Literal["auto", "ragged_dot", "blocked", "looped"] = "auto"
-    """Dropless grouped matmul: ragged_dot, blocked, looped, or auto (TPU ragged_dot, CPU looped, else blocked)."""
+    grouped_matmul: Literal["auto", "ragged_dot", "blocked", "looped", "megablox"] = "auto"
+    """Dropless grouped matmul: ragged_dot, blocked, looped, megablox (Pallas TPU kernel, not yet measured, so
+    never auto), or auto (TPU ragged_dot, CPU looped, else blocked)."""
     num_shared_experts: int = pydantic.Field(0, ge=0)
     """Experts every token goes through besides its routed ones (DeepSeekMoE), as one dense MLP."""
     expert_d_ff: int | None = pydantic.Field(None, ge=1)

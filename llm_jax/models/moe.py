@@ -12,9 +12,10 @@ Two dispatch modes (`model.moe.capacity_factor`):
   stream carries the token on). One-hot dispatch/combine tensors [B, T, E, C] move tokens by
   einsum: static shapes, cost growing with T * E * C.
 - dropless (-1): every (token, expert) pair is kept. Copies are sorted by expert and multiplied
-  by a grouped matmul (`lax.ragged_dot`, or the blocked and looped forms of
-  `models.grouped_mlp`). Across devices the copies go in padded buffers of the worst-case
-  size (all of a device's copies to one peer), so nothing can overflow.
+  by a grouped matmul (`lax.ragged_dot`, the blocked and looped forms of
+  `models.grouped_mlp`, or the Pallas megablox kernel of `models.megablox_mlp`). Across
+  devices the copies go in padded buffers of the worst-case size (all of a device's copies to
+  one peer), so nothing can overflow.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from jax.sharding import PartitionSpec as P
 from llm_jax.config.model import ModelConfig
 from llm_jax.models.grouped_mlp import blocked_mlp, looped_mlp
 from llm_jax.models.layers import MLP, activate, param
+from llm_jax.models.megablox_mlp import check_platform, megablox_mlp
 from llm_jax.parallel.platform import target_platform
 from llm_jax.parallel.rules import current_mesh, logical_to_spec
 
-GROUPED_MLPS = {"blocked": blocked_mlp, "looped": looped_mlp}
+GROUPED_MLPS = {"blocked": blocked_mlp, "looped": looped_mlp, "megablox": megablox_mlp}
 EXPERT_WEIGHT_NAMES = {"up": ("expert", "embed", "mlp"), "gate": ("expert", "embed", "mlp"),
                        "down": ("expert", "mlp", "embed")}
 
@@ -43,7 +45,10 @@ def grouped_matmul(choice: str) -> str:
     on CPU and GPU to one dense product per expert over all rows; on an H200 (jax 0.11.2) it
     ran the `mixtral` preset's step 2.8x slower than `blocked`
     (experiments/results/gpu_moe_h200.jsonl). On CPU `looped` skips the blocked form's padding
-    and weight copies (docs/moe.md); it has not been measured on a GPU."""
+    and weight copies (docs/moe.md); it has not been measured on a GPU. `megablox` (Pallas, TPU
+    only; interpret mode on CPU) is never chosen by `auto` until it is measured on a TPU."""
+    if choice == "megablox":
+        check_platform()  # on GPU: an error now, not at the first trace
     if choice != "auto":
         return choice
     backend = target_platform()
@@ -168,8 +173,11 @@ class MoE(nnx.Module):
         gates_BTK = gates_NK.reshape(B, T, self.top_k).astype(x_BTD.dtype)
         weights = self.experts.weights()
         if self.capacity_factor == -1 or dropless:
+            # megablox's pallas_call declares outputs without mesh-axis variance, which a shard_map
+            # that checks variance refuses; unchecked, shard_map's autodiff adds the psums itself.
             y_BTD = expert_parallel(_dropless_local, x_BTD, (experts_BTK, gates_BTK), weights, kind=self.kind,
-                                    num_experts=self.num_experts, grouped=self.grouped)
+                                    num_experts=self.num_experts, grouped=self.grouped,
+                                    check_vma=self.grouped != "megablox")
         else:
             capacity = expert_capacity(self.capacity_factor, self.top_k, T, self.num_experts)
             slots_BTK = slot_positions(experts_BTK, self.num_experts)
@@ -181,13 +189,15 @@ class MoE(nnx.Module):
         return y_BTD, stats
 
 
-def expert_parallel(local_fn, x_BTD: jax.Array, routing: tuple, weights: dict, **static) -> jax.Array:
+def expert_parallel(local_fn, x_BTD: jax.Array, routing: tuple, weights: dict, check_vma: bool = True,
+                    **static) -> jax.Array:
     """Run `local_fn(x, routing, weights, axes=..., **static)` on each device's tokens.
 
     Inside an `activation_mesh` of more than one device this is a `shard_map`: tokens and
     routing split like the batch, expert weights as the logical rules place them. Each device
     gathers the weights' fsdp shards, exchanges tokens over the `expert` axis and sums partial
-    outputs over the `tensor` axis (the experts' hidden width is split there).
+    outputs over the `tensor` axis (the experts' hidden width is split there). `check_vma`:
+    `jax.shard_map`'s check of how values vary over the mesh axes.
     """
     mesh = current_mesh()
     if mesh is None or mesh.size == 1:
@@ -197,7 +207,7 @@ def expert_parallel(local_fn, x_BTD: jax.Array, routing: tuple, weights: dict, *
     w_specs = {k: _spec_without_unit_axes(EXPERT_WEIGHT_NAMES[k], w.shape, mesh) for k, w in weights.items()}
     axes = MeshAxes.from_specs(w_specs, mesh)
     fn = jax.shard_map(partial(local_fn, axes=axes, **static), mesh=mesh,
-                       in_specs=(x_spec, routing_specs, w_specs), out_specs=x_spec)
+                       in_specs=(x_spec, routing_specs, w_specs), out_specs=x_spec, check_vma=check_vma)
     return fn(x_BTD, routing, weights)
 
 
@@ -250,7 +260,7 @@ def _expert_mlp(kind: str, w: dict, x: jax.Array, group_sizes: jax.Array | None 
                 grouped: str = "ragged_dot") -> jax.Array:
     """The experts' MLPs: x [E, M, D] by batched matmul, or rows [M, D] sorted by expert with
     `group_sizes` [E] (rows past their sum are ignored) by grouped matmul: `ragged_dot`,
-    `blocked` or `looped` (`models.grouped_mlp`)."""
+    `blocked` or `looped` (`models.grouped_mlp`), or `megablox` (`models.megablox_mlp`)."""
     if group_sizes is not None and grouped in GROUPED_MLPS:
         return GROUPED_MLPS[grouped](kind, w, x, group_sizes)
     if group_sizes is None:

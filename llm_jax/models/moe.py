@@ -33,7 +33,7 @@ from llm_jax.models.grouped_mlp import blocked_mlp, looped_mlp
 from llm_jax.models.layers import MLP, activate, param
 from llm_jax.models.megablox_mlp import check_platform, megablox_mlp
 from llm_jax.parallel.platform import target_platform
-from llm_jax.parallel.rules import current_mesh, logical_to_spec
+from llm_jax.parallel.rules import axis_names, current_mesh, manual_spec
 
 GROUPED_MLPS = {"blocked": blocked_mlp, "looped": looped_mlp, "megablox": megablox_mlp}
 EXPERT_WEIGHT_NAMES = {"up": ("expert", "embed", "mlp"), "gate": ("expert", "embed", "mlp"),
@@ -82,7 +82,7 @@ def _rowwise_top_k(scores_NE: jax.Array, k: int) -> jax.Array:
     mesh = current_mesh()
     if mesh is None or mesh.size == 1:
         return jax.lax.top_k(scores_NE, k)[1]
-    spec = _spec_without_unit_axes(("batch", None), scores_NE.shape, mesh)
+    spec = manual_spec(("batch", None), scores_NE.shape, mesh)
     return jax.shard_map(lambda s: jax.lax.top_k(s, k)[1], mesh=mesh, in_specs=spec, out_specs=spec)(scores_NE)
 
 
@@ -202,29 +202,13 @@ def expert_parallel(local_fn, x_BTD: jax.Array, routing: tuple, weights: dict, c
     mesh = current_mesh()
     if mesh is None or mesh.size == 1:
         return local_fn(x_BTD, routing, weights, axes=MeshAxes(), **static)
-    x_spec = _spec_without_unit_axes(("batch", "length", "embed"), x_BTD.shape, mesh)
-    routing_specs = tuple(_spec_without_unit_axes(("batch", "length", None), r.shape, mesh) for r in routing)
-    w_specs = {k: _spec_without_unit_axes(EXPERT_WEIGHT_NAMES[k], w.shape, mesh) for k, w in weights.items()}
+    x_spec = manual_spec(("batch", "length", "embed"), x_BTD.shape, mesh)
+    routing_specs = tuple(manual_spec(("batch", "length", None), r.shape, mesh) for r in routing)
+    w_specs = {k: manual_spec(EXPERT_WEIGHT_NAMES[k], w.shape, mesh) for k, w in weights.items()}
     axes = MeshAxes.from_specs(w_specs, mesh)
     fn = jax.shard_map(partial(local_fn, axes=axes, **static), mesh=mesh,
                        in_specs=(x_spec, routing_specs, w_specs), out_specs=x_spec, check_vma=check_vma)
     return fn(x_BTD, routing, weights)
-
-
-def _spec_without_unit_axes(names, shape, mesh) -> P:
-    """`logical_to_spec` for a `shard_map`, without mesh axes of size 1: they split nothing, and
-    naming them would only add collectives over one device (a weight copy forward, an
-    all-reduce backward)."""
-    def kept(entry):
-        axes = tuple(a for a in _axis_names(entry) if mesh.shape[a] > 1)
-        return axes if len(axes) > 1 else (axes[0] if axes else None)
-
-    return P(*(kept(entry) for entry in logical_to_spec(names, shape, mesh)))
-
-
-def _axis_names(entry) -> tuple[str, ...]:
-    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 class MeshAxes:
@@ -240,11 +224,11 @@ class MeshAxes:
         # The model dim D (up/gate dim 1, down dim 2) is gathered; the hidden dim F stays
         # split and the partial outputs are summed at the end.
         embed_dim = {"up": 1, "gate": 1, "down": 2}
-        gather = {k: {embed_dim[k]: _axis_names(spec[embed_dim[k]])} for k, spec in w_specs.items()
-                  if _axis_names(spec[embed_dim[k]])}
-        expert_axes = _axis_names(w_specs["up"][0])
+        gather = {k: {embed_dim[k]: axis_names(spec[embed_dim[k]])} for k, spec in w_specs.items()
+                  if axis_names(spec[embed_dim[k]])}
+        expert_axes = axis_names(w_specs["up"][0])
         ep = math.prod(mesh.shape[a] for a in expert_axes)
-        return MeshAxes(expert_axes if ep > 1 else None, ep, gather, _axis_names(w_specs["up"][2]))
+        return MeshAxes(expert_axes if ep > 1 else None, ep, gather, axis_names(w_specs["up"][2]))
 
 
 def _local_weights(weights: dict, axes: MeshAxes, dtype) -> dict:

@@ -37,7 +37,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
 from llm_jax.parallel.platform import target_platform
-from llm_jax.parallel.rules import current_mesh, logical_to_spec
+from llm_jax.parallel.rules import current_mesh, manual_spec
 
 LANES = 128  # splash's KV blocks are multiples of the TPU's 128 lanes
 SPLASH_BLOCKS = (512, 256, 128)  # tried largest first: fewer grid steps (512: splash's own benchmarks' choice)
@@ -139,8 +139,8 @@ def _per_device(local: Callable, q, k, v, seg_BT, *, heads_dim: int) -> jax.Arra
     if mesh is None or mesh.size == 1:
         return local(q, k, v, seg_BT)
     names = lambda heads: tuple({0: "batch", heads_dim: heads}.get(d) for d in range(4))  # noqa: E731
-    q_spec = _manual_spec(names("heads"), q.shape, mesh)
-    kv_spec = _manual_spec(names("kv_heads"), k.shape, mesh)
+    q_spec = manual_spec(names("heads"), q.shape, mesh)
+    kv_spec = manual_spec(names("kv_heads"), k.shape, mesh)
     if kv_spec[heads_dim] != q_spec[heads_dim]:
         # The tensor axis splits the query heads but not the fewer KV heads: give each query
         # head its own KV head, so every device holds the KV heads of its query heads.
@@ -153,14 +153,3 @@ def _per_device(local: Callable, q, k, v, seg_BT, *, heads_dim: int) -> jax.Arra
     if seg_BT is None:
         return shard(lambda q, k, v: local(q, k, v, None), in_specs=(q_spec, kv_spec, kv_spec))(q, k, v)
     return shard(local, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)))(q, k, v, seg_BT)
-
-
-def _manual_spec(names, shape, mesh) -> P:
-    """`logical_to_spec` without the mesh axes of size 1: in a shard_map they split nothing and
-    would only add collectives over one device."""
-    def kept(entry):
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        axes = tuple(a for a in axes if mesh.shape[a] > 1)
-        return axes if len(axes) > 1 else (axes[0] if axes else None)
-
-    return P(*(kept(entry) for entry in logical_to_spec(names, shape, mesh)))

@@ -77,6 +77,22 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = N
     return P(*spec)
 
 
+
+def axis_names(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def manual_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """`logical_to_spec` for a `shard_map`, without the mesh axes of size 1: they split nothing,
+    and naming them would only add collectives over one device (a weight copy forward, an
+    all-reduce backward)."""
+    def kept(entry):
+        axes = tuple(a for a in axis_names(entry) if mesh.shape[a] > 1)
+        return axes if len(axes) > 1 else (axes[0] if axes else None)
+
+    return P(*(kept(entry) for entry in logical_to_spec(names, shape, mesh)))
+
 def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
 

@@ -27,7 +27,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from llm_jax.errors import UserError
+from llm_jax.models.moe import _spec_without_unit_axes
 from llm_jax.parallel.platform import target_platform
+from llm_jax.parallel.rules import current_mesh
 
 LANES, SUBLANES = 128, 8
 
@@ -146,6 +148,10 @@ def _specs(Tc: int, Dt: int, N: int, nc: int, reverse: bool):
     }
 
 
+def _shapes(*shapes: tuple[int, ...]) -> list[jax.ShapeDtypeStruct]:
+    return [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+
+
 def _forward(x, delta, bck, At, h0t, Tc: int):
     Bsz, T, D = x.shape
     N = At.shape[0]
@@ -157,8 +163,7 @@ def _forward(x, delta, bck, At, h0t, Tc: int):
         grid=(Bsz, D // Dt, nc),
         in_specs=[s["rows"], s["rows"], s["bck"], s["A"], s["state"]],
         out_specs=[s["rows"], s["state"], s["starts"]],
-        out_shape=[jax.ShapeDtypeStruct((Bsz, T, D), f32), jax.ShapeDtypeStruct((Bsz, N, D), f32),
-                   jax.ShapeDtypeStruct((Bsz, nc, N, D), f32)],
+        out_shape=_shapes((Bsz, T, D), (Bsz, N, D), (Bsz, nc, N, D)),
         scratch_shapes=[pltpu.VMEM((N, Dt), f32)],
         compiler_params=_PARAMS,
         interpret=_interpret(),
@@ -173,7 +178,7 @@ def _backward(x, delta, bck, At, hstarts, dy, dhlast, Tc: int):
     nd = D // Dt
     s = _specs(Tc, Dt, N, nc, reverse=True)
     f32 = jnp.float32
-    rows, state, partial = (jax.ShapeDtypeStruct(shape, f32) for shape in ((Bsz, T, D), (Bsz, N, D), (nd, Bsz, T, N)))
+    rows, state, partial = _shapes((Bsz, T, D), (Bsz, N, D), (nd, Bsz, T, N))
     return pl.pallas_call(
         _backward_kernel,
         grid=(Bsz, nd, nc),
@@ -225,3 +230,27 @@ def pallas_scan(x, delta, A, B, C, h0, chunk: int, keep=None):
     bck = jnp.pad(bck, ((0, 0), (0, pad), (0, 0)), constant_values=1.0)
     y, hlast = fused_scan(x, delta, bck, A.T, jnp.swapaxes(h0, 1, 2), Tc)
     return y[:, :T], jnp.swapaxes(hlast, 1, 2)
+
+
+def sharded_pallas_scan(x, delta, A, B, C, h0, chunk: int, keep=None):
+    """`pallas_scan`, under an `activation_mesh` of several devices run per device by `shard_map`
+    (the partitioner cannot split a Pallas call; it would gather every operand onto every
+    device): batch rows split like the batch, channels like d_inner (`mlp`, over `tensor`)."""
+    mesh = current_mesh()
+    if mesh is None or mesh.size == 1:
+        return pallas_scan(x, delta, A, B, C, h0, chunk, keep)
+    names = {"x": ("batch", "length", "mlp"), "delta": ("batch", "length", "mlp"), "A": ("mlp", "ssm_state"),
+             "B": ("batch", "length", None), "C": ("batch", "length", None), "h0": ("batch", "mlp", "ssm_state")}
+    args = {"x": x, "delta": delta, "A": A, "B": B, "C": C, "h0": h0}
+    if keep is not None:
+        names["keep"], args["keep"] = ("batch", "length"), keep
+    specs = {k: _spec_without_unit_axes(n, args[k].shape, mesh) for k, n in names.items()}
+
+    def local(a: dict):
+        return pallas_scan(a["x"], a["delta"], a["A"], a["B"], a["C"], a["h0"], chunk, a.get("keep"))
+
+    # check_vma=False: Pallas interpret mode does not track varying axes (JAX 0.10.2 fails in
+    # its grid loop). Without the check, the transpose of shard_map sums the gradients of
+    # operands copied over an axis (A over the batch axes, B and C over tensor) over that axis.
+    out_specs = (specs["x"], specs["h0"])
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=out_specs, check_vma=False)(args)

@@ -129,29 +129,46 @@ def test_a_data_and_tensor_split_scan_equals_one_device():
     assert_close(got, want)
 
 
+def test_choices_the_kernel_cannot_run_are_user_errors():
+    from llm_jax.errors import UserError
+    from llm_jax.parallel.platform import targeting
+
+    args, _ = scan_args(T=16)
+    with targeting("gpu"), pytest.raises(UserError, match="model.ssm.scan=pallas has no GPU lowering"):
+        selective_scan(*args, mode="pallas")
+    with targeting("tpu"), pytest.raises(UserError, match="VMEM .* lower model.ssm.chunk"):
+        selective_scan(*args, mode="pallas", chunk=4096)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="compiling for a TPU needs libtpu")
-def test_the_kernels_compile_for_a_tpu():
-    """Mosaic's layout rules hold for real Mamba shapes: D 512 in tiles of 128 lanes, N 16, a
-    64-step chunk, T 1000 padded to 1024; the forward and the backward kernel are both in the
-    compiled gradient."""
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1, 1), (2, 1, 2, 1)], ids=["one-chip", "data2-tensor2"])
+def test_the_kernels_compile_for_a_tpu(mesh_shape):
+    """Mosaic's layout rules hold for real Mamba shapes: d_inner 512 (tiles of 512 lanes, or of
+    256 per device when tensor splits it), N 16, a 64-step chunk, L 1000 padded to 1024; the
+    forward and the backward kernel are both in the compiled gradient, and on a v5e-4 mesh the
+    gradients of A, B, C are summed across devices."""
     from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from llm_jax.parallel.platform import targeting
+    from llm_jax.parallel.rules import MESH_AXES, activation_mesh, logical_to_spec
     from llm_jax.parallel.topology import parse_topology
 
-    mesh = Mesh(np.array(parse_topology("v5e-4").devices()[:1]), ("x",))
-    replicated = NamedSharding(mesh, P())
+    devices = parse_topology("v5e-4").devices()[:int(np.prod(mesh_shape))]
+    mesh = Mesh(np.array(devices).reshape(mesh_shape), MESH_AXES)
     B, T, D, N = 2, 1000, 512, 16
 
     def loss(x, delta, A, Bm, C, h0, reset):
         y, h = selective_scan(x, delta, A, Bm, C, jnp.ones((D,)), h0, mode="pallas", reset_BT=reset)
         return y.sum() + h.sum()
 
-    shapes = [(B, T, D), (B, T, D), (D, N), (B, T, N), (B, T, N), (B, D, N)]
-    specs = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=replicated) for s in shapes]
-    specs.append(jax.ShapeDtypeStruct((B, T), jnp.bool_, sharding=replicated))
-    with targeting("tpu"):
-        compiled = jax.jit(jax.grad(loss, range(6))).lower(*specs).compile()
-    hlo = compiled.as_text()
+    inputs = [((B, T, D), ("batch", "length", "mlp")), ((B, T, D), ("batch", "length", "mlp")),
+              ((D, N), ("mlp", "ssm_state")), ((B, T, N), ("batch", "length", None)),
+              ((B, T, N), ("batch", "length", None)), ((B, D, N), ("batch", "mlp", "ssm_state"))]
+    specs = [jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, logical_to_spec(n, shape, mesh)))
+             for shape, n in inputs]
+    specs.append(jax.ShapeDtypeStruct((B, T), jnp.bool_, sharding=NamedSharding(
+        mesh, logical_to_spec(("batch", "length"), (B, T), mesh))))
+    with targeting("tpu"), activation_mesh(mesh):
+        hlo = jax.jit(jax.grad(loss, range(6))).lower(*specs).compile().as_text()
     assert hlo.count('custom_call_target="tpu_custom_call"') == 2, hlo.count("tpu_custom_call")
+    assert ("all-reduce" in hlo) == (mesh.size > 1)

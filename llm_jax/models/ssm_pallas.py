@@ -9,9 +9,9 @@ recomputes the chunk's states from that boundary state into VMEM and runs the re
 dh_t = C_t dy_t + a_{t+1} dh_{t+1}.
 
 Layout (Mosaic's rule: a block's last two dims are multiples of (8, 128) or the array's own):
-the state is [N, D tile] (channels in lanes), the D tile 128 channels when D is a multiple of
-128, else all of D; the time chunk a multiple of 8; B and C travel as [B, T, N, 1] so that a
-step's B_t is an [N, 1] column (one leading-dim index) that broadcasts over the channels.
+the state is [N, D tile] (channels in lanes; `d_tile`), the time chunk a multiple of 8; B, C and
+the restarts travel as one [B, T, 2N + 1] array, a step's row of which is reshaped into [N, 1]
+columns that broadcast over the channels (a dynamic slice of one lane column does not lower).
 
 On CPU the kernels run in Pallas interpret mode (slow: for tests); on TPU through Mosaic. There
 is no GPU lowering (the sequential grid axis with a scratch carry is TPU-only Pallas).
@@ -32,11 +32,33 @@ from llm_jax.parallel.platform import target_platform
 from llm_jax.parallel.rules import current_mesh
 
 LANES, SUBLANES = 128, 8
+MAX_TILE = 512  # channels per kernel instance: 4 vregs of lanes per state row (not tuned)
+UNROLL = 8  # time steps per loop iteration on TPU: independent work for the scheduler (not tuned)
+VMEM_BUDGET = 12 << 20  # under the 16 MiB that Mosaic allows a kernel by default (v5e)
 
 
-def d_tile(D: int) -> int:
-    """Channels per kernel instance: 128 lanes when they divide D, else the whole of D."""
-    return LANES if D % LANES == 0 else D
+def backward_vmem_bytes(Tc: int, Dt: int, N: int) -> int:
+    """The backward kernel's VMEM, the larger one: the chunk's states, double-buffered [Tc, Dt]
+    blocks (x, delta, dy, dx, ddelta) and [Tc, 2N + 1] / [Tc, N] blocks padded to 128 lanes."""
+    lanes = LANES * -(-(2 * N + 1) // LANES)
+    return 4 * ((Tc + 1) * N * Dt + 2 * 5 * Tc * Dt + 2 * Tc * lanes + 2 * 2 * Tc * LANES)
+
+
+def d_tile(D: int, Tc: int = SUBLANES, N: int = 1) -> int:
+    """Channels per kernel instance: the largest multiple of 128 lanes up to MAX_TILE that
+    divides D and keeps the backward kernel within VMEM_BUDGET, else the whole of D (a block
+    may always span a whole dimension)."""
+    for tile in range(MAX_TILE, 0, -LANES):
+        if D % tile == 0 and (tile == LANES or backward_vmem_bytes(Tc, tile, N) <= VMEM_BUDGET):
+            return tile
+    return D
+
+
+def check_vmem(Tc: int, Dt: int, N: int) -> None:
+    if not _interpret() and backward_vmem_bytes(Tc, Dt, N) > VMEM_BUDGET:
+        raise UserError(f"model.ssm.scan=pallas: a chunk of {Tc} steps x {Dt} channels x state {N} needs "
+                        f"{backward_vmem_bytes(Tc, Dt, N) >> 20} MiB of VMEM in the backward kernel, over "
+                        f"{VMEM_BUDGET >> 20} MiB; lower model.ssm.chunk")
 
 
 def time_chunk(chunk: int) -> int:
@@ -67,7 +89,7 @@ def _step_inputs(t, A, x_ref, delta_ref, bck_ref):
     return a, delta_t, x_t, B_t, C_t
 
 
-def _forward_kernel(x_ref, delta_ref, bck_ref, A_ref, h0_ref,
+def _forward_kernel(unroll: int, x_ref, delta_ref, bck_ref, A_ref, h0_ref,
                     y_ref, hlast_ref, hstart_ref, h_scr):
     @pl.when(pl.program_id(2) == 0)
     def _():
@@ -82,12 +104,12 @@ def _forward_kernel(x_ref, delta_ref, bck_ref, A_ref, h0_ref,
         y_ref[pl.ds(t, 1), :] = jnp.sum(h * C_t, axis=0, keepdims=True)
         return h
 
-    h = jax.lax.fori_loop(0, x_ref.shape[0], step, h_scr[...])
+    h = jax.lax.fori_loop(0, x_ref.shape[0], step, h_scr[...], unroll=unroll)
     h_scr[...] = h
     hlast_ref[...] = h  # the block stays put over the time axis; the last chunk's write is kept
 
 
-def _backward_kernel(x_ref, delta_ref, bck_ref, A_ref, hstart_ref, dy_ref, dhlast_ref,
+def _backward_kernel(unroll: int, x_ref, delta_ref, bck_ref, A_ref, hstart_ref, dy_ref, dhlast_ref,
                      dx_ref, ddelta_ref, dB_ref, dC_ref, dA_ref, dh0_ref, dh_scr, dA_scr, hs_scr):
     Tc = x_ref.shape[0]
 
@@ -105,7 +127,7 @@ def _backward_kernel(x_ref, delta_ref, bck_ref, A_ref, hstart_ref, dy_ref, dhlas
         hs_scr[t + 1] = h
         return h
 
-    jax.lax.fori_loop(0, Tc, recompute, hstart_ref[...])
+    jax.lax.fori_loop(0, Tc, recompute, hstart_ref[...], unroll=unroll)
 
     def step(i, carry):
         dh, dA = carry  # dh: the gradient reaching h_t from later steps
@@ -124,7 +146,7 @@ def _backward_kernel(x_ref, delta_ref, bck_ref, A_ref, hstart_ref, dy_ref, dhlas
         ddelta_ref[pl.ds(t, 1), :] = du * x_t + jnp.sum(da_dlogit * A, axis=0, keepdims=True)
         return a * dh, dA + da_dlogit * delta_t
 
-    dh, dA = jax.lax.fori_loop(0, Tc, step, (dh_scr[...], dA_scr[...]))
+    dh, dA = jax.lax.fori_loop(0, Tc, step, (dh_scr[...], dA_scr[...]), unroll=unroll)
     dh_scr[...] = dh
     dA_scr[...] = dA
     dA_ref[...] = dA  # both blocks stay put over the time axis; chunk 0's write is kept
@@ -155,11 +177,11 @@ def _shapes(*shapes: tuple[int, ...]) -> list[jax.ShapeDtypeStruct]:
 def _forward(x, delta, bck, At, h0t, Tc: int):
     Bsz, T, D = x.shape
     N = At.shape[0]
-    Dt, nc = d_tile(D), T // Tc
+    Dt, nc = d_tile(D, Tc, N), T // Tc
     s = _specs(Tc, Dt, N, nc, reverse=False)
     f32 = jnp.float32
     return pl.pallas_call(
-        _forward_kernel,
+        functools.partial(_forward_kernel, 1 if _interpret() else UNROLL),
         grid=(Bsz, D // Dt, nc),
         in_specs=[s["rows"], s["rows"], s["bck"], s["A"], s["state"]],
         out_specs=[s["rows"], s["state"], s["starts"]],
@@ -174,13 +196,13 @@ def _forward(x, delta, bck, At, h0t, Tc: int):
 def _backward(x, delta, bck, At, hstarts, dy, dhlast, Tc: int):
     Bsz, T, D = x.shape
     N = At.shape[0]
-    Dt, nc = d_tile(D), T // Tc
+    Dt, nc = d_tile(D, Tc, N), T // Tc
     nd = D // Dt
     s = _specs(Tc, Dt, N, nc, reverse=True)
     f32 = jnp.float32
     rows, state, partial = _shapes((Bsz, T, D), (Bsz, N, D), (nd, Bsz, T, N))
     return pl.pallas_call(
-        _backward_kernel,
+        functools.partial(_backward_kernel, 1 if _interpret() else UNROLL),
         grid=(Bsz, nd, nc),
         in_specs=[s["rows"], s["rows"], s["bck"], s["A"], s["starts"], s["rows"], s["state"]],
         out_specs=[s["rows"], s["rows"], s["partial"], s["partial"], s["state"], s["state"]],
@@ -228,6 +250,7 @@ def pallas_scan(x, delta, A, B, C, h0, chunk: int, keep=None):
     # Padded steps have delta = 0 and keep = 1: a = 1, b = 0, the state passes through unchanged.
     x, delta = (jnp.pad(v, ((0, 0), (0, pad), (0, 0))) for v in (x, delta))
     bck = jnp.pad(bck, ((0, 0), (0, pad), (0, 0)), constant_values=1.0)
+    check_vmem(Tc, d_tile(D, Tc, B.shape[-1]), B.shape[-1])
     y, hlast = fused_scan(x, delta, bck, A.T, jnp.swapaxes(h0, 1, 2), Tc)
     return y[:, :T], jnp.swapaxes(hlast, 1, 2)
 

@@ -41,7 +41,8 @@ def backward_vmem_bytes(Tc: int, Dt: int, N: int) -> int:
     """The backward kernel's VMEM, the larger one: the chunk's states, double-buffered [Tc, Dt]
     blocks (x, delta, dy, dx, ddelta) and [Tc, 2N + 1] / [Tc, N] blocks padded to 128 lanes."""
     lanes = LANES * -(-(2 * N + 1) // LANES)
-    return 4 * ((Tc + 1) * N * Dt + 2 * 5 * Tc * Dt + 2 * Tc * lanes + 2 * 2 * Tc * LANES)
+    rows = SUBLANES * -(-N // SUBLANES)  # each [N, Dt] state pads to whole sublane tiles
+    return 4 * ((Tc + 1) * rows * Dt + 2 * 5 * Tc * Dt + 2 * Tc * lanes + 2 * 2 * Tc * LANES)
 
 
 def d_tile(D: int, Tc: int = SUBLANES, N: int = 1) -> int:
@@ -247,7 +248,8 @@ def pallas_scan(x, delta, A, B, C, h0, chunk: int, keep=None):
     pad = -T % Tc
     keep = jnp.ones((Bsz, T), jnp.float32) if keep is None else keep
     bck = jnp.concatenate([B, C, keep[..., None]], axis=-1)
-    # Padded steps have delta = 0 and keep = 1: a = 1, b = 0, the state passes through unchanged.
+    # Padded steps have delta = 0 and keep = 1: a = 1, b = 0, the state passes through unchanged
+    # (their B and C are 1 too, which changes nothing: b = delta B x, and their y is cut off).
     x, delta = (jnp.pad(v, ((0, 0), (0, pad), (0, 0))) for v in (x, delta))
     bck = jnp.pad(bck, ((0, 0), (0, pad), (0, 0)), constant_values=1.0)
     check_vmem(Tc, d_tile(D, Tc, B.shape[-1]), B.shape[-1])

@@ -66,9 +66,13 @@ def test_pallas_scan_equals_sequential_with_gradients(restarts, h0):
 
 
 @pytest.mark.slow
-def test_pallas_scan_pads_time_and_tiles_channels():
-    """T = 37 with chunk 12 (rounded up to 16 sublanes): the last chunk padded; D = 256: two
-    channel tiles of 128 lanes, whose dB, dC partial sums are added outside the kernel."""
+def test_pallas_scan_pads_time_and_tiles_channels(monkeypatch):
+    """T = 37 with chunk 12 (rounded up to 16 sublanes): the last chunk padded; D = 256 in tiles
+    of at most 128 lanes: two tiles, whose dB, dC partial sums are added outside the kernel."""
+    from llm_jax.models import ssm_pallas
+
+    monkeypatch.setattr(ssm_pallas, "MAX_TILE", 128)
+    assert ssm_pallas.d_tile(256, 16, 8) == 128
     args, reset = scan_args(T=37, D=256, N=8, seed=2)
     got = outputs_and_grads("pallas", args, reset, chunk=12)
     assert_close(got, outputs_and_grads("sequential", args, reset))
@@ -130,6 +134,16 @@ def test_a_data_and_tensor_split_scan_equals_one_device():
     with activation_mesh(mesh):
         got = outputs_and_grads("pallas", tuple(placed), reset)
     assert_close(got, want)
+
+
+def test_channel_tiles_fit_the_tpu_layout_and_vmem():
+    from llm_jax.models.ssm_pallas import VMEM_BUDGET, backward_vmem_bytes, d_tile, time_chunk
+
+    assert [time_chunk(c) for c in (1, 8, 12, 64)] == [8, 8, 16, 64]
+    assert d_tile(1536, 64, 16) == 512  # the widest multiple of 128 lanes up to 512
+    assert d_tile(1536, 256, 16) == 384  # 512 channels of a 256-step chunk would overflow VMEM
+    assert backward_vmem_bytes(256, 512, 16) > VMEM_BUDGET >= backward_vmem_bytes(256, 384, 16)
+    assert d_tile(200, 64, 16) == 200  # not a multiple of 128: one block of the whole dimension
 
 
 def test_choices_the_kernel_cannot_run_are_user_errors():

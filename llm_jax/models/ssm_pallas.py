@@ -34,6 +34,7 @@ from llm_jax.parallel.rules import current_mesh
 LANES, SUBLANES = 128, 8
 MAX_TILE = 512  # channels per kernel instance: 4 vregs of lanes per state row (not tuned)
 UNROLL = 8  # time steps per loop iteration on TPU: independent work for the scheduler (not tuned)
+INTERPRET_UNROLL = 1  # in interpret mode unrolling only multiplies the CPU compile time
 VMEM_BUDGET = 12 << 20  # under the 16 MiB that Mosaic allows a kernel by default (v5e)
 
 
@@ -182,7 +183,7 @@ def _forward(x, delta, bck, At, h0t, Tc: int):
     s = _specs(Tc, Dt, N, nc, reverse=False)
     f32 = jnp.float32
     return pl.pallas_call(
-        functools.partial(_forward_kernel, 1 if _interpret() else UNROLL),
+        functools.partial(_forward_kernel, INTERPRET_UNROLL if _interpret() else UNROLL),
         grid=(Bsz, D // Dt, nc),
         in_specs=[s["rows"], s["rows"], s["bck"], s["A"], s["state"]],
         out_specs=[s["rows"], s["state"], s["starts"]],
@@ -203,7 +204,7 @@ def _backward(x, delta, bck, At, hstarts, dy, dhlast, Tc: int):
     f32 = jnp.float32
     rows, state, partial = _shapes((Bsz, T, D), (Bsz, N, D), (nd, Bsz, T, N))
     return pl.pallas_call(
-        functools.partial(_backward_kernel, 1 if _interpret() else UNROLL),
+        functools.partial(_backward_kernel, INTERPRET_UNROLL if _interpret() else UNROLL),
         grid=(Bsz, nd, nc),
         in_specs=[s["rows"], s["rows"], s["bck"], s["A"], s["starts"], s["rows"], s["state"]],
         out_specs=[s["rows"], s["rows"], s["partial"], s["partial"], s["state"], s["state"]],

@@ -77,8 +77,8 @@ class SSMConfig(Section):
     """Mamba: rank of the delta projection; default ceil(d_model / 16)."""
     scan: Literal["auto", "associative", "chunked", "pallas", "sequential"] = "auto"
     """Selective scan: sequential (reference), associative, chunked, pallas (fused kernel: Mosaic on TPU,
-    Pallas interpret mode on CPU, slow; no GPU lowering), or auto (sequential on CPU, else chunked; it never
-    picks pallas, which has not been timed on a TPU)."""
+    Pallas interpret mode on CPU; no GPU lowering), or auto (sequential on CPU, else chunked; it never picks
+    pallas, which has not been timed on a TPU)."""
     chunk: int = pydantic.Field(64, ge=1)
     """Chunk length of model.ssm.scan=chunked and pallas (pallas rounds it up to a multiple of 8)."""
     selective: bool = True

@@ -13,8 +13,9 @@ the state is [N, D tile] (channels in lanes; `d_tile`), the time chunk a multipl
 the restarts travel as one [B, T, 2N + 1] array, a step's row of which is reshaped into [N, 1]
 columns that broadcast over the channels (a dynamic slice of one lane column does not lower).
 
-On CPU the kernels run in Pallas interpret mode (slow: for tests); on TPU through Mosaic. There
-is no GPU lowering (the sequential grid axis with a scratch carry is TPU-only Pallas).
+On CPU the kernels run in Pallas interpret mode (an XLA loop over the grid: slower to compile
+than the XLA scans); on TPU through Mosaic. There is no GPU lowering (the sequential grid axis
+with a scratch carry is TPU-only Pallas).
 """
 
 from __future__ import annotations

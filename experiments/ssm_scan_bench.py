@@ -1,13 +1,15 @@
 """Throughput of the selective scan's three forms (issue 6's accelerator target).
 
     python experiments/ssm_scan_bench.py [--batch 8] [--length 4096] [--channels 1536] [--state 16]
-                                         [--chunks 64 128 256] [--repeats 5] [--json OUT]
+                                         [--chunks 64 128 256] [--repeats 5] [--json OUT] [--pallas]
 
 Times the jitted forward and forward + backward of `models.ssm.selective_scan` in float32 on
 random inputs of one Mamba layer's shapes (default: a 768-wide model's d_inner 1536, N 16, at
 L 4096): `sequential` (lax.scan one step at a time), `associative` (lax.associative_scan over
-the whole sequence) and `chunked` (for each chunk length). Prints one JSON line per form:
-median seconds, tokens/s (batch x length / time) and the speed-up over sequential.
+the whole sequence) and `chunked` (for each chunk length); with `--pallas` also the fused Pallas
+kernels (`pallas`, for each chunk length: meant for a TPU; on CPU they run in interpret mode, so
+keep the sizes tiny there). Prints one JSON line per form: median seconds, tokens/s (batch x
+length / time) and the speed-up over sequential.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default="")
+    parser.add_argument("--pallas", action="store_true", help="also time model.ssm.scan=pallas")
     args = parser.parse_args()
     B, L, D, N = args.batch, args.length, args.channels, args.state
     rng = np.random.default_rng(0)
@@ -46,6 +49,8 @@ def main() -> int:
               -jnp.asarray(np.tile(np.arange(1, N + 1), (D, 1)), jnp.float32), arr(B, L, N), arr(B, L, N),
               jnp.ones(D, jnp.float32))
     forms = [("sequential", 0), ("associative", 0)] + [("chunked", c) for c in args.chunks]
+    if args.pallas:
+        forms += [("pallas", c) for c in args.chunks]
     rows, base = [], {}
     print(json.dumps({"device": str(jax.devices()[0]), "jax": jax.__version__, "batch": B, "length": L,
                       "channels": D, "state": N}), flush=True)

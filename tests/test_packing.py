@@ -210,7 +210,7 @@ def test_attention_kernels_keep_segments_apart_forward_and_backward(kernel):
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["sequential", "associative", "chunked"])
+@pytest.mark.parametrize("mode", ["sequential", "associative", "chunked", "pallas"])
 def test_selective_scan_restarts_at_each_segment(mode):
     """With resets, each scan equals scanning every segment on its own from the zero state."""
     ks = jax.random.split(jax.random.key(1), 4)

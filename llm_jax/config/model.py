@@ -76,10 +76,12 @@ class SSMConfig(Section):
     """Mamba: d_inner = expand * d_model channels."""
     dt_rank: int | None = pydantic.Field(None, ge=1)
     """Mamba: rank of the delta projection; default ceil(d_model / 16)."""
-    scan: Literal["auto", "associative", "chunked", "sequential"] = "auto"
-    """Selective scan: sequential (reference), associative, chunked, or auto (sequential on CPU, else chunked)."""
+    scan: Literal["auto", "associative", "chunked", "pallas", "sequential"] = "auto"
+    """Selective scan: sequential (reference), associative, chunked, pallas (fused kernel: Mosaic on TPU,
+    Pallas interpret mode on CPU; no GPU lowering), or auto (sequential on CPU, else chunked; it never picks
+    pallas, which has not been timed on a TPU)."""
     chunk: int = pydantic.Field(64, ge=1)
-    """Chunk length of model.ssm.scan=chunked."""
+    """Chunk length of model.ssm.scan=chunked and pallas (pallas rounds it up to a multiple of 8)."""
     selective: bool = True
     """false: the S4-like ablation (delta, B and C learned constants, not functions of the input)."""
 

@@ -12,6 +12,9 @@ The recurrence is a composition of affine maps h -> a h + b, which is associativ
   inside each chunk, and the chunk rematerialised in the backward pass, so only [B, T, D]-sized
   inputs and outputs plus one chunk's [B, chunk, D, N] are ever held: memory does not grow with
   T * D * N.
+- `pallas`: the fused kernels of `models.ssm_pallas` (the state held in VMEM, nothing of
+  [B, T, D, N] in HBM, the backward pass recomputing each chunk's states); Mosaic on TPU, Pallas
+  interpret mode on CPU. The S4-like ablation's constant B, C ([D, N]) run `chunked` instead.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 
 from llm_jax.parallel.platform import target_platform
 
-SCANS = ("associative", "chunked", "sequential")
+SCANS = ("associative", "chunked", "pallas", "sequential")
 
 
 def _combine(left: tuple, right: tuple) -> tuple:
@@ -105,7 +108,8 @@ def _chunked(x, delta, A, B, C, h0, chunk: int, keep=None):
 def resolve_scan(mode: str) -> str:
     """`auto`: `sequential` on CPU, where the parallel forms only add work (measured on the
     mamba_small mixer, L = 256, forward + backward: sequential 37 ms, associative 71 ms,
-    chunked 66-106 ms), `chunked` on accelerators."""
+    chunked 66-106 ms), `chunked` on accelerators. It never picks `pallas`: that kernel has not
+    been timed on a TPU yet."""
     if mode != "auto":
         return mode
     return "sequential" if target_platform() == "cpu" else "chunked"
@@ -130,8 +134,12 @@ def selective_scan(x_BTD: jax.Array, delta_BTD: jax.Array, A_DN: jax.Array, B_BT
         y, h = _associative(x, delta, A, B, C, h0, keep)
     elif mode == "sequential":
         y, h = _sequential(x, delta, A, B, C, h0, keep)
-    elif mode == "chunked":
+    elif mode == "chunked" or (mode == "pallas" and B.ndim == 2):  # the kernel takes per-step B, C only
         y, h = _chunked(x, delta, A, B, C, h0, chunk, keep)
+    elif mode == "pallas":
+        from llm_jax.models.ssm_pallas import sharded_pallas_scan  # Pallas loads only when chosen
+
+        y, h = sharded_pallas_scan(x, delta, A, B, C, h0, chunk, keep)
     else:
         raise ValueError(f"unknown scan {mode!r}; choose from {SCANS}")
     return y + x * D_D.astype(f32), h

@@ -344,8 +344,8 @@ def _cmd_pairs(args) -> None:
     print(f"wrote {args.out}: {stats.describe()}")
 
 
-COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "compile": _cmd_compile, "prepare": _cmd_prepare, "generate": _cmd_generate,
-            "best-of-n": _cmd_best_of_n,
+COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "compile": _cmd_compile, "prepare": _cmd_prepare,
+            "generate": _cmd_generate, "best-of-n": _cmd_best_of_n,
             "import-hf": _cmd_import_hf, "export-hf": _cmd_export_hf, "sweep": _cmd_sweep, "keys": _cmd_keys,
             "fit": _cmd_fit, "pairs": _cmd_pairs}
 
@@ -379,7 +379,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may also follow the options (`compile gpt_1b --topology v5p-8 mesh.fsdp=-1`).
+    if unknown and hasattr(args, "overrides") and all("=" in u and not u.startswith("-") for u in unknown):
+        args.overrides = [*args.overrides, *unknown]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra and args.command != "prepare":
         parser.error(f"arguments after -- are pipeline options of prepare --engine beam: {' '.join(extra)}")
     args.pipeline_options = extra

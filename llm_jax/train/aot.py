@@ -9,6 +9,7 @@ kernel, selective scan, grouped matmul) resolves as it would on the pod; the sta
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections import Counter
@@ -125,6 +126,9 @@ def compile_for_topology(cfg: Config, topology: TpuTopology, *, decode: bool = T
     """The report of `llm-jax compile` (docs/tpu.md). Raises OutOfMemory for a train step that the
     compiler refuses; a decode step that does not fit is reported in report["decode"]."""
     chips, capacity = topology.total_chips, topology.hbm_bytes
+    # libtpu takes a machine-wide lock when it loads, meant for a host's chips; compiling drives no
+    # chip, so several processes (tests, other users of this machine) may compile at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     with targeting("tpu"):
         mesh = make_mesh(cfg, devices=topology.devices())
         setup = synthetic_setup(cfg, mesh)
@@ -217,6 +221,7 @@ def describe_decode(decode: dict | None) -> str:
     gib = 2**30
     if decode.get("refused_by_compiler"):
         return head + f"does NOT fit, needs at least {decode['hbm_per_chip_bytes'] / gib:.2f} GiB per chip"
-    return head + (f"{decode['hbm_per_chip_bytes'] / gib:.2f} GiB per chip ({'fits' if decode['fits'] else 'does NOT fit'}),"
+    fits = "fits" if decode["fits"] else "does NOT fit"
+    return head + (f"{decode['hbm_per_chip_bytes'] / gib:.2f} GiB per chip ({fits}),"
                    f" {decode['flops_per_step']:.3e} FLOPs, {', '.join(decode['collectives']) or 'no collectives'},"
                    f" {decode['compile_s']:.1f} s")

@@ -170,3 +170,13 @@ def test_out_of_memory_messages_give_the_bytes_needed():
 def test_encoders_have_no_decode_step():
     why = lower_decode_step(load_config("bert_small", []), mdef=None, mesh=None)
     assert why == "none: model.arch=bert is an encoder and does not generate"
+
+
+def test_overrides_may_follow_the_options():
+    from llm_jax.cli import _parse
+    from llm_jax.errors import UserError
+
+    args = _parse(["compile", "gpt_1b", "mesh.data=1", "--topology", "v5p-8", "mesh.fsdp=-1", "--json"])
+    assert args.overrides == ["mesh.data=1", "mesh.fsdp=-1"] and args.topology == "v5p-8" and args.json
+    with pytest.raises(UserError, match="unrecognized arguments: --bogus"):
+        _parse(["compile", "gpt_1b", "--topology", "v5p-8", "--bogus"])

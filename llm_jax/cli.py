@@ -234,7 +234,10 @@ def _cmd_compile(args) -> None:
         if args.json:
             print(json.dumps({"config": name, "topology": topology.name, "num_slices": topology.num_slices,
                               "chips": topology.total_chips, "hbm_per_chip_bytes": oom.needed,
-                              "hbm_capacity_bytes": topology.hbm_bytes, "fits": False, "refused_by_compiler": True}))
+                              "hbm_capacity_bytes": topology.hbm_bytes, "fits": False, "refused_by_compiler": True,
+                              # what only a compiled program tells
+                              "flops_per_step": None, "flops_per_step_formula": None, "collectives": None,
+                              "compile_s": None, "decode": None}))
         raise UserError(too_big(name, topology.name, oom.needed, topology.hbm_bytes)) from None
     print(json.dumps(report) if args.json else format_report(report))
     check_fits(name, report)

@@ -100,6 +100,10 @@ def needed_from_error(message: str, argument_bytes: int) -> int | None:
 def compile_lowered(lower: Callable[[], Any], argument_bytes: int) -> tuple[Any, float]:
     """(compiled, seconds); raises OutOfMemory when the TPU compiler says the program cannot fit."""
     start = time.perf_counter()
+    # A compile-only executable cannot be loaded back without TPU chips: keep it out of the
+    # persistent compilation cache (where it would be large and unreadable).
+    cache_was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
     try:
         compiled = lower().compile()
     except Exception as exc:  # the compiler's own refusal comes as a runtime error
@@ -107,6 +111,8 @@ def compile_lowered(lower: Callable[[], Any], argument_bytes: int) -> tuple[Any,
         if needed is None:
             raise
         raise OutOfMemory(needed) from None
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was)
     return compiled, time.perf_counter() - start
 
 

@@ -180,3 +180,17 @@ def test_overrides_may_follow_the_options():
     assert args.overrides == ["mesh.data=1", "mesh.fsdp=-1"] and args.topology == "v5p-8" and args.json
     with pytest.raises(UserError, match="unrecognized arguments: --bogus"):
         _parse(["compile", "gpt_1b", "--topology", "v5p-8", "--bogus"])
+
+
+def test_table_for_people(reports):
+    from llm_jax.train.aot import format_report
+
+    report = reports[("llama", "v5p-8")]
+    lines = format_report({**report, "mfu_needed": 0.25, "tokens_per_s": 1e5}).splitlines()
+    rows = {line.split("  ")[0]: line for line in lines}
+    assert rows["topology"].endswith("v5p-8 x 1 slice(s): 4 chips")
+    assert f"{report['hbm_per_chip_bytes'] / 2**30:.2f} GiB of 95 GiB (fits)" in rows["HBM per chip"]
+    assert rows["collectives"].endswith("all-reduce x1")
+    assert rows["MFU needed"].endswith("25.0% for 1e+05 tokens/s")
+    assert rows["decode step"].split("  ")[-1].strip().startswith("batch 32, 128 cache slots: ")
+    assert len({line.index(line.split()[-1]) > 0 for line in lines}) == 1  # every row has a value

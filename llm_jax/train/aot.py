@@ -101,9 +101,10 @@ def compile_lowered(lower: Callable[[], Any], argument_bytes: int) -> tuple[Any,
     """(compiled, seconds); raises OutOfMemory when the TPU compiler says the program cannot fit."""
     start = time.perf_counter()
     # A compile-only executable cannot be loaded back without TPU chips: keep it out of the
-    # persistent compilation cache (where it would be large and unreadable).
-    cache_was = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
+    # persistent compilation cache (where it would be large and unreadable). Only the write is
+    # held back: switching the cache off would switch it off for the rest of the process.
+    min_s = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
     try:
         compiled = lower().compile()
     except Exception as exc:  # the compiler's own refusal comes as a runtime error
@@ -112,7 +113,7 @@ def compile_lowered(lower: Callable[[], Any], argument_bytes: int) -> tuple[Any,
             raise
         raise OutOfMemory(needed) from None
     finally:
-        jax.config.update("jax_enable_compilation_cache", cache_was)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_s)
     return compiled, time.perf_counter() - start
 
 

@@ -27,6 +27,7 @@ from llm_jax.interop.pretrained import export_hf
 from llm_jax.parallel.cpu_devices import split_cpu_host
 from llm_jax.parallel.distributed import initialize, is_multiprocess, resolve_placement
 from llm_jax.parallel.platform import skip_absent_tpu
+from llm_jax.parallel.topology import parse_topology
 from llm_jax.paths import enable_compile_cache
 from llm_jax.runtime.run_dir import check_run_dir
 from llm_jax.scaling.fit import fit_all, format_fit
@@ -35,6 +36,7 @@ from llm_jax.scaling.plots import write_plots
 from llm_jax.scaling.report import write_report
 from llm_jax.scaling.results import PARAM_COUNTS, read_results, select_arch
 from llm_jax.scaling.sweep import LAUNCHERS, run_sweep
+from llm_jax.train.aot import OutOfMemory, check_fits, compile_for_topology, format_report, too_big
 from llm_jax.train.bench import bench
 from llm_jax.train.import_hf import import_hf
 from llm_jax.train.run import describe_eval, print_sample, train
@@ -46,6 +48,7 @@ USAGE_EXAMPLES = """examples:
   llm-jax generate runs/sft --chat --prompt "What is 2+2?"   # the answer of a chat-tuned run
   llm-jax best-of-n runs/sft_arith --reward arith --n 1,4,16   # reward of the best of N samples
   llm-jax bench gpt_small train.batch_size=8
+  llm-jax compile gpt_1b --topology v5p-8 mesh.fsdp=-1 mesh.data=1   # HBM, FLOPs, collectives on a TPU pod
   llm-jax prepare gpt_small --workers 4        # tokenise the corpus into the cache ahead of training
   llm-jax prepare gpt_small --engine beam --runner DataflowRunner -- --project=P --region=R
   llm-jax import-hf path/to/hf_gpt2 runs/gpt2   # a Hugging Face checkpoint as a run
@@ -80,6 +83,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("config")
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    c = sub.add_parser("compile", help="compile the train and decode steps for a Cloud TPU topology here; "
+                                       "report HBM per chip, FLOPs and collectives (docs/tpu.md)")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    c.add_argument("--topology", required=True, metavar="NAME", help="accelerator type, e.g. v5p-128, v5e-16, v6e-256")
+    c.add_argument("--num-slices", type=int, default=1, metavar="N", help="slices joined over DCN (use mesh.dcn_*)")
+    c.add_argument("--tokens-per-s", type=float, metavar="X", help="also report the MFU this throughput would need")
+    c.add_argument("--no-decode", action="store_true", help="compile only the train step")
+    c.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     r = sub.add_parser("prepare", help="tokenise a config's corpus into the token cache (both splits)")
     r.add_argument("config")
@@ -208,6 +221,28 @@ def _cmd_bench(args) -> None:
         print(f"{key:>16}: {value:.4g}" if isinstance(value, float) else f"{key:>16}: {value}")
 
 
+def _cmd_compile(args) -> None:
+    if args.tokens_per_s is not None and not (math.isfinite(args.tokens_per_s) and args.tokens_per_s > 0):
+        raise UserError(f"--tokens-per-s must be a positive number, got {args.tokens_per_s}")
+    cfg = load_config(args.config, args.overrides)
+    topology = parse_topology(args.topology, args.num_slices)
+    name = Path(args.config).stem
+    try:
+        report = {"config": name, **compile_for_topology(cfg, topology, decode=not args.no_decode,
+                                                         tokens_per_s=args.tokens_per_s)}
+    except OutOfMemory as oom:  # refused by the compiler itself
+        if args.json:
+            print(json.dumps({"config": name, "topology": topology.name, "num_slices": topology.num_slices,
+                              "chips": topology.total_chips, "hbm_per_chip_bytes": oom.needed,
+                              "hbm_capacity_bytes": topology.hbm_bytes, "fits": False, "refused_by_compiler": True,
+                              # what only a compiled program tells
+                              "flops_per_step": None, "flops_per_step_formula": None, "collectives": None,
+                              "compile_s": None, "decode": None}))
+        raise UserError(too_big(name, topology.name, oom.needed, topology.hbm_bytes)) from None
+    print(json.dumps(report) if args.json else format_report(report))
+    check_fits(name, report)
+
+
 def _cmd_prepare(args) -> None:
 
     cfg = load_config(args.config, args.overrides)
@@ -312,8 +347,8 @@ def _cmd_pairs(args) -> None:
     print(f"wrote {args.out}: {stats.describe()}")
 
 
-COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "prepare": _cmd_prepare, "generate": _cmd_generate,
-            "best-of-n": _cmd_best_of_n,
+COMMANDS = {"train": _cmd_train, "bench": _cmd_bench, "compile": _cmd_compile, "prepare": _cmd_prepare,
+            "generate": _cmd_generate, "best-of-n": _cmd_best_of_n,
             "import-hf": _cmd_import_hf, "export-hf": _cmd_export_hf, "sweep": _cmd_sweep, "keys": _cmd_keys,
             "fit": _cmd_fit, "pairs": _cmd_pairs}
 
@@ -347,7 +382,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may also follow the options (`compile gpt_1b --topology v5p-8 mesh.fsdp=-1`).
+    if unknown and hasattr(args, "overrides") and all("=" in u and not u.startswith("-") for u in unknown):
+        args.overrides = [*args.overrides, *unknown]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra and args.command != "prepare":
         parser.error(f"arguments after -- are pipeline options of prepare --engine beam: {' '.join(extra)}")
     args.pipeline_options = extra

@@ -12,13 +12,14 @@ import time
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from llm_jax.config import Config
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.models.base import model_vocab_size
 from llm_jax.runtime.metrics import peak_flops_total
 from llm_jax.train.objectives import Vocab, build_objective, row_width
-from llm_jax.train.setup import build_setup
+from llm_jax.train.setup import TrainSetup, build_setup
 from llm_jax.train.state import init_state
 from llm_jax.train.trainer import Trainer
 
@@ -30,12 +31,19 @@ def peak_memory_bytes() -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
 
 
-def bench(cfg: Config) -> dict:
+def synthetic_setup(cfg: Config, mesh: Mesh | None = None) -> TrainSetup:
+    """The run's setup for synthetic tokens: no tokenizer is built and no corpus read (`bench`,
+    `llm-jax compile`)."""
     byte_vocab = ByteTokenizer.vocab_size  # the default tokenizer's, used when model.vocab_size is unset
     vocab = model_vocab_size(cfg, byte_vocab)
     # Objectives that need special ids (masks, sentinels) take them as for byte tokens; the cost is
     # the same for any ids.
-    setup = build_setup(cfg, vocab, build_objective(cfg, Vocab(byte_vocab, vocab, eos_id=byte_vocab - 1)))
+    return build_setup(cfg, vocab, build_objective(cfg, Vocab(byte_vocab, vocab, eos_id=byte_vocab - 1)), mesh=mesh)
+
+
+def bench(cfg: Config) -> dict:
+    setup = synthetic_setup(cfg)
+    vocab = setup.vocab_size
     state = init_state(cfg, setup.mdef, setup.mesh, setup.tx, setup.shardings)
     rng = np.random.default_rng(cfg.seed)
     local_rows = cfg.train.batch_size // jax.process_count()

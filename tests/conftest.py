@@ -7,9 +7,6 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Tests that compile for TPU topologies load libtpu, which takes a lock file per machine: let a
-# test's subprocess (or a second pytest) load it while this process holds it.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # Keep tokenised-corpus caches inside the test session, never in the user's home.
 os.environ.setdefault("LLM_JAX_CACHE", "/tmp/llm_jax_test_cache")
 # JAX's persistent compilation cache, in the directory the CLI itself uses (run.compile_cache:

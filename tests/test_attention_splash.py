@@ -6,7 +6,6 @@ pallas_gpu lowers for CUDA; each is refused on the other accelerator and `auto` 
 
 from __future__ import annotations
 
-import importlib.util
 from functools import partial
 
 import jax
@@ -185,7 +184,6 @@ def test_each_kernel_is_refused_on_the_other_accelerator_and_never_picked_by_aut
             assert resolve_kernel("auto") == kernel
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the tpu extra)")
 def test_splash_gradient_compiles_for_tpu():
     """The compiled (not interpreted) kernel: forward, dq and dkv Mosaic kernels in the gradient
     program for one v5e chip, bf16, T=512 (blocks of 512), head_dim 128, packed segment ids."""
@@ -220,7 +218,6 @@ def test_pallas_gpu_gradient_lowers_for_cuda():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the tpu extra)")
 def test_gpt_gradient_with_splash_compiles_for_a_v5e_4_mesh():
     """The GQA GPT's loss gradient on packed rows of 512 tokens (head_dim 128, scanned layers)
     for 4 v5e chips as data=2 x tensor=2: the kernels compile inside the shard_map (a Mosaic

@@ -23,8 +23,6 @@ from llm_jax.config import load_config
 from llm_jax.train.aot import collectives_of, needed_from_error
 from llm_jax.train.aot_decode import lower_decode_step
 
-pytest.importorskip("libtpu")
-
 NARROW = ["model.num_layers=2", "train.seq_len=128", "train.batch_size=32", "model.d_model=128", "model.d_ff=256",
           "model.num_heads=4", "model.vocab_size=1024"]
 # Per preset: a mesh that suits it (fsdp for the 1B dense model, experts for mixtral).
@@ -108,12 +106,13 @@ def test_decode_step_is_compiled_for_decoders(reports):
     assert reports[("gpt_1b", "v5e-16")]["decode"] is None  # --no-decode
 
 
+# The rest of the 4 x 3 grid (the default suite compiles the other cells).
+REST = [(p, t) for p in MESHES for t in TOPOLOGIES if (p, t) not in DEFAULT]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("topology", list(TOPOLOGIES))
-@pytest.mark.parametrize("preset", list(MESHES))
+@pytest.mark.parametrize("preset,topology", REST, ids=[f"{p}-{t}" for p, t in REST])
 def test_full_grid(preset, topology):
-    if (preset, topology) in DEFAULT:
-        pytest.skip("in the default suite")
     check_report(compile_report(preset, topology, "--no-decode"), preset)
 
 
@@ -194,3 +193,19 @@ def test_table_for_people(reports):
     assert rows["MFU needed"].endswith("25.0% for 1e+05 tokens/s")
     assert rows["decode step"].split("  ")[-1].strip().startswith("batch 32, 128 cache slots: ")
     assert len({line.index(line.split()[-1]) > 0 for line in lines}) == 1  # every row has a value
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,topology,keys,kernels", [
+    # The fused scan's forward and backward kernels in each of the 2 layers.
+    ("mamba_small", "v5e-16", ["model.ssm.scan=pallas"], 2 * 2),
+    # Per layer, splash's forward, dq and dkv kernels and megablox's 9 (gmm and tgmm of the
+    # SwiGLU expert MLP's three matmuls, forward and backward).
+    ("mixtral", "2x v5e-16", ["model.attention=splash", "model.moe.grouped_matmul=megablox"], (3 + 9) * 2),
+], ids=["pallas-scan", "splash-megablox"])
+def test_pallas_kernels_compile_for_tpu(preset, topology, keys, kernels):
+    """The Pallas kernels, chosen by their keys, compile through Mosaic inside the real train step
+    on the mesh (shard_map around each kernel): the program holds them and still fits."""
+    report = compile_report(preset, topology, *keys, "--no-decode")
+    assert report["fits"] is True
+    assert report["pallas_kernels"] == kernels, report["pallas_kernels"]

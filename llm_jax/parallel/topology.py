@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
 
 from jax.experimental import topologies
@@ -59,6 +60,9 @@ class TpuTopology:
             kwargs["chip_config_name"] = "megacore"
         if importlib.util.find_spec("libtpu") is None:
             raise UserError("compiling for a TPU topology needs libtpu: pip install 'llm-jax[tpu]'")
+        # libtpu takes a machine-wide lock when it loads, meant for a host's chips; compiling drives
+        # no chip, so several processes (tests, other users of this machine) may compile at once.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         try:
             desc = topologies.get_topology_desc(topology_name=f"{self.generation}:{layout}", platform="tpu", **kwargs)
         except Exception as exc:  # a layout this libtpu refuses

@@ -9,7 +9,6 @@ kernel, selective scan, grouped matmul) resolves as it would on the pod; the sta
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 # async collectives appear as `-start` / `-done` pairs, counted once by their `-start`.
 _COLLECTIVE_OP = re.compile(r"\s((?:" + "|".join(COLLECTIVES) + r")(?:-start)?)\(")
 _WHILE_OP = re.compile(r"\swhile\(")
+_MOSAIC_CALL = 'custom_call_target="tpu_custom_call"'
 # The TPU compiler's out-of-memory messages (sizes in GiB, written like 20.32G or 512.5M).
 _SIZE = r"([\d.]+)([KMGT])i?B?"
 _USED = re.compile(r"Used " + _SIZE + r" of " + _SIZE + r" hbm")
@@ -125,7 +125,9 @@ def program_report(compiled: Any, chips: int, capacity: int) -> dict:
     counts = collectives_of(hlo)
     return {"hbm_per_chip_bytes": memory.total, "hbm": memory.as_dict(), "fits": memory.total <= capacity,
             "flops_per_step": float(compiled.cost_analysis()["flops"]) * chips,
-            "collectives": list(counts), "collective_counts": counts, "while_loops": len(_WHILE_OP.findall(hlo))}
+            "collectives": list(counts), "collective_counts": counts, "while_loops": len(_WHILE_OP.findall(hlo)),
+            # Pallas kernels lowered by Mosaic (splash, megablox, the fused scan); a loop body's once.
+            "pallas_kernels": hlo.count(_MOSAIC_CALL)}
 
 
 def compile_for_topology(cfg: Config, topology: TpuTopology, *, decode: bool = True,
@@ -133,9 +135,6 @@ def compile_for_topology(cfg: Config, topology: TpuTopology, *, decode: bool = T
     """The report of `llm-jax compile` (docs/tpu.md). Raises OutOfMemory for a train step that the
     compiler refuses; a decode step that does not fit is reported in report["decode"]."""
     chips, capacity = topology.total_chips, topology.hbm_bytes
-    # libtpu takes a machine-wide lock when it loads, meant for a host's chips; compiling drives no
-    # chip, so several processes (tests, other users of this machine) may compile at once.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     with targeting("tpu"):
         mesh = make_mesh(cfg, devices=topology.devices())
         setup = synthetic_setup(cfg, mesh)
@@ -207,6 +206,7 @@ def format_report(report: dict) -> str:
         ("FLOPs per step", f"{report['flops_per_step']:.3e} compiled, {report['flops_per_step_formula']:.3e} "
                            f"formula (ratio {report['flops_ratio']:.2f})"),
         ("collectives", ", ".join(f"{k} x{v}" for k, v in report["collective_counts"].items()) or "none"),
+        ("Pallas kernels", str(report["pallas_kernels"])),
         ("compile", f"{report['compile_s']:.1f} s"),
     ]
     if report["while_loops"]:

@@ -50,7 +50,7 @@ def test_tiles_follow_the_shapes():
 
 def test_megablox_is_refused_on_gpu():
     with targeting("gpu"):
-        with pytest.raises(UserError, match="grouped_matmul=megablox is a TPU kernel"):
+        with pytest.raises(UserError, match="grouped_matmul=megablox is a Pallas kernel for TPU only"):
             moe_lib.grouped_matmul("megablox")
         assert moe_lib.grouped_matmul("auto") == "blocked"  # auto never picks megablox (not measured)
     with targeting("tpu"):

@@ -149,7 +149,7 @@ def test_choices_the_kernel_cannot_run_are_user_errors():
     from llm_jax.parallel.platform import targeting
 
     args, _ = scan_args(T=16)
-    with targeting("gpu"), pytest.raises(UserError, match="model.ssm.scan=pallas has no GPU lowering"):
+    with targeting("gpu"), pytest.raises(UserError, match="model.ssm.scan=pallas is a Pallas kernel for TPU only"):
         jax.eval_shape(lambda *a: selective_scan(*a, mode="pallas"), *args)
     with targeting("tpu"), pytest.raises(UserError, match="VMEM .* lower model.ssm.chunk"):
         jax.eval_shape(lambda *a: selective_scan(*a, mode="pallas", chunk=4096), *args)

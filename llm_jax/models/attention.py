@@ -23,10 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llm_jax.errors import UserError
 from llm_jax.models.layers import Dense, apply_rope
 from llm_jax.models.pallas_attention import KERNEL_PLATFORM, pallas_gpu_attention, splash_attention
-from llm_jax.parallel.platform import target_platform
+from llm_jax.parallel.platform import pallas_interpret, target_platform
 from llm_jax.parallel.rules import constrain
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give zeros, not NaNs
@@ -189,11 +188,9 @@ def resolve_kernel(requested: str) -> str:
     """`auto`: cuDNN flash attention on GPU, blockwise on CPU, XLA elsewhere (TPU). The Pallas
     kernels are never picked by `auto` (not yet measured on their accelerators) and are refused
     on the other accelerator (CPU runs either in interpret mode)."""
+    if requested in KERNEL_PLATFORM:  # refused now, on the wrong accelerator, not at the first trace
+        pallas_interpret(f"model.attention={requested}", KERNEL_PLATFORM[requested], "model.attention=auto there")
     platform = target_platform()
-    home = KERNEL_PLATFORM.get(requested)
-    if home is not None and platform not in (home, "cpu"):
-        raise UserError(f"model.attention={requested} is a Pallas kernel for {home.upper()} only and does not run on "
-                        f"{platform.upper()}; use model.attention=auto there")
     if requested != "auto":
         return requested
     if platform == "gpu":

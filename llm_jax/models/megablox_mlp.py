@@ -32,19 +32,14 @@ from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
 from llm_jax.errors import UserError
 from llm_jax.models.layers import activate
-from llm_jax.parallel.platform import target_platform
+from llm_jax.parallel.platform import pallas_interpret
 
 ROW_ALIGN = 16  # a bfloat16 row tile is (16, 128) on TPU: row tiles are multiples of 16
 
 
 def check_platform() -> bool:
-    """Whether the kernel must run in Pallas interpret mode: on CPU yes, on TPU no (Mosaic); a
-    GPU has no Mosaic TPU backend, so there it is an error."""
-    platform = target_platform()
-    if platform == "gpu":
-        raise UserError("model.moe.grouped_matmul=megablox is a TPU kernel (Pallas Mosaic) and does not run on "
-                        "GPU; use blocked or ragged_dot (docs/moe.md)")
-    return platform != "tpu"
+    """Whether the kernel runs in Pallas interpret mode (CPU); on GPU, an error."""
+    return pallas_interpret("model.moe.grouped_matmul=megablox", "tpu", "blocked or ragged_dot (docs/moe.md)")
 
 
 def tile_rows(rows: int, num_experts: int) -> int:

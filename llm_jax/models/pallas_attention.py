@@ -36,7 +36,7 @@ from jax.experimental.pallas.ops.gpu import attention as gpu_flash
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
-from llm_jax.parallel.platform import target_platform
+from llm_jax.parallel.platform import pallas_interpret
 from llm_jax.parallel.rules import current_mesh, manual_spec
 
 LANES = 128  # splash's KV blocks are multiples of the TPU's 128 lanes
@@ -45,6 +45,11 @@ GPU_BLOCK, GPU_BACKWARD_BLOCK = 128, 32  # the Pallas GPU kernel's default tiles
 PAD_SEGMENT = -1
 # The kernel each choice runs compiled on; anywhere else but CPU (interpret mode) it is refused.
 KERNEL_PLATFORM = {"splash": "tpu", "pallas_gpu": "gpu"}
+
+
+def _interpret(kernel: str) -> bool:
+    """Interpret mode on CPU, compiled on the kernel's accelerator, refused on the other one."""
+    return pallas_interpret(f"model.attention={kernel}", KERNEL_PLATFORM[kernel], "model.attention=auto there")
 
 
 def splash_blocks(length: int) -> tuple[int, int]:
@@ -69,7 +74,7 @@ def splash_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *,
     _, padded = splash_blocks(T)
     heads_major = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731 - [B,T,N,H] <-> [B,N,T,H]
     q, k, v, seg = _scaled_and_padded(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, padded, causal, scale)
-    local = partial(_splash_local, causal=causal, interpret=target_platform() != "tpu")
+    local = partial(_splash_local, causal=causal, interpret=_interpret("splash"))
     out_BNTH = _per_device(local, heads_major(q), heads_major(k), heads_major(v), seg, heads_dim=1)
     return heads_major(out_BNTH)[:, :T]
 
@@ -82,7 +87,7 @@ def pallas_gpu_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array
     if groups > 1:
         k_BTKH, v_BTKH = jnp.repeat(k_BTKH, groups, axis=2), jnp.repeat(v_BTKH, groups, axis=2)
     q, k, v, seg = _scaled_and_padded(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, gpu_padded_length(T), causal, scale)
-    local = partial(_gpu_local, causal=causal, interpret=target_platform() != "gpu")
+    local = partial(_gpu_local, causal=causal, interpret=_interpret("pallas_gpu"))
     return _per_device(local, q, k, v, seg, heads_dim=2)[:, :T]
 
 

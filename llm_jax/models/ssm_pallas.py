@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from llm_jax.errors import UserError
-from llm_jax.parallel.platform import target_platform
+from llm_jax.parallel.platform import pallas_interpret
 from llm_jax.parallel.rules import current_mesh, manual_spec
 
 LANES, SUBLANES = 128, 8
@@ -69,11 +69,7 @@ def time_chunk(chunk: int) -> int:
 
 
 def _interpret() -> bool:
-    platform = target_platform()
-    if platform == "gpu":
-        raise UserError("model.ssm.scan=pallas has no GPU lowering (its kernels are TPU Pallas); "
-                        "choose model.ssm.scan=chunked or auto on GPU")
-    return platform == "cpu"
+    return pallas_interpret("model.ssm.scan=pallas", "tpu", "model.ssm.scan=chunked or auto")
 
 
 # Batch rows and channel tiles are independent (megacore may split them); time carries the state.

@@ -17,6 +17,8 @@ from typing import Iterator
 
 import jax
 
+from llm_jax.errors import UserError
+
 _TARGET: ContextVar[str | None] = ContextVar("llm_jax_target_platform", default=None)
 
 
@@ -33,6 +35,17 @@ def targeting(platform: str) -> Iterator[None]:
         yield
     finally:
         _TARGET.reset(token)
+
+
+def pallas_interpret(choice: str, home: str, instead: str) -> bool:
+    """How a Pallas kernel written for `home` ("tpu" or "gpu") runs on the target platform:
+    compiled there (False), in interpret mode on a CPU (True: tests, slow), and on the other
+    accelerator not at all: a UserError naming the config `choice` and what to use `instead`."""
+    platform = target_platform()
+    if platform in (home, "cpu"):
+        return platform == "cpu"
+    raise UserError(f"{choice} is a Pallas kernel for {home.upper()} only and does not run on {platform.upper()}; "
+                    f"use {instead}")
 
 
 def _has_tpu_chips() -> bool:

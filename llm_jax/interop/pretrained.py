@@ -16,6 +16,7 @@ from llm_jax.errors import UserError
 from llm_jax.interop.convert import read_hf_model, write_hf_model
 from llm_jax.interop.files import TOKENIZER_FILE, is_hf_dir
 from llm_jax.models.definition import ModelDef, model_def, param_shardings
+from llm_jax.parallel.rules import sharded_shapes
 from llm_jax.runtime.checkpoint import Checkpointer
 from llm_jax.runtime.restore import restore_params
 
@@ -87,8 +88,7 @@ def pretrained_params(cfg: Config, mdef: ModelDef, shardings: dict, fresh: dict)
             raise UserError(f"checkpoint.init_from {source} has no complete checkpoint")
         source_mdef = model_def(source_cfg, mdef.dims.vocab_size, classes_of(source_cfg))
         mesh = jax.tree.leaves(shardings)[0].mesh
-        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                source_mdef.shapes, param_shardings(source_mdef, mesh))
+        abstract = sharded_shapes(source_mdef.shapes, param_shardings(source_mdef, mesh))
         try:
             params = ckpt.restore_params(step, abstract)
         except ValueError as exc:

@@ -93,6 +93,12 @@ def manual_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -
 
     return P(*(kept(entry) for entry in logical_to_spec(names, shape, mesh)))
 
+
+def sharded_shapes(shapes, shardings):
+    """ShapeDtypeStructs of `shapes` carrying the matching `shardings` (trees of the same
+    structure): restore targets and ahead-of-time arguments, nothing allocated."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
 def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import jax
-
 from llm_jax.config import Config, read_run_config
 from llm_jax.data import load_tokenizer
 from llm_jax.data.tasks import classes_of
@@ -14,6 +12,7 @@ from llm_jax.errors import UserError
 from llm_jax.models.base import model_vocab_size
 from llm_jax.models.definition import ModelDef, model_def, param_shardings
 from llm_jax.parallel.mesh import single_device_mesh
+from llm_jax.parallel.rules import sharded_shapes
 from llm_jax.runtime.checkpoint import Checkpointer, checkpoint_dir
 
 
@@ -39,8 +38,7 @@ def restore_params(run_dir: str | Path, step: int | None = None) -> tuple[Config
         tokenizer = load_tokenizer(cfg, run_dir)
         mdef = model_def(cfg, model_vocab_size(cfg, tokenizer.vocab_size), classes_of(cfg))
         shardings = param_shardings(mdef, single_device_mesh())
-        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                mdef.shapes, shardings)
+        abstract = sharded_shapes(mdef.shapes, shardings)
         params = ckpt.restore_params(step, abstract)
     finally:
         ckpt.close()

@@ -39,6 +39,7 @@ _SIZE = r"([\d.]+)([KMGT])i?B?"
 _USED = re.compile(r"Used " + _SIZE + r" of " + _SIZE + r" hbm")
 _REQUIRED = re.compile(r"required for [\w ]+ \(" + _SIZE + r"\) exceeds available HBM \(" + _SIZE + r"\)")
 _UNIT = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+GIB = 2**30
 
 
 @dataclass
@@ -81,7 +82,7 @@ def collectives_of(hlo_text: str) -> dict[str, int]:
     return dict(sorted(Counter(_COLLECTIVE_OP.findall(hlo_text)).items()))
 
 
-def _gib_of(number: str, unit: str) -> int:
+def _bytes_of(number: str, unit: str) -> int:
     return int(float(number) * _UNIT[unit])
 
 
@@ -91,9 +92,9 @@ def needed_from_error(message: str, argument_bytes: int) -> int | None:
     if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
         return None
     if used := _USED.search(message):
-        return _gib_of(*used.group(1, 2))
+        return _bytes_of(*used.group(1, 2))
     if temps := _REQUIRED.search(message):
-        return argument_bytes + _gib_of(*temps.group(1, 2))
+        return argument_bytes + _bytes_of(*temps.group(1, 2))
     return None
 
 
@@ -184,25 +185,23 @@ def check_fits(cfg_name: str, report: dict) -> None:
 
 
 def too_big(cfg_name: str, topology: str, needed: int, capacity: int) -> str:
-    gib = 2**30
-    return (f"{cfg_name} needs {needed / gib:.1f} GiB of HBM per chip on {topology}, "
-            f"{(needed - capacity) / gib:.1f} GiB more than its {capacity / gib:.0f} GiB")
+    return (f"{cfg_name} needs {needed / GIB:.1f} GiB of HBM per chip on {topology}, "
+            f"{(needed - capacity) / GIB:.1f} GiB more than its {capacity / GIB:.0f} GiB")
 
 
 def format_report(report: dict) -> str:
     """A short aligned table for people."""
-    gib = 2**30
     hbm = report["hbm"]
     rows = [
         ("topology", f"{report['topology']} x {report['num_slices']} slice(s): {report['chips']} chips"),
         ("mesh", " ".join(f"{k}={v}" for k, v in report["mesh"].items())),
         ("params", f"{report['params'] / 1e6:.1f}M"),
-        ("HBM per chip", f"{hbm['total'] / gib:.2f} GiB of {report['hbm_capacity_bytes'] / gib:.0f} GiB "
+        ("HBM per chip", f"{hbm['total'] / GIB:.2f} GiB of {report['hbm_capacity_bytes'] / GIB:.0f} GiB "
                          f"({'fits' if report['fits'] else 'does NOT fit'})"),
-        ("  arguments", f"{hbm['arguments'] / gib:.2f} GiB (outputs {hbm['outputs'] / gib:.2f} GiB, "
-                        f"{hbm['aliased'] / gib:.2f} GiB of them donated in place)"),
-        ("  temporaries", f"{hbm['temporaries'] / gib:.2f} GiB"),
-        ("  code", f"{hbm['generated_code'] / gib:.2f} GiB"),
+        ("  arguments", f"{hbm['arguments'] / GIB:.2f} GiB (outputs {hbm['outputs'] / GIB:.2f} GiB, "
+                        f"{hbm['aliased'] / GIB:.2f} GiB of them donated in place)"),
+        ("  temporaries", f"{hbm['temporaries'] / GIB:.2f} GiB"),
+        ("  code", f"{hbm['generated_code'] / GIB:.2f} GiB"),
         ("FLOPs per step", f"{report['flops_per_step']:.3e} compiled, {report['flops_per_step_formula']:.3e} "
                            f"formula (ratio {report['flops_ratio']:.2f})"),
         ("collectives", ", ".join(f"{k} x{v}" for k, v in report["collective_counts"].items()) or "none"),
@@ -225,10 +224,9 @@ def describe_decode(decode: dict | None) -> str:
     if "skipped" in decode:
         return decode["skipped"]
     head = f"batch {decode['batch']}, {decode['cache_slots']} cache slots: "
-    gib = 2**30
     if decode.get("refused_by_compiler"):
-        return head + f"does NOT fit, needs at least {decode['hbm_per_chip_bytes'] / gib:.2f} GiB per chip"
+        return head + f"does NOT fit, needs at least {decode['hbm_per_chip_bytes'] / GIB:.2f} GiB per chip"
     fits = "fits" if decode["fits"] else "does NOT fit"
-    return head + (f"{decode['hbm_per_chip_bytes'] / gib:.2f} GiB per chip ({fits}),"
+    return head + (f"{decode['hbm_per_chip_bytes'] / GIB:.2f} GiB per chip ({fits}),"
                    f" {decode['flops_per_step']:.3e} FLOPs, {', '.join(decode['collectives']) or 'no collectives'},"
                    f" {decode['compile_s']:.1f} s")

@@ -24,7 +24,7 @@ from llm_jax.inference.generate import sample_logits
 from llm_jax.models.base import compute_dtype, family_of
 from llm_jax.models.decoding import PROMPT_BUCKET
 from llm_jax.models.definition import ModelDef, param_shardings
-from llm_jax.parallel.rules import activation_mesh, named_sharding
+from llm_jax.parallel.rules import activation_mesh, named_sharding, sharded_shapes
 
 
 def shard_bytes(tree: Any) -> int:
@@ -88,8 +88,8 @@ def lower_decode_step(cfg: Config, mdef: ModelDef, mesh: Mesh) -> str | tuple[Ca
     jitted = jax.jit(step, in_shardings=(pshard, state_shardings, rows, replicated, replicated, replicated, replicated),
                      out_shardings=(rows, state_shardings), donate_argnums=(1,))
     args = (
-        jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), mdef.shapes, pshard),
-        jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, state_shardings),
+        sharded_shapes(mdef.shapes, pshard),
+        sharded_shapes(state, state_shardings),
         jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
         jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
         jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),

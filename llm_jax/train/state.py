@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from llm_jax.config import Config
 from llm_jax.models.base import build
 from llm_jax.models.definition import ModelDef, param_shardings
+from llm_jax.parallel.rules import sharded_shapes
 
 
 def init_params(cfg: Config, mdef: ModelDef, mesh: Mesh) -> dict:
@@ -65,4 +66,5 @@ def abstract_state(mdef: ModelDef, tx: optax.GradientTransformation, shardings: 
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
     if "ref_params" in shardings:
         shapes["ref_params"] = mdef.shapes
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return sharded_shapes(shapes, shardings)
+

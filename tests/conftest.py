@@ -32,3 +32,17 @@ def _free_compiled_programs():
 
     jax.clear_caches()
     gc.collect()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true", help="also run the long memory soak (tests marked soak)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The soak runs only when asked for (`pytest --soak -m soak`): it trains for minutes."""
+    if config.getoption("--soak"):
+        return
+    kept = [item for item in items if "soak" not in item.keywords]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if "soak" in item.keywords])
+        items[:] = kept

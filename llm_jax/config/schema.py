@@ -77,6 +77,14 @@ class TrainConfig(Section):
     """Progress with ETA on process 0: a live bar on a terminal, a line per logged step otherwise."""
     tensorboard: bool = True
     """Write TensorBoard event files to <run.dir>/tb."""
+    on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"
+    """A step whose loss or gradient norm is NaN or infinite: `stop` (exit non-zero naming the step; nothing after
+    the last good checkpoint is saved), `skip` (that update is not applied; counted as `skipped_steps`), or
+    `rollback` (restore the newest good checkpoint and skip the batches from it to the bad one). docs/reliability.md."""
+    step_timeout_s: float = pydantic.Field(0.0, ge=0.0)
+    """Watchdog: when no step completes for this many seconds (after the first, compiling step), dump every thread's
+    stack to stderr and exit non-zero so the scheduler restarts the job; 0: off. Must exceed the longest evaluation
+    or checkpoint save."""
 
     @model_validator(mode="after")
     def _check_accum(self) -> TrainConfig:

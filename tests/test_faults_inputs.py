@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import random
 import shutil
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def test_hostile_config_files_are_one_error_line(tmp_path, capsys, name):
 
 def test_a_config_that_is_not_a_file_is_one_error_line(tmp_path, capsys):
     (tmp_path / "dir.yaml").mkdir()
-    assert "cannot read config file" in load_via_cli(capsys, tmp_path / "dir.yaml")
+    assert f"cannot read {tmp_path / 'dir.yaml'}: Is a directory" in load_via_cli(capsys, tmp_path / "dir.yaml")
 
 
 SECTIONS = sorted(name for name, f in Config.model_fields.items()
@@ -416,3 +417,28 @@ def test_hostile_names_in_sweeps_indexes_and_stores_do_not_leave_their_directory
     with pytest.raises(UserError, match="token store shard .* is not a plain file name"):
         TokenStore(store)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "spec.yaml", "store"]
+
+
+# --- Hugging Face config.json of the wrong types ----------------------------------------------
+
+
+# Keys whose wrong values once escaped as TypeError, ValueError or AttributeError tracebacks.
+HF_CRASHERS = {"vocab_size": None, "n_positions": "x", "max_position_embeddings": [1], "rope_parameters": 1.5,
+               "num_key_value_heads": None, "intermediate_size": None, "hidden_size": 10**30, "n_embd": 10**30}
+
+
+@pytest.mark.parametrize("family", sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file()))
+def test_hf_configs_of_wrong_types_are_user_errors(tmp_path, family):
+    """Keys of a fixture's config.json set to values of another type or size (those above, and 6
+    more drawn with a fixed seed): a UserError naming the problem, or (where the key does not
+    matter) a model; never another exception."""
+    base = json.loads((FIXTURES / family / "config.json").read_text())
+    hf = tmp_path / "hf"
+    shutil.copytree(FIXTURES / family, hf)
+    drawn = random.Random(family).sample([(k, w) for k in sorted(base) for w in ("x", None, [1], 10**30)], 6)
+    for key, wrong in [*((k, w) for k, w in HF_CRASHERS.items() if k in base), *drawn]:
+        (hf / "config.json").write_text(json.dumps({**base, key: wrong}))
+        try:
+            read_hf_model(hf)
+        except UserError:
+            pass

@@ -50,20 +50,26 @@ def _read_yaml(spec: str) -> dict[str, Any]:
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """A YAML file that must hold a mapping; parse problems become one-line user errors.
+    """A YAML file that must hold a mapping; parse problems become one-line user errors."""
+    data = read_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of config keys")
+    return data
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; a file that cannot be read, is not UTF-8 or is not YAML is one
+    UserError naming it.
 
     Only `yaml.safe_load`: a config may come from anywhere, and the full loader would run the
     Python that tags such as !!python/object/apply name."""
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as exc:
-        raise UserError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path} is not UTF-8 text (byte {exc.start}); a config file is YAML text") from None
-    data = safe_yaml(text, str(path)) or {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping of config keys")
-    return data
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.start}); YAML files are text") from None
+    return safe_yaml(text, str(path))
 
 
 def safe_yaml(text: str, where: str) -> Any:

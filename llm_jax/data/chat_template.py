@@ -190,7 +190,7 @@ def read_chat_template(tokenizer_json: Path) -> JinjaChatTemplate | None:
         return None
     try:
         config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # (RecursionError: JSON nested too deeply)
         raise UserError(f"cannot read {path}: {exc}") from None
     if not isinstance(config, dict) or config.get("chat_template") is None:
         return None

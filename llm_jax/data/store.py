@@ -248,7 +248,7 @@ class TokenStore:
             manifest = json.loads((self.path / MANIFEST).read_text())
         except FileNotFoundError:
             raise UserError(f"{self.path} is not a complete token store (no {MANIFEST})") from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # (RecursionError: JSON nested too deeply)
             raise UserError(f"cannot read {self.path / MANIFEST}: {exc}") from None
         if not isinstance(manifest, dict):
             raise UserError(f"{self.path / MANIFEST} is damaged (not a JSON object); delete the store to prepare "

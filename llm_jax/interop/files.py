@@ -40,7 +40,7 @@ def read_config(path: Path) -> dict[str, Any]:
     """config.json as a dict."""
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # (RecursionError: JSON nested too deeply)
         raise UserError(f"cannot read {path / CONFIG_FILE}: {exc}") from None
     if not isinstance(config, dict):
         raise UserError(f"{path / CONFIG_FILE} is not a JSON object")

@@ -89,6 +89,10 @@ def test_yaml_python_tags_are_refused_and_never_run(tmp_path, capsys):
 
 # --- fuzz: the config loader through the CLI -------------------------------------------------
 
+# "Billion laughs": each level an alias list of 9 uses of the one before.
+ALIAS_BOMB = "[&a0 [x,x,x,x,x,x,x,x,x], " + ", ".join(
+    f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)) + "]"
+
 # Hand-picked hostile configs: huge numbers, deep nesting (YAML and JSON, 10^4 and 10^5 levels),
 # bytes that are not UTF-8, NUL, a bare scalar, an alias bomb, keys of other types.
 HOSTILE_CONFIGS = {
@@ -108,7 +112,7 @@ HOSTILE_CONFIGS = {
     "nul": "seed: \x00\n",
     "scalar": "42",
     "list": "- 1\n- 2",
-    "alias_bomb": "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: [*b,*b,*b,*b,*b,*b,*b,*b,*b]",
+    "alias_bomb": "seed: " + ALIAS_BOMB,  # 9^10 values in 300 bytes
     "int_key": "1: 2",
     "unhashable_key": "? [1, 2]\n: 3",
     "newline_in_key": '"train\\nsteps": 1',
@@ -181,8 +185,16 @@ def test_fuzz_config_trees(tmp_path, capsys, tree, as_json):
     load_via_cli(capsys, config)
 
 
-HOSTILE_VALUES = ["9" * 5000, "[" * 100_000, "{a: " * 10_000, "1e400", "-.inf", ".nan", "!!python/name:os.system",
-                  "\x00", "\udcff"]
+HOSTILE_VALUES = [ALIAS_BOMB, "9" * 5000, "[" * 100_000, "{a: " * 10_000, "1e400", "-.inf", ".nan",
+                  "!!python/name:os.system", "\x00", "\udcff"]
+
+
+@pytest.mark.parametrize("key", ["seed", "optim.lr", "data.mixture", "run.dir"])
+def test_hostile_override_values_are_one_error_line(capsys, key):
+    for value in HOSTILE_VALUES:
+        line = load_via_cli(capsys, Path("gpt_tiny"), f"{key}={value}")
+        if value == ALIAS_BOMB:
+            assert line == f"error: override {key}: its YAML aliases expand to more than 100,000 values"
 
 
 @settings(max_examples=FUZZ_EXAMPLES["overrides"], **FUZZ)

@@ -77,13 +77,40 @@ def safe_yaml(text: str, where: str) -> Any:
     `where`: deep nesting exhausts Python's recursion (RecursionError) and an integer of more
     than 4300 digits hits Python's int-string limit (ValueError); neither is a YAMLError."""
     try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UserError(f"cannot parse YAML in {where}: {exc}".replace("\n", " ")) from None
     except RecursionError:
         raise UserError(f"cannot parse YAML in {where}: nested too deeply") from None
     except ValueError as exc:
         raise UserError(f"cannot parse YAML in {where}: {exc}".replace("\n", " ")) from None
+    if _expands_beyond(data, MAX_YAML_VALUES):
+        raise UserError(f"cannot use the YAML in {where}: its aliases expand to more than {MAX_YAML_VALUES:,} "
+                        "values")
+    return data
+
+
+# The most values (counting each use of an alias) a YAML document may expand to. Aliases let a
+# few hundred bytes stand for billions of values ("billion laughs"); safe_load shares them, but
+# validating or printing such a tree walks every use.
+MAX_YAML_VALUES = 100_000
+
+
+def _expands_beyond(data: Any, limit: int) -> bool:
+    """Whether `data` holds more than `limit` values, each use of a shared one counted; stops
+    counting at the limit, so a bomb costs no more than `limit` steps."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple, set)):
+            stack.extend(node)
+    return False
 
 
 def _check_known(data: dict[str, Any], model: type[BaseModel] = None, prefix: str = "") -> None:
@@ -148,6 +175,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise UserError(f"override {key}: the value is nested too deeply") from None
     except ValueError as exc:  # e.g. an integer over Python's 4300-digit limit
         raise UserError(f"override {key}: {exc}") from None
+    if _expands_beyond(value, MAX_YAML_VALUES):
+        raise UserError(f"override {key}: its YAML aliases expand to more than {MAX_YAML_VALUES:,} values")
     # Strings stay strings: '1e-3' is a float, 'abc' stays 'abc' for pydantic to judge.
     return key.split("."), value
 

@@ -454,3 +454,13 @@ def test_hf_configs_of_wrong_types_are_user_errors(tmp_path, family):
             read_hf_model(hf)
         except UserError:
             pass
+
+
+def test_damaged_store_manifests_are_user_errors(tmp_path):
+    good = {"format": STORE_FORMAT_VERSION, "dtype": "uint16", "tokens": 1, "chunk_tokens": 1, "shard_tokens": 1,
+            "shards": [{"file": "shard-0"}]}
+    for manifest in ([1, 2], {**good, "dtype": "O"}, {**good, "chunk_tokens": 0}, {**good, "shards": [3]},
+                     {k: v for k, v in good.items() if k != "tokens"}, "[" * 100_000):
+        (tmp_path / MANIFEST).write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+        with pytest.raises(UserError, match=f"{MANIFEST}.*(damaged|maximum recursion)"):
+            TokenStore(tmp_path)

@@ -1,9 +1,10 @@
 """A Hugging Face tokenizer's own chat template: the Jinja `chat_template` of the
 `tokenizer_config.json` beside its `tokenizer.json`, rendered as transformers renders it.
 
-The template is rendered in Jinja's sandbox (`_BoundedSandbox`) with the variables transformers gives it: `messages`,
-`add_generation_prompt`, `bos_token`, `eos_token` (and the config's other `*_token` strings) and
-the function `raise_exception(message)`. Not `strftime_now`: templates that find it put today's
+The template is rendered in Jinja's sandbox (`_BoundedSandbox`: a tokenizer_config.json is not
+trusted) with the variables transformers gives it: `messages`, `add_generation_prompt`,
+`bos_token`, `eos_token` (and the config's other `*_token` strings) and the function
+`raise_exception(message)`. Not `strftime_now`: templates that find it put today's
 date into the text, and rows must not change with the day they are built (they fall back to a
 fixed date).
 

@@ -263,6 +263,8 @@ class TokenStore:
             self._chunk_tokens = int(manifest["chunk_tokens"])
             self._chunks_per_shard = int(manifest["shard_tokens"]) // self._chunk_tokens
             names = [s["file"] for s in manifest["shards"]]
+            if self.dtype.kind not in "iu":  # token ids: any other dtype is damage
+                raise ValueError(f"dtype {self.dtype} is not an integer type")
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
             raise UserError(f"{self.path / MANIFEST} is damaged ({type(exc).__name__}: {exc}); "
                             "delete the store to prepare it again") from None

@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         skip_absent_tpu()
         code = COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One line whatever the message holds: it may quote a config key or a dataset's text.
+        print("error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return _exit_code(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

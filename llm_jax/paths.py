@@ -7,6 +7,8 @@ from pathlib import Path
 
 import jax
 
+from llm_jax.errors import UserError
+
 
 def cache_root(cache_dir: str = "") -> Path:
     """`data.cache_dir`, else $LLM_JAX_CACHE, else ~/.cache/llm_jax."""
@@ -16,6 +18,19 @@ def cache_root(cache_dir: str = "") -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "llm_jax"
+
+
+def safe_child(root: Path, name: str, what: str) -> Path:
+    """`root / name` where `name` comes from a config value or a dataset (a sweep's run name, a
+    shard listed in an index) and must stay inside `root`: one plain path component, so no
+    separator, no `..`, no absolute path, no NUL. Checked on the string, not by resolving it, so
+    neither a symlink nor a file that does not exist yet changes the answer."""
+    bad = (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+           or Path(name).is_absolute() or Path(name).name != name)
+    if bad:
+        raise UserError(f"{what} {name!r} is not a plain file name: names taken from a config or a dataset may "
+                        f"not contain '/', '\\', '..' or NUL, so that nothing is written or read outside {root}")
+    return root / name
 
 
 def enable_compile_cache(cfg) -> None:

@@ -140,7 +140,7 @@ def test_unreadable_directories_are_user_errors(tmp_path):
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     shutil.copyfile(FIXTURES / "gpt2" / "config.json", pickled / "config.json")
-    with pytest.raises(UserError, match="PyTorch .bin checkpoints are not read"):
+    with pytest.raises(UserError, match="has no model.safetensors"):
         llm_jax.load(pickled)
 
 

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from llm_jax.alignment.rewards import Scorer
+from llm_jax.data.jsonl_files import json_value
 from llm_jax.errors import UserError
 from llm_jax.inference.api import Model
 
@@ -96,22 +97,26 @@ def read_prompts(path: str | Path, count: int) -> list[str]:
     if not file.is_file():
         raise UserError(f"prompts file not found: {file}")
     prompts: list[str] = []
-    with file.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with file.open("rb") as f:  # decoded line by line, so a bad byte is reported with its line
+        for number, raw in enumerate(f, 1):
             if len(prompts) == count:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{file}:{number}: not UTF-8 text") from None
             if not line.strip():
                 continue
             if file.suffix == ".jsonl":
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{file}:{number}: not JSON ({exc.msg})") from None
+                    record = json_value(line)
+                except ValueError as exc:
+                    raise UserError(f"{file}:{number}: {exc}") from None
                 if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                     raise UserError(f"{file}:{number}: a record needs a text field 'prompt'")
                 prompts.append(record["prompt"])
             else:
-                prompts.append(line.rstrip("\n").replace("\\n", "\n"))
+                prompts.append(line.rstrip("\r\n").replace("\\n", "\n"))
     if not prompts:
         raise UserError(f"{file} holds no prompts")
     return prompts

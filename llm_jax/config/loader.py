@@ -51,13 +51,66 @@ def _read_yaml(spec: str) -> dict[str, Any]:
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file that must hold a mapping; parse problems become one-line user errors."""
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"cannot parse YAML in {path}: {exc}".replace("\n", " ")) from None
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of config keys")
     return data
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; a file that cannot be read, is not UTF-8 or is not YAML is one
+    UserError naming it.
+
+    Only `yaml.safe_load`: a config may come from anywhere, and the full loader would run the
+    Python that tags such as !!python/object/apply name."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.start}); YAML files are text") from None
+    return safe_yaml(text, str(path))
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load(text)`, with every way hostile text makes it fail as one UserError naming
+    `where`: deep nesting exhausts Python's recursion (RecursionError) and an integer of more
+    than 4300 digits hits Python's int-string limit (ValueError); neither is a YAMLError."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"cannot parse YAML in {where}: {exc}".replace("\n", " ")) from None
+    except RecursionError:
+        raise UserError(f"cannot parse YAML in {where}: nested too deeply") from None
+    except ValueError as exc:
+        raise UserError(f"cannot parse YAML in {where}: {exc}".replace("\n", " ")) from None
+    if _expands_beyond(data, MAX_YAML_VALUES):
+        raise UserError(f"cannot use the YAML in {where}: its aliases expand to more than {MAX_YAML_VALUES:,} "
+                        "values")
+    return data
+
+
+# The most values (counting each use of an alias) a YAML document may expand to. Aliases let a
+# few hundred bytes stand for billions of values ("billion laughs"); safe_load shares them, but
+# validating or printing such a tree walks every use.
+MAX_YAML_VALUES = 100_000
+
+
+def _expands_beyond(data: Any, limit: int) -> bool:
+    """Whether `data` holds more than `limit` values, each use of a shared one counted; stops
+    counting at the limit, so a bomb costs no more than `limit` steps."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple, set)):
+            stack.extend(node)
+    return False
 
 
 def _check_known(data: dict[str, Any], model: type[BaseModel] = None, prefix: str = "") -> None:
@@ -118,6 +171,12 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:  # (not YAMLErrors: see `safe_yaml`)
+        raise UserError(f"override {key}: the value is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer over Python's 4300-digit limit
+        raise UserError(f"override {key}: {exc}") from None
+    if _expands_beyond(value, MAX_YAML_VALUES):
+        raise UserError(f"override {key}: its YAML aliases expand to more than {MAX_YAML_VALUES:,} values")
     # Strings stay strings: '1e-3' is a float, 'abc' stays 'abc' for pydantic to judge.
     return key.split("."), value
 
@@ -129,10 +188,20 @@ def _format_validation(exc: pydantic.ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
         if loc and not isinstance(got, dict):
-            parts.append(f"{loc}: {msg} (got {got!r})")
+            parts.append(f"{loc}: {msg} (got {_short_repr(got)})")
         else:
             parts.append(msg if not loc else f"{loc}: {msg}")
     return "; ".join(parts)
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    """repr(value) cut to `limit` characters: a hostile value may be deeply nested (repr
+    recurses) or huge, and the message must stay one readable line."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # ValueError: an int too long for a decimal string
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def validate(data: dict[str, Any]) -> Config:

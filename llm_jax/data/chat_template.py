@@ -1,9 +1,10 @@
 """A Hugging Face tokenizer's own chat template: the Jinja `chat_template` of the
 `tokenizer_config.json` beside its `tokenizer.json`, rendered as transformers renders it.
 
-The template is rendered in Jinja's sandbox with the variables transformers gives it: `messages`,
-`add_generation_prompt`, `bos_token`, `eos_token` (and the config's other `*_token` strings) and
-the function `raise_exception(message)`. Not `strftime_now`: templates that find it put today's
+The template is rendered in Jinja's sandbox (`_BoundedSandbox`: a tokenizer_config.json is not
+trusted) with the variables transformers gives it: `messages`, `add_generation_prompt`,
+`bos_token`, `eos_token` (and the config's other `*_token` strings) and the function
+`raise_exception(message)`. Not `strftime_now`: templates that find it put today's
 date into the text, and rows must not change with the day they are built (they fall back to a
 fixed date).
 
@@ -52,6 +53,37 @@ class _GenerationTag(jinja2.ext.Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
+# The most items (characters, list elements) a template's `*` may make, and the most bits a `**`
+# may: `'a' * 10**12` or `9 ** 10**9` would otherwise exhaust memory or time in one expression.
+_MAX_REPEAT = 1_000_000
+_MAX_POWER_BITS = 100_000
+
+
+class _BoundedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """Jinja's sandbox (no attributes starting with `_`, no mutating methods, `range` up to
+    100,000 items; a tokenizer_config.json comes from whoever published the model), with `*` and
+    `**` bounded too. Intercepting them also stops Jinja from folding a constant `'a' * 10**12`
+    while it compiles the template."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > _MAX_REPEAT:
+                    raise jinja2.sandbox.SecurityError(f"a repetition of more than {_MAX_REPEAT:,} items")
+        if (operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0
+                and abs(left).bit_length() * right > _MAX_POWER_BITS):
+            raise jinja2.sandbox.SecurityError(f"a power of more than {_MAX_POWER_BITS:,} bits")
+        return super().call_binop(context, operator, left, right)
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        # Jinja's sandbox answers an unsafe attribute with an undefined value that prints as "";
+        # a template that reaches for `__globals__` is hostile, so it is refused, not half-rendered.
+        raise jinja2.sandbox.SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} "
+                                           "object is unsafe")
+
+
 def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
@@ -76,7 +108,7 @@ class JinjaChatTemplate:
         self.source = source
         self.special_tokens = dict(special_tokens)
         self.origin = origin
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        env = _BoundedSandbox(
             trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
@@ -85,6 +117,8 @@ class JinjaChatTemplate:
         except jinja2.exceptions.TemplateSyntaxError as exc:
             raise UserError(f"{origin}: chat_template is not a valid Jinja template (line {exc.lineno}: "
                             f"{exc.message})") from None
+        except RecursionError:  # the parser recurses once per nested expression
+            raise UserError(f"{origin}: chat_template is nested too deeply to compile") from None
         digest = hashlib.sha256(json.dumps([source, sorted(self.special_tokens.items())]).encode()).hexdigest()
         self.fingerprint: dict[str, Any] = {"name": "jinja", "sha256": digest}
 
@@ -93,10 +127,16 @@ class JinjaChatTemplate:
         return self.special_tokens.get("eos_token")
 
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
-        """The conversation as text; a template that refuses it (raise_exception) gives BadRecord."""
+        """The conversation as text; a template that refuses it (raise_exception) gives BadRecord, one that
+        breaks the sandbox's rules a UserError (it would fail on every record)."""
         try:
             return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                          **self.special_tokens)
+        except jinja2.sandbox.SecurityError as exc:  # the template itself is hostile: no record would pass
+            raise UserError(f"the chat_template of {self.origin} is refused by the sandbox: {exc}") from None
+        except (OverflowError, RecursionError) as exc:  # the sandbox's range() limit, a recursive macro
+            raise UserError(f"the chat_template of {self.origin} exceeds the sandbox's limits: "
+                            f"{type(exc).__name__}: {exc}") from None
         except jinja2.exceptions.TemplateError as exc:
             raise BadRecord(f"the chat_template of {self.origin} refuses this conversation: {exc}") from None
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
@@ -151,7 +191,7 @@ def read_chat_template(tokenizer_json: Path) -> JinjaChatTemplate | None:
         return None
     try:
         config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # (RecursionError: JSON nested too deeply)
         raise UserError(f"cannot read {path}: {exc}") from None
     if not isinstance(config, dict) or config.get("chat_template") is None:
         return None

@@ -168,7 +168,7 @@ def _arrow_rows(path: Path, field: str, skip_bad: bool, skipped: _Skipped) -> It
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # (RecursionError: JSON nested too deeply)
         raise UserError(f"{path}: not readable JSON ({exc})") from None
 
 

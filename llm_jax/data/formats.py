@@ -32,11 +32,12 @@ examples in order, 0 for the EOS padding after the last one.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
+
+from llm_jax.data.jsonl_files import json_value
 
 EOS = None  # a segment of this "text" is the tokenizer's end-of-text id
 ROLES = ("system", "user", "assistant")
@@ -58,8 +59,8 @@ def detect_format(first_line: str, text_field: str = "text") -> str:
     """The data.format a JSONL file's first record implies: prompt_completion, preference
     (`chosen` and `rejected`), chat, seq2seq, classify (a `label` beside the `text_field`) or text."""
     try:
-        record = json.loads(first_line)
-    except json.JSONDecodeError:
+        record = json_value(first_line)
+    except ValueError:
         return "text"  # the text reader reports the line with its number
     if not isinstance(record, dict):
         return "text"
@@ -79,9 +80,9 @@ def detect_format(first_line: str, text_field: str = "text") -> str:
 def parse_record(line: str) -> dict:
     """One JSONL line as a JSON object, else BadRecord."""
     try:
-        record: Any = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise BadRecord(f"not valid JSON ({exc.msg})") from None
+        record: Any = json_value(line)
+    except ValueError as exc:
+        raise BadRecord(str(exc)) from None
     if not isinstance(record, dict):
         raise BadRecord(f"a JSON {type(record).__name__}, not an object")
     return record

@@ -118,12 +118,26 @@ def jsonl_fingerprint(path: Path) -> dict[str, Any]:
     return {"source": "jsonl", "file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def json_value(line: str) -> Any:
+    """`json.loads(line)`, with every way a hostile line makes it fail as a ValueError saying why:
+    deep nesting exhausts Python's recursion (RecursionError), a number of more than 4300 digits
+    hits Python's int-string limit (a ValueError that is no JSONDecodeError)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise ValueError("not readable JSON (nested too deeply)") from None
+    except ValueError as exc:
+        raise ValueError(f"not readable JSON ({exc})") from None
+
+
 def jsonl_text(line: str, path: Path, line_number: int, field: str) -> str:
     """The text in `field` of one JSONL record; anything else is a UserError naming FILE:LINE."""
     try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
+        record = json_value(line)
+    except ValueError as exc:
+        raise UserError(f"{path}:{line_number}: {exc}") from None
     if not isinstance(record, dict) or field not in record:
         raise UserError(f"{path}:{line_number}: no field '{field}' (set data.text_field)")
     value = record[field]

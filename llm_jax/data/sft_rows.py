@@ -156,7 +156,8 @@ def supervised_rows(cfg: Config, tokenizer: Tokenizer,
     shown = data.source if data.source.startswith("instruct:") else path
     log(f"{shown} ({data.format}): {meta['train']} training and {meta['validation']} validation examples{packed}, "
         f"{scored}{skipped}")
-    train, val = (np.load(folder / f"{key}.{split}.npy", mmap_mode="r") for split in SPLITS)
+    # (allow_pickle=False, numpy's default, said aloud: a cache directory may be shared, and rows are ints)
+    train, val = (np.load(folder / f"{key}.{split}.npy", mmap_mode="r", allow_pickle=False) for split in SPLITS)
     return train, val, meta.get("validation_kinds")
 
 

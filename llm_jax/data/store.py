@@ -36,6 +36,7 @@ import numpy as np
 
 from llm_jax.data.cache import write_json_atomic
 from llm_jax.errors import UserError
+from llm_jax.paths import safe_child
 
 STORE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -247,17 +248,28 @@ class TokenStore:
             manifest = json.loads((self.path / MANIFEST).read_text())
         except FileNotFoundError:
             raise UserError(f"{self.path} is not a complete token store (no {MANIFEST})") from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # (RecursionError: JSON nested too deeply)
             raise UserError(f"cannot read {self.path / MANIFEST}: {exc}") from None
+        if not isinstance(manifest, dict):
+            raise UserError(f"{self.path / MANIFEST} is damaged (not a JSON object); delete the store to prepare "
+                            "it again")
         if manifest.get("format") != STORE_FORMAT_VERSION:
             raise UserError(f"{self.path} is a token store of format {manifest.get('format')}, "
                             f"this llm-jax reads format {STORE_FORMAT_VERSION}; prepare it again")
         self.manifest: dict[str, Any] = manifest
-        self.dtype = np.dtype(manifest["dtype"])
-        self._length = int(manifest["tokens"])
-        self._chunk_tokens = int(manifest["chunk_tokens"])
-        self._chunks_per_shard = int(manifest["shard_tokens"]) // self._chunk_tokens
-        self._files = [self.path / s["file"] for s in manifest["shards"]]
+        try:
+            self.dtype = np.dtype(manifest["dtype"])
+            self._length = int(manifest["tokens"])
+            self._chunk_tokens = int(manifest["chunk_tokens"])
+            self._chunks_per_shard = int(manifest["shard_tokens"]) // self._chunk_tokens
+            names = [s["file"] for s in manifest["shards"]]
+            if self.dtype.kind not in "iu":  # token ids: any other dtype is damage
+                raise ValueError(f"dtype {self.dtype} is not an integer type")
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            raise UserError(f"{self.path / MANIFEST} is damaged ({type(exc).__name__}: {exc}); "
+                            "delete the store to prepare it again") from None
+        # A shard is a file of this store: a name leading elsewhere is damage, not a path to follow.
+        self._files = [safe_child(self.path, name, "token store shard") for name in names]
         self._open_state()
 
     def _open_state(self) -> None:

@@ -100,7 +100,7 @@ def task_rows(cfg: Config, corpus: Corpus, tokenizer: Tokenizer, split: str, roo
         write_json_atomic(meta_path, {"n_rows": len(rows), "dropped": dropped, "task": cfg.data.task})
 
     build_once(meta_path, build)
-    rows = np.load(npy, mmap_mode="r")
+    rows = np.load(npy, mmap_mode="r", allow_pickle=False)  # (the default, said aloud: rows are ints)
     if len(rows) < cfg.train.batch_size:
         raise UserError(f"data.task={cfg.data.task} has {len(rows)} {split} examples, fewer than "
                         f"train.batch_size={cfg.train.batch_size}; raise data.max_bytes (0 = all files)")

@@ -58,7 +58,7 @@ def cpu_peak_flops() -> float:
         cached = json.loads(path.read_text())
         if key in cached:
             return float(cached[key])
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         cached = {}
     peak = measure_cpu_peak()
     cached[key] = peak

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import yaml
 
+from llm_jax.config.loader import read_yaml
 from llm_jax.errors import UserError
 from llm_jax.scaling.plan import PlannedRun
 
@@ -201,7 +202,7 @@ def load_template(path: Path) -> dict[str, Any]:
     """The JobSet every run's manifest is made from, checked for what the sweep changes in it."""
     if not path.is_file():
         raise UserError(f"GKE JobSet template {path} does not exist (SWEEP_GKE_TEMPLATE)")
-    doc = yaml.safe_load(path.read_text())
+    doc = read_yaml(path)
     found: list[dict[str, Any]] = []
     try:
         # Walk every part the sweep reads or changes, so that a malformed template is one error.

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from llm_jax.paths import safe_child
 from llm_jax.scaling.plan import PlannedRun
 
 
@@ -29,7 +30,7 @@ def train_command(run: PlannedRun) -> list[str]:
 
 
 def _run_one(run: PlannedRun, log_dir: Path) -> Outcome:
-    log = log_dir / f"{run.name}.log"
+    log = safe_child(log_dir, f"{run.name}.log", "sweep run log")  # (the name comes from the spec)
     start = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "a") as out:  # appended: a rerun after a failure keeps the earlier attempt's output

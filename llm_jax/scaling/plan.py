@@ -24,6 +24,7 @@ from llm_jax.data.tokenizer import ByteTokenizer, HFTokenizer
 from llm_jax.errors import UserError
 from llm_jax.models.base import family_of, model_vocab_size
 from llm_jax.models.definition import model_def
+from llm_jax.paths import safe_child
 from llm_jax.scaling.spec import SweepSpec
 
 # Settings every sweep run starts from (a spec's overrides may change them): evaluate and save
@@ -173,7 +174,8 @@ def plan_sweep(spec: SweepSpec, sweep_dir: Path) -> SweepPlan:
                     left_out.append(f"{label}: {steps} steps > max_steps={spec.max_steps}")
                     continue
                 warmup = min(math.ceil(params / tokens_per_step), int(spec.warmup_max_fraction * steps))
-                run_dir = sweep_dir / "runs" / label
+                # The label holds the arch's name from the spec: it must stay one directory under runs/.
+                run_dir = safe_child(sweep_dir / "runs", label, "sweep run name")
                 overrides = (f"run.dir={run_dir}", *RUN_DEFAULTS, *spec.overrides, *arch_args, *shape_args,
                              f"train.steps={steps}", f"optim.lr={lr:.6g}", f"optim.min_lr={lr * spec.min_lr_ratio:.6g}",
                              f"optim.warmup_steps={warmup}", f"run.name={label}")

@@ -4,8 +4,9 @@ range with NaN) makes that step's loss and gradients NaN, as a corrupted data fi
 fault follows the batch (its dataset index), not the step number, so a rollback that skips the
 batch also skips the fault.
 
-Injected NaN batches: stop 2 (one per detection path), skip 2 (one before a resume, one after),
-rollback 1 + 1 replayed after a crash + 1 replayed after a second crash, the loop guards 1 + 4.
+NaN steps met: stop 2 (one per way of finding it), skip 2 (one before a resume, one after) + 11
+(too many in a row), rollback 4 (one; one before a crash after the next checkpoint; one before a
+crash before it, and again after the resume), its guards 1 (no checkpoint yet) + 4 (in a row).
 """
 
 import json
@@ -25,6 +26,7 @@ from llm_jax.config import load_config
 from llm_jax.data.iterator import BatchIterator, batch_index, merge_ranges
 from llm_jax.errors import UserError
 from llm_jax.train import run as train_run
+from llm_jax.train.nonfinite import MAX_SKIPS_IN_A_ROW
 from llm_jax.train.rollback import MAX_ROLLBACKS_PER_CHECKPOINT
 
 pytestmark = pytest.mark.faults
@@ -161,6 +163,15 @@ def test_skip_drops_the_update_counts_it_and_keeps_the_count_on_resume(tmp_path,
     assert {r["step"]: r["skipped_steps"] for r in records(run) if "loss" in r and r["step"] > 7} == \
         {8: 1, 9: 1, 10: 2, 11: 2}
     assert saved(run, 11)[1]["skipped_steps"] == 2
+
+
+@pytest.mark.slow
+def test_skip_stops_when_every_step_is_bad(tmp_path, monkeypatch):
+    inject(monkeypatch, bad=set(range(2, 40)))  # steps 3 on
+    with pytest.raises(UserError, match=f"loss became nan at step {3 + MAX_SKIPS_IN_A_ROW} .*: the last "
+                                        f"{MAX_SKIPS_IN_A_ROW + 1} steps were all not finite"):
+        train(tmp_path / "run", "train.on_nonfinite=skip", "checkpoint.every=0", "train.steps=20")
+    assert records(tmp_path / "run")[-1]["skipped_steps"] == MAX_SKIPS_IN_A_ROW
 
 
 @pytest.mark.slow

@@ -89,14 +89,26 @@ class StopOnNonfinite(NonfinitePolicy):
                         "Try a lower optim.lr or optim.clip_norm, or train.on_nonfinite=skip or rollback")
 
 
+# Under `skip`, this many bad steps in a row stop the run: the state itself is then likely broken
+# (an update that turned finite gradients into NaN parameters), and skipping would go on forever.
+MAX_SKIPS_IN_A_ROW = 10
+
+
 class SkipNonfinite(NonfinitePolicy):
     """`skip`: the step already dropped its own update (`guarded_update`); count it and say so."""
 
     def __init__(self, log: Callable[[str], None], skipped_steps: int = 0):
         super().__init__(skipped_steps)
         self.log = log
+        self.in_a_row: tuple[int, int] = (0, 0)  # (last bad step, bad steps in a row up to it)
 
     def on_nonfinite(self, done: int, record: dict) -> None:
+        last, run = self.in_a_row
+        self.in_a_row = (done, run + 1 if done == last + 1 else 1)
+        if self.in_a_row[1] > MAX_SKIPS_IN_A_ROW:
+            raise UserError(f"{describe_bad_step(done, record)}: the last {MAX_SKIPS_IN_A_ROW + 1} steps were all "
+                            "not finite, so the parameters themselves are likely broken; resume from a checkpoint "
+                            "with a lower optim.lr or optim.clip_norm, or train.on_nonfinite=rollback")
         self.skipped_steps += 1
         self.log(f"warning: {describe_bad_step(done, record)}: update skipped "
                  f"({self.skipped_steps} skipped so far)")

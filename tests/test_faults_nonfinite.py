@@ -7,6 +7,7 @@ batch also skips the fault.
 NaN steps met: stop 2 (one per way of finding it), skip 2 (one before a resume, one after) + 11
 (too many in a row), rollback 4 (one; one before a crash after the next checkpoint; one before a
 crash before it, and again after the resume), its guards 1 (no checkpoint yet) + 4 (in a row).
+An RL run (whose rewards are checked finite) is made to diverge instead: 1.
 """
 
 import json
@@ -25,6 +26,7 @@ from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.data.iterator import BatchIterator, batch_index, merge_ranges
 from llm_jax.errors import UserError
+from llm_jax.parallel.mesh import make_mesh
 from llm_jax.train import run as train_run
 from llm_jax.train.nonfinite import MAX_SKIPS_IN_A_ROW
 from llm_jax.train.rollback import MAX_ROLLBACKS_PER_CHECKPOINT
@@ -235,6 +237,23 @@ def test_rollback_without_a_checkpoint_or_again_and_again_stops(tmp_path, monkey
     inject(monkeypatch, bad=bad)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         train(tmp_path / "run", "train.on_nonfinite=rollback", "checkpoint.every=3", "train.steps=12")
+
+
+@pytest.mark.slow
+def test_rl_run_that_diverges_stops_and_saves_nothing_from_the_bad_step_on(tmp_path):
+    # Rewards are checked finite on the host; a learning rate of 1e30 blows the parameters up in
+    # one update instead, so the loss of step 2 is the first NaN. log_every=100 and a save every
+    # step: the save of step 2 reads the flags first.
+    cfg = load_config("gpt_tiny", [
+        "model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "train.seq_len=32",
+        "rl.method=grpo", "rl.group_size=4", "rl.reward=arith", "rl.num_prompts=16", "rl.prompts_per_step=2",
+        "rl.max_new_tokens=4", "rl.epochs=1", "rl.minibatches=1", "optim.lr=1e30", "optim.warmup_steps=0",
+        "optim.schedule=constant", "train.steps=6", "train.log_every=100", "checkpoint.every=1",
+        "checkpoint.keep=10", "train.tensorboard=false", f"run.dir={tmp_path / 'rl'}"])
+    with pytest.raises(UserError, match=r"^loss became nan at step 2 \(grad norm nan\); nothing from that step on "
+                                        "was saved, the newest checkpoint kept is step 1"):
+        rl_train(cfg, mesh=make_mesh(cfg, jax.devices()[:1]))
+    assert saved_steps(tmp_path / "rl") == [1]
 
 
 def test_rl_runs_refuse_skip_and_rollback(tmp_path):

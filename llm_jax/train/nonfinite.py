@@ -32,8 +32,8 @@ def nonfinite_flag(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
 
 
 def guarded_update(flag: jax.Array, new: Any, old: Any) -> Any:
-    """`new` where the step was finite, else `old` (as optax.apply_if_finite): a select XLA fuses
-    into the update, so a skipped step leaves the state exactly as it was."""
+    """`new` where the step was finite, else `old` (as optax.apply_if_finite): an elementwise
+    select on the device, no host round trip; a skipped step leaves the state exactly as it was."""
     keep = flag == 0
     return jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, old)
 
@@ -46,8 +46,9 @@ def describe_bad_step(done: int, record: dict) -> str:
     return f"gradient norm became {norm} at step {done} (loss {loss:.4f})"
 
 
-class RollbackRequest(Exception):  # noqa: N818 - a request to the caller, not an error
-    """Raised out of `Trainer.run` under `rollback`: step `done` was not finite."""
+class RollbackRequest(Exception):
+    """Raised out of `Trainer.run` under `rollback` (a request to the caller, not an error): step
+    `done` was not finite."""
 
     def __init__(self, done: int, record: dict):
         super().__init__(describe_bad_step(done, record))

@@ -163,6 +163,7 @@ class Evaluate(Hook):
 
     def after_step(self, trainer: Trainer, done: int, state: Any, metrics: dict) -> bool:
         if done == self.last or (self.every and done % self.every == 0):
+            trainer.drain()  # the evaluation waits for the state anyway: never evaluate a bad one
             result = self.evaluate(state["params"])
             self.write({"step": done, **result})
             self.latest.update(result)

@@ -5,7 +5,6 @@ same checkpoint, metrics and SIGTERM hooks as `llm-jax train`."""
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from llm_jax.parallel.mesh import make_mesh
 from llm_jax.runtime.checkpoint import Checkpointer
 from llm_jax.runtime.metrics import MetricsWriter
 from llm_jax.runtime.run_dir import check_run_dir, trim_metrics, write_run_config
+from llm_jax.train.nonfinite import StopOnNonfinite
 from llm_jax.train.run import ProgressAdvance, SaveCheckpoints
 from llm_jax.train.state import init_params
 from llm_jax.train.trainer import Evaluate, Hook, Trainer, host_record
@@ -40,9 +40,7 @@ class LogRL(Hook):
         if done % self.every and done != self.last:
             return False
         record = host_record(done, metrics)
-        if not math.isfinite(record["loss"]):
-            raise UserError(f"loss became {record['loss']} at step {done}; try a lower optim.lr "
-                            "(checkpoints before this step are kept)")
+        trainer.drain()  # the step has finished: a non-finite one stops the run before it is logged
         self.writer.write(record)
         share = record["gen_seconds"] / max(record["gen_seconds"] + record["reward_seconds"]
                                             + record["update_seconds"], 1e-9)
@@ -79,6 +77,9 @@ def rl_train(cfg: Config, mesh=None) -> dict:
     """Run (or resume) the RL run in cfg.run.dir; returns the last logged metrics."""
     if cfg.rl.method == "none":
         raise UserError("rl.method=none: this is an ordinary training run")
+    if cfg.train.on_nonfinite != "stop":
+        raise UserError(f"train.on_nonfinite={cfg.train.on_nonfinite} is for `llm-jax train` without rl.method; "
+                        "an RL run stops on a non-finite loss (train.on_nonfinite=stop)")
     run_dir, existed = check_run_dir(cfg)
     existed = broadcast_flag(existed)
     if existed and read_run_config(run_dir).checkpoint.init_from != cfg.checkpoint.init_from:
@@ -129,7 +130,8 @@ def rl_train(cfg: Config, mesh=None) -> dict:
         hooks.append(evals)
     save = SaveCheckpoints(ckpt, cfg, lambda: order, writer.log)
     hooks.append(save)
-    trainer = Trainer(setup.step, hooks)
+    # train.on_nonfinite=stop only: the RL step updates the policy over several minibatches in place.
+    trainer = Trainer(setup.step, hooks, StopOnNonfinite(ckpt))
     try:
         state, _ = trainer.run(state, ((s, s) for s in range(start, cfg.train.steps)))
     finally:

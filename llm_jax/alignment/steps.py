@@ -27,6 +27,7 @@ from llm_jax.alignment.rollout import forward, rows_sharding
 from llm_jax.config import Config
 from llm_jax.models.definition import ModelDef
 from llm_jax.parallel.rules import activation_mesh
+from llm_jax.train.nonfinite import nonfinite_flag
 from llm_jax.train.optim import clip_by_norm
 
 
@@ -126,7 +127,8 @@ def make_update(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformation, s
                 return (optax.apply_updates(params, updates), opt_state), {"loss": loss, "grad_norm": grad_norm, **aux}
 
             (params, opt_state), per_update = jax.lax.scan(body, (state["params"], state["opt_state"]), order)
-            metrics = jax.tree.map(jnp.mean, per_update)
+            metrics = jax.tree.map(jnp.mean, per_update)  # a NaN in any minibatch's update stays NaN
+            metrics["nonfinite"] = nonfinite_flag(metrics["loss"], metrics["grad_norm"])
             kl_coef = state["kl_coef"]
             if rl.adaptive_kl:
                 kl_coef = adapt_kl_coef(kl_coef, kl, B, rl.kl_target, rl.kl_horizon)

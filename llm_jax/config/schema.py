@@ -78,9 +78,10 @@ class TrainConfig(Section):
     tensorboard: bool = True
     """Write TensorBoard event files to <run.dir>/tb."""
     on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"
-    """A step whose loss or gradient norm is NaN or infinite: `stop` (exit non-zero naming the step; nothing after
-    the last good checkpoint is saved), `skip` (that update is not applied; counted as `skipped_steps`), or
-    `rollback` (restore the newest good checkpoint and skip the batches from it to the bad one). docs/reliability.md."""
+    """A step whose loss or gradient norm is NaN or infinite: `stop` (exit 2 naming the step and the newest
+    checkpoint; nothing from that step on is saved), `skip` (the step leaves parameters and optimizer state as they
+    were; counted as `skipped_steps`), or `rollback` (restore the newest checkpoint and skip the batches from it
+    through the bad one; at most 3 times to one checkpoint). RL runs: `stop` only. docs/reliability.md."""
     step_timeout_s: float = pydantic.Field(0.0, ge=0.0)
     """Watchdog: when no step completes for this many seconds (after the first, compiling step), dump every thread's
     stack to stderr and exit non-zero so the scheduler restarts the job; 0: off. Must exceed the longest evaluation

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from llm_jax.config import Config
 from llm_jax.paths import cache_root
+from llm_jax.runtime.run_dir import trim_metrics
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -102,7 +103,8 @@ class MetricsWriter:
         self.t0 = None
         if not self.active:
             return
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.path = run_dir / "metrics.jsonl"
+        self.jsonl = open(self.path, "a", buffering=1)
         self.synced = time.monotonic()
         if cfg.train.tensorboard:
             from tensorboardX import SummaryWriter
@@ -147,6 +149,20 @@ class MetricsWriter:
             self.t0 = time.perf_counter()  # after the first (compiling) step
         if self.bar is not None:
             self.bar.update(steps)
+
+    def rewind(self, step: int) -> None:
+        """Back to `step` (a rollback restored its checkpoint): the records of later steps, about
+        to be redone, leave metrics.jsonl, as on a resume."""
+        self.done = self.first = step
+        self.t0 = None
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+        if not self.active:
+            return
+        self.jsonl.close()
+        trim_metrics(self.path.parent, step)
+        self.jsonl = open(self.path, "a", buffering=1)
 
     def log(self, text: str) -> None:
         """A line for the user, kept clear of the progress bar."""

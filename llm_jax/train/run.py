@@ -28,7 +28,9 @@ from llm_jax.train.exact_match import (
     describe_exact_match,
     evaluate_exact_match,
 )
+from llm_jax.train.nonfinite import NonfinitePolicy, RollbackOnNonfinite, SkipNonfinite, StopOnNonfinite
 from llm_jax.train.objectives import tokenizer_objective
+from llm_jax.train.rollback import Rollback, run_with_rollbacks
 from llm_jax.train.setup import TrainSetup, build_setup
 from llm_jax.train.state import init_state, start_reference
 from llm_jax.train.trainer import Evaluate, Hook, LogMetrics, Trainer
@@ -117,7 +119,8 @@ def exact_match_evaluator(cfg: Config, setup: TrainSetup, bundle: Any):
 
 
 class SaveCheckpoints(Hook):
-    """Save every `checkpoint.every` steps and at the end; on SIGTERM save at once and stop."""
+    """Save every `checkpoint.every` steps and at the end; on SIGTERM save at once and stop. Every
+    step up to the one saved has been checked for a non-finite loss first (`Trainer.drain`)."""
 
     def __init__(self, ckpt: Checkpointer, cfg: Config, data_position, log):
         self.ckpt, self.cfg, self.data_position, self.log = ckpt, cfg, data_position, log
@@ -126,6 +129,7 @@ class SaveCheckpoints(Hook):
     def after_step(self, trainer: Trainer, done: int, state: Any, metrics: dict) -> bool:
         stopping = self.stop.reached(done) and done < self.cfg.train.steps
         if self.ckpt.should_save(done, self.cfg.train.steps) or stopping:
+            trainer.drain()  # a save waits for the state anyway; a bad step raises here, unsaved
             self.ckpt.save(done, state, {"next_step": done, **self.data_position()}, self.cfg, force=stopping)
         if stopping:
             self.log(f"step {done}: SIGTERM received; checkpoint saved, stopping")
@@ -144,6 +148,17 @@ class ProgressAdvance(Hook):
     def after_step(self, trainer: Trainer, done: int, state: Any, metrics: dict) -> bool:
         self.writer.advance()
         return False
+
+
+def nonfinite_handling(cfg: Config, ckpt: Checkpointer, setup: TrainSetup, batches: BatchIterator,
+                       writer: MetricsWriter, data_state: dict) -> tuple[NonfinitePolicy, Rollback | None]:
+    """train.on_nonfinite's policy for the Trainer, and the rollback that answers it under `rollback`."""
+    skipped = int(data_state.get("skipped_steps", 0))  # kept across policies: a count of the run
+    if cfg.train.on_nonfinite == "skip":
+        return SkipNonfinite(writer.log, skipped), None
+    if cfg.train.on_nonfinite == "rollback":
+        return RollbackOnNonfinite(skipped), Rollback(ckpt, setup.abstract_state, batches, writer)
+    return StopOnNonfinite(ckpt, skipped), None
 
 
 def train(cfg: Config) -> dict:
@@ -180,6 +195,7 @@ def train(cfg: Config) -> dict:
     else:
         dataset = train_dataset(bundle.train_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.seed,
                                 jax.process_index(), jax.process_count())
+    data_state: dict = {}  # the data position of the checkpoint resumed from
     if start is not None:
         state, data_state = ckpt.restore(start, setup.abstract_state())
         writer.log(f"resumed from checkpoint at step {start} (data position {data_state.get('next_step')})")
@@ -216,7 +232,9 @@ def train(cfg: Config) -> dict:
 
         def held_out_eval(params: dict) -> dict:
             return evaluate(setup, params, held_out, bytes_per_token, ref_params)
-    batches = BatchIterator(dataset, start, cfg.train.steps, cfg.data.prefetch, setup.to_global)
+    batches = BatchIterator(dataset, start, cfg.train.steps, cfg.data.prefetch, setup.to_global,
+                            data_state.get("skipped_batches", ()))
+    nonfinite, rollback = nonfinite_handling(cfg, ckpt, setup, batches, writer, data_state)
 
     exact_match = exact_match_evaluator(cfg, setup, bundle)
 
@@ -233,11 +251,11 @@ def train(cfg: Config) -> dict:
     log = LogMetrics(cfg.train.log_every, cfg.train.steps, writer.write, tokens_per_step,
                      setup.flops_per_token, peak, getattr(dataset, "shares", None))
     evals = Evaluate(cfg.train.eval_every, cfg.train.steps, evaluate_all, write_eval)
-    save = SaveCheckpoints(ckpt, cfg, batches.get_state, writer.log)
+    save = SaveCheckpoints(ckpt, cfg, lambda: {**batches.get_state(), **nonfinite.position_fields()}, writer.log)
     advance = ProgressAdvance(writer)
-    trainer = Trainer(setup.train_step, [advance, log, evals, save])
+    trainer = Trainer(setup.train_step, [advance, log, evals, save], nonfinite)
     try:
-        state, _ = trainer.run(state, batches)
+        state = run_with_rollbacks(trainer, state, batches, rollback)
     finally:
         save.close()
         batches.close()

@@ -14,6 +14,7 @@ from llm_jax.config import Config
 from llm_jax.models.definition import ModelDef
 from llm_jax.parallel.rules import activation_mesh, logical_to_spec
 from llm_jax.train.moe_losses import moe_metrics, moe_penalty, update_balance_bias
+from llm_jax.train.nonfinite import guarded_update, nonfinite_flag
 from llm_jax.train.objectives import EVAL_STEP, Objective
 from llm_jax.train.objectives.base import Data
 from llm_jax.train.optim import clip_by_norm
@@ -73,13 +74,18 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
     `objective` (`objectives.build_objective`) turns the batch into model inputs and targets;
     its random draws (masks, spans) depend on (seed, step) only. An objective that
     `needs_reference` gets the reference model's output on each (micro)batch from the same jitted
-    step; its `metrics` are reported per scored target beside the loss.
+    step; its `metrics` are reported per scored target beside the loss. `nonfinite` (1.0 or 0.0)
+    flags a NaN or infinite loss or gradient norm; with train.on_nonfinite=skip such a step
+    leaves the parameters and optimizer state as they were (`nonfinite.guarded_update`).
     """
     accum = cfg.train.grad_accum
     moe = cfg.model.moe
     # A key per step when anything random happens in the forward pass (dropout, router jitter).
     use_key = cfg.model.dropout > 0 or (moe.enabled and moe.router_jitter > 0)
     base_key = jax.random.key(cfg.seed)
+    # Under `stop` and `rollback` the state after a bad step is never saved nor kept (the run
+    # ends or restores a checkpoint), so only `skip` pays for keeping the old state.
+    skip_nonfinite = cfg.train.on_nonfinite == "skip"
 
     def grads_of(params, ref_params, data, key, count, penalty_div):
         inputs, targets, weights = with_reference(mdef, objective, ref_params, data)
@@ -133,11 +139,16 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             params = optax.apply_updates(params, updates)
             metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+                       "nonfinite": nonfinite_flag(loss, grad_norm),
                        **{name: total / count for name, total in sums.items()}}
             if moe_stats is not None:
                 metrics.update(moe_metrics(moe_stats))
                 if moe.bias_update_rate > 0:
                     params = update_balance_bias(params, moe_stats["load"], moe.bias_update_rate)
+            if skip_nonfinite:
+                # The whole update (balance bias included) is dropped; the step count still advances.
+                params, opt_state = guarded_update(metrics["nonfinite"], (params, opt_state),
+                                                   (state["params"], state["opt_state"]))
             return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     replicated = NamedSharding(mesh, P())

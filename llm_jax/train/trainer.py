@@ -10,14 +10,13 @@ is another step function, not another loop.
 from __future__ import annotations
 
 import collections
-import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 
-from llm_jax.errors import UserError
+from llm_jax.train.nonfinite import NonfinitePolicy
 
 # A few steps in flight keep the devices busy (the host dispatches the next while one runs).
 # An unbounded queue (every step dispatched between two logs) deadlocks XLA:CPU's cross-device
@@ -29,16 +28,27 @@ StepFn = Callable[[Any, Any], tuple[Any, dict]]
 
 
 class StepWindow:
-    """Call `push(output)` after dispatching each step; it waits for the step `depth` back."""
+    """Call `push(done, metrics)` after dispatching each step; it waits for the step `depth` back
+    and returns the steps that finished as (done, metrics) pairs; `drain()` waits for them all."""
 
     def __init__(self, depth: int = MAX_STEPS_IN_FLIGHT):
         self._depth = depth
-        self._outputs: collections.deque[jax.Array] = collections.deque()
+        self._steps: collections.deque[tuple[int, dict]] = collections.deque()
 
-    def push(self, step_output: jax.Array) -> None:
-        self._outputs.append(step_output)
-        if len(self._outputs) > self._depth:
-            self._outputs.popleft().block_until_ready()
+    def push(self, done: int, metrics: dict) -> list[tuple[int, dict]]:
+        self._steps.append((done, metrics))
+        finished = []
+        while len(self._steps) > self._depth:
+            finished.append(self._finish())
+        return finished
+
+    def drain(self) -> list[tuple[int, dict]]:
+        return [self._finish() for _ in range(len(self._steps))]
+
+    def _finish(self) -> tuple[int, dict]:
+        done, metrics = self._steps.popleft()
+        jax.tree.leaves(metrics)[0].block_until_ready()  # the whole step has run: its outputs are ready together
+        return done, metrics
 
 
 class Hook:
@@ -50,33 +60,58 @@ class Hook:
 
 
 class Trainer:
-    """Runs `step_fn` over (step, batch) pairs, at most MAX_STEPS_IN_FLIGHT steps ahead of the devices."""
+    """Runs `step_fn` over (step, batch) pairs, at most MAX_STEPS_IN_FLIGHT steps ahead of the devices.
 
-    def __init__(self, step_fn: StepFn, hooks: Iterable[Hook] = ()):
+    With a `nonfinite` policy, the step function reports a `nonfinite` flag (`nonfinite.nonfinite_flag`)
+    and the Trainer reads it for each step once that step has finished (so no step waits for it)
+    and hands the bad ones to the policy; hooks call `drain()` before anything that must only see
+    good steps (a checkpoint save).
+    """
+
+    def __init__(self, step_fn: StepFn, hooks: Iterable[Hook] = (), nonfinite: NonfinitePolicy | None = None):
         self.step_fn = step_fn
         self.hooks = list(hooks)
+        self.nonfinite = nonfinite
         self.stopped_at: int | None = None
         # Start of the current throughput interval: (steps done, time). Evaluations restart it.
         self.interval: tuple[int, float] | None = None
+        self.window = StepWindow()
 
     def restart_interval(self, done: int) -> None:
         """Time spent from here on counts as training again (after an evaluation, say)."""
         self.interval = (done, time.perf_counter())
 
     def run(self, state: Any, batches: Iterable[tuple[int, Any]]) -> tuple[Any, dict | None]:
-        """Train over `batches`; returns the last state and the last step's metrics (device arrays)."""
-        window = StepWindow()
+        """Train over `batches`; returns the last state and the last step's metrics (device arrays).
+        Every step's flag has been read when it returns."""
+        self.window = StepWindow()
         metrics = None
         for step, batch in batches:
             state, metrics = self.step_fn(state, batch)
-            window.push(jax.tree.leaves(metrics)[0])
+            if self.nonfinite is not None:
+                # The flag's copy to the host is queued behind the step: reading it later never waits.
+                metrics["nonfinite"].copy_to_host_async()
+            self._check(self.window.push(step + 1, metrics))
             stop = False
             for hook in self.hooks:
                 stop = hook.after_step(self, step + 1, state, metrics) or stop
             if stop:
                 self.stopped_at = step + 1
                 break
+        self.drain()
         return state, metrics
+
+    def drain(self) -> None:
+        """Wait for every step dispatched and hand any non-finite one to the policy (which may raise)."""
+        self._check(self.window.drain())
+
+    def _check(self, finished: list[tuple[int, dict]]) -> None:
+        if self.nonfinite is None:
+            return
+        for done, metrics in finished:
+            # A replicated scalar of a finished step, already copied to the host.
+            if float(metrics["nonfinite"]):
+                self.nonfinite.on_nonfinite(done, host_record(done, metrics))
 
 
 def host_record(done: int, metrics: dict) -> dict:
@@ -86,8 +121,7 @@ def host_record(done: int, metrics: dict) -> dict:
 
 class LogMetrics(Hook):
     """Every `every` steps (and at `last`): the metrics, tokens/s and MFU to `write`, with what
-    `extra(done)` adds from the host (a mixture's shares); a non-finite loss stops the run with a
-    UserError."""
+    `extra(done)` adds from the host (a mixture's shares) and the non-finite policy's counts."""
 
     def __init__(self, every: int, last: int, write: Callable[[dict], None], tokens_per_step: int,
                  flops_per_token: float, peak_flops: float, extra: Callable[[int], dict] | None = None):
@@ -100,18 +134,20 @@ class LogMetrics(Hook):
         if not due and trainer.interval is not None:
             return False
         record = host_record(done, metrics)
+        # This step has finished, so every step before it has too: reading their flags costs no
+        # wait, and makes the policy's counts exact as of this step.
+        trainer.drain()
         if trainer.interval is not None:
             # Throughput over the interval since the last log (the first, compiling step excluded).
             start_step, start_time = trainer.interval
             tps = (done - start_step) * self.tokens_per_step / (time.perf_counter() - start_time)
             record["tokens_per_sec"] = tps
             record["mfu"] = tps * self.flops_per_token / self.peak_flops
-        if not math.isfinite(record["loss"]):
-            raise UserError(f"loss became {record['loss']} at step {done}; try a lower optim.lr "
-                            "or optim.clip_norm (checkpoints before this step are kept)")
         if due:
             if self.extra is not None:
                 record.update(self.extra(done))
+            if trainer.nonfinite is not None:
+                record.update(trainer.nonfinite.record_fields())
             self.write(record)
         self.latest.update(record)
         trainer.restart_interval(done)
@@ -127,6 +163,7 @@ class Evaluate(Hook):
 
     def after_step(self, trainer: Trainer, done: int, state: Any, metrics: dict) -> bool:
         if done == self.last or (self.every and done % self.every == 0):
+            trainer.drain()  # the evaluation waits for the state anyway: never evaluate a bad one
             result = self.evaluate(state["params"])
             self.write({"step": done, **result})
             self.latest.update(result)

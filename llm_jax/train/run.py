@@ -31,7 +31,7 @@ from llm_jax.train.exact_match import (
 from llm_jax.train.objectives import tokenizer_objective
 from llm_jax.train.setup import TrainSetup, build_setup
 from llm_jax.train.state import init_state, start_reference
-from llm_jax.train.trainer import Evaluate, Hook, LogMetrics, Trainer
+from llm_jax.train.trainer import Evaluate, Hook, LogMetrics, StepTimeout, Trainer
 
 # Fields of the data position that must match for a resumed run to see the same batches
 # (the process layout may change: the global batch of a step is the same on any topology).
@@ -235,10 +235,12 @@ def train(cfg: Config) -> dict:
     evals = Evaluate(cfg.train.eval_every, cfg.train.steps, evaluate_all, write_eval)
     save = SaveCheckpoints(ckpt, cfg, batches.get_state, writer.log)
     advance = ProgressAdvance(writer)
-    trainer = Trainer(setup.train_step, [advance, log, evals, save])
+    watchdog = StepTimeout(cfg.train.step_timeout_s)  # last: kicked once a step's hooks are done
+    trainer = Trainer(setup.train_step, [advance, log, evals, save, watchdog])
     try:
         state, _ = trainer.run(state, batches)
     finally:
+        watchdog.close()  # first: a run that ended, however, is never killed later
         save.close()
         batches.close()
         ckpt.close()

@@ -135,7 +135,7 @@ def rl_train(cfg: Config, mesh=None) -> dict:
     try:
         state, _ = trainer.run(state, ((s, s) for s in range(start, cfg.train.steps)))
     finally:
-        watchdog.close()  # first: a run that ended, however, is never killed later
+        watchdog.close()  # first: a run that ended (finished, stopped or failed) is never killed later
         save.close()
         ckpt.close()
         writer.close()

@@ -240,7 +240,7 @@ def train(cfg: Config) -> dict:
     try:
         state, _ = trainer.run(state, batches)
     finally:
-        watchdog.close()  # first: a run that ended, however, is never killed later
+        watchdog.close()  # first: a run that ended (finished, stopped or failed) is never killed later
         save.close()
         batches.close()
         ckpt.close()

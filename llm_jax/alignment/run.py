@@ -26,7 +26,7 @@ from llm_jax.runtime.run_dir import check_run_dir, trim_metrics, write_run_confi
 from llm_jax.train.nonfinite import StopOnNonfinite
 from llm_jax.train.run import ProgressAdvance, SaveCheckpoints
 from llm_jax.train.state import init_params
-from llm_jax.train.trainer import Evaluate, Hook, Trainer, host_record
+from llm_jax.train.trainer import Evaluate, Hook, StepTimeout, Trainer, host_record
 
 
 class LogRL(Hook):
@@ -130,11 +130,14 @@ def rl_train(cfg: Config, mesh=None) -> dict:
         hooks.append(evals)
     save = SaveCheckpoints(ckpt, cfg, lambda: order, writer.log)
     hooks.append(save)
+    watchdog = StepTimeout(cfg.train.step_timeout_s)  # last: kicked once a step's hooks are done
+    hooks.append(watchdog)
     # train.on_nonfinite=stop only: the RL step updates the policy over several minibatches in place.
     trainer = Trainer(setup.step, hooks, StopOnNonfinite(ckpt))
     try:
         state, _ = trainer.run(state, ((s, s) for s in range(start, cfg.train.steps)))
     finally:
+        watchdog.close()  # first: a run that ended (finished, stopped or failed) is never killed later
         save.close()
         ckpt.close()
         writer.close()

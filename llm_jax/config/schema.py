@@ -83,9 +83,10 @@ class TrainConfig(Section):
     were; counted as `skipped_steps`), or `rollback` (restore the newest checkpoint and skip the batches from it
     through the bad one; at most 3 times to one checkpoint). RL runs: `stop` only. docs/reliability.md."""
     step_timeout_s: float = pydantic.Field(0.0, ge=0.0)
-    """Watchdog: when no step completes for this many seconds (after the first, compiling step), dump every thread's
-    stack to stderr and exit non-zero so the scheduler restarts the job; 0: off. Must exceed the longest evaluation
-    or checkpoint save."""
+    """Watchdog: when no step completes for this many seconds (after the first, compiling step), print an `error:`
+    line, dump every thread's stack to stderr and exit with code 3 so the scheduler restarts the job; 0: off. The
+    time between two steps includes the evaluations and checkpoint saves run between them (a hung save is caught
+    too), so it must exceed the longest of those, the first evaluation's compilation included. docs/reliability.md."""
 
     @model_validator(mode="after")
     def _check_accum(self) -> TrainConfig:

@@ -33,7 +33,7 @@ from llm_jax.train.objectives import tokenizer_objective
 from llm_jax.train.rollback import Rollback, run_with_rollbacks
 from llm_jax.train.setup import TrainSetup, build_setup
 from llm_jax.train.state import init_state, start_reference
-from llm_jax.train.trainer import Evaluate, Hook, LogMetrics, Trainer
+from llm_jax.train.trainer import Evaluate, Hook, LogMetrics, StepTimeout, Trainer
 
 # Fields of the data position that must match for a resumed run to see the same batches
 # (the process layout may change: the global batch of a step is the same on any topology).
@@ -253,10 +253,12 @@ def train(cfg: Config) -> dict:
     evals = Evaluate(cfg.train.eval_every, cfg.train.steps, evaluate_all, write_eval)
     save = SaveCheckpoints(ckpt, cfg, lambda: {**batches.get_state(), **nonfinite.position_fields()}, writer.log)
     advance = ProgressAdvance(writer)
-    trainer = Trainer(setup.train_step, [advance, log, evals, save], nonfinite)
+    watchdog = StepTimeout(cfg.train.step_timeout_s)  # last: kicked once a step's hooks are done
+    trainer = Trainer(setup.train_step, [advance, log, evals, save, watchdog], nonfinite)
     try:
         state = run_with_rollbacks(trainer, state, batches, rollback)
     finally:
+        watchdog.close()  # first: a run that ended (finished, stopped or failed) is never killed later
         save.close()
         batches.close()
         ckpt.close()

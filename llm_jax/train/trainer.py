@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 
+from llm_jax.runtime.watchdog import Watchdog
 from llm_jax.train.nonfinite import NonfinitePolicy
 
 # A few steps in flight keep the devices busy (the host dispatches the next while one runs).
@@ -169,3 +170,22 @@ class Evaluate(Hook):
             self.latest.update(result)
             trainer.restart_interval(done)  # evaluation time is not training throughput
         return False
+
+
+class StepTimeout(Hook):
+    """The hung-step watchdog (`train.step_timeout_s`, runtime/watchdog.py; 0: off), kicked after
+    every step. The first kick comes after the first step's dispatch, so its compilation is not
+    timed; evaluations and saves run in hooks between two kicks, so the timeout covers them too (a
+    save or an evaluation that hangs is caught like a step). `close()` it on every exit path."""
+
+    def __init__(self, timeout_s: float):
+        self.watchdog = Watchdog(timeout_s) if timeout_s > 0 else None
+
+    def after_step(self, trainer: Trainer, done: int, state: Any, metrics: dict) -> bool:
+        if self.watchdog is not None:
+            self.watchdog.kick()
+        return False
+
+    def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.close()

@@ -46,7 +46,7 @@ def test_keep_n_and_half_written_step_is_ignored(tmp_path):
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "garbage").write_bytes(b"\0" * 10)
     reopened = Checkpointer(tmp_path, cfg)
-    assert reopened.latest_step() == 15
+    assert reopened.newest_sound_step() == 15
     restored, data = reopened.restore(15, _abstract(state, mesh, P("data", None)))
     assert data == {"next_step": 15}
     np.testing.assert_array_equal(restored["params"]["w"], np.arange(64.0).reshape(8, 8))

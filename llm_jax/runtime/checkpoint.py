@@ -51,8 +51,13 @@ def print_warning(text: str) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The first line of what caused `exc` at the bottom (TensorStore's own words name the file and
+    the fault; Orbax's wrapper only names an array index), at most 300 characters."""
+    while (inner := exc.__cause__ or exc.__context__) is not None:
+        exc = inner
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def os_error_of(exc: BaseException) -> str | None:

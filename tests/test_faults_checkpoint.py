@@ -7,6 +7,7 @@ one inside a save; the count is asserted), 5 damaged steps of 5 kinds resumed pa
 refused, 1 save that fails for a full disk.
 """
 
+import errno
 import random
 import resource
 import shutil
@@ -19,8 +20,8 @@ from runs import TINY, checkpoint_names, cli_subprocess, complete_and_partial, h
 from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.errors import UserError
-from llm_jax.runtime.checkpoint import Checkpointer
-from llm_jax.runtime.checkpoint_integrity import MANIFEST, NO_MANIFEST, problem, write_manifest
+from llm_jax.runtime.checkpoint import Checkpointer, os_error_of
+from llm_jax.runtime.checkpoint_integrity import MANIFEST, NO_MANIFEST, move_aside, problem, write_manifest
 from llm_jax.runtime.restore import restore_params
 
 pytestmark = pytest.mark.faults
@@ -162,6 +163,26 @@ def test_full_disk_during_a_save_stops_with_one_error_and_keeps_the_last_checkpo
 
     assert _train(run_dir) == 0  # room again: the same command resumes from step 4
     assert losses(run_dir) == losses(reference)
+
+
+def test_write_errors_are_named_by_their_os_error():
+    # TensorStore's words for a full disk, Python's, and what is not a write error at all.
+    tensorstore = ValueError("OUT_OF_RANGE: Error writing \"w/0\": Failed writing: \"/r/d/8e5b\": "
+                             "Failed to write 4 bytes to file 3: No space left on device [os_error_code='28']")
+    assert os_error_of(tensorstore) == "[Errno 28] No space left on device"
+    wrapped = RuntimeError("save failed")
+    wrapped.__cause__ = OSError(errno.EFBIG, "File too large", "/r/manifest.tmp")
+    assert os_error_of(wrapped) == "[Errno 27] File too large (/r/manifest.tmp)"
+    assert os_error_of(ValueError("shapes differ")) is None
+
+
+def test_a_step_moved_aside_twice_keeps_both(tmp_path):
+    for n in range(2):
+        step = tmp_path / "checkpoints" / "5"
+        step.mkdir(parents=True)
+        (step / "x").write_text(str(n))
+        move_aside(step, tmp_path / "checkpoints_damaged")
+    assert [(tmp_path / "checkpoints_damaged" / name / "x").read_text() for name in ("5", "5.1")] == ["0", "1"]
 
 
 def _kill_at_a_random_moment(proc, run_dir, after: int, rng: random.Random, in_a_save: bool) -> None:

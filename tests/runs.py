@@ -1,7 +1,9 @@
-"""Helpers shared by the tests that run training: tiny-run overrides, losses, CLI subprocesses."""
+"""Helpers shared by the tests that run training: tiny-run overrides, losses, CLI subprocesses, the
+checkpoint directory as Orbax leaves it (complete and half-written steps)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +26,32 @@ def cli_subprocess(args: list[str], devices: int | None = 8, env: dict | None = 
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return subprocess.Popen([sys.executable, "-m", "llm_jax.cli", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+# Orbax writes <step>.orbax-checkpoint-tmp/<item>.orbax-checkpoint-tmp and renames each when it is complete.
+TMP = ".orbax-checkpoint-tmp"
+TMP_STEP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+
+
+def checkpoint_names(run_dir: Path) -> list[str]:
+    try:
+        return os.listdir(run_dir / "checkpoints")
+    except FileNotFoundError:
+        return []
+
+
+def complete_and_partial(run_dir: Path) -> tuple[list[int], list[int]]:
+    """(steps Orbax lists, steps still being written), both sorted."""
+    names = checkpoint_names(run_dir)
+    return (sorted(int(n) for n in names if n.isdigit()),
+            sorted(int(m.group(1)) for m in map(TMP_STEP.match, names) if m))
+
+
+def holds_array_data(step_dir: Path) -> bool:
+    """Whether an item of this uncommitted step is itself uncommitted yet already holds array data
+    (files under a `d/` directory: Orbax's OCDBT data files)."""
+    for root, _, files in os.walk(step_dir):
+        parts = os.path.relpath(root, step_dir).split(os.sep)
+        if files and parts[0].endswith(TMP) and parts[-1] == "d":
+            return True
+    return False

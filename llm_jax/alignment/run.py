@@ -96,17 +96,22 @@ def rl_train(cfg: Config, mesh=None) -> dict:
     write_run_config(cfg, run_dir)
     barrier("run_dir")
     ckpt = Checkpointer(run_dir, cfg)
-    start = ckpt.latest_step() if existed else None
+    damaged: list[str] = []  # newer checkpoints that did not verify or restore: set aside, reported below
+    resumed = ckpt.resume(lambda step: ckpt.restore(step, setup.abstract_state()), damaged.append) \
+        if existed else None
+    start = resumed[0] if resumed else None
     if existed:
         trim_metrics(run_dir, start or 0)
     writer = MetricsWriter(run_dir, cfg, start or 0, cfg.train.steps)
+    for warning in damaged:
+        writer.log(f"warning: {warning}")
     setup.ref_params, fresh = initial_params(cfg, setup)
     writer.log(f"run {run_dir}: rl.method={cfg.rl.method}, {setup.mdef.num_params / 1e6:.2f}M parameters, "
                f"{len(prompts.train)} prompts, {setup.rollouts_per_step} completions per step, "
                f"mesh {dict(mesh.shape)}" + (f"; newly initialised: {', '.join(fresh)}" if fresh else ""))
     order = {"seed": cfg.seed, "n_prompts": len(prompts.train), "rollouts": setup.rollouts_per_step}
-    if start is not None:
-        state, data_state = ckpt.restore(start, setup.abstract_state())
+    if resumed is not None:
+        start, (state, data_state) = resumed
         changed = [f"{k}: {data_state[k]} -> {v}" for k, v in order.items() if k in data_state and data_state[k] != v]
         if changed:
             raise UserError("the prompts changed since the checkpoint (" + "; ".join(changed) + "); use a new run.dir")

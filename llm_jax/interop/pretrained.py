@@ -83,13 +83,13 @@ def pretrained_params(cfg: Config, mdef: ModelDef, shardings: dict, fresh: dict)
         raise UserError(f"checkpoint.init_from {source} is a different model ({'; '.join(diffs[:4])})")
     if params is None:
         ckpt = Checkpointer(source, source_cfg, read_only=True)
-        step = ckpt.latest_step()
-        if step is None:
-            raise UserError(f"checkpoint.init_from {source} has no complete checkpoint")
-        source_mdef = model_def(source_cfg, mdef.dims.vocab_size, classes_of(source_cfg))
-        mesh = jax.tree.leaves(shardings)[0].mesh
-        abstract = sharded_shapes(source_mdef.shapes, param_shardings(source_mdef, mesh))
         try:
+            step = ckpt.newest_sound_step()  # newer damaged steps are named in a warning, left in place
+            if step is None:
+                raise UserError(f"checkpoint.init_from {source} has no complete checkpoint")
+            source_mdef = model_def(source_cfg, mdef.dims.vocab_size, classes_of(source_cfg))
+            mesh = jax.tree.leaves(shardings)[0].mesh
+            abstract = sharded_shapes(source_mdef.shapes, param_shardings(source_mdef, mesh))
             params = ckpt.restore_params(step, abstract)
         except ValueError as exc:
             raise UserError(f"checkpoint.init_from {source}: its checkpoint does not fit its config ({exc})") from None

@@ -136,6 +136,20 @@ def broadcast_flag(value: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
 
 
+def broadcast_int(value: int) -> int:
+    """Process 0's integer `value`, on every process."""
+    if not is_multiprocess():
+        return value
+    return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
+
+
+def all_processes(value: bool) -> bool:
+    """Whether `value` is true on every process (each process passes its own)."""
+    if not is_multiprocess():
+        return value
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
 def barrier(name: str) -> None:
     """Wait until every process gets here (no-op in a single process)."""
     if is_multiprocess():

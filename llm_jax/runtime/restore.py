@@ -30,16 +30,21 @@ def restore_params(run_dir: str | Path, step: int | None = None) -> tuple[Config
     try:
         steps = ckpt.manager.all_steps()
         if step is None:
-            step = ckpt.latest_step()
+            step = ckpt.newest_sound_step()  # newer damaged steps are named in a warning
             if step is None:
                 raise UserError(f"{run_dir} has no complete checkpoint; train it first")
         elif step not in steps:
             raise UserError(f"{run_dir} has no checkpoint at step {step} (have: {sorted(steps)})")
+        elif (damage := ckpt.check(step)) is not None:
+            raise UserError(f"checkpoint step {step} of {run_dir} is damaged ({damage})")
         tokenizer = load_tokenizer(cfg, run_dir)
         mdef = model_def(cfg, model_vocab_size(cfg, tokenizer.vocab_size), classes_of(cfg))
         shardings = param_shardings(mdef, single_device_mesh())
         abstract = sharded_shapes(mdef.shapes, shardings)
-        params = ckpt.restore_params(step, abstract)
+        try:
+            params = ckpt.restore_params(step, abstract)
+        except ValueError as exc:  # TensorStore's word for a file it cannot read
+            raise UserError(f"checkpoint step {step} of {run_dir} could not be restored: {exc}") from None
     finally:
         ckpt.close()
     return cfg, tokenizer, mdef, params, step

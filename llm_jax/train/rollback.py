@@ -38,10 +38,13 @@ class Rollback:
         what = describe_bad_step(bad, record)
         self.batches.close()  # no more prefetching for the abandoned steps
         self.ckpt.wait()  # a save still being written is a good step (saves read the flags first)
-        kept = self.ckpt.latest_step()
-        if kept is None:
+        # The newest checkpoint that verifies and restores (damaged newer ones are reported and set aside).
+        resumed = self.ckpt.resume(lambda step: self.ckpt.restore(step, self.abstract_state()),
+                                   lambda text: self.writer.log(f"warning: {text}"))
+        if resumed is None:
             raise UserError(f"{what}; train.on_nonfinite=rollback has no checkpoint to go back to yet "
                             "(lower checkpoint.every, or try a lower optim.lr or optim.clip_norm)")
+        kept, (state, data_state) = resumed
         if kept >= bad:  # a save always reads the flags of the steps before it: should not happen
             raise UserError(f"{what}, but the newest checkpoint is at step {kept}; it cannot be rolled back")
         self.count[kept] += 1
@@ -53,7 +56,6 @@ class Rollback:
         # the current order, which already skips the ranges of earlier rollbacks.
         first, last = batch_index(kept, self.batches.skipped), batch_index(bad - 1, self.batches.skipped)
         skipped = merge_ranges([*self.batches.skipped, [first, last]])
-        state, data_state = self.ckpt.restore(kept, self.abstract_state())
         start = int(data_state.get("next_step", kept))
         self.batches.restart(start, skipped)
         self.writer.rewind(start)

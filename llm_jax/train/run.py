@@ -177,11 +177,16 @@ def train(cfg: Config) -> dict:
     write_run_config(cfg, run_dir)
     barrier("run_dir")  # the directory exists before any process opens checkpoints in it
     ckpt = Checkpointer(run_dir, cfg)
-    start = ckpt.latest_step() if existed else None
+    # The newest checkpoint that verifies and restores (damaged newer ones are set aside, named in
+    # `damaged`), before the metrics are trimmed to its step.
+    damaged: list[str] = []
+    resumed = ckpt.resume(lambda step: ckpt.restore(step, setup.abstract_state()), damaged.append) \
+        if existed else None
+    start = resumed[0] if resumed else None
     if existed:
         trim_metrics(run_dir, start or 0)  # before the writer opens the file for appending
     writer = MetricsWriter(run_dir, cfg, start or 0, cfg.train.steps)
-    for warning in setup.warnings:
+    for warning in [*setup.warnings, *damaged]:
         writer.log(f"warning: {warning}")
     writer.log(f"run {run_dir}: {setup.mdef.num_params / 1e6:.2f}M parameters, vocab {vocab}, "
                f"mesh {dict(setup.mesh.shape)}, {jax.device_count()} {jax.devices()[0].platform} devices")
@@ -196,8 +201,8 @@ def train(cfg: Config) -> dict:
         dataset = train_dataset(bundle.train_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.seed,
                                 jax.process_index(), jax.process_count())
     data_state: dict = {}  # the data position of the checkpoint resumed from
-    if start is not None:
-        state, data_state = ckpt.restore(start, setup.abstract_state())
+    if resumed is not None:
+        start, (state, data_state) = resumed
         writer.log(f"resumed from checkpoint at step {start} (data position {data_state.get('next_step')})")
         check_data_order(data_state, getattr(dataset, "order", {}))
         start = int(data_state.get("next_step", start))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_chat_template import CHAT, FIXTURES, write_tokenizer
 
@@ -47,7 +47,7 @@ FUZZ = dict(deadline=None, derandomize=True, database=None,
 HOSTILE_NAMES = ["../../x", "/etc/x", "a/../../b", "..", ".", "", "a\\..\\b", "x\0y", "runs/x"]
 
 
-def cli_error(capsys, args: list[str]) -> str:
+def assert_one_error_line(capsys, args: list[str]) -> str:
     """Run the CLI in-process: it must exit 2 with exactly one `error:` line on stderr."""
     code = main(args)
     err = capsys.readouterr().err
@@ -57,10 +57,23 @@ def cli_error(capsys, args: list[str]) -> str:
     return lines[0]
 
 
-def load_via_cli(capsys, config: Path, *overrides: str) -> str:
+def assert_load_is_one_error_line(capsys, config: Path, *overrides: str) -> str:
     """The loader through a command that stops right after it: `compile` loads and validates the
     config, then refuses the unknown topology (so even a valid config exits 2, trained nowhere)."""
-    return cli_error(capsys, ["compile", str(config), *overrides, "--topology", "no-such-tpu"])
+    return assert_one_error_line(capsys, ["compile", str(config), *overrides, "--topology", "no-such-tpu"])
+
+
+def assert_cli_reports_the_loader(capsys, config: Path, *overrides: str) -> None:
+    """The CLI's one line is exactly the loader's own verdict: its UserError when `load_config`
+    (called directly here; any other exception fails the test) refuses the config, else the
+    unknown topology that `compile` reports only after accepting one."""
+    line = assert_load_is_one_error_line(capsys, config, *overrides)
+    try:
+        load_config(str(config), list(overrides))
+    except UserError as exc:
+        assert line == "error: " + " ".join(str(exc).splitlines())
+    else:
+        assert line.startswith("error: unknown TPU topology 'no-such-tpu'"), line
 
 
 # --- safe YAML ------------------------------------------------------------------------------
@@ -75,10 +88,11 @@ def test_yaml_python_tags_are_refused_and_never_run(tmp_path, capsys):
     for text in payloads:
         config = tmp_path / "evil.yaml"
         config.write_text(text + "\n")
-        line = load_via_cli(capsys, config)
+        line = assert_load_is_one_error_line(capsys, config)
         assert f"cannot parse YAML in {config}" in line and "could not determine a constructor" in line
     # The same text through an override stays a string, which the schema refuses.
-    line = load_via_cli(capsys, Path("gpt_tiny"), f"seed=!!python/object/apply:os.system ['touch {marker}']")
+    line = assert_load_is_one_error_line(capsys, Path("gpt_tiny"),
+                                         f"seed=!!python/object/apply:os.system ['touch {marker}']")
     assert "seed: Input should be a valid integer" in line
     assert not marker.exists()
     # The payload is live: the unsafe loader (never used by llm-jax) runs it.
@@ -125,17 +139,39 @@ HOSTILE_CONFIGS = {
 }
 
 
+# What each hostile config's one line must say: the loader's own refusal, never the unknown
+# topology that `compile` reports after a config it accepted.
+HOSTILE_CONFIG_ERRORS = {
+    "int_over_python_limit": "Exceeds the limit (4300 digits)",
+    "negative_int_over_limit": "Exceeds the limit (4300 digits)",
+    "float_over_range": "optim.lr: Input should be a finite number (got inf)",
+    "tiny_float": "optim.lr: Input should be greater than 0 (got 0.0)",
+    "nan": "optim.lr: Input should be a finite number",
+    "yaml_flow_1e4": "nested too deeply", "yaml_flow_1e5": "nested too deeply", "yaml_block_1e4": "nested too deeply",
+    "json_1e4": "nested too deeply", "json_1e5": "nested too deeply", "json_deep_unclosed": "nested too deeply",
+    "not_utf8": "is not UTF-8 text", "utf16": "is not UTF-8 text", "nul": "unacceptable character #x0000",
+    "scalar": "must hold a mapping of config keys", "list": "must hold a mapping of config keys",
+    "alias_bomb": "its aliases expand to more than 100,000 values", "int_key": "unknown config key '1'",
+    "unhashable_key": "found unhashable key", "newline_in_key": "unknown config key 'train steps'",
+    "unknown_key": "unknown config key 'trian'", "section_as_scalar": "config key 'train' is a section",
+    "section_as_null": "config key 'model' is a section", "binary_tag": "seed: Input should be a valid integer",
+    "timestamp": "seed: Input should be a valid integer", "set_tag": "seed: Input should be a valid integer",
+}
+
+
 @pytest.mark.parametrize("name", sorted(HOSTILE_CONFIGS))
 def test_hostile_config_files_are_one_error_line(tmp_path, capsys, name):
     config = tmp_path / "c.yaml"
     text = HOSTILE_CONFIGS[name]
     config.write_bytes(text if isinstance(text, bytes) else text.encode())
-    load_via_cli(capsys, config)
+    line = assert_load_is_one_error_line(capsys, config)
+    assert HOSTILE_CONFIG_ERRORS[name] in line and "no-such-tpu" not in line, line
 
 
 def test_a_config_that_is_not_a_file_is_one_error_line(tmp_path, capsys):
     (tmp_path / "dir.yaml").mkdir()
-    assert f"cannot read {tmp_path / 'dir.yaml'}: Is a directory" in load_via_cli(capsys, tmp_path / "dir.yaml")
+    line = assert_load_is_one_error_line(capsys, tmp_path / "dir.yaml")
+    assert f"cannot read {tmp_path / 'dir.yaml'}: Is a directory" in line
 
 
 SECTIONS = sorted(name for name, f in Config.model_fields.items()
@@ -147,7 +183,7 @@ def test_every_section_refuses_wrong_types(tmp_path, capsys, section):
     config = tmp_path / "c.yaml"
     for wrong in (5, "x", [1, 2], True):
         config.write_text(yaml.safe_dump({section: wrong}))
-        assert f"config key '{section}' is a section" in load_via_cli(capsys, config)
+        assert f"config key '{section}' is a section" in assert_load_is_one_error_line(capsys, config)
     keys = [k for k in all_keys() if k.startswith(section + ".")]
     for key in keys:  # every leaf of the section: a value of no type it takes
         tree: dict = {}
@@ -157,7 +193,7 @@ def test_every_section_refuses_wrong_types(tmp_path, capsys, section):
             node = node.setdefault(part, {})
         node[parts[-1]] = {"not": ["a", {"value": 1}]}
         config.write_text(yaml.safe_dump(tree))
-        load_via_cli(capsys, config)
+        assert_load_is_one_error_line(capsys, config)
 
 
 JSONISH = st.recursive(
@@ -172,7 +208,7 @@ KEYS = st.sampled_from(sorted({k.split(".")[0] for k in all_keys()} | set(all_ke
 def test_fuzz_config_bytes(tmp_path, capsys, data):
     config = tmp_path / "c.yaml"
     config.write_bytes(data)
-    load_via_cli(capsys, config)
+    assert_cli_reports_the_loader(capsys, config)
 
 
 @settings(max_examples=FUZZ_EXAMPLES["config_trees"], **FUZZ)
@@ -182,7 +218,7 @@ def test_fuzz_config_trees(tmp_path, capsys, tree, as_json):
     """Known and unknown keys with values of every JSON type, as nested sections or dotted keys."""
     config = tmp_path / ("c.json" if as_json else "c.yaml")
     config.write_text(json.dumps(tree) if as_json else yaml.safe_dump(tree))
-    load_via_cli(capsys, config)
+    assert_cli_reports_the_loader(capsys, config)
 
 
 HOSTILE_VALUES = [ALIAS_BOMB, "9" * 5000, "[" * 100_000, "{a: " * 10_000, "1e400", "-.inf", ".nan",
@@ -192,7 +228,7 @@ HOSTILE_VALUES = [ALIAS_BOMB, "9" * 5000, "[" * 100_000, "{a: " * 10_000, "1e400
 @pytest.mark.parametrize("key", ["seed", "optim.lr", "data.mixture", "run.dir"])
 def test_hostile_override_values_are_one_error_line(capsys, key):
     for value in HOSTILE_VALUES:
-        line = load_via_cli(capsys, Path("gpt_tiny"), f"{key}={value}")
+        line = assert_load_is_one_error_line(capsys, Path("gpt_tiny"), f"{key}={value}")
         if value == ALIAS_BOMB:
             assert line == f"error: override {key}: its YAML aliases expand to more than 100,000 values"
 
@@ -200,7 +236,9 @@ def test_hostile_override_values_are_one_error_line(capsys, key):
 @settings(max_examples=FUZZ_EXAMPLES["overrides"], **FUZZ)
 @given(key=KEYS | st.text(max_size=15), value=st.text(max_size=40) | st.sampled_from(HOSTILE_VALUES))
 def test_fuzz_overrides(capsys, key, value):
-    load_via_cli(capsys, Path("gpt_tiny"), f"{key}={value}")
+    # An argument that starts with '-' is an option to argparse, not an override (its own error line).
+    assume(not key.startswith("-"))
+    assert_cli_reports_the_loader(capsys, Path("gpt_tiny"), f"{key}={value}")
 
 
 # --- fuzz: the JSONL readers -----------------------------------------------------------------
@@ -307,8 +345,9 @@ def test_fuzz_jsonl_readers(tmp_path, lines, reader):
 def test_the_cli_reports_a_hostile_jsonl_line(tmp_path, capsys):
     source = tmp_path / "data.jsonl"
     source.write_bytes(b'{"prompt": "a", "completion": "b"}\n' + HOSTILE_LINES["nested_1e5"] + b"\n")
-    line = cli_error(capsys, ["train", "gpt_tiny", f"run.dir={tmp_path / 'run'}", f"data.source=jsonl:{source}",
-                              "data.format=prompt_completion", f"data.cache_dir={tmp_path / 'cache'}"])
+    line = assert_one_error_line(capsys, ["train", "gpt_tiny", f"run.dir={tmp_path / 'run'}",
+                                          f"data.source=jsonl:{source}", "data.format=prompt_completion",
+                                          f"data.cache_dir={tmp_path / 'cache'}"])
     assert line == f"error: {source}:2: not readable JSON (nested too deeply) (data.skip_bad_records=true skips " \
                    "such records)"
 
@@ -336,9 +375,9 @@ def test_hostile_chat_templates_are_refused_through_the_cli(tmp_path, capsys, na
     tokenizer = write_tokenizer(tmp_path / "tok", template)
     source = tmp_path / "chat.jsonl"
     source.write_text(json.dumps({"messages": CHAT[1:3]}) + "\n")
-    line = cli_error(capsys, ["train", "gpt_tiny", f"run.dir={tmp_path / 'run'}", f"data.source=jsonl:{source}",
-                              "data.format=chat", f"data.tokenizer=hf:{tokenizer}",
-                              f"data.cache_dir={tmp_path / 'cache'}"])
+    line = assert_one_error_line(capsys, ["train", "gpt_tiny", f"run.dir={tmp_path / 'run'}",
+                                          f"data.source=jsonl:{source}", "data.format=chat",
+                                          f"data.tokenizer=hf:{tokenizer}", f"data.cache_dir={tmp_path / 'cache'}"])
     kept = tmp_path / "run" / "tokenizer" / "tokenizer_config.json"  # (the run keeps its own copy)
     assert line.startswith(f"error: {source}:1: the chat_template of {kept} ")
     assert reason in line
@@ -376,9 +415,9 @@ def test_pytorch_pickles_are_never_loaded(tmp_path, capsys):
     hf = pickled_hf_dir(tmp_path / "hf", marker)
     expected = "pytorch_model.bin), which llm-jax does not load since unpickling runs code; convert the weights " \
                "to safetensors"
-    assert expected in cli_error(capsys, ["import-hf", str(hf), str(tmp_path / "run")])
+    assert expected in assert_one_error_line(capsys, ["import-hf", str(hf), str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
-    assert expected in cli_error(capsys, ["export-hf", str(hf), str(tmp_path / "out")])
+    assert expected in assert_one_error_line(capsys, ["export-hf", str(hf), str(tmp_path / "out")])
     for load in (llm_jax.load, read_hf_model):  # (read_hf_model: what checkpoint.init_from=HF_DIR calls)
         with pytest.raises(UserError, match="only PyTorch pickle weights"):
             load(hf)
@@ -448,12 +487,18 @@ def test_hf_configs_of_wrong_types_are_user_errors(tmp_path, family):
     hf = tmp_path / "hf"
     shutil.copytree(FIXTURES / family, hf)
     drawn = random.Random(family).sample([(k, w) for k in sorted(base) for w in ("x", None, [1], 10**30)], 6)
-    for key, wrong in [*((k, w) for k, w in HF_CRASHERS.items() if k in base), *drawn]:
+    for key, wrong in ((k, w) for k, w in HF_CRASHERS.items() if k in base):  # each crashed the adapters once
+        (hf / "config.json").write_text(json.dumps({**base, key: wrong}))
+        with pytest.raises(UserError):
+            read_hf_model(hf)
+    for key, wrong in drawn:  # a value the model ignores may load; any exception but a UserError fails the test
         (hf / "config.json").write_text(json.dumps({**base, key: wrong}))
         try:
-            read_hf_model(hf)
-        except UserError:
-            pass
+            loaded = read_hf_model(hf)
+        except UserError as exc:
+            assert str(exc), (key, wrong)
+        else:
+            assert loaded is not None, (key, wrong)
 
 
 def test_damaged_store_manifests_are_user_errors(tmp_path):

@@ -17,17 +17,17 @@ from llm_jax.config.model import Section
 class PrefConfig(Section):
     method: Literal["dpo", "reward"] = "dpo"
     """data.format=preference: train the policy by DPO (or a variant, pref.kind), or a reward model."""
-    beta: float = pydantic.Field(0.1, gt=0, allow_inf_nan=False)
+    beta: float = pydantic.Field(0.1, gt=0)
     """DPO: how strongly the policy is held to the reference (the implicit reward's scale; IPO: margin 1/(2 beta))."""
     kind: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
     """DPO loss: sigmoid (DPO), robust (rDPO), ipo (IPO, length-normalised log-probs), hinge (SLiC)."""
     label_smoothing: float = pydantic.Field(0.0, ge=0.0, lt=0.5)
     """DPO sigmoid, robust: assumed rate of flipped preference labels (conservative DPO, robust DPO)."""
-    rpo_alpha: float = pydantic.Field(0.0, ge=0.0, allow_inf_nan=False)
+    rpo_alpha: float = pydantic.Field(0.0, ge=0.0)
     """DPO: adds rpo_alpha times the chosen completion's NLL per token (RPO, Pang et al. 2024; TRL's rpo_alpha)."""
-    margin: float = pydantic.Field(0.0, allow_inf_nan=False)
+    margin: float = pydantic.Field(0.0)
     """Reward model: the margin the chosen reward must beat the rejected by: -log sigmoid(r_c - r_r - margin)."""
-    center_coef: float = pydantic.Field(0.0, ge=0.0, allow_inf_nan=False)
+    center_coef: float = pydantic.Field(0.0, ge=0.0)
     """Reward model: adds center_coef * mean((r_c + r_r)^2), keeping rewards centred on 0 (TRL: 0.01)."""
 
 

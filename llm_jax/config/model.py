@@ -16,9 +16,11 @@ from llm_jax.config.families import ArchSpec, arch_spec, archs_where, either
 
 
 class Section(BaseModel):
-    """Unknown keys are refused; each field's docstring is its description."""
+    """Unknown keys are refused; each field's docstring is its description; no float key takes
+    NaN or infinity (a YAML `1e400` is inf: `optim.lr: 1e400` would train on NaN)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)
 
 
 class MoEConfig(Section):

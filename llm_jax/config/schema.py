@@ -206,7 +206,7 @@ def default_source_name(source: str) -> str:
 class MixtureEntry(Section):
     source: str
     """Any data.source form (stdlib, text:PATH, jsonl:PATH, parquet:PATH, hf_disk:DIR, tfds:NAME)."""
-    weight: float = pydantic.Field(gt=0, allow_inf_nan=False)
+    weight: float = pydantic.Field(gt=0)
     """Relative share of the training rows; the weights are normalised to sum to 1."""
     name: str = ""
     """Label in metrics (`data/share/<name>`); default from the source's path."""

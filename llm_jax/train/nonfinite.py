@@ -14,6 +14,7 @@ before its flag was read. The policy then decides:
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable
 from typing import Any
@@ -55,7 +56,7 @@ class RollbackRequest(Exception):
         self.done, self.record = done, record
 
 
-class NonfinitePolicy:
+class NonfinitePolicy(abc.ABC):
     """Called by the Trainer with each non-finite step; `record_fields` go into the logged metrics,
     `position_fields` into the data position of every checkpoint. `skipped_steps`: the updates
     dropped so far, carried over from the checkpoint (an earlier `skip` run of this directory)."""
@@ -63,8 +64,9 @@ class NonfinitePolicy:
     def __init__(self, skipped_steps: int = 0):
         self.skipped_steps = skipped_steps
 
+    @abc.abstractmethod
     def on_nonfinite(self, done: int, record: dict) -> None:
-        raise NotImplementedError
+        """Step `done` was not finite (`record`: its metrics on the host): count it or raise."""
 
     def record_fields(self) -> dict[str, Any]:
         return {}

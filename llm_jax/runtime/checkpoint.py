@@ -235,6 +235,11 @@ class Checkpointer:
             barrier("checkpoints_set_aside")  # every process sees the moves before listing again
             self.manager.reload()
 
+    def newest_step(self) -> int | None:
+        """The newest step Orbax lists: sealed with its manifest when it was written, not hashed
+        again (for messages; resuming and reading use the verified steps below)."""
+        return self.manager.latest_step()
+
     def newest_sound_step(self, warn: Warn = print_warning) -> int | None:
         """The newest step that verifies (read-only callers: generate, export, init_from); newer
         damaged ones are reported, not moved. None when there is no checkpoint at all."""

@@ -85,7 +85,7 @@ class StopOnNonfinite(NonfinitePolicy):
 
     def on_nonfinite(self, done: int, record: dict) -> None:
         self.ckpt.wait()  # the saves under way are of good steps: they count as kept
-        kept = self.ckpt.newest_sound_step()
+        kept = self.ckpt.newest_step()  # a message: the step was verified when it was written
         where = (f"the newest checkpoint kept is step {kept}" if kept is not None
                  else "no checkpoint was saved before it")
         raise UserError(f"{describe_bad_step(done, record)}; nothing from that step on was saved, {where}. "

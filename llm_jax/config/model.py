@@ -32,9 +32,10 @@ class MoEConfig(Section):
     """MoE in the last block of every group of this many; must divide num_layers. 1: all (Mixtral), 2: alternate."""
     capacity_factor: float = -1.0
     """-1: dropless. Else each expert takes at most ceil(factor * top_k * seq_len / E) tokens per sequence."""
-    grouped_matmul: Literal["auto", "ragged_dot", "blocked", "looped", "megablox"] = "auto"
-    """Dropless grouped matmul: ragged_dot, blocked, looped, megablox (Pallas TPU kernel, not yet measured, so
-    never auto), or auto (TPU ragged_dot, CPU looped, else blocked)."""
+    grouped_matmul: Literal["auto", "ragged_dot", "blocked", "looped", "megablox", "ragged_dot_mgpu"] = "auto"
+    """Dropless grouped matmul: ragged_dot, blocked, looped, megablox (Pallas TPU kernel), ragged_dot_mgpu (JAX's
+    Pallas Mosaic GPU kernel, Hopper and newer), or auto (TPU ragged_dot, CPU looped, else blocked; the two kernels
+    are not yet measured, so auto never picks them). On CPU both kernels run in Pallas interpret mode (tests)."""
     num_shared_experts: int = pydantic.Field(0, ge=0)
     """Experts every token goes through besides its routed ones (DeepSeekMoE), as one dense MLP."""
     expert_d_ff: int | None = pydantic.Field(None, ge=1)
@@ -78,12 +79,13 @@ class SSMConfig(Section):
     """Mamba: d_inner = expand * d_model channels."""
     dt_rank: int | None = pydantic.Field(None, ge=1)
     """Mamba: rank of the delta projection; default ceil(d_model / 16)."""
-    scan: Literal["auto", "associative", "chunked", "pallas", "sequential"] = "auto"
-    """Selective scan: sequential (reference), associative, chunked, pallas (fused kernel: Mosaic on TPU,
-    Pallas interpret mode on CPU; no GPU lowering), or auto (sequential on CPU, else chunked; it never picks
-    pallas, which has not been timed on a TPU)."""
+    scan: Literal["auto", "associative", "chunked", "pallas", "pallas_gpu", "sequential"] = "auto"
+    """Selective scan: sequential (reference), associative, chunked, pallas (fused kernel for TPU, Mosaic),
+    pallas_gpu (fused kernel for GPU, Triton), or auto (sequential on CPU, else chunked; it never picks a fused
+    kernel, none has been timed on its accelerator). On CPU the fused kernels run in Pallas interpret mode."""
     chunk: int = pydantic.Field(64, ge=1)
-    """Chunk length of model.ssm.scan=chunked and pallas (pallas rounds it up to a multiple of 8)."""
+    """Chunk length of model.ssm.scan=chunked, pallas and pallas_gpu (the kernels round it up: multiple of 8 for
+    pallas, power of two for pallas_gpu)."""
     selective: bool = True
     """false: the S4-like ablation (delta, B and C learned constants, not functions of the input)."""
 

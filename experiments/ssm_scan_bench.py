@@ -12,8 +12,9 @@ kernels (`pallas`, for each chunk length: meant for a TPU; on CPU they run in in
 keep the sizes tiny there); with `--pallas-gpu` the Triton kernels (`pallas_gpu`, meant for a GPU,
 interpret mode on CPU; once per distinct chunk as it rounds them: a power of two, at most 16).
 `--skip-xla` leaves out `chunked` (sequential, the speed-up's base, and associative always run).
-Prints one JSON line per form: median seconds, tokens/s (batch x length / time) and the
-speed-up over sequential.
+Prints one JSON line per form: median seconds, tokens/s (batch x length / time), the speed-up
+over sequential and the largest error of its outputs (y; the gradients of x, delta, B, C) relative
+to sequential's largest value.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ import numpy as np
 
 from llm_jax.models.ssm import selective_scan
 from llm_jax.models.ssm_pallas_gpu import time_chunk as gpu_time_chunk
+
+
+def max_relative_error(got, want) -> float:
+    """The largest |got - want| of any output over the largest |want| of that output."""
+    return max(float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
+               for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
 
 
 def main() -> int:
@@ -60,7 +67,7 @@ def main() -> int:
         forms += [("pallas", c) for c in args.chunks]
     if args.pallas_gpu:
         forms += [("pallas_gpu", c) for c in sorted({gpu_time_chunk(c) for c in args.chunks})]
-    rows, base = [], {}
+    rows, base, reference = [], {}, {}
     print(json.dumps({"device": str(jax.devices()[0]), "jax": jax.__version__, "batch": B, "length": L,
                       "channels": D, "state": N}), flush=True)
     for mode, chunk in forms:
@@ -72,10 +79,14 @@ def main() -> int:
         row = {"scan": mode, "chunk": chunk or None}
         for name, fn in fns.items():
             try:
-                jax.block_until_ready(fn(*inputs))
+                out = jax.block_until_ready(fn(*inputs))
             except Exception as exc:  # out of memory, typically: record it and go on
                 row[f"{name}_error"] = str(exc).splitlines()[0][:200]
                 continue
+            if mode == "sequential":
+                reference[name] = out
+            elif name in reference:  # a kernel compiled for the first time here should also be right
+                row[f"{name}_max_rel_err_vs_sequential"] = max_relative_error(out, reference[name])
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()

@@ -84,8 +84,9 @@ class SSMConfig(Section):
     pallas_gpu (fused kernel for GPU, Triton), or auto (sequential on CPU, else chunked; it never picks a fused
     kernel, none has been timed on its accelerator). On CPU the fused kernels run in Pallas interpret mode."""
     chunk: int = pydantic.Field(64, ge=1)
-    """Chunk length of model.ssm.scan=chunked, pallas and pallas_gpu (the kernels round it up: multiple of 8 for
-    pallas, power of two for pallas_gpu)."""
+    """Chunk length of model.ssm.scan=chunked, pallas and pallas_gpu (the kernels round it: up to a multiple of 8
+    for pallas; up to a power of two, at most 16, for pallas_gpu, whose backward holds a chunk's states in
+    registers)."""
     selective: bool = True
     """false: the S4-like ablation (delta, B and C learned constants, not functions of the input)."""
 

@@ -15,6 +15,9 @@ The recurrence is a composition of affine maps h -> a h + b, which is associativ
 - `pallas`: the fused kernels of `models.ssm_pallas` (the state held in VMEM, nothing of
   [B, T, D, N] in HBM, the backward pass recomputing each chunk's states); Mosaic on TPU, Pallas
   interpret mode on CPU. The S4-like ablation's constant B, C ([D, N]) run `chunked` instead.
+- `pallas_gpu`: the same fused scan as Triton kernels (`models.ssm_pallas_gpu`: each program walks
+  the sequence with its state in registers); Triton on GPU, interpret mode on CPU; the ablation
+  runs `chunked` here too.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 
 from llm_jax.parallel.platform import target_platform
 
-SCANS = ("associative", "chunked", "pallas", "sequential")
+SCANS = ("associative", "chunked", "pallas", "pallas_gpu", "sequential")
 
 
 def _combine(left: tuple, right: tuple) -> tuple:
@@ -108,8 +111,8 @@ def _chunked(x, delta, A, B, C, h0, chunk: int, keep=None):
 def resolve_scan(mode: str) -> str:
     """`auto`: `sequential` on CPU, where the parallel forms only add work (measured on the
     mamba_small mixer, L = 256, forward + backward: sequential 37 ms, associative 71 ms,
-    chunked 66-106 ms), `chunked` on accelerators. It never picks `pallas`: that kernel has not
-    been timed on a TPU yet."""
+    chunked 66-106 ms), `chunked` on accelerators. It never picks `pallas` or `pallas_gpu`: the
+    kernels have not been timed on a TPU or a GPU yet."""
     if mode != "auto":
         return mode
     return "sequential" if target_platform() == "cpu" else "chunked"
@@ -134,12 +137,17 @@ def selective_scan(x_BTD: jax.Array, delta_BTD: jax.Array, A_DN: jax.Array, B_BT
         y, h = _associative(x, delta, A, B, C, h0, keep)
     elif mode == "sequential":
         y, h = _sequential(x, delta, A, B, C, h0, keep)
-    elif mode == "chunked" or (mode == "pallas" and B.ndim == 2):  # the kernel takes per-step B, C only
+    elif mode == "chunked" or (mode in ("pallas", "pallas_gpu") and B.ndim == 2):  # kernels: per-step B, C only
         y, h = _chunked(x, delta, A, B, C, h0, chunk, keep)
     elif mode == "pallas":
         from llm_jax.models.ssm_pallas import sharded_pallas_scan  # Pallas loads only when chosen
 
         y, h = sharded_pallas_scan(x, delta, A, B, C, h0, chunk, keep)
+    elif mode == "pallas_gpu":
+        from llm_jax.models.ssm_pallas import sharded_pallas_scan
+        from llm_jax.models.ssm_pallas_gpu import pallas_gpu_scan
+
+        y, h = sharded_pallas_scan(x, delta, A, B, C, h0, chunk, keep, scan=pallas_gpu_scan)
     else:
         raise ValueError(f"unknown scan {mode!r}; choose from {SCANS}")
     return y + x * D_D.astype(f32), h

@@ -15,12 +15,13 @@ columns that broadcast over the channels (a dynamic slice of one lane column doe
 
 On CPU the kernels run in Pallas interpret mode (an XLA loop over the grid: slower to compile
 than the XLA scans); on TPU through Mosaic. There is no GPU lowering (the sequential grid axis
-with a scratch carry is TPU-only Pallas).
+with a scratch carry is TPU-only Pallas): `ssm_pallas_gpu` is the Triton counterpart.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,8 @@ def time_chunk(chunk: int) -> int:
 
 
 def _interpret() -> bool:
-    return pallas_interpret("model.ssm.scan=pallas", "tpu", "model.ssm.scan=chunked or auto")
+    return pallas_interpret("model.ssm.scan=pallas", "tpu",
+                            "model.ssm.scan=pallas_gpu (the Triton kernel), chunked or auto")
 
 
 # Batch rows and channel tiles are independent (megacore may split them); time carries the state.
@@ -212,36 +214,43 @@ def _backward(x, delta, bck, At, hstarts, dy, dhlast, Tc: int):
     )(x, delta, bck, At, hstarts, dy, dhlast)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def fused_scan(x, delta, bck, At, h0t, Tc: int):
-    """(y without the skip term [B, T, D], last state [B, N, D]) of padded, kernel-layout inputs:
-    T a multiple of Tc, bck = [B_t, C_t, keep_t] [B, T, 2N + 1], A and the states transposed."""
-    y, hlast, _ = _forward(x, delta, bck, At, h0t, Tc)
-    return y, hlast
+def fused_vjp(forward: Callable, backward: Callable) -> Callable:
+    """The scan of a forward and a backward kernel as one differentiable function
+    (x, delta, bck, A, h0, Tc) -> (y, last state); shared by this TPU kernel and the GPU one
+    (`ssm_pallas_gpu`). `forward` returns (y, last state, chunk start states); `backward` takes
+    (x, delta, bck, A, start states, dy, dlast, Tc) and returns dx, ddelta, dB and dC as partial
+    sums per channel tile, dA per batch row and dh0."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+    def fused(x, delta, bck, A, h0, Tc: int):
+        y, hlast, _ = forward(x, delta, bck, A, h0, Tc)
+        return y, hlast
+
+    def fused_fwd(x, delta, bck, A, h0, Tc):
+        y, hlast, hstarts = forward(x, delta, bck, A, h0, Tc)
+        return (y, hlast), (x, delta, bck, A, hstarts)
+
+    def fused_bwd(Tc, residuals, cotangents):
+        x, delta, bck, A, hstarts = residuals
+        dy, dhlast = cotangents
+        dx, ddelta, dB, dC, dA, dh0 = backward(x, delta, bck, A, hstarts, dy, dhlast, Tc)
+        # dB, dC: one partial sum per channel tile; dA: one per batch row; keep has no gradient.
+        dbck = jnp.concatenate([dB.sum(0), dC.sum(0), jnp.zeros_like(bck[..., :1])], axis=-1)
+        return dx, ddelta, dbck, dA.sum(0), dh0
+
+    fused.defvjp(fused_fwd, fused_bwd)
+    return fused
 
 
-def _fused_fwd(x, delta, bck, At, h0t, Tc):
-    y, hlast, hstarts = _forward(x, delta, bck, At, h0t, Tc)
-    return (y, hlast), (x, delta, bck, At, hstarts)
+# (y without the skip term [B, T, D], last state [B, N, D]) of padded, kernel-layout inputs:
+# T a multiple of Tc, bck = [B_t, C_t, keep_t] [B, T, 2N + 1], A and the states transposed.
+fused_scan = fused_vjp(_forward, _backward)
 
 
-def _fused_bwd(Tc, residuals, cotangents):
-    x, delta, bck, At, hstarts = residuals
-    dy, dhlast = cotangents
-    dx, ddelta, dB, dC, dA, dh0 = _backward(x, delta, bck, At, hstarts, dy, dhlast, Tc)
-    # dB, dC: one partial sum per channel tile; dA: one per batch row; keep has no gradient.
-    dbck = jnp.concatenate([dB.sum(0), dC.sum(0), jnp.zeros_like(bck[..., :1])], axis=-1)
-    return dx, ddelta, dbck, dA.sum(0), dh0
-
-
-fused_scan.defvjp(_fused_fwd, _fused_bwd)
-
-
-def pallas_scan(x, delta, A, B, C, h0, chunk: int, keep=None):
-    """`ssm.selective_scan`'s contract (float32 inputs, B and C [B, T, N]): (y [B, T, D] without
-    the skip term, last state [B, D, N])."""
-    Bsz, T, D = x.shape
-    Tc = time_chunk(chunk)
+def kernel_inputs(x, delta, B, C, keep, Tc: int):
+    """x, delta [B, T', D] and bck = [B_t, C_t, keep_t] [B, T', 2N + 1], T padded to T', a
+    multiple of Tc (`keep` None: no restarts)."""
+    Bsz, T, _ = x.shape
     pad = -T % Tc
     keep = jnp.ones((Bsz, T), jnp.float32) if keep is None else keep
     bck = jnp.concatenate([B, C, keep[..., None]], axis=-1)
@@ -249,18 +258,29 @@ def pallas_scan(x, delta, A, B, C, h0, chunk: int, keep=None):
     # (their B and C are 1 too, which changes nothing: b = delta B x, and their y is cut off).
     x, delta = (jnp.pad(v, ((0, 0), (0, pad), (0, 0))) for v in (x, delta))
     bck = jnp.pad(bck, ((0, 0), (0, pad), (0, 0)), constant_values=1.0)
+    return x, delta, bck
+
+
+def pallas_scan(x, delta, A, B, C, h0, chunk: int, keep=None):
+    """`ssm.selective_scan`'s contract (float32 inputs, B and C [B, T, N]): (y [B, T, D] without
+    the skip term, last state [B, D, N])."""
+    T, D = x.shape[1:]
+    Tc = time_chunk(chunk)
+    x, delta, bck = kernel_inputs(x, delta, B, C, keep, Tc)
     check_vmem(Tc, d_tile(D, Tc, B.shape[-1]), B.shape[-1])
     y, hlast = fused_scan(x, delta, bck, A.T, jnp.swapaxes(h0, 1, 2), Tc)
     return y[:, :T], jnp.swapaxes(hlast, 1, 2)
 
 
-def sharded_pallas_scan(x, delta, A, B, C, h0, chunk: int, keep=None):
-    """`pallas_scan`, under an `activation_mesh` of several devices run per device by `shard_map`
-    (the partitioner cannot split a Pallas call; it would gather every operand onto every
-    device): batch rows split like the batch, channels like d_inner (`mlp`, over `tensor`)."""
+def sharded_pallas_scan(x, delta, A, B, C, h0, chunk: int, keep=None, scan: Callable | None = None):
+    """`scan` (default `pallas_scan`; `ssm_pallas_gpu.pallas_gpu_scan` has its contract) under an
+    `activation_mesh` of several devices run per device by `shard_map` (the partitioner cannot
+    split a Pallas call; it would gather every operand onto every device): batch rows split like
+    the batch, channels like d_inner (`mlp`, over `tensor`)."""
+    scan = pallas_scan if scan is None else scan
     mesh = current_mesh()
     if mesh is None or mesh.size == 1:
-        return pallas_scan(x, delta, A, B, C, h0, chunk, keep)
+        return scan(x, delta, A, B, C, h0, chunk, keep)
     names = {"x": ("batch", "length", "mlp"), "delta": ("batch", "length", "mlp"), "A": ("mlp", "ssm_state"),
              "B": ("batch", "length", None), "C": ("batch", "length", None), "h0": ("batch", "mlp", "ssm_state")}
     args = {"x": x, "delta": delta, "A": A, "B": B, "C": C, "h0": h0}
@@ -269,7 +289,7 @@ def sharded_pallas_scan(x, delta, A, B, C, h0, chunk: int, keep=None):
     specs = {k: manual_spec(n, args[k].shape, mesh) for k, n in names.items()}
 
     def local(a: dict):
-        return pallas_scan(a["x"], a["delta"], a["A"], a["B"], a["C"], a["h0"], chunk, a.get("keep"))
+        return scan(a["x"], a["delta"], a["A"], a["B"], a["C"], a["h0"], chunk, a.get("keep"))
 
     # check_vma=False: Pallas interpret mode does not track varying axes (JAX 0.10.2 fails in
     # its grid loop). Without the check, the transpose of shard_map sums the gradients of

@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 ARGS ?=
+# pytest-xdist workers; whole test files go to one worker (--dist loadfile) so that a module's
+# compiled programs and fixtures are built once. Each worker peaks at a few GB. JOBS=0: one process.
+JOBS ?= 2
+XDIST = $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadfile)
 
 .PHONY: train test test-fast lint bench clean-venv
 
@@ -18,7 +22,7 @@ train: $(STAMP)
 
 ## The checks, then the whole test suite on CPU (8 forced host devices).
 test: lint $(STAMP)
-	$(VENV)/bin/python -m pytest tests -q -W ignore::DeprecationWarning $(ARGS)
+	$(VENV)/bin/python -m pytest tests -q -W ignore::DeprecationWarning $(XDIST) $(ARGS)
 
 ## Style (ruff) and the import direction between packages (import-linter, pyproject.toml).
 lint: $(STAMP)
@@ -27,7 +31,7 @@ lint: $(STAMP)
 
 ## The quick loop: every test not marked slow (no process spawning, no long training).
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest tests -q -W ignore::DeprecationWarning -m "not slow" $(ARGS)
+	$(VENV)/bin/python -m pytest tests -q -W ignore::DeprecationWarning -m "not slow" $(XDIST) $(ARGS)
 
 ## Throughput of the benchmark GPT on this machine.
 bench: $(STAMP)

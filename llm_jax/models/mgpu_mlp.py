@@ -32,7 +32,7 @@ Tiling (chosen from the shapes, not measured on a GPU yet):
 - K and N (d_model and the expert width) are padded with zeros to multiples of 64 (a copy of the
   weights when they are not: keep both multiples of 64) and M to a multiple of block_m.
 - max_concurrent_steps = 4 (four stages of 128x64 + 64x128 bf16 tiles, 128 KiB of the H100's
-  228 KiB shared memory), grid_block_n = 1.
+  228 KiB shared memory), grid_block_n = 1 (in interpret mode wider: see `_forward`).
 
 dtypes: bfloat16 and float16 only. wgmma multiplies float32 as tf32 and cannot transpose a
 32-bit operand in shared memory, which both backward kernels do; float32 is refused rather than

@@ -49,6 +49,23 @@ def test_refused_on_tpu_and_megablox_points_here_on_gpu():
             moe_lib.grouped_matmul("megablox")
 
 
+def test_refused_on_a_gpu_without_wgmma(monkeypatch):
+    """On a GPU of this process the compute capability decides: 9.x (Hopper) only."""
+    import types
+
+    def gpu(kind, capability):
+        device = types.SimpleNamespace(platform="gpu", device_kind=kind, compute_capability=capability)
+        monkeypatch.setattr(jax, "devices", lambda *a: [device])
+
+    with targeting("gpu"):
+        gpu("NVIDIA H200", "9.0")
+        assert moe_lib.grouped_matmul("ragged_dot_mgpu") == "ragged_dot_mgpu"
+        for kind, capability in (("NVIDIA A100-SXM4-80GB", "8.0"), ("NVIDIA B200", "10.0")):
+            gpu(kind, capability)
+            with pytest.raises(UserError, match=f"needs a Hopper GPU .*not {kind} \\({capability}\\); use blocked"):
+                moe_lib.grouped_matmul("ragged_dot_mgpu")
+
+
 def test_float32_is_refused():
     w = {"up": jnp.zeros((2, 64, 64)), "down": jnp.zeros((2, 64, 64))}
     with pytest.raises(UserError, match="ragged_dot_mgpu multiplies bfloat16 .* set model.dtype=bfloat16"):

@@ -71,8 +71,15 @@ DETECT_RACES = False  # interpret mode: JAX's happens-before race detector (a te
 
 
 def check_platform() -> bool:
-    """Whether the kernels run in Pallas GPU interpret mode (CPU); on TPU, an error."""
-    return pallas_interpret(CHOICE, "gpu", "ragged_dot or megablox (docs/moe.md)")
+    """Whether the kernels run in Pallas GPU interpret mode (CPU); on TPU, or on a GPU of this
+    process that is not a Hopper (wgmma exists on compute capability 9.x only), an error."""
+    interpret = pallas_interpret(CHOICE, "gpu", "ragged_dot or megablox (docs/moe.md)")
+    device = jax.devices()[0]
+    capability = str(getattr(device, "compute_capability", ""))
+    if not interpret and device.platform == "gpu" and capability and not capability.startswith("9"):
+        raise UserError(f"{CHOICE} needs a Hopper GPU (compute capability 9.x, wgmma), not {device.device_kind} "
+                        f"({capability}); use blocked")
+    return interpret
 
 
 def kernels() -> tuple:

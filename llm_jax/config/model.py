@@ -34,7 +34,7 @@ class MoEConfig(Section):
     """-1: dropless. Else each expert takes at most ceil(factor * top_k * seq_len / E) tokens per sequence."""
     grouped_matmul: Literal["auto", "ragged_dot", "blocked", "looped", "megablox", "ragged_dot_mgpu"] = "auto"
     """Dropless grouped matmul: ragged_dot, blocked, looped, megablox (Pallas TPU kernel), ragged_dot_mgpu (JAX's
-    Pallas Mosaic GPU kernel, Hopper and newer), or auto (TPU ragged_dot, CPU looped, else blocked; the two kernels
+    Pallas Mosaic GPU kernel, Hopper only), or auto (TPU ragged_dot, CPU looped, else blocked; the two kernels
     are not yet measured, so auto never picks them). On CPU both kernels run in Pallas interpret mode (tests)."""
     num_shared_experts: int = pydantic.Field(0, ge=0)
     """Experts every token goes through besides its routed ones (DeepSeekMoE), as one dense MLP."""

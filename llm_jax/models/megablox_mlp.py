@@ -39,7 +39,8 @@ ROW_ALIGN = 16  # a bfloat16 row tile is (16, 128) on TPU: row tiles are multipl
 
 def check_platform() -> bool:
     """Whether the kernel runs in Pallas interpret mode (CPU); on GPU, an error."""
-    return pallas_interpret("model.moe.grouped_matmul=megablox", "tpu", "blocked or ragged_dot (docs/moe.md)")
+    return pallas_interpret("model.moe.grouped_matmul=megablox", "tpu",
+                            "ragged_dot_mgpu (Hopper), blocked or ragged_dot (docs/moe.md)")
 
 
 def tile_rows(rows: int, num_experts: int) -> int:

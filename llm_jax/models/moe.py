@@ -13,7 +13,8 @@ Two dispatch modes (`model.moe.capacity_factor`):
   einsum: static shapes, cost growing with T * E * C.
 - dropless (-1): every (token, expert) pair is kept. Copies are sorted by expert and multiplied
   by a grouped matmul (`lax.ragged_dot`, the blocked and looped forms of
-  `models.grouped_mlp`, or the Pallas megablox kernel of `models.megablox_mlp`). Across
+  `models.grouped_mlp`, the Pallas megablox kernel of `models.megablox_mlp` (TPU) or the Mosaic
+  GPU kernels of `models.mgpu_mlp`). Across
   devices the copies go in padded buffers of the worst-case size (all of a device's copies to
   one peer), so nothing can overflow.
 """
@@ -29,13 +30,17 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from llm_jax.config.model import ModelConfig
+from llm_jax.models import megablox_mlp as megablox
+from llm_jax.models import mgpu_mlp as mgpu
 from llm_jax.models.grouped_mlp import blocked_mlp, looped_mlp
 from llm_jax.models.layers import MLP, activate, param
-from llm_jax.models.megablox_mlp import check_platform, megablox_mlp
 from llm_jax.parallel.platform import target_platform
 from llm_jax.parallel.rules import axis_names, current_mesh, manual_spec
 
-GROUPED_MLPS = {"blocked": blocked_mlp, "looped": looped_mlp, "megablox": megablox_mlp}
+GROUPED_MLPS = {"blocked": blocked_mlp, "looped": looped_mlp, "megablox": megablox.megablox_mlp,
+                "ragged_dot_mgpu": mgpu.mgpu_mlp}
+# Pallas kernels whose outputs carry no mesh-axis variance: their expert-parallel shard_map runs unchecked.
+UNCHECKED_VMA = ("megablox", "ragged_dot_mgpu")
 EXPERT_WEIGHT_NAMES = {"up": ("expert", "embed", "mlp"), "gate": ("expert", "embed", "mlp"),
                        "down": ("expert", "mlp", "embed")}
 
@@ -46,9 +51,12 @@ def grouped_matmul(choice: str) -> str:
     ran the `mixtral` preset's step 2.8x slower than `blocked`
     (experiments/results/gpu_moe_h200.jsonl). On CPU `looped` skips the blocked form's padding
     and weight copies (docs/moe.md); it has not been measured on a GPU. `megablox` (Pallas, TPU
-    only; interpret mode on CPU) is never chosen by `auto` until it is measured on a TPU."""
+    only; interpret mode on CPU) and `ragged_dot_mgpu` (Pallas Mosaic GPU, Hopper; interpret
+    mode on CPU) are never chosen by `auto` until they are measured."""
     if choice == "megablox":
-        check_platform()  # on GPU: an error now, not at the first trace
+        megablox.check_platform()  # on GPU: an error now, not at the first trace
+    if choice == "ragged_dot_mgpu":
+        mgpu.check_platform()  # on TPU: likewise
     if choice != "auto":
         return choice
     backend = target_platform()
@@ -173,11 +181,11 @@ class MoE(nnx.Module):
         gates_BTK = gates_NK.reshape(B, T, self.top_k).astype(x_BTD.dtype)
         weights = self.experts.weights()
         if self.capacity_factor == -1 or dropless:
-            # megablox's pallas_call declares outputs without mesh-axis variance, which a shard_map
-            # that checks variance refuses; unchecked, shard_map's autodiff adds the psums itself.
+            # The Pallas kernels declare outputs without mesh-axis variance, which a shard_map that
+            # checks variance refuses; unchecked, shard_map's autodiff adds the psums itself.
             y_BTD = expert_parallel(_dropless_local, x_BTD, (experts_BTK, gates_BTK), weights, kind=self.kind,
                                     num_experts=self.num_experts, grouped=self.grouped,
-                                    check_vma=self.grouped != "megablox")
+                                    check_vma=self.grouped not in UNCHECKED_VMA)
         else:
             capacity = expert_capacity(self.capacity_factor, self.top_k, T, self.num_experts)
             slots_BTK = slot_positions(experts_BTK, self.num_experts)
@@ -244,7 +252,8 @@ def _expert_mlp(kind: str, w: dict, x: jax.Array, group_sizes: jax.Array | None 
                 grouped: str = "ragged_dot") -> jax.Array:
     """The experts' MLPs: x [E, M, D] by batched matmul, or rows [M, D] sorted by expert with
     `group_sizes` [E] (rows past their sum are ignored) by grouped matmul: `ragged_dot`,
-    `blocked` or `looped` (`models.grouped_mlp`), or `megablox` (`models.megablox_mlp`)."""
+    `blocked` or `looped` (`models.grouped_mlp`), `megablox` (`models.megablox_mlp`) or
+    `ragged_dot_mgpu` (`models.mgpu_mlp`)."""
     if group_sizes is not None and grouped in GROUPED_MLPS:
         return GROUPED_MLPS[grouped](kind, w, x, group_sizes)
     if group_sizes is None:

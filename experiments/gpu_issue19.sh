@@ -124,6 +124,19 @@ bench() {  # bench PART NAME LIMIT PRESET KEY=VALUE...
 
 say "issue 19 GPU script: OUT=$out parts='$parts' budget ${budget} s dry=${DRY:-0}"
 
+# The device machine's image lacks a few of llm_jax's dependencies (pydantic and its own, zstandard):
+# wheels in .whl/ (git-ignored; name .whl in the device tool's carry) are installed beside it.
+if compgen -G "$root/.whl/*.whl" > /dev/null; then
+  site=${TMPDIR:-/tmp}/issue19-site
+  if "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+      "$root"/.whl/*.whl >> "$log" 2>&1; then
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    say "installed $(cd "$root/.whl" && echo *.whl) into $site"
+  else
+    say "could not install the wheels in .whl/ (see log.txt)"
+  fi
+fi
+
 if wants a; then
   measure a env 60 "$python" -c '
 import json, platform
@@ -142,6 +155,11 @@ except Exception as exc:
 print(json.dumps(info))'
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
     --format=csv,noheader 2>&1 | tee -a "$log"
+  if grep -q '"import_error"' "$results"; then  # every later part would fail the same way: stop now
+    say "llm_jax does not import here: $(grep -o '"import_error": "[^"]*"' "$results"); carry the missing" \
+      "packages as wheels in .whl/ (docs/benchmarks.md, The next GPU session) and run again"
+    exit 3
+  fi
 fi
 
 if wants b; then

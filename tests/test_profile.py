@@ -174,7 +174,7 @@ def test_gpu_script_passes_shellcheck():
 def _run_script(out: Path, **env: str) -> subprocess.CompletedProcess:
     # Without the tests' 8 forced host devices: the DRY presets run on one, as on a user's machine.
     environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    environ.update(PYTHON=sys.executable, DRY="1", PYTHONPATH=str(ROOT), **env)
+    environ.update({"PYTHON": sys.executable, "DRY": "1", "PYTHONPATH": str(ROOT), **env})
     return subprocess.run(["bash", str(SCRIPT), str(out)], cwd=ROOT, env=environ, capture_output=True, text=True,
                           timeout=600)
 
@@ -187,6 +187,20 @@ def test_gpu_script_skips_every_part_once_the_budget_is_spent(tmp_path):
     assert all(r["skipped"] == "budget spent" for r in records)
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert summary.count("SKIPPED") == 11 and "SKIPPED [c] moe_small ragged_dot_mgpu" in summary
+
+
+def test_gpu_script_stops_after_the_environment_when_llm_jax_does_not_import(tmp_path):
+    """A machine that lacks a dependency fails every part the same way: the script says so once
+    and stops (exit 3) instead of spending the device time on failures."""
+    python = tmp_path / "python"  # an interpreter without site-packages: jax does not import
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    python.chmod(0o755)
+    proc = _run_script(tmp_path / "out", PYTHON=str(python))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [r["part"] for r in records] == ["a"]
+    assert records[0]["result"]["import_error"].startswith("ModuleNotFoundError: No module named")
+    assert "llm_jax does not import here" in proc.stdout
 
 
 @pytest.mark.slow

@@ -169,15 +169,20 @@ if wants b; then
     bench b "$gpt $gpt_larger" 180 "$gpt" $gpt_larger $gpt_common
     bench b "$gpt $gpt_best profiled" 180 "$gpt" $gpt_best $gpt_common bench.steps=$profile_steps \
       bench.profile_dir="$profile_root/profile" &&
-      measure b "profile summary" 90 "$python" scripts/profile_summary.py "$profile_root/profile" --json --top 25 &&
-      "$python" scripts/profile_summary.py "$profile_root/profile" --top 25 > "$out/profile_summary.txt" 2>&1
+      measure b "profile summary" 90 "$python" scripts/profile_summary.py "$profile_root/profile" \
+        --json --top 25 --steps "$profile_steps"
   }
-  if [ -s "$out/profile_summary.txt" ]; then
-    "$python" -c 'import json, sys
+  # The summary's JSON (read from the trace once, above) as a file of its own and as the table.
+  "$python" -c 'import json, sys
+sys.path.insert(0, "scripts")
+from profile_summary import format_table
 for line in open(sys.argv[1]):
     record = json.loads(line)
     if record.get("name") == "profile summary" and "result" in record:
-        print(json.dumps(record["result"]))' "$results" > "$out/profile_summary.json"
+        open(sys.argv[2], "w").write(json.dumps(record["result"]) + "\n")
+        open(sys.argv[3], "w").write(format_table(record["result"]) + "\n")' \
+    "$results" "$out/profile_summary.json" "$out/profile_summary.txt"
+  if [ -s "$out/profile_summary.txt" ]; then
     say "$(head -n 30 "$out/profile_summary.txt")"
     trace=$(find "$profile_root/profile" -name perfetto_trace.json.gz | head -n 1)
     # Brought back whole only under the device tool's 16 MiB per file.

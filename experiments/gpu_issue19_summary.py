@@ -28,7 +28,8 @@ def _bench_line(name: str, r: dict[str, Any], target: bool = False) -> str:
 
 def _profile_lines(r: dict[str, Any]) -> list[str]:
     classes = ", ".join(f"{c['class']} {c['percent']:.1f}%" for c in r.get("classes", []))
-    top = "; ".join(f"{k['name'][:50]} {k['percent']:.1f}%" for k in r.get("top", [])[:5])
+    top = "; ".join(f"{k['name'][:50]}" + (f" [{k['hlo_op']}]" if k.get("hlo_op") else "") + f" {k['percent']:.1f}%"
+                    for k in r.get("top", [])[:5])
     per_step = (f", {r['device_ms_per_step']:.1f} ms device time per step of {r['window_ms_per_step']:.1f}"
                 if r.get("steps") else "")
     return [f"profile: device busy {100 * r['busy_fraction']:.1f}% of a {r['window_ms']:.1f} ms window "

@@ -21,7 +21,7 @@ import json
 import re
 import sys
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +161,11 @@ def summarize(events: list[dict[str, Any]], top: int = 15, steps: int | None = N
     for e in chosen:
         hlo_op = str((e.get("args") or {}).get("hlo_op", ""))
         row = by_name.setdefault(e["name"], {"name": e["name"], "class": classify(e["name"], hlo_op),
-                                             "us": 0.0, "count": 0})
+                                             "us": 0.0, "count": 0, "hlo_ops": Counter()})
         row["us"] += e["dur"]
         row["count"] += 1
+        if hlo_op and hlo_op != e["name"]:  # a GPU kernel's HLO op (fusion, custom call) when recorded
+            row["hlo_ops"][hlo_op] += 1
         by_class[row["class"]] += e["dur"]
 
     window = _window(_complete(events))
@@ -198,7 +200,7 @@ def summarize(events: list[dict[str, Any]], top: int = 15, steps: int | None = N
         "classes": [{"class": c, "ms": ms(us), "percent": 100 * us / total_us}
                     for c, us in sorted(by_class.items(), key=lambda kv: -kv[1]) if us > 0],
         "top": [{"name": r["name"], "class": r["class"], "ms": ms(r["us"]), "percent": 100 * r["us"] / total_us,
-                 "count": r["count"]}
+                 "count": r["count"], "hlo_op": r["hlo_ops"].most_common(1)[0][0] if r["hlo_ops"] else None}
                 for r in sorted(by_name.values(), key=lambda r: -r["us"])[:top]],
     }
 
@@ -222,8 +224,9 @@ def format_table(summary: dict[str, Any]) -> str:
     ]
     lines += [f"{c['class']:<20} {c['ms']:>10.2f} {c['percent']:>6.1f}%" for c in s["classes"]]
     lines += ["", f"{'top kernels':<64} {'ms':>10} {'share':>7} {'count':>6}  class"]
-    lines += [f"{_short(k['name']):<64} {k['ms']:>10.2f} {k['percent']:>6.1f}% {k['count']:>6}  {k['class']}"
-              for k in s["top"]]
+    for k in s["top"]:
+        label = f"{k['name']} [{k['hlo_op']}]" if k.get("hlo_op") else k["name"]
+        lines.append(f"{_short(label):<64} {k['ms']:>10.2f} {k['percent']:>6.1f}% {k['count']:>6}  {k['class']}")
     if s["largest_gaps"]:
         lines += ["", "largest idle gaps (device waiting):"]
         lines += [f"{g['ms']:>10.3f} ms  after {_short(g['after'], 40)}  before {_short(g['before'], 40)}"

@@ -39,7 +39,7 @@ def _check_partition(summary: dict, top: int) -> None:
     assert {c["class"] for c in summary["classes"]} <= set(ps.CLASS_NAMES)
     times = [k["ms"] for k in summary["top"]]
     assert times == sorted(times, reverse=True) and 0 < len(times) <= top
-    assert all(k["class"] == ps.classify(k["name"]) for k in summary["top"])
+    assert all(k["class"] == ps.classify(k["name"], k["hlo_op"] or "") for k in summary["top"])
 
 
 @pytest.mark.slow
@@ -115,7 +115,9 @@ def _gpu_trace() -> list[dict]:
         (7, 900, 10, "nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NNT"),
     ]
     device = [{"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name,
-               "args": {"hlo_module": "jit_step", "run_id": "1"}} for tid, ts, dur, name in kernels]
+               "args": {"hlo_module": "jit_step", "run_id": "1",  # cuBLAS: a custom call, still a gemm
+                        **({"hlo_op": "custom-call.7"} if name.startswith("nvjet") else {})}}
+              for tid, ts, dur, name in kernels]
     derived = [{"ph": "X", "pid": 1, "tid": 99, "ts": 200, "dur": 710, "name": "fusion.3"}]
     return meta + host + device + derived
 
@@ -130,7 +132,8 @@ def test_gpu_trace_counts_stream_kernels_only_with_exact_busy_time_and_gaps():
                                       "collective": 0.04, "triton/pallas": 0.06, "copy/transpose": 0.1})
     _check_partition(summary, 3)
     assert summary["top"][0] == {"name": "nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NNT", "class": "gemm",
-                                 "ms": 0.31, "percent": pytest.approx(100 * 310 / 660), "count": 2}
+                                 "ms": 0.31, "percent": pytest.approx(100 * 310 / 660), "count": 2,
+                                 "hlo_op": "custom-call.7"}
     # Window 100..1000 us (the profiler's own start and stop left out); busy 200-740, 800-860, 900-910.
     assert summary["window_ms"] == pytest.approx(0.9)
     assert summary["busy_ms"] == pytest.approx(0.61)

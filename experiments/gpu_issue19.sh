@@ -204,6 +204,7 @@ if wants d; then
   scan_flags=()
   grep -q -- '--pallas-gpu' experiments/ssm_scan_bench.py && scan_flags+=(--pallas-gpu)
   grep -q -- '--skip-xla' experiments/ssm_scan_bench.py && scan_flags+=(--skip-xla)
+  [ ${#scan_flags[@]} -gt 0 ] || say "   (this checkout's ssm_scan_bench.py has no --pallas-gpu: the fused GPU scan is not timed)"
   # shellcheck disable=SC2086
   {
     measure d "scan L short" 150 "$python" experiments/ssm_scan_bench.py $scan_short "${scan_flags[@]}"

@@ -106,7 +106,8 @@ def device_events(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], s
     chosen = [e for e in complete if isinstance(e.get("args"), dict) and "hlo_op" in e["args"]
               and not e["name"].startswith("end: ")]
     lines = {(e.get("pid"), e.get("tid")) for e in chosen}
-    return chosen, f"XLA op events on {len(lines)} host threads (a CPU trace: no device process)"
+    return chosen, (f"XLA op events on {len(lines)} host threads (a CPU trace: no device process; on a GPU "
+                    "that means the kernel tracer, CUPTI, recorded nothing)")
 
 
 def _merged(intervals: list[tuple[float, float, str]]) -> list[tuple[float, float, str, str]]:

@@ -296,6 +296,11 @@ class BenchConfig(Section):
     """Timed steps of `llm-jax bench`."""
     warmup: int = pydantic.Field(3, ge=0)
     """Untimed steps after compilation."""
+    profile_dir: str | None = None
+    """Trace the timed steps (not compilation, not warmup) with the JAX profiler into this new (or empty)
+    directory: TensorBoard's plugins/profile/ layout plus perfetto_trace.json.gz, which
+    `scripts/profile_summary.py DIR` sums by kernel. Tracing slows the steps: the result is marked
+    `"profiled": true`. An existing non-empty directory is refused."""
 
 
 class Config(Section):

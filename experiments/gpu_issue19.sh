@@ -6,7 +6,8 @@
 #   a  environment: versions, devices, whether llm_jax imports
 #   b  gpt_1b bf16 seq 2048: the best earlier setting (batch 16) and a larger batch (24), then
 #      one profiled run (5 steps) summed by scripts/profile_summary.py   (target MFU 0.60)
-#   c  mixtral against the dense model of equal active parameters, grouped_matmul=blocked and
+#   c  the compiled ragged_dot_mgpu kernels against lax.ragged_dot (experiments/mgpu_moe_check.py),
+#      then mixtral against the dense model of equal active parameters, grouped_matmul=blocked and
 #      ragged_dot_mgpu                                                    (target step ratio 1.3x)
 #   d  selective scan at L 4096 and 16384: the fused Pallas GPU scan against associative
 #   e  gpt_1b attention: Pallas GPU (Triton) flash against cuDNN
@@ -40,10 +41,11 @@ if [ "${DRY:-0}" = 1 ]; then
   gpt=gpt_tiny; gpt_best="train.batch_size=4"; gpt_larger="train.batch_size=8"
   gpt_common="bench.steps=2 bench.warmup=1 mesh.cpu_devices=1"; profile_steps=2
   moe=moe_small; dense="model.moe.num_experts=0"
-  moe_common="model.num_layers=1 model.d_model=64 train.batch_size=2 train.seq_len=32 bench.steps=2 bench.warmup=1 mesh.cpu_devices=1"
+  moe_common="model.dtype=bfloat16 model.num_layers=1 model.d_model=64 train.batch_size=2 train.seq_len=32 bench.steps=2 bench.warmup=1 mesh.cpu_devices=1"
   scan_short="--batch 1 --length 64 --channels 8 --state 4 --chunks 16 --repeats 1"
   scan_long="--batch 1 --length 128 --channels 8 --state 4 --chunks 16 --repeats 1"
   attn_base=blockwise  # cuDNN's stand-in on a CPU
+  mgpu_check="--rows 200 --d-model 64 --width 128 --experts 4 --repeats 1"
   attn_common="bench.steps=2 bench.warmup=1 mesh.cpu_devices=1"
 else
   budget=${BUDGET_S:-540}
@@ -56,6 +58,7 @@ else
   scan_short="--batch 8 --length 4096"
   scan_long="--batch 1 --length 16384 --chunks 128 256 --repeats 3"
   attn_base=cudnn
+  mgpu_check="--repeats 5"
   attn_common="bench.steps=5 bench.warmup=2"
 fi
 deadline=$((SECONDS + budget))
@@ -125,7 +128,8 @@ bench() {  # bench PART NAME LIMIT PRESET KEY=VALUE...
 say "issue 19 GPU script: OUT=$out parts='$parts' budget ${budget} s dry=${DRY:-0}"
 
 # The device machine's image lacks a few of llm_jax's dependencies (pydantic and its own, zstandard):
-# wheels in .whl/ (git-ignored; name .whl in the device tool's carry) are installed beside it.
+# wheels in .whl/ (git-ignored; `experiments/gpu_wheels.sh` fetches them; name .whl in the device
+# tool's carry) are installed beside it.
 if compgen -G "$root/.whl/*.whl" > /dev/null; then
   site=${TMPDIR:-/tmp}/issue19-site
   if "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
@@ -193,6 +197,8 @@ fi
 if wants c; then
   # shellcheck disable=SC2086
   {
+    # First the compiled kernels' numbers (the weights' gradient kernel never ran in the tests).
+    measure c "ragged_dot_mgpu check" 120 "$python" experiments/mgpu_moe_check.py $mgpu_check
     bench c "$moe dense (equal active)" 150 "$moe" $dense $moe_common
     bench c "$moe blocked" 150 "$moe" model.moe.grouped_matmul=blocked $moe_common
     bench c "$moe ragged_dot_mgpu" 150 "$moe" model.moe.grouped_matmul=ragged_dot_mgpu $moe_common
@@ -200,11 +206,7 @@ if wants c; then
 fi
 
 if wants d; then
-  # The fused GPU scan's flags arrive with its branch: use them when this checkout has them.
-  scan_flags=()
-  grep -q -- '--pallas-gpu' experiments/ssm_scan_bench.py && scan_flags+=(--pallas-gpu)
-  grep -q -- '--skip-xla' experiments/ssm_scan_bench.py && scan_flags+=(--skip-xla)
-  [ ${#scan_flags[@]} -gt 0 ] || say "   (this checkout's ssm_scan_bench.py has no --pallas-gpu: the fused GPU scan is not timed)"
+  scan_flags=(--pallas-gpu --skip-xla)  # the fused Triton scan beside associative and sequential
   # shellcheck disable=SC2086
   {
     measure d "scan L short" 150 "$python" experiments/ssm_scan_bench.py $scan_short "${scan_flags[@]}"

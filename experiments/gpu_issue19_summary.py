@@ -76,6 +76,15 @@ def summarize(records: list[dict[str, Any]]) -> list[str]:
         elif r["part"] == "b" and "busy_fraction" in r["result"]:
             lines += ["[b] " + line for line in _profile_lines(r["result"])]
 
+    checks = [r["result"] for r in ok if r["part"] == "c" and "check" in r["result"]]
+    if checks:
+        bad = [c["check"] for c in checks if not c.get("ok")]
+        lines.append(f"[c] ragged_dot_mgpu against lax.ragged_dot: {len(checks) - len(bad)} of {len(checks)} "
+                     "checks equal" + (f"; DIFFERENT: {', '.join(bad)}" if bad else ""))
+    forms = [r["result"] for r in ok if r["part"] == "c" and "form" in r["result"]]
+    if forms:
+        lines.append("[c] expert MLP forward + backward: " + "; ".join(
+            f"{f['form']} {1000 * f['median_s']:.2f} ms" for f in forms))
     moe = {r["name"]: r["result"] for r in ok if r["part"] == "c" and "step_ms" in r["result"]}
     dense = next((v for k, v in moe.items() if "dense" in k), None)
     for name, r in moe.items():

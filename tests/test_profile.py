@@ -168,8 +168,9 @@ def test_classes(name, cls):
     assert ps.classify(name) == cls
 
 
-def test_gpu_script_passes_shellcheck():
-    proc = subprocess.run([find_shellcheck(), "-x", "-s", "bash", str(SCRIPT.relative_to(ROOT))],
+@pytest.mark.parametrize("script", [SCRIPT, ROOT / "experiments" / "gpu_wheels.sh"], ids=lambda p: p.name)
+def test_gpu_scripts_pass_shellcheck(script):
+    proc = subprocess.run([find_shellcheck(), "-x", "-s", "bash", str(script.relative_to(ROOT))],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -186,10 +187,10 @@ def test_gpu_script_skips_every_part_once_the_budget_is_spent(tmp_path):
     proc = _run_script(tmp_path / "out", BUDGET_S="0")
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert [r["part"] for r in records] == ["a", "b", "b", "b", "c", "c", "c", "d", "d", "e", "e"]
+    assert [r["part"] for r in records] == ["a", "b", "b", "b", "c", "c", "c", "c", "d", "d", "e", "e"]
     assert all(r["skipped"] == "budget spent" for r in records)
     summary = (tmp_path / "out" / "summary.txt").read_text()
-    assert summary.count("SKIPPED") == 11 and "SKIPPED [c] moe_small ragged_dot_mgpu" in summary
+    assert summary.count("SKIPPED") == 12 and "SKIPPED [c] moe_small ragged_dot_mgpu" in summary
 
 
 def test_gpu_script_stops_after_the_environment_when_llm_jax_does_not_import(tmp_path):

@@ -165,25 +165,31 @@ def test_megablox_compiles_for_tpu(expert):
         cfg = moe_config("megablox", "mesh.data=1", f"mesh.expert={expert}", "model.d_model=128",
                          "model.moe.expert_d_ff=256")
         mesh = make_mesh(cfg, parse_topology("v5e-4").devices()[:expert])
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: moe_lib.MoE(cfg.model, rngs=nnx.Rngs(1), std=0.3,
-                                                                        out_std=0.3)))
-        names = jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,
-                             is_leaf=lambda v: isinstance(v, nnx.Variable))
-
-        def abstract(shape, logical):
-            return jax.ShapeDtypeStruct(shape, jnp.bfloat16,
-                                        sharding=NamedSharding(mesh, logical_to_spec(logical, shape, mesh)))
-
-        params = jax.tree.map(lambda v, n: abstract(v.shape, n), nnx.to_pure_dict(state), nnx.to_pure_dict(names),
-                              is_leaf=lambda v: isinstance(v, jax.ShapeDtypeStruct))
-        x = abstract((8, 16, 128), ("batch", "length", "embed"))
-
-        def loss(params, x):
-            y, stats = nnx.merge(graphdef, params)(x)
-            return jnp.mean(y.astype(jnp.float32) ** 2) + stats["aux_loss"]
-
+        graphdef, params, x = abstract_moe_layer(cfg, mesh)
         with activation_mesh(mesh):
-            hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+            gradient = jax.jit(jax.grad(partial(moe_layer_loss, graphdef), argnums=(0, 1)))
+            hlo = gradient.lower(params, x).compile().as_text()
     # SwiGLU: three gmm forward, three gmm (input gradients) and three tgmm (weight gradients).
     assert hlo.count('custom_call_target="tpu_custom_call"') == 9
     assert ("all-to-all" in hlo) == (expert > 1)
+
+
+def abstract_moe_layer(cfg, mesh):
+    """(graphdef, parameters, x) of one bfloat16 MoE layer of `cfg` as sharded ShapeDtypeStructs
+    on `mesh`, x [8, 16, 128]: what a compile-only test lowers `moe_layer_loss`'s gradient with."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: moe_lib.MoE(cfg.model, rngs=nnx.Rngs(1), std=0.3, out_std=0.3)))
+    names = jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,
+                         is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+    def abstract(shape, logical):
+        sharding = NamedSharding(mesh, logical_to_spec(logical, shape, mesh))
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding)
+
+    params = jax.tree.map(lambda v, n: abstract(v.shape, n), nnx.to_pure_dict(state), nnx.to_pure_dict(names),
+                          is_leaf=lambda v: isinstance(v, jax.ShapeDtypeStruct))
+    return graphdef, params, abstract((8, 16, 128), ("batch", "length", "embed"))
+
+
+def moe_layer_loss(graphdef, params, x):
+    y, stats = nnx.merge(graphdef, params)(x)
+    return jnp.mean(y.astype(jnp.float32) ** 2) + stats["aux_loss"]

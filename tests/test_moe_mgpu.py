@@ -20,15 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
-from test_moe_megablox import assert_close, moe_config
+from test_moe_megablox import abstract_moe_layer, assert_close, moe_config, moe_layer_loss
 
 from llm_jax.errors import UserError
 from llm_jax.models import mgpu_mlp as mgpu
 from llm_jax.models import moe as moe_lib
 from llm_jax.parallel.mesh import make_mesh
 from llm_jax.parallel.platform import targeting
-from llm_jax.parallel.rules import activation_mesh, logical_to_spec
+from llm_jax.parallel.rules import activation_mesh
 
 TOL = (2e-2, 2e-2)
 
@@ -248,25 +247,10 @@ def test_expert_parallel_gradient_lowers_for_cuda():
         cfg = moe_config("ragged_dot_mgpu", "train.batch_size=8", "model.dtype=bfloat16", "mesh.data=2",
                          "mesh.expert=4", "model.d_model=128", "model.moe.expert_d_ff=256")
         mesh = make_mesh(cfg)
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: moe_lib.MoE(cfg.model, rngs=nnx.Rngs(1), std=0.3,
-                                                                        out_std=0.3)))
-        names = jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,
-                             is_leaf=lambda v: isinstance(v, nnx.Variable))
-
-        def abstract(shape, logical):
-            return jax.ShapeDtypeStruct(shape, jnp.bfloat16,
-                                        sharding=NamedSharding(mesh, logical_to_spec(logical, shape, mesh)))
-
-        params = jax.tree.map(lambda v, n: abstract(v.shape, n), nnx.to_pure_dict(state), nnx.to_pure_dict(names),
-                              is_leaf=lambda v: isinstance(v, jax.ShapeDtypeStruct))
-        x = abstract((8, 16, 128), ("batch", "length", "embed"))
-
-        def loss(params, x):
-            y, stats = nnx.merge(graphdef, params)(x)
-            return jnp.mean(y.astype(jnp.float32) ** 2) + stats["aux_loss"]
-
+        graphdef, params, x = abstract_moe_layer(cfg, mesh)
         with activation_mesh(mesh):
-            lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, x).lower(lowering_platforms=("cuda",))
+            lowered = jax.jit(jax.grad(partial(moe_layer_loss, graphdef), argnums=(0, 1))).trace(params, x).lower(
+                lowering_platforms=("cuda",))
     text = lowered.as_text()
     calls = re.findall(r"custom_call @mosaic_gpu_v2\(([^)]*)\)", text)
     assert sorted(len(c.split(",")) for c in calls) == [3] * 6 + [7] * 3

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_ssm_pallas import RTOL, assert_close, outputs_and_grads, scan_args, tiny_mamba
+from test_ssm_pallas import RTOL, assert_close, assert_mamba_matches_sequential, outputs_and_grads, scan_args
 
 from llm_jax.errors import UserError
 from llm_jax.models.ssm import selective_scan
@@ -37,14 +37,7 @@ def test_tiles_and_chunks_are_powers_of_two_within_bounds():
     assert [d_tile(d) for d in (1, 6, 32, 48, 1536)] == [1, 8, 32, 32, 32]
 
 
-def test_the_s4_like_ablation_runs_the_chunked_scan():
-    (x, delta, A, _, _, Dv, h0), _ = scan_args(T=12)
-    shared = (jnp.ones_like(A), jnp.full_like(A, 0.5))  # B, C [D, N]: constant over time
-
-    def program(mode):
-        return str(jax.make_jaxpr(lambda *a: selective_scan(*a, mode=mode, chunk=8))(x, delta, A, *shared, Dv, h0))
-
-    assert program("pallas_gpu") == program("chunked")
+# The S4-like ablation runs the chunked scan under pallas_gpu too: tests/test_ssm_pallas.py.
 
 
 def test_each_fused_scan_is_refused_on_the_other_accelerator():
@@ -75,26 +68,9 @@ def test_the_gradient_lowers_for_cuda(B, T, D, N, chunk):
     assert not re.search(rf"tensor<{B}x({T}|{padded_t})x\d+x\d+x", text)  # [B, L, D, N], padded or not
 
 
-def model_loss_and_grads(scan: str, tokens, segment_ids):
-    model = tiny_mamba(scan)
-
-    def loss(m):
-        logits = m(tokens[:, :-1], segment_ids_BT=segment_ids[:, :-1]).logits
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
-
-    assert ("pallas_call" in str(jax.make_jaxpr(lambda: loss(model))())) == (scan == "pallas_gpu")
-    return nnx.jit(nnx.value_and_grad(loss))(model)
-
-
 @pytest.mark.slow
 def test_a_mamba_model_trains_alike_with_the_pallas_gpu_scan():
-    rng = np.random.default_rng(3)
-    tokens = jnp.asarray(rng.integers(0, 32, size=(2, 25)), jnp.int32)
-    segment_ids = jnp.asarray(np.repeat([[1] * 10 + [2] * 15], 2, 0), jnp.int32)  # a packed row
-    loss, grads = model_loss_and_grads("pallas_gpu", tokens, segment_ids)
-    want_loss, want_grads = model_loss_and_grads("sequential", tokens, segment_ids)
-    np.testing.assert_allclose(loss, want_loss, rtol=RTOL)
-    assert_close(nnx.state(grads), nnx.state(want_grads))
+    assert_mamba_matches_sequential("pallas_gpu")
 
 
 @pytest.mark.slow

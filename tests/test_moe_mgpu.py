@@ -13,6 +13,7 @@ mantissa (the hidden activations are rounded to bfloat16 between the matmuls).""
 from __future__ import annotations
 
 import re
+import types
 from functools import partial
 
 import jax
@@ -139,7 +140,7 @@ def test_forward_kernel_has_no_race(monkeypatch):
     w = jnp.asarray(rng.normal(size=(3, 64, 128)), jnp.bfloat16)
     sizes = jnp.array([40, 0, 70], jnp.int32)
     gpu_interpret.reset_gpu_interpret_mode_state()
-    got = mgpu.grouped_matmul(x, w, sizes, mgpu.Blocks(64), True)
+    got = mgpu.grouped_matmul(x, w, sizes, 64, True)
     want = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
     races = gpu_interpret.get_races()
     assert races.reads and races.writes  # the detector saw the kernel's memory traffic
@@ -218,7 +219,27 @@ def test_expert_parallel_mgpu_equals_one_device(monkeypatch):
         assert_close(g, w, jax.tree_util.keystr(path), TOL)
 
 
-def test_gradient_lowers_for_cuda():
+H100_SMS = 132  # streaming multiprocessors of an H100/H200 SXM
+
+
+@pytest.fixture
+def sm_count_of_an_h100(monkeypatch):
+    """The transposed kernel sizes its grid by `jax.devices()[0].core_count`, which a CPU device
+    lacks: lowering it for CUDA from this CPU host, its module sees an H100's SM count instead."""
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+
+    real = transposed_ragged_dot_mgpu.jax
+
+    class _Jax(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    shim = _Jax("jax")
+    shim.devices = lambda *a, **k: [types.SimpleNamespace(core_count=H100_SMS)]
+    monkeypatch.setattr(transposed_ragged_dot_mgpu, "jax", shim)
+
+
+def test_gradient_lowers_for_cuda(sm_count_of_an_h100):
     """The compiled (not interpreted) kernels: the gradient of a SwiGLU expert MLP (rows and
     weights) lowered for CUDA from this CPU holds 9 Mosaic GPU kernels: the forward kernel for
     the three matmuls and for their rows' gradients (3 operands: sizes, rows, weights) and the
@@ -239,7 +260,7 @@ def test_gradient_lowers_for_cuda():
     assert sorted(len(c.split(",")) for c in calls) == [3] * 6 + [7] * 3
 
 
-def test_expert_parallel_gradient_lowers_for_cuda():
+def test_expert_parallel_gradient_lowers_for_cuda(sm_count_of_an_h100):
     """The bfloat16 MoE layer's gradient on 8 devices (data=2 x expert=4, one expert each)
     lowered for CUDA: the same 9 kernels inside the shard_map (which runs unchecked: the compiled
     transposed kernel's output carries no mesh-axis variance), and the all-to-all exchange."""

@@ -49,10 +49,9 @@ forward kernel (all three matmuls and the rows' gradient) is simulated. On TPU i
 from __future__ import annotations
 
 import inspect
-import types
 from contextlib import contextmanager
 from functools import partial
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +62,7 @@ from llm_jax.parallel.platform import pallas_interpret
 
 CHOICE = "model.moe.grouped_matmul=ragged_dot_mgpu"
 DIM_ALIGN = 64  # block_k: 64 16-bit elements, one 128-byte swizzle row
-H100_SMS = 132  # streaming multiprocessors of an H100/H200 SXM (the forward kernel's own constant)
+STAGES = 4  # max_concurrent_steps: pipelined (row, column) tile loads in shared memory (not tuned)
 FORWARD_ARGS = {"group_sizes", "block_m", "block_n", "block_k", "max_concurrent_steps", "grid_block_n",
                 "transpose_rhs"}
 TRANSPOSED_ARGS = FORWARD_ARGS - {"transpose_rhs"}
@@ -100,13 +99,6 @@ def kernels() -> tuple:
     return ragged_dot_mgpu, transposed_ragged_dot_mgpu
 
 
-class Blocks(NamedTuple):
-    """Static tiling of one grouped matmul (module docstring)."""
-
-    m: int
-    max_concurrent_steps: int = 4
-
-
 def dim_block(dim: int) -> int:
     """block_n of a dimension that is a multiple of 64: 128 when it divides it, else 64."""
     return 128 if dim % 128 == 0 else DIM_ALIGN
@@ -134,33 +126,11 @@ def _interpreting(interpret: bool) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def _sm_count_on_cpu(module) -> Iterator[None]:
-    """The transposed kernel sizes its grid by `jax.devices()[0].core_count`, which a CPU device
-    lacks (lowering for CUDA from a CPU host, the tests): there it sees an H100's SM count."""
-    if hasattr(jax.devices()[0], "core_count"):
-        yield
-        return
-    real = module.jax
-
-    class _Jax(types.ModuleType):
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-    shim = _Jax("jax")
-    shim.devices = lambda *a, **k: [types.SimpleNamespace(core_count=H100_SMS)]
-    module.jax = shim
-    try:
-        yield
-    finally:
-        module.jax = real
-
-
 def _valid_rows(m: int, sizes_G: jax.Array) -> jax.Array:
     return (jnp.arange(m) < sizes_G.sum())[:, None]
 
 
-def _forward(x_MK, w_GKN, sizes_G, blocks: Blocks, interpret: bool, transpose_rhs: bool = False):
+def _forward(x_MK, w_GKN, sizes_G, block_m: int, interpret: bool, transpose_rhs: bool = False):
     fwd, _ = kernels()
     n = w_GKN.shape[1 if transpose_rhs else 2]
     if interpret and transpose_rhs:  # interpret mode cannot transpose in shared memory: a copy
@@ -172,43 +142,42 @@ def _forward(x_MK, w_GKN, sizes_G, blocks: Blocks, interpret: bool, transpose_rh
     # expert under expert parallelism). A band wider than all columns has no zero divisor.
     grid_block_n = n // dim_block(n) + 1 if interpret else 1
     with _interpreting(interpret):
-        y = fwd.ragged_dot(x_MK, w_GKN, group_sizes=sizes_G, block_m=blocks.m, block_n=dim_block(n),
-                           block_k=DIM_ALIGN, max_concurrent_steps=blocks.max_concurrent_steps,
+        y = fwd.ragged_dot(x_MK, w_GKN, group_sizes=sizes_G, block_m=block_m, block_n=dim_block(n),
+                           block_k=DIM_ALIGN, max_concurrent_steps=STAGES,
                            grid_block_n=grid_block_n, transpose_rhs=transpose_rhs)
     return jnp.where(_valid_rows(x_MK.shape[0], sizes_G), y, 0).astype(x_MK.dtype)
 
 
-def _weight_grad(x_MK, dy_MN, sizes_G, blocks: Blocks, interpret: bool):
+def _weight_grad(x_MK, dy_MN, sizes_G, interpret: bool):
     if interpret:  # the transposed kernel transposes in shared memory: not simulated (module docstring)
         dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
                                                  lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
         return jax.lax.ragged_dot_general(x_MK, dy_MN, sizes_G, dims,
                                           preferred_element_type=jnp.float32).astype(x_MK.dtype)
-    _, module = kernels()
-    with _sm_count_on_cpu(module):
-        return module.transposed_ragged_dot(x_MK, dy_MN, group_sizes=sizes_G, block_m=dim_block(x_MK.shape[1]),
+    _, transposed = kernels()
+    return transposed.transposed_ragged_dot(x_MK, dy_MN, group_sizes=sizes_G, block_m=dim_block(x_MK.shape[1]),
                                             block_n=dim_block(dy_MN.shape[1]), block_k=DIM_ALIGN,
-                                            max_concurrent_steps=blocks.max_concurrent_steps, grid_block_n=1)
+                                            max_concurrent_steps=STAGES, grid_block_n=1)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, sizes_G: jax.Array, blocks: Blocks,
+def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, sizes_G: jax.Array, block_m: int,
                    interpret: bool) -> jax.Array:
-    """x [M, K] (sorted by group, M a multiple of blocks.m, K of 64) times w [G, K, N] (N a
+    """x [M, K] (sorted by group, M a multiple of block_m, K of 64) times w [G, K, N] (N a
     multiple of 64) per group of `sizes_G` rows; rows past the sum come out zero."""
-    return _forward(x_MK, w_GKN, sizes_G, blocks, interpret)
+    return _forward(x_MK, w_GKN, sizes_G, block_m, interpret)
 
 
-def _grouped_matmul_fwd(x_MK, w_GKN, sizes_G, blocks, interpret):
-    return _forward(x_MK, w_GKN, sizes_G, blocks, interpret), (x_MK, w_GKN, sizes_G)
+def _grouped_matmul_fwd(x_MK, w_GKN, sizes_G, block_m, interpret):
+    return _forward(x_MK, w_GKN, sizes_G, block_m, interpret), (x_MK, w_GKN, sizes_G)
 
 
-def _grouped_matmul_bwd(blocks, interpret, residuals, dy_MN):
+def _grouped_matmul_bwd(block_m, interpret, residuals, dy_MN):
     x_MK, w_GKN, sizes_G = residuals
     valid = _valid_rows(x_MK.shape[0], sizes_G)
     dy_MN = jnp.where(valid, dy_MN, 0).astype(x_MK.dtype)
-    dx_MK = _forward(dy_MN, w_GKN, sizes_G, blocks, interpret, transpose_rhs=True)
-    dw_GKN = _weight_grad(jnp.where(valid, x_MK, 0), dy_MN, sizes_G, blocks, interpret)
+    dx_MK = _forward(dy_MN, w_GKN, sizes_G, block_m, interpret, transpose_rhs=True)
+    dw_GKN = _weight_grad(jnp.where(valid, x_MK, 0), dy_MN, sizes_G, interpret)
     return dx_MK, dw_GKN, None
 
 
@@ -224,9 +193,9 @@ def mgpu_mlp(kind: str, w: dict, x_MD: jax.Array, sizes_E: jax.Array, tile: int 
         raise UserError(f"{CHOICE} multiplies bfloat16 or float16 (wgmma transposes only 16-bit operands), "
                         f"not {x_MD.dtype}: set model.dtype=bfloat16")
     interpret = check_platform()
-    blocks = Blocks(tile or row_block(M, E))
+    block_m = tile or row_block(M, E)
     F = w["up"].shape[2]
-    Mp, Dp, Fp = _pad_to(M, blocks.m), _pad_to(D, DIM_ALIGN), _pad_to(F, DIM_ALIGN)
+    Mp, Dp, Fp = _pad_to(M, block_m), _pad_to(D, DIM_ALIGN), _pad_to(F, DIM_ALIGN)
     x_PD = jnp.pad(x_MD, ((0, Mp - M), (0, Dp - D)))
     pad = {"up": ((0, 0), (0, Dp - D), (0, Fp - F)), "gate": ((0, 0), (0, Dp - D), (0, Fp - F)),
            "down": ((0, 0), (0, Fp - F), (0, Dp - D))}
@@ -234,7 +203,7 @@ def mgpu_mlp(kind: str, w: dict, x_MD: jax.Array, sizes_E: jax.Array, tile: int 
     sizes_E = sizes_E.astype(jnp.int32)
 
     def mm(a: jax.Array, b: jax.Array) -> jax.Array:
-        return grouped_matmul(a, b, sizes_E, blocks, interpret)
+        return grouped_matmul(a, b, sizes_E, block_m, interpret)
 
     gate = mm(x_PD, w["gate"]) if "gate" in w else None
     # The padded hidden columns are 0 (zero weights) and stay 0 through relu and silu(0) * 0; gelu(0) = 0 too.

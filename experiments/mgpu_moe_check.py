@@ -3,8 +3,8 @@
     python experiments/mgpu_moe_check.py [--rows 16384] [--d-model 1024] [--width 1792] [--experts 8]
                                          [--repeats 5] [--json OUT]
 
-The tests run the kernels on CPU in interpret mode, where the weights' gradient kernel
-(transposed_ragged_dot) cannot be simulated; this runs all of them compiled. For one SwiGLU
+The tests run the three kernels on CPU in JAX's interpret mode (the two backward kernels with
+what tests/mgpu_interpret.py lends the interpreter); this runs them compiled by Mosaic GPU. For one SwiGLU
 expert MLP in bfloat16 (default: the `mixtral` preset's widths, 16384 routed rows, skewed group
 sizes with an empty expert and rows past every expert): the output and the gradients of the rows
 and of every weight against autodiff of float32 `lax.ragged_dot` on the same rounded inputs

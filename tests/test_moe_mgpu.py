@@ -3,8 +3,9 @@ GPU interpret mode on CPU its expert MLP, a tiny MoE model and the expert-parall
 devices against the XLA forms (outputs and gradients), the gradient lowered for CUDA (the
 compiled kernels), and the refusals (TPU, float32).
 
-Interpret mode simulates the forward kernel (the three matmuls and the rows' gradient) but not
-the weights' gradient kernel (models/mgpu_mlp.py): that one is only lowered here.
+JAX's interpreter cannot run the two backward kernels by itself (models/mgpu_mlp.py); the tests
+lend it what they need (tests/mgpu_interpret.py, the `backward_kernels` fixture), so all three
+kernels are simulated here, and the stand-ins that a CPU run uses without it are checked once.
 
 Tolerance (bfloat16 against float32 XLA of the same rounded inputs): rtol 2e-2 with an absolute
 floor of 2e-2 x the reference's largest magnitude, about 5 roundings of bfloat16's 8-bit
@@ -13,7 +14,6 @@ mantissa (the hidden activations are rounded to bfloat16 between the matmuls).""
 from __future__ import annotations
 
 import re
-import types
 from functools import partial
 
 import jax
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from mgpu_interpret import lend_sm_count, simulate_backward_kernels
 from test_moe_megablox import abstract_moe_layer, assert_close, moe_config, moe_layer_loss
 
 from llm_jax.errors import UserError
@@ -31,6 +32,13 @@ from llm_jax.parallel.platform import targeting
 from llm_jax.parallel.rules import activation_mesh
 
 TOL = (2e-2, 2e-2)
+
+
+@pytest.fixture
+def backward_kernels(monkeypatch):
+    """Interpret mode runs the rows' gradient (forward kernel, weights transposed in shared
+    memory) and the weights' gradient (transposed kernel) themselves, not their stand-ins."""
+    simulate_backward_kernels(monkeypatch)
 
 
 def test_blocks_follow_the_shapes():
@@ -88,13 +96,16 @@ def expert_weights(kind: str, E: int, D: int, F: int, rng) -> dict:
     return {k: jnp.asarray(v, jnp.bfloat16) for k, v in w.items()}
 
 
-@pytest.mark.parametrize("kind", ["relu", "swiglu"])
-def test_mgpu_mlp_equals_ragged_dot(kind):
-    """43 rows (padded to a row block of 64), d_model 48 and width 80 (padded to 64 and 128):
+@pytest.mark.parametrize("kind,backward", [("relu", "kernels"), ("swiglu", "kernels"), ("swiglu", "stand-ins")])
+def test_mgpu_mlp_equals_ragged_dot(kind, backward, monkeypatch):
+    """The backward pass through the simulated kernels, or through the stand-ins of a plain CPU
+    run. 43 rows (padded to a row block of 64), d_model 48 and width 80 (padded to 64 and 128):
     experts that are empty (first, middle, last) or hold every row, and rows past every expert
     that hold NaN (they must come out 0, get gradient 0 and not reach the weights' gradient);
     output and the gradients of the rows and of every weight against autodiff of float32
     lax.ragged_dot on the same bfloat16 inputs."""
+    if backward == "kernels":
+        simulate_backward_kernels(monkeypatch)
     rng = np.random.default_rng(3)
     E, D, F, M = 4, 48, 80, 43
     w = expert_weights(kind, E, D, F, rng)
@@ -129,28 +140,45 @@ def test_mgpu_mlp_equals_ragged_dot(kind):
             assert_close(got_dw[k], want_dw[k], f"d{k} {sizes}", TOL)
 
 
-def test_forward_kernel_has_no_race(monkeypatch):
+def test_kernels_have_no_race(monkeypatch, backward_kernels):
     """JAX's happens-before race detector over the simulated TMA copies, barriers and wgmma of
-    one grouped matmul (two groups sharing a row block, an empty one, rows past every group)."""
+    each kernel of one grouped matmul and its gradient (two groups sharing a row block, an empty
+    one, rows past every group): the forward kernel, with the weights transposed in shared
+    memory, and the transposed kernel; each equals lax.ragged_dot."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret  # private: tests only
 
     monkeypatch.setattr(mgpu, "DETECT_RACES", True)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(128, 64)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(size=(3, 64, 128)), jnp.bfloat16)
+    dy = jnp.asarray(rng.normal(size=(128, 128)), jnp.bfloat16)
     sizes = jnp.array([40, 0, 70], jnp.int32)
-    gpu_interpret.reset_gpu_interpret_mode_state()
-    got = mgpu.grouped_matmul(x, w, sizes, 64, True)
-    want = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
-    races = gpu_interpret.get_races()
-    assert races.reads and races.writes  # the detector saw the kernel's memory traffic
-    assert not races.races_found
-    assert_close(got[:110], want[:110], tol=TOL)
-    np.testing.assert_array_equal(got[110:], 0)
+    used = (jnp.arange(128) < 110)[:, None]
+    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    kernels = {
+        "forward": (lambda: mgpu._forward(x, w, sizes, 64, True),
+                    jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)),
+        "rows' gradient": (lambda: mgpu._forward(dy, w, sizes, 64, True, transpose_rhs=True),
+                           jax.lax.ragged_dot(dy, w.swapaxes(1, 2), sizes, preferred_element_type=jnp.float32)),
+        "weights' gradient": (lambda: mgpu._weight_grad(jnp.where(used, x, 0), jnp.where(used, dy, 0), sizes, True),
+                              jax.lax.ragged_dot_general(x, dy, sizes, dims, preferred_element_type=jnp.float32)),
+    }
+    for name, (kernel, want) in kernels.items():
+        gpu_interpret.reset_gpu_interpret_mode_state()
+        got = kernel()
+        races = gpu_interpret.get_races()
+        assert races.reads and races.writes, name  # the detector saw the kernel's memory traffic
+        assert not races.races_found, name
+        if name == "weights' gradient":
+            assert_close(got, want, name, TOL)
+        else:
+            assert_close(got[:110], want[:110], name, TOL)
+            np.testing.assert_array_equal(got[110:], 0)
 
 
 @pytest.mark.slow
-def test_tiny_moe_model_equals_looped():
+def test_tiny_moe_model_equals_looped(backward_kernels):
     """A 2-layer bfloat16 MoE GPT (top-2 of 4 SwiGLU experts, d_model 32 and width 48: both
     padded to 64): the same loss, balancing losses and gradients of every parameter as with the
     looped grouped matmul."""
@@ -200,7 +228,7 @@ def layer_loss_and_grads(grouped: str, mesh: list[str]):
 
 
 @pytest.mark.slow
-def test_expert_parallel_mgpu_equals_one_device(monkeypatch):
+def test_expert_parallel_mgpu_equals_one_device(monkeypatch, backward_kernels):
     """8 CPU devices as data=2 x expert=4: each runs the kernels on its local experts' weights
     and the group sizes of the rows it received (the rest of its receive buffer past every
     group), inside shard_map; loss and gradients as the looped form on one device."""
@@ -226,17 +254,7 @@ H100_SMS = 132  # streaming multiprocessors of an H100/H200 SXM
 def sm_count_of_an_h100(monkeypatch):
     """The transposed kernel sizes its grid by `jax.devices()[0].core_count`, which a CPU device
     lacks: lowering it for CUDA from this CPU host, its module sees an H100's SM count instead."""
-    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
-
-    real = transposed_ragged_dot_mgpu.jax
-
-    class _Jax(types.ModuleType):
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-    shim = _Jax("jax")
-    shim.devices = lambda *a, **k: [types.SimpleNamespace(core_count=H100_SMS)]
-    monkeypatch.setattr(transposed_ragged_dot_mgpu, "jax", shim)
+    lend_sm_count(monkeypatch, H100_SMS)
 
 
 def test_gradient_lowers_for_cuda(sm_count_of_an_h100):

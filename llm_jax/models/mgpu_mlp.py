@@ -38,12 +38,14 @@ dtypes: bfloat16 and float16 only. wgmma multiplies float32 as tf32 and cannot t
 32-bit operand in shared memory, which both backward kernels do; float32 is refused rather than
 silently rounded (`model.dtype=bfloat16`).
 
-Where it runs: compiled by Mosaic GPU on a Hopper GPU; on CPU in Pallas GPU interpret mode
-(tests), which simulates shared memory, TMA, barriers and wgmma but (jax 0.10.2 to at least
-Aug 2026) not a wgmma operand transposed in shared memory, nor `layout_cast`, both of which the
-backward kernels use. So in interpret mode the rows' gradient runs the forward kernel on
-swapped weights (a copy) and the weights' gradient runs `lax.ragged_dot_general`; only the
-forward kernel (all three matmuls and the rows' gradient) is simulated. On TPU it is refused.
+Where it runs: compiled by Mosaic GPU on a Hopper GPU; on CPU in Pallas GPU interpret mode,
+which simulates shared memory, TMA, barriers and wgmma but (jax 0.10.2 to at least Aug 2026) not
+a wgmma operand transposed in shared memory, nor `layout_cast`, both of which the backward
+kernels use. So in interpret mode the rows' gradient runs the forward kernel on swapped weights
+(a copy) and the weights' gradient runs `lax.ragged_dot_general`, unless
+`SIMULATE_BACKWARD_KERNELS` is on: the tests switch it on after lending the interpreter those
+two operations (tests/mgpu_interpret.py), so that all three kernels are checked there. On TPU it
+is refused.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ FORWARD_ARGS = {"group_sizes", "block_m", "block_n", "block_k", "max_concurrent_
                 "transpose_rhs"}
 TRANSPOSED_ARGS = FORWARD_ARGS - {"transpose_rhs"}
 DETECT_RACES = False  # interpret mode: JAX's happens-before race detector (a test switches it on)
+# Interpret mode: run the two backward kernels rather than their stand-ins (module docstring).
+SIMULATE_BACKWARD_KERNELS = False
 
 
 def check_platform() -> bool:
@@ -130,34 +134,39 @@ def _valid_rows(m: int, sizes_G: jax.Array) -> jax.Array:
     return (jnp.arange(m) < sizes_G.sum())[:, None]
 
 
+def _band(n: int, interpret: bool) -> int:
+    """grid_block_n: the column tiles per band of the kernels' snake order over (row, column)
+    tiles. 1 on GPU. In interpret mode XLA:CPU can fold the kernel's index arithmetic to
+    constants, and planar_snake's branch for a partial last band (dead when the band width
+    divides the columns) then divides by zero at compile time: a SIGFPE inside LLVM (seen with
+    one local expert under expert parallelism). A band wider than all columns has no zero divisor."""
+    return n // dim_block(n) + 1 if interpret else 1
+
+
 def _forward(x_MK, w_GKN, sizes_G, block_m: int, interpret: bool, transpose_rhs: bool = False):
     fwd, _ = kernels()
     n = w_GKN.shape[1 if transpose_rhs else 2]
-    if interpret and transpose_rhs:  # interpret mode cannot transpose in shared memory: a copy
+    if interpret and transpose_rhs and not SIMULATE_BACKWARD_KERNELS:  # no transpose in shared memory: a copy
         w_GKN, transpose_rhs = w_GKN.swapaxes(1, 2), False
-    # grid_block_n: the column tiles per band of the kernel's snake order over (row, column) tiles.
-    # 1 on GPU. In interpret mode XLA:CPU can fold the kernel's index arithmetic to constants, and
-    # planar_snake's branch for a partial last band (dead when the band width divides the
-    # columns) then divides by zero at compile time: a SIGFPE inside LLVM (seen with one local
-    # expert under expert parallelism). A band wider than all columns has no zero divisor.
-    grid_block_n = n // dim_block(n) + 1 if interpret else 1
     with _interpreting(interpret):
         y = fwd.ragged_dot(x_MK, w_GKN, group_sizes=sizes_G, block_m=block_m, block_n=dim_block(n),
                            block_k=DIM_ALIGN, max_concurrent_steps=STAGES,
-                           grid_block_n=grid_block_n, transpose_rhs=transpose_rhs)
+                           grid_block_n=_band(n, interpret), transpose_rhs=transpose_rhs)
     return jnp.where(_valid_rows(x_MK.shape[0], sizes_G), y, 0).astype(x_MK.dtype)
 
 
 def _weight_grad(x_MK, dy_MN, sizes_G, interpret: bool):
-    if interpret:  # the transposed kernel transposes in shared memory: not simulated (module docstring)
+    if interpret and not SIMULATE_BACKWARD_KERNELS:  # it transposes in shared memory (module docstring)
         dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
                                                  lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
         return jax.lax.ragged_dot_general(x_MK, dy_MN, sizes_G, dims,
                                           preferred_element_type=jnp.float32).astype(x_MK.dtype)
     _, transposed = kernels()
-    return transposed.transposed_ragged_dot(x_MK, dy_MN, group_sizes=sizes_G, block_m=dim_block(x_MK.shape[1]),
-                                            block_n=dim_block(dy_MN.shape[1]), block_k=DIM_ALIGN,
-                                            max_concurrent_steps=STAGES, grid_block_n=1)
+    with _interpreting(interpret):
+        return transposed.transposed_ragged_dot(x_MK, dy_MN, group_sizes=sizes_G,
+                                                block_m=dim_block(x_MK.shape[1]), block_n=dim_block(dy_MN.shape[1]),
+                                                block_k=DIM_ALIGN, max_concurrent_steps=STAGES,
+                                                grid_block_n=_band(dy_MN.shape[1], interpret))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))

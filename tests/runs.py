@@ -1,5 +1,5 @@
 """Helpers shared by the tests that run training: tiny-run overrides, losses, CLI subprocesses, the
-checkpoint directory as Orbax leaves it (complete and half-written steps)."""
+checkpoint directory as Orbax leaves it (complete and half-written steps), and damage to a step."""
 
 import json
 import os
@@ -55,3 +55,21 @@ def holds_array_data(step_dir: Path) -> bool:
         if files and parts[0].endswith(TMP) and parts[-1] == "d":
             return True
     return False
+
+
+def largest_array_file(step_dir: Path) -> Path:
+    return max((step_dir / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+
+
+def truncate_array_file(step_dir: Path) -> None:
+    """Cut the step's largest array file to half (a half-finished copy)."""
+    path = largest_array_file(step_dir)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def alter_a_byte(step_dir: Path) -> None:
+    """Flip one bit in the middle of the step's largest array file (a bad disk)."""
+    path = largest_array_file(step_dir)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))

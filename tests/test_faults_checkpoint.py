@@ -15,7 +15,17 @@ import signal
 import time
 
 import pytest
-from runs import TINY, checkpoint_names, cli_subprocess, complete_and_partial, holds_array_data, losses
+from runs import (
+    TINY,
+    alter_a_byte,
+    checkpoint_names,
+    cli_subprocess,
+    complete_and_partial,
+    holds_array_data,
+    largest_array_file,
+    losses,
+    truncate_array_file,
+)
 
 from llm_jax.cli import main
 from llm_jax.config import load_config
@@ -52,22 +62,6 @@ def _steps_from(first: int):
     return ignore
 
 
-def _largest_array_file(step_dir):
-    return max((step_dir / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
-
-
-def _truncate(step_dir) -> None:
-    path = _largest_array_file(step_dir)
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def _alter_a_byte(step_dir) -> None:
-    path = _largest_array_file(step_dir)
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
 # Orbax leaves the read coroutines of the restore that fails behind; pytest reports each as unraisable.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_newest_checkpoints_are_set_aside_and_the_run_resumes_exactly(reference, tmp_path, capsys):
@@ -75,10 +69,10 @@ def test_damaged_newest_checkpoints_are_set_aside_and_the_run_resumes_exactly(re
     shutil.copytree(reference, run_dir)
     ckpts = run_dir / "checkpoints"
     # Damage written before the manifest (sealed again over it): only Orbax's restore can tell.
-    _truncate(ckpts / "24")
+    truncate_array_file(ckpts / "24")
     write_manifest(ckpts / "24")
-    _truncate(ckpts / "23")
-    _alter_a_byte(ckpts / "22")
+    truncate_array_file(ckpts / "23")
+    alter_a_byte(ckpts / "22")
     (ckpts / "21" / "state" / "_METADATA").unlink()  # Orbax's metadata of the train state
     (ckpts / "20" / MANIFEST).unlink()  # cut off before sealed, or from before manifests
     assert _train(run_dir) == 0
@@ -107,7 +101,7 @@ def test_damaged_newest_checkpoints_are_set_aside_and_the_run_resumes_exactly(re
 def test_no_complete_checkpoint_refuses_naming_each_and_moves_nothing(reference, tmp_path, capsys):
     run_dir = tmp_path / "ruined"
     shutil.copytree(reference, run_dir, ignore=_steps_from(3))
-    _alter_a_byte(run_dir / "checkpoints" / "2")
+    alter_a_byte(run_dir / "checkpoints" / "2")
     (run_dir / "checkpoints" / "1" / MANIFEST).unlink()
     before = (run_dir / "metrics.jsonl").read_text()
 
@@ -143,7 +137,7 @@ def test_full_disk_during_a_save_stops_with_one_error_and_keeps_the_last_checkpo
     limit = 256 * 1024
     # Only checkpoint array files reach the limit; the compile and token caches are warm (the
     # reference run filled them), the metrics stay far below it.
-    assert _largest_array_file(run_dir / "checkpoints" / "4").stat().st_size > limit
+    assert largest_array_file(run_dir / "checkpoints" / "4").stat().st_size > limit
     assert (run_dir / "metrics.jsonl").stat().st_size < limit // 10
 
     proc = cli_subprocess([*ARGS, f"run.dir={run_dir}"])

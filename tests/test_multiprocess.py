@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runs import REPO, TINY, losses
+from runs import REPO, TINY, alter_a_byte, losses, truncate_array_file
+
+from llm_jax.runtime.checkpoint_integrity import write_manifest
 
 pytestmark = pytest.mark.slow  # every test here starts several processes
 
@@ -67,12 +69,23 @@ def test_two_processes_match_one_and_checkpoints_cross_topologies(tmp_path):
     assert_same_losses(losses(forward), want)
 
     # And the reverse: a single-process checkpoint continued by two processes, as two slices
-    # (hybrid mesh: data across processes over "DCN", fsdp within each).
+    # (hybrid mesh: data across processes over "DCN", fsdp within each), past damaged newer
+    # steps: 6 fails its manifest, 8 was damaged before its manifest was sealed again, so that
+    # each process's Orbax restore fails and they must agree to go back to step 4.
     backward = tmp_path / "one_then_two"
-    done = run_local(1, 4, train_args(backward, 4, *MESH))
+    done = run_local(1, 4, train_args(backward, 8, *MESH, "checkpoint.every=2", "checkpoint.keep=3"))
     assert done.returncode == 0, done.stdout[-3000:]
+    ckpts = backward / "checkpoints"
+    truncate_array_file(ckpts / "8")
+    write_manifest(ckpts / "8")
+    alter_a_byte(ckpts / "6")
     done = run_local(2, 2, train_args(backward, 8, "mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=2"))
     assert done.returncode == 0, done.stdout[-3000:]
+    for step, reason in ((8, "Orbax could not restore it: "), (6, "sha256 differs")):
+        warning = f"warning: checkpoint step {step} is damaged ("
+        assert warning in done.stdout and reason in done.stdout.split(warning)[1].splitlines()[0], done.stdout[-3000:]
+    assert "resumed from checkpoint at step 4" in done.stdout
+    assert sorted(p.name for p in (backward / "checkpoints_damaged").iterdir()) == ["6", "8"]
     assert_same_losses(losses(backward), want)
 
 

@@ -20,11 +20,10 @@ from llm_jax.interop import pretrained
 from llm_jax.models.base import model_vocab_size
 from llm_jax.parallel.distributed import barrier, broadcast_flag
 from llm_jax.parallel.mesh import make_mesh
-from llm_jax.runtime.checkpoint import Checkpointer
 from llm_jax.runtime.metrics import MetricsWriter
-from llm_jax.runtime.run_dir import check_run_dir, trim_metrics, write_run_config
+from llm_jax.runtime.run_dir import check_run_dir, write_run_config
 from llm_jax.train.nonfinite import StopOnNonfinite
-from llm_jax.train.run import ProgressAdvance, SaveCheckpoints
+from llm_jax.train.run import ProgressAdvance, SaveCheckpoints, open_checkpoints
 from llm_jax.train.state import init_params
 from llm_jax.train.trainer import Evaluate, Hook, StepTimeout, Trainer, host_record
 
@@ -95,16 +94,7 @@ def rl_train(cfg: Config, mesh=None) -> dict:
     setup = build_rl_setup(cfg, mesh, tokenizer, prompts, model_vocab_size(cfg, tokenizer.vocab_size))
     write_run_config(cfg, run_dir)
     barrier("run_dir")
-    ckpt = Checkpointer(run_dir, cfg)
-    damaged: list[str] = []  # newer checkpoints that did not verify or restore: set aside, reported below
-    resumed = ckpt.resume(lambda step: ckpt.restore(step, setup.abstract_state()), damaged.append) \
-        if existed else None
-    start = resumed[0] if resumed else None
-    if existed:
-        trim_metrics(run_dir, start or 0)
-    writer = MetricsWriter(run_dir, cfg, start or 0, cfg.train.steps)
-    for warning in damaged:
-        writer.log(f"warning: {warning}")
+    ckpt, resumed, writer = open_checkpoints(cfg, run_dir, existed, setup.abstract_state)
     setup.ref_params, fresh = initial_params(cfg, setup)
     writer.log(f"run {run_dir}: rl.method={cfg.rl.method}, {setup.mdef.num_params / 1e6:.2f}M parameters, "
                f"{len(prompts.train)} prompts, {setup.rollouts_per_step} completions per step, "

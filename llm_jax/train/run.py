@@ -4,7 +4,7 @@ resumes by step from the newest complete checkpoint."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -161,6 +161,24 @@ def nonfinite_handling(cfg: Config, ckpt: Checkpointer, setup: TrainSetup, batch
     return StopOnNonfinite(ckpt, skipped), None
 
 
+def open_checkpoints(cfg: Config, run_dir, existed: bool, abstract_state: Callable[[], dict],
+                     warnings: Sequence[str] = ()) -> tuple[Checkpointer, tuple[int, Any] | None, MetricsWriter]:
+    """The run's Checkpointer; for an existing run the newest checkpoint that verifies and restores
+    onto `abstract_state()`, as (step, (state, data position)), else None (damaged newer steps are
+    set aside and named); and the metrics writer, opened after the metrics were trimmed to that
+    step, with `warnings` and the damaged steps logged."""
+    ckpt = Checkpointer(run_dir, cfg)
+    damaged: list[str] = []
+    resumed = ckpt.resume(lambda step: ckpt.restore(step, abstract_state()), damaged.append) if existed else None
+    start = resumed[0] if resumed else 0
+    if existed:
+        trim_metrics(run_dir, start)  # before the writer opens the file for appending
+    writer = MetricsWriter(run_dir, cfg, start, cfg.train.steps)
+    for warning in [*warnings, *damaged]:
+        writer.log(f"warning: {warning}")
+    return ckpt, resumed, writer
+
+
 def train(cfg: Config) -> dict:
     """Train (or resume) the run in `cfg.run.dir`; returns the final metrics."""
     cfg = resolve_format(cfg)  # data.format=auto decides the objective and the run's identity
@@ -176,18 +194,7 @@ def train(cfg: Config) -> dict:
     setup = build_setup(cfg, vocab, tokenizer_objective(cfg, bundle.tokenizer, vocab), mesh)
     write_run_config(cfg, run_dir)
     barrier("run_dir")  # the directory exists before any process opens checkpoints in it
-    ckpt = Checkpointer(run_dir, cfg)
-    # The newest checkpoint that verifies and restores (damaged newer ones are set aside, named in
-    # `damaged`), before the metrics are trimmed to its step.
-    damaged: list[str] = []
-    resumed = ckpt.resume(lambda step: ckpt.restore(step, setup.abstract_state()), damaged.append) \
-        if existed else None
-    start = resumed[0] if resumed else None
-    if existed:
-        trim_metrics(run_dir, start or 0)  # before the writer opens the file for appending
-    writer = MetricsWriter(run_dir, cfg, start or 0, cfg.train.steps)
-    for warning in [*setup.warnings, *damaged]:
-        writer.log(f"warning: {warning}")
+    ckpt, resumed, writer = open_checkpoints(cfg, run_dir, existed, setup.abstract_state, setup.warnings)
     writer.log(f"run {run_dir}: {setup.mdef.num_params / 1e6:.2f}M parameters, vocab {vocab}, "
                f"mesh {dict(setup.mesh.shape)}, {jax.device_count()} {jax.devices()[0].platform} devices")
 

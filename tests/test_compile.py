@@ -20,7 +20,7 @@ import pytest
 
 from llm_jax.cli import main
 from llm_jax.config import load_config
-from llm_jax.train.aot import collectives_of, needed_from_error
+from llm_jax.train.aot import collectives_of, needed_from_error, pallas_calls
 from llm_jax.train.aot_decode import lower_decode_step
 
 NARROW = ["model.num_layers=2", "train.seq_len=128", "train.batch_size=32", "model.d_model=128", "model.d_ff=256",
@@ -84,6 +84,9 @@ def check_report(report: dict, preset: str) -> None:
 @pytest.mark.parametrize("preset,topology", DEFAULT)
 def test_compiles_for_topology(reports, preset, topology):
     report = reports[(preset, topology)]
+    # No key chose a Pallas kernel: none counted, though the TPU compiler writes Mosaic calls of its
+    # own for mixtral's lax.ragged_dot (auto on TPU).
+    assert report["pallas_kernels"] == 0
     check_report(report, preset)
     assert report["chips"] == {"v5e-16": 16, "v5p-8": 4, "2x v5e-16": 32}[topology]
     assert report["hbm_capacity_bytes"] == {"v5e-16": 16, "v5p-8": 95, "2x v5e-16": 16}[topology] * 2**30
@@ -193,8 +196,37 @@ def test_table_for_people(reports):
     assert rows["MFU needed"].endswith("25.0% for 1e+05 tokens/s")
     assert rows["decode step"].split("  ")[-1].strip().startswith("batch 32, 128 cache slots: ")
     assert len({line.index(line.split()[-1]) > 0 for line in lines}) == 1  # every row has a value
+    assert "Pallas kernel call" not in "\n".join(lines)
+    assert "36 Pallas kernel call(s): XLA counts only the FLOPs a kernel declares" in format_report(
+        {**report, "pallas_kernels": 36})
 
 
+
+def test_pallas_calls_count_a_function_as_often_as_it_is_called():
+    """JAX lowers a kernel used by several layers into one function called from each: a hand-made
+    module, main calling `layer` twice (1 kernel and a 2-kernel function each), 1 kernel of its
+    own, and a function nobody calls."""
+    kernel = "stablehlo.custom_call @tpu_custom_call(%a) : (t) -> t"
+    module = f"""module @jit_step {{
+  func.func public @main(%a: t) -> t {{
+    %0 = call @layer(%a) : (t) -> t
+    %1 = func.call @layer(%0) : (t) -> t
+    %2 = {kernel}
+  }}
+  func.func private @layer(%a: t) -> t {{
+    %0 = {kernel}
+    %1 = call @kernel_pair(%0) : (t) -> t
+  }}
+  func.func private @kernel_pair(%a: t) -> t {{
+    %0 = {kernel}
+    %1 = {kernel}
+  }}
+  func.func private @unused(%a: t) -> t {{
+    %0 = {kernel}
+  }}
+}}"""
+    assert pallas_calls(module) == 1 + 2 * (1 + 2)
+    assert pallas_calls(module.replace("@tpu_custom_call", "@Sharding")) == 0
 @pytest.mark.slow
 @pytest.mark.parametrize("preset,topology,keys,kernels", [
     # The fused scan's forward and backward kernels in each of the 2 layers.

@@ -25,6 +25,7 @@ from llm_jax.parallel.mesh import make_mesh
 from llm_jax.parallel.platform import targeting
 from llm_jax.parallel.rules import activation_mesh, logical_to_spec
 from llm_jax.parallel.topology import parse_topology
+from llm_jax.train.aot import compile_lowered
 from llm_jax.train.objectives.base import token_losses
 from llm_jax.train.objectives.causal import Causal
 
@@ -196,9 +197,9 @@ def test_splash_gradient_compiles_for_tpu():
         def loss(q, k, v, seg):
             return (splash_attention(q, k, v, segment_ids_BT=seg).astype(jnp.float32) ** 2).sum()
 
-        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), in_shardings=(s,) * 4).lower(
+        compiled = compile_lowered(lambda: jax.jit(jax.grad(loss, argnums=(0, 1, 2)), in_shardings=(s,) * 4).lower(
             shape(B, T, N, Hd), shape(B, T, K, Hd), shape(B, T, K, Hd),
-            jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=s)).compile()
+            jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=s)), 0).compiled
     assert compiled.as_text().count("tpu_custom_call") == 3
 
 
@@ -234,6 +235,6 @@ def test_gpt_gradient_with_splash_compiles_for_a_v5e_4_mesh():
         rows = jax.ShapeDtypeStruct((4, seq + 1), jnp.int32,
                                     sharding=NamedSharding(mesh, logical_to_spec(("batch", None))))
         with activation_mesh(mesh):
-            program = loss_and_grads.lower(mdef.graphdef, params, rows).compile().as_text()
+            program = compile_lowered(lambda: loss_and_grads.lower(mdef.graphdef, params, rows), 0).compiled.as_text()
     assert program.count("tpu_custom_call") == 3  # forward, dq, dkv in the scanned block
     assert "all-gather" not in program

@@ -227,6 +227,7 @@ def test_pallas_calls_count_a_function_as_often_as_it_is_called():
 }}"""
     assert pallas_calls(module) == 1 + 2 * (1 + 2)
     assert pallas_calls(module.replace("@tpu_custom_call", "@Sharding")) == 0
+    assert pallas_calls(module.replace("@main", "@entry")) == 5  # no @main: each kernel written counts once
 @pytest.mark.slow
 @pytest.mark.parametrize("preset,topology,keys,kernels", [
     # The fused scan's forward and backward kernels in each of the 2 layers.

@@ -4,6 +4,7 @@ resumes by step from the newest complete checkpoint."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -161,7 +162,7 @@ def nonfinite_handling(cfg: Config, ckpt: Checkpointer, setup: TrainSetup, batch
     return StopOnNonfinite(ckpt, skipped), None
 
 
-def open_checkpoints(cfg: Config, run_dir, existed: bool, abstract_state: Callable[[], dict],
+def open_checkpoints(cfg: Config, run_dir: Path, existed: bool, abstract_state: Callable[[], dict],
                      warnings: Sequence[str] = ()) -> tuple[Checkpointer, tuple[int, Any] | None, MetricsWriter]:
     """The run's Checkpointer; for an existing run the newest checkpoint that verifies and restores
     onto `abstract_state()`, as (step, (state, data position)), else None (damaged newer steps are

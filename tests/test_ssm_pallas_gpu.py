@@ -40,6 +40,16 @@ def test_tiles_and_chunks_are_powers_of_two_within_bounds():
 # The S4-like ablation runs the chunked scan under pallas_gpu too: tests/test_ssm_pallas.py.
 
 
+def test_auto_picks_neither_fused_scan_until_one_is_measured():
+    from llm_jax.models.ssm import resolve_scan
+
+    assert resolve_scan("auto") == "sequential"  # this CPU
+    for platform in ("tpu", "gpu"):
+        with targeting(platform):
+            assert resolve_scan("auto") == "chunked"
+            assert resolve_scan("pallas_gpu") == "pallas_gpu"  # an explicit choice is kept
+
+
 def test_each_fused_scan_is_refused_on_the_other_accelerator():
     args, _ = scan_args(T=16)
     with targeting("tpu"), pytest.raises(UserError, match="model.ssm.scan=pallas_gpu is a Pallas kernel for GPU only"):

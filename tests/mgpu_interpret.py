@@ -45,7 +45,10 @@ def lend_sm_count(monkeypatch, count: int) -> None:
 
 
 def _split_transposes(transforms: tuple) -> tuple[tuple, tuple[int, ...] | None]:
-    """Indexing transforms (made concrete) and the permutation of the transposes after them."""
+    """Indexing transforms (made concrete) and the permutation of the transposes after them.
+    Both kernels transpose a whole shared-memory tile after indexing it (`transpose_ref` of a
+    pipeline buffer); a transpose followed by an index, which neither does, would need the index
+    mapped back through the permutation and is refused by name instead of read wrongly."""
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
     from jax._src.state.types import TransposeTransform
 
@@ -56,7 +59,7 @@ def _split_transposes(transforms: tuple) -> tuple[tuple, tuple[int, ...] | None]
         permutation = inner if permutation is None else tuple(inner[i] for i in permutation)
         rest = rest[:-1]
     if any(isinstance(t, TransposeTransform) for t in rest):
-        raise NotImplementedError("a transpose before an index: not simulated (tests/mgpu_interpret.py)")
+        raise ValueError("tests/mgpu_interpret.py reads a transpose only after the indexing, not before it")
     return rest, permutation
 
 

@@ -201,7 +201,6 @@ def test_table_for_people(reports):
         {**report, "pallas_kernels": 36})
 
 
-
 def test_pallas_calls_count_a_function_as_often_as_it_is_called():
     """JAX lowers a kernel used by several layers into one function called from each: a hand-made
     module, main calling `layer` twice (1 kernel and a 2-kernel function each), 1 kernel of its
@@ -228,6 +227,8 @@ def test_pallas_calls_count_a_function_as_often_as_it_is_called():
     assert pallas_calls(module) == 1 + 2 * (1 + 2)
     assert pallas_calls(module.replace("@tpu_custom_call", "@Sharding")) == 0
     assert pallas_calls(module.replace("@main", "@entry")) == 5  # no @main: each kernel written counts once
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset,topology,keys,kernels", [
     # The fused scan's forward and backward kernels in each of the 2 layers.
